@@ -1,0 +1,292 @@
+"""The bank: the versioned folder between the offline job and the service.
+
+``manifest.json`` (this module's :class:`Manifest`), ``tensors.safetensors`` (aligner,
+concept matrix, standardisation, heatmaps, class statistics, heads), ``classifier.onnx``
+(the serving graph), ``classifier.safetensors`` (the classifier's weights, for the torch
+runtime and for the hash check) and ``report/``. Never pickle.
+
+Loading checks the schema version, every file's sha256, the classifier hash and the shapes,
+and refuses a corrupt or mismatched bank with :class:`BankError` naming what is wrong.
+Saving stages the whole folder beside the target and swaps it in with renames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.numpy import load_file, save_file
+
+from conceptguard.gaussian import ClassGaussians
+from conceptguard.heads import Combiner, LogisticHead
+from conceptguard.scoring import Monitor
+from conceptguard.signals import FEATURE_NAMES, SignalStats
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+ONNX = "classifier.onnx"
+CLASSIFIER = "classifier.safetensors"
+CHECKED_FILES = (TENSORS, ONNX, CLASSIFIER)
+
+
+class BankError(ValueError):
+    """The bank is missing, corrupt or does not match what the caller expects."""
+
+
+class ConceptEntry(BaseModel):
+    name: str
+    prompts: list[str]
+
+
+class ClassifierInfo(BaseModel):
+    hash: str
+    spec: dict[str, Any]
+    feature_dim: int
+    test_accuracy: float | None = None
+
+
+class Preprocessing(BaseModel):
+    input_size: int
+    channels: int
+    resize: str = "bilinear"
+    value_range: tuple[float, float] = (0.0, 1.0)
+    note: str = "mean/std normalisation is inside the exported model"
+
+
+class Dims(BaseModel):
+    classes: int
+    concepts: int
+    features: int
+    vlm: int
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int
+    bank_id: str
+    created_at: str
+    name: str
+    classes: list[str]
+    concept_set: str
+    concepts: list[ConceptEntry]
+    vlm: dict[str, Any]
+    classifier: ClassifierInfo
+    preprocessing: Preprocessing
+    dims: Dims
+    data: dict[str, Any]
+    attacks: list[dict[str, Any]]
+    heatmaps: dict[str, Any]
+    calibration: dict[str, Any]
+    threshold: dict[str, Any]
+    signal_features: list[str]
+    files: dict[str, str]
+    evaluation: dict[str, Any] = {}
+    timings_s: dict[str, float] = {}
+
+    @property
+    def concept_names(self) -> list[str]:
+        return [c.name for c in self.concepts]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expected_shapes(d: Dims, n_features: int) -> dict[str, tuple[int, ...]]:
+    c, k, f, m = d.classes, d.concepts, d.features, d.vlm
+    shapes: dict[str, tuple[int, ...]] = {
+        "aligner.W": (f, m), "aligner.b": (m,), "concepts.T": (k, m), "classes.T": (c, m),
+        "projection.mu": (k,), "projection.sigma": (k,),
+        "stats.features.means": (c, f), "stats.features.whiten": (f, f),
+        "stats.concepts.means": (c, k), "stats.concepts.whiten": (k, k),
+        "combiner.coef": (3,),
+    }
+    for view in ("model", "vlm"):
+        for h in ("gt", "out", "ok", "bad", "adv", "diff", "diff_adv"):
+            shapes[f"heatmaps.{view}.{h}"] = (c, k)
+    for head in ("mis", "adv"):
+        for part in ("mean", "scale", "w"):
+            shapes[f"heads.{head}.{part}"] = (n_features,)
+        shapes[f"heads.{head}.b"] = (1,)
+    return shapes
+
+
+def monitor_tensors(monitor: Monitor) -> dict[str, np.ndarray]:
+    st = monitor.stats
+    out = {
+        "stats.features.means": st.features.means, "stats.features.whiten": st.features.whiten,
+        "stats.concepts.means": st.concepts.means, "stats.concepts.whiten": st.concepts.whiten,
+        "combiner.coef": monitor.combiner.coef,
+    }
+    for key, head in (("mis", monitor.head_mis), ("adv", monitor.head_adv)):
+        out[f"heads.{key}.mean"] = head.mean
+        out[f"heads.{key}.scale"] = head.scale
+        out[f"heads.{key}.w"] = head.w
+        out[f"heads.{key}.b"] = np.array([head.b])
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def monitor_from_tensors(t: dict[str, np.ndarray], threshold: float) -> Monitor:
+    def head(key: str) -> LogisticHead:
+        return LogisticHead(t[f"heads.{key}.mean"].astype(np.float64),
+                            t[f"heads.{key}.scale"].astype(np.float64),
+                            t[f"heads.{key}.w"].astype(np.float64),
+                            float(t[f"heads.{key}.b"][0]))
+
+    stats = SignalStats(
+        h_ok=t["heatmaps.model.ok"], h_bad=t["heatmaps.model.bad"],
+        h_adv=t["heatmaps.model.adv"],
+        features=ClassGaussians(t["stats.features.means"], t["stats.features.whiten"]),
+        concepts=ClassGaussians(t["stats.concepts.means"], t["stats.concepts.whiten"]),
+    )
+    return Monitor(stats, head("mis"), head("adv"),
+                   Combiner(t["combiner.coef"].astype(np.float64)), float(threshold))
+
+
+@dataclass(frozen=True)
+class Bank:
+    path: Path
+    manifest: Manifest
+    tensors: dict[str, np.ndarray]
+    monitor: Monitor
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX
+
+    @property
+    def classifier_path(self) -> Path:
+        return self.path / CLASSIFIER
+
+    def projection(self) -> dict[str, np.ndarray]:
+        return {k: self.tensors[k] for k in ("aligner.W", "aligner.b", "concepts.T",
+                                             "projection.mu", "projection.sigma")}
+
+
+def _read_manifest(path: Path) -> Manifest:
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BankError(f"bank folder {path} does not exist")
+    if not mpath.is_file():
+        raise BankError(f"{mpath} is missing: not a bank folder")
+    try:
+        raw = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BankError(f"{mpath} is not valid JSON: {exc}") from exc
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BankError(f"{mpath}: schema_version {version!r}, this build reads "
+                        f"{SCHEMA_VERSION}; rebuild the bank with this version")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BankError(f"{mpath} does not match the manifest schema: {exc}") from exc
+
+
+def _check_files(path: Path, manifest: Manifest) -> None:
+    for name in CHECKED_FILES:
+        f = path / name
+        if not f.is_file():
+            raise BankError(f"bank file {f} is missing")
+        want = manifest.files.get(name)
+        if want is None:
+            raise BankError(f"{path / MANIFEST} lists no checksum for {name}")
+        got = sha256_file(f)
+        if got != want:
+            raise BankError(f"bank file {f} is corrupt or was replaced: sha256 {got[:12]}… "
+                            f"!= manifest {want[:12]}…")
+
+
+def _check_shapes(manifest: Manifest, tensors: dict[str, np.ndarray]) -> None:
+    d = manifest.dims
+    if len(manifest.classes) != d.classes or len(manifest.concepts) != d.concepts:
+        raise BankError("manifest: class or concept lists disagree with dims")
+    if manifest.signal_features != list(FEATURE_NAMES):
+        raise BankError(f"bank was calibrated on signals {manifest.signal_features}, this "
+                        f"build computes {list(FEATURE_NAMES)}; rebuild the bank")
+    for name, shape in expected_shapes(d, len(FEATURE_NAMES)).items():
+        if name not in tensors:
+            raise BankError(f"tensor {name!r} is missing from {TENSORS}")
+        if tuple(tensors[name].shape) != shape:
+            raise BankError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                            f"expected {shape}")
+
+
+def load_bank(path: Path | str, expected_classifier_hash: str | None = None) -> Bank:
+    """Load and validate a bank folder."""
+    from conceptguard.classifier.io import load_classifier
+
+    path = Path(path)
+    manifest = _read_manifest(path)
+    _check_files(path, manifest)
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except Exception as exc:  # safetensors raises its own error types
+        raise BankError(f"{path / TENSORS} is not a readable safetensors file: {exc}") from exc
+    _check_shapes(manifest, tensors)
+    try:
+        _, _, stored = load_classifier(path / CLASSIFIER)
+    except (ValueError, OSError) as exc:
+        raise BankError(f"{path / CLASSIFIER} is not a valid classifier: {exc}") from exc
+    if stored != manifest.classifier.hash:
+        raise BankError(f"classifier hash mismatch: {CLASSIFIER} hashes to {stored[:12]}…, "
+                        f"the manifest says {manifest.classifier.hash[:12]}…")
+    if expected_classifier_hash and expected_classifier_hash != manifest.classifier.hash:
+        raise BankError(f"bank was built for classifier {manifest.classifier.hash[:12]}…, "
+                        f"expected {expected_classifier_hash[:12]}…")
+    monitor = monitor_from_tensors(tensors, manifest.threshold["value"])
+    return Bank(path, manifest, tensors, monitor)
+
+
+def write_tensors(folder: Path, tensors: dict[str, np.ndarray]) -> None:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              str(folder / TENSORS))
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Fill the file checksums, then write ``manifest.json`` atomically."""
+    manifest.files = {name: sha256_file(folder / name) for name in CHECKED_FILES
+                      if (folder / name).is_file()}
+    atomic_write_text(folder / MANIFEST, manifest.model_dump_json(indent=2))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh folder beside ``target`` to build the bank in."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Swap ``staging`` in as ``target``: the old bank stays whole until the last rename."""
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""The serving graph: classifier + concept projection in one module, exported to ONNX.
+
+Outputs ``logits``, ``features`` and ``concepts`` (standardised concept scores), computed
+by :func:`conceptguard.projection.concept_scores`, the same function the offline job uses.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from conceptguard.classifier.split import SplitClassifier
+from conceptguard.projection import concept_scores
+
+PROJECTION_TENSORS = ("aligner.W", "aligner.b", "concepts.T", "projection.mu",
+                      "projection.sigma")
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "features", "concepts")
+
+
+class MonitoredClassifier(nn.Module):
+    """``images [0,1] NCHW -> (logits, features, concepts)``."""
+
+    def __init__(self, classifier: SplitClassifier, projection: dict[str, np.ndarray]):
+        super().__init__()
+        self.classifier = classifier
+        for name in PROJECTION_TENSORS:
+            self.register_buffer(name.replace(".", "_"),
+                                 torch.as_tensor(np.asarray(projection[name], np.float32)))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, z = self.classifier.forward_with_features(images)
+        s = concept_scores(z, self.aligner_W, self.aligner_b, self.concepts_T,
+                           self.projection_mu, self.projection_sigma)
+        return logits, z, s
+
+
+def export_onnx(module: MonitoredClassifier, input_shape: tuple[int, int, int], path: Path,
+                opset: int = 17) -> None:
+    """Export with a dynamic batch axis; written atomically."""
+    module = module.eval()
+    dummy = torch.zeros((2, *input_shape), dtype=torch.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        torch.onnx.export(
+            module, (dummy,), tmp, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUT_NAMES}},
+            opset_version=opset, dynamo=False,
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,38 @@
+"""Concept scores from features: the one implementation, for numpy arrays and torch tensors.
+
+Only Python operators are used (``@``, ``*``, ``/``, ``**``, ``.sum``, indexing), so the same
+function runs on numpy in the offline job and the sidecar path, and inside the exported
+ONNX graph (traced from torch) on the serving path.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+Array = TypeVar("Array")  # np.ndarray or torch.Tensor
+
+_EPS = 1e-12
+
+
+def unit_rows(x: Array) -> Array:
+    """Rows divided by their L2 norm (zero rows stay ~zero)."""
+    return x / (((x * x).sum(-1)[..., None]) ** 0.5 + _EPS)
+
+
+def aligned_embedding(z: Array, W: Array, b: Array) -> Array:
+    """Features mapped into the VLM image space and normalised: ``normalise(z W + b)``."""
+    return unit_rows(z @ W + b)
+
+
+def raw_concept_scores(z: Array, W: Array, b: Array, T: Array) -> Array:
+    """``s_k = cos(z W + b, t_k)``; ``T`` holds the unit concept vectors as rows ``(K, m)``."""
+    return aligned_embedding(z, W, b) @ T.T
+
+
+def standardise(s: Array, mu: Array, sigma: Array) -> Array:
+    return (s - mu) / sigma
+
+
+def concept_scores(z: Array, W: Array, b: Array, T: Array, mu: Array, sigma: Array) -> Array:
+    """Standardised concept scores ``s^ = (cos(z W + b, T) - mu) / sigma``."""
+    return standardise(raw_concept_scores(z, W, b, T), mu, sigma)

@@ -1,0 +1,100 @@
+"""Inference runtimes for the serving graph: ONNX Runtime (default) or torch.
+
+Both take float32 ``(N, C, H, W)`` images in [0, 1] and return logits, features and
+standardised concept scores. CUDA is used when present, the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+from conceptguard.export import INPUT_NAME, OUTPUT_NAMES
+
+Backend = Literal["onnx", "torch"]
+
+
+@dataclass(frozen=True)
+class RuntimeOutputs:
+    logits: np.ndarray
+    features: np.ndarray
+    concepts: np.ndarray
+
+
+class Runtime(Protocol):
+    name: str
+    device: str
+
+    def run(self, images: np.ndarray) -> RuntimeOutputs: ...
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """Logits only (the classifier alone, for overhead comparisons)."""
+        ...
+
+
+class OnnxRuntime:
+    """An ONNX Runtime session on the bank's ``classifier.onnx``."""
+
+    name = "onnx"
+
+    def __init__(self, onnx_path: Path, device: str = "auto", threads: int = 0):
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        use_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
+        if device == "cuda" and not use_cuda:
+            raise RuntimeError("device=cuda asked for, but onnxruntime has no CUDA provider "
+                               "(install the 'gpu' extra: onnxruntime-gpu)")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda \
+            else ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if threads > 0:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        self.device = "cuda" if use_cuda else "cpu"
+
+    def run(self, images: np.ndarray) -> RuntimeOutputs:
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        logits, features, concepts = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        return RuntimeOutputs(logits, features, concepts)
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        return self.session.run(["logits"], {INPUT_NAME: x})[0]
+
+
+class TorchRuntime:
+    """The same graph in torch eager (optionally ``torch.compile``)."""
+
+    name = "torch"
+
+    def __init__(self, module, device: str = "auto", compile: bool = False):
+        import torch
+
+        use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+        if device == "cuda" and not use_cuda:
+            raise RuntimeError("device=cuda asked for, but torch sees no CUDA device")
+        self._torch = torch
+        self.device = "cuda" if use_cuda else "cpu"
+        self.module = module.eval().to(self.device)
+        self._forward = torch.compile(self.module) if compile else self.module
+        if compile:
+            self.name = "torch-compile"
+
+    def run(self, images: np.ndarray) -> RuntimeOutputs:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+            logits, features, concepts = self._forward(x)
+        return RuntimeOutputs(logits.cpu().numpy(), features.cpu().numpy(),
+                              concepts.cpu().numpy())
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+            return self.module.classifier(x).cpu().numpy()

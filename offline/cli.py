@@ -1,0 +1,161 @@
+"""The ``conceptguard`` command: train-demo, build-bank, report, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("configs/fashion-mnist-demo.yaml")
+
+
+def _train_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from conceptguard.classifier.inference import accuracy, predict
+    from conceptguard.classifier.io import ClassifierSpec, build_classifier, save_classifier
+    from conceptguard.classifier.train import train_classifier
+    from conceptguard.data import load_source, make_splits
+    from offline.config import load_config
+
+    cfg = load_config(args.config)
+    out = Path(args.out or cfg.classifier.path)
+    train, test = load_source(cfg.data)
+    splits = make_splits(len(train), len(test), cfg.splits)
+    images, labels = train.images[splits.classifier_train], train.labels[splits.classifier_train]
+    channels = images.shape[-1]
+    pixels = images.reshape(-1, channels).astype(np.float64) / 255.0
+    spec = ClassifierSpec(arch="small_resnet", num_classes=len(train.classes),
+                          in_channels=channels, input_size=images.shape[1],
+                          widths=cfg.train.widths, mean=pixels.mean(0).round(4).tolist(),
+                          std=pixels.std(0).round(4).tolist(), classes=train.classes)
+    model = build_classifier(spec)
+    epochs = args.epochs or cfg.train.epochs
+    kwargs = {"lr": cfg.train.lr} if cfg.train.lr else {}
+    print(f"training {spec.arch} on {len(labels)} images "
+          f"(the monitor's fit/reference/calibration splits are held out), {epochs} epochs",
+          file=sys.stderr)
+    stats = train_classifier(model, images, labels, epochs=epochs,
+                             batch_size=cfg.train.batch_size, seed=cfg.seed, **kwargs)
+    logits, _ = predict(model, test.images[splits.test], progress=False)
+    acc = accuracy(logits, test.labels[splits.test])
+    digest = save_classifier(model, spec, out)
+    summary = {"path": str(out), "hash": digest, "test_accuracy": round(acc, 5),
+               "train_seconds": round(stats.seconds, 1), "epochs": epochs,
+               "train_images": len(labels)}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _build_bank(args: argparse.Namespace) -> int:
+    from offline.config import load_config
+    from offline.pipeline import build_bank
+
+    cfg = load_config(args.config)
+    if args.cache_dir:
+        cfg.cache_dir = Path(args.cache_dir)
+    t0 = time.perf_counter()
+    out = build_bank(cfg, Path(args.out), progress=not args.quiet, use_cache=not args.no_cache)
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    print(json.dumps(headline(metrics), indent=2))
+    print(f"done in {time.perf_counter() - t0:.0f} s; report: {out / 'report' / 'index.html'}",
+          file=sys.stderr)
+    return 0
+
+
+def headline(metrics: dict) -> dict:
+    """The figures a person looks at first."""
+    mis = metrics["misclassification"]
+    return {
+        "test_accuracy": metrics["classifier"]["test_accuracy"],
+        "vlm_zero_shot_accuracy": metrics["vlm"]["zero_shot_accuracy"],
+        "aligner_heldout_r2": metrics["aligner"]["heldout_r2"],
+        "misclassification_auroc": {m: mis[m]["auroc"] for m in
+                                    ("trust", "head_misclassification", "msp", "paper_rule")},
+        "adversarial_auroc": {a: {m: s[m]["auroc"] for m in
+                                  ("trust", "head_adversarial", "mahalanobis", "msp")}
+                              for a, s in metrics["adversarial"].items()},
+        "mixed_risk_at_90_coverage": {m: metrics["mixed"][m]["risk_at_90_coverage"]
+                                      for m in ("trust", "msp", "mahalanobis")},
+        "threshold": metrics["threshold"],
+    }
+
+
+def _report(args: argparse.Namespace) -> int:
+    from conceptguard.bank import load_bank
+    from offline.report import write_report
+
+    bank = load_bank(args.bank)
+    metrics_path = bank.path / "report" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    written = write_report(Path(args.out) if args.out else bank.path / "report",
+                           bank.manifest, bank.tensors, metrics)
+    for p in written:
+        print(p)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    os.environ["CONCEPTGUARD_BANK"] = str(args.bank)
+    if args.backend:
+        os.environ["CONCEPTGUARD_BACKEND"] = args.backend
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="conceptguard-prom-")
+    uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conceptguard", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train-demo", help="train the demo ResNet on Fashion-MNIST")
+    t.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    t.add_argument("--out", type=Path, default=None, help="default: the config's classifier.path")
+    t.add_argument("--epochs", type=int, default=None)
+    t.set_defaults(func=_train_demo)
+
+    b = sub.add_parser("build-bank", help="run the offline job and write a bank folder")
+    b.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--cache-dir", type=Path, default=None)
+    b.add_argument("--no-cache", action="store_true", help="recompute every stage")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_build_bank)
+
+    r = sub.add_parser("report", help="re-render a bank's HTML report and PNG heatmaps")
+    r.add_argument("bank", type=Path)
+    r.add_argument("--out", type=Path, default=None, help="default: <bank>/report")
+    r.set_defaults(func=_report)
+
+    s = sub.add_parser("serve", help="start the HTTP service on a bank")
+    s.add_argument("--bank", type=Path, default=Path("banks/demo"))
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--backend", choices=["onnx", "torch"], default=None)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"conceptguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

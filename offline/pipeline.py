@@ -1,0 +1,382 @@
+"""build-bank: from a dataset and a classifier to a validated bank and its report.
+
+Stages (each timed, cached where expensive): data, classifier features, VLM embeddings,
+concept matrices, aligner, projection, adversarial, heatmaps, calibration, evaluation,
+fault localisation, export (ONNX), report. The math lives in ``conceptguard``; this module
+only orchestrates and does I/O.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conceptguard import bank as bankio
+from conceptguard.aligner import fit_aligner, mean_cosine, r2_score
+from conceptguard.attacks import AttackSpec, run_attack
+from conceptguard.calibration import Batch, fit_monitor
+from conceptguard.classifier.inference import predict, to_tensor
+from conceptguard.classifier.io import load_classifier
+from conceptguard.concepts import ConceptSet, class_matrix, concept_matrix, load_concept_set
+from conceptguard.data import ArrayDataset, load_source, make_splits
+from conceptguard.evaluation import (
+    adversarial_section,
+    misclassification_section,
+    mixed_section,
+    threshold_section,
+)
+from conceptguard.export import MonitoredClassifier, export_onnx
+from conceptguard.faults import fault_report
+from conceptguard.heatmaps import Heatmaps, binarise, build_heatmaps
+from conceptguard.projection import aligned_embedding, raw_concept_scores
+from conceptguard.runtime import OnnxRuntime
+from conceptguard.scoring import Scores, score
+from conceptguard.signals import FEATURE_NAMES
+from conceptguard.vlm import VLMBackend, create_vlm
+from offline.cache import ArrayCache
+from offline.config import JobConfig
+from offline.progress import stage
+from offline.report import write_report
+
+
+class LazyVLM:
+    """Builds the VLM only when a cache miss needs it (loading takes seconds)."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self._vlm: VLMBackend | None = None
+
+    def get(self) -> VLMBackend:
+        if self._vlm is None:
+            self._vlm = create_vlm(self.cfg.vlm)
+        return self._vlm
+
+    @property
+    def id(self) -> str:
+        return self.cfg.vlm.model_dump_json()
+
+
+@dataclass
+class Context:
+    cfg: JobConfig
+    cache: ArrayCache
+    progress: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, name: str):
+        return stage(name, self.timings, quiet=not self.progress)
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:20]
+
+
+def _concept_set_digest(cs: ConceptSet) -> str:
+    return hashlib.sha256(cs.model_dump_json().encode()).hexdigest()[:20]
+
+
+def classifier_outputs(ctx: Context, model, chash: str, ds: ArrayDataset, split: str,
+                       data_key: str) -> Batch:
+    arrays = ctx.cache.get_or_compute(
+        "classifier", {"hash": chash, "data": data_key, "split": split},
+        lambda: dict(zip(("logits", "features"),
+                         predict(model, ds.images, progress=ctx.progress), strict=True)))
+    return Batch(arrays["logits"], arrays["features"], np.zeros((len(ds), 0), np.float32),
+                 ds.labels.astype(np.int64))
+
+
+def vlm_embeddings(ctx: Context, vlm: LazyVLM, images: np.ndarray, key: str) -> np.ndarray:
+    return ctx.cache.get_or_compute(
+        "vlm-images", {"vlm": vlm.id, "images": key},
+        lambda: {"v": vlm.get().encode_images(images, progress=ctx.progress)})["v"]
+
+
+def with_concepts(b: Batch, concepts: np.ndarray) -> Batch:
+    return Batch(b.logits, b.features, concepts.astype(np.float32), b.labels)
+
+
+def adversarial_outputs(ctx: Context, model, chash: str, ds: ArrayDataset, base: Batch,
+                        attack: AttackSpec, split: str, data_key: str, seed: int
+                        ) -> tuple[Batch, int]:
+    """Attack up to ``per_split`` correctly classified inputs; return the successful ones'
+    outputs (labels = the original labels) and the number attacked."""
+    correct = np.flatnonzero(base.predictions == base.labels)
+    rng = np.random.default_rng(seed)
+    n = min(ctx.cfg.adversarial.per_split, len(correct))
+    chosen = np.sort(rng.choice(correct, size=n, replace=False))
+
+    def compute() -> dict[str, np.ndarray]:
+        adv = run_attack(model, to_tensor(ds.images[chosen]), ds.labels[chosen], attack,
+                         seed=seed, progress=ctx.progress)
+        adv_u8 = (adv * 255.0).round().clamp(0, 255).to(torch.uint8)
+        logits, feats = predict(model, adv_u8.permute(0, 2, 3, 1).numpy())
+        return {"logits": logits, "features": feats, "index": chosen.astype(np.int64)}
+
+    arrays = ctx.cache.get_or_compute(
+        "adversarial", {"hash": chash, "data": data_key, "split": split,
+                        "attack": attack.model_dump(), "n": n, "seed": seed}, compute)
+    labels = ds.labels[arrays["index"]].astype(np.int64)
+    out = Batch(arrays["logits"], arrays["features"], np.zeros((len(labels), 0), np.float32),
+                labels)
+    success = out.predictions != out.labels
+    return out.select(success), n
+
+
+def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: bool = True
+               ) -> Path:
+    """Run every stage and publish the bank folder at ``out`` (atomically)."""
+    ctx = Context(cfg, ArrayCache(cfg.cache_dir, enabled=use_cache), progress)
+    seed = cfg.seed
+    torch.manual_seed(seed)
+
+    with ctx.stage("data"):
+        train, test = load_source(cfg.data)
+        splits = make_splits(len(train), len(test), cfg.splits)
+        ds = {"fit": train.subset(splits.fit), "reference": train.subset(splits.reference),
+              "calibration": train.subset(splits.calibration), "test": test.subset(splits.test)}
+        data_key = f"{cfg.data.model_dump_json()}|{splits.digest()}"
+        classes = train.classes
+
+    with ctx.stage("classifier"):
+        model, cspec, chash = load_classifier(cfg.classifier.path)
+        if cspec.num_classes != len(classes):
+            raise ValueError(f"classifier has {cspec.num_classes} classes, the dataset "
+                             f"{len(classes)}")
+        outs = {name: classifier_outputs(ctx, model, chash, d, name, data_key)
+                for name, d in ds.items()}
+        test_accuracy = float((outs["test"].predictions == outs["test"].labels).mean())
+
+    vlm = LazyVLM(cfg)
+    cs = load_concept_set(cfg.concepts)
+    concept_names = cs.names
+    class_prompt_names = cfg.class_prompts or classes
+    with ctx.stage("vlm"):
+        texts = ctx.cache.get_or_compute(
+            "vlm-texts", {"vlm": vlm.id, "concepts": _concept_set_digest(cs),
+                          "classes": class_prompt_names},
+            lambda: {"T": concept_matrix(vlm.get(), cs),
+                     "C": class_matrix(vlm.get(), class_prompt_names, cs.class_templates)})
+        T, class_T = texts["T"], texts["C"]
+        v_fit = vlm_embeddings(ctx, vlm, ds["fit"].images, data_key + "|fit")
+        v_ref = vlm_embeddings(ctx, vlm, ds["reference"].images, data_key + "|reference")
+        t = outs["test"]
+        first = np.zeros(len(t), bool)
+        first[: cfg.evaluation.vlm_test_images] = True
+        vlm_test_idx = np.flatnonzero(first | (t.predictions != t.labels))
+        v_test = vlm_embeddings(ctx, vlm, ds["test"].images[vlm_test_idx],
+                                data_key + "|test|" + _digest(vlm_test_idx))
+
+    with ctx.stage("aligner"):
+        aligner = fit_aligner(outs["fit"].features, v_fit, seed=seed)
+        pred_ref = aligner.transform(outs["reference"].features)
+        aligner_info = {"heldout_r2": round(r2_score(pred_ref, v_ref), 5),
+                        "heldout_cosine": round(mean_cosine(pred_ref, v_ref), 5),
+                        "lambda": aligner.lam, "fit_n": len(v_fit), "heldout_n": len(v_ref),
+                        "heldout_split": "reference"}
+
+    with ctx.stage("projection"):
+        raw_ref = raw_concept_scores(outs["reference"].features, aligner.W, aligner.b, T)
+        mu, sigma = raw_ref.mean(0), np.maximum(raw_ref.std(0), 1e-6)
+        projection = {"aligner.W": aligner.W, "aligner.b": aligner.b, "concepts.T": T,
+                      "projection.mu": mu.astype(np.float32),
+                      "projection.sigma": sigma.astype(np.float32)}
+
+        def project(b: Batch) -> Batch:
+            s = (raw_concept_scores(b.features, aligner.W, aligner.b, T) - mu) / sigma
+            return with_concepts(b, s)
+
+        outs = {k: project(v) for k, v in outs.items()}
+        o_ref_raw = v_ref @ T.T
+        o_mu, o_sigma = o_ref_raw.mean(0), np.maximum(o_ref_raw.std(0), 1e-6)
+        o_ref = (o_ref_raw - o_mu) / o_sigma
+
+    with ctx.stage("adversarial"):
+        fit_attack = next(a for a in cfg.adversarial.attacks
+                          if a.name == cfg.adversarial.fit_attack)
+        adv_ref, _ = adversarial_outputs(ctx, model, chash, ds["reference"],
+                                         outs["reference"], fit_attack, "reference",
+                                         data_key, seed + 1)
+        adv_cal, _ = adversarial_outputs(ctx, model, chash, ds["calibration"],
+                                         outs["calibration"], fit_attack, "calibration",
+                                         data_key, seed + 2)
+        adv_test: dict[str, tuple[Batch, int]] = {}
+        for i, attack in enumerate(cfg.adversarial.attacks):
+            b, n = adversarial_outputs(ctx, model, chash, ds["test"], outs["test"], attack,
+                                       "test", data_key, seed + 10 + i)
+            adv_test[attack.name] = (project(b), n)
+        adv_ref, adv_cal = project(adv_ref), project(adv_cal)
+
+    with ctx.stage("heatmaps"):
+        r = outs["reference"]
+        hm_model = build_heatmaps(r.concepts, r.labels, r.predictions, len(classes),
+                                  adv_scores=adv_ref.concepts,
+                                  adv_predictions=adv_ref.predictions,
+                                  min_count=cfg.heatmaps.min_count)
+        hm_vlm = build_heatmaps(o_ref, r.labels, r.predictions, len(classes),
+                                min_count=cfg.heatmaps.min_count)
+
+    with ctx.stage("calibration"):
+        monitor, calib_info = fit_monitor(outs["reference"], hm_model, outs["calibration"],
+                                          adv_cal, cfg.calibration)
+
+    with ctx.stage("evaluation"):
+        t = outs["test"]
+        clean = score(monitor, t.logits, t.features, t.concepts)
+        adv_scores: dict[str, Scores] = {
+            name: score(monitor, b.logits, b.features, b.concepts)
+            for name, (b, _) in adv_test.items()}
+        target_text = (f"accept at least {cfg.calibration.value:.0%} of correct predictions"
+                       if cfg.calibration.target == "accept_correct" else
+                       f"error rate among accepted inputs at most {cfg.calibration.value:.1%}")
+        metrics: dict = {
+            "bank": cfg.name,
+            "classifier": {"test_accuracy": round(test_accuracy, 5), "hash": chash,
+                           "n_test": len(t)},
+            "aligner": aligner_info,
+            "misclassification": misclassification_section(clean, t.labels),
+            "adversarial": {name: adversarial_section(clean, t.labels, adv_scores[name], n)
+                            for name, (_, n) in adv_test.items()},
+            "threshold": threshold_section(clean, t.labels, target_text,
+                                           cfg.calibration.value, monitor.threshold),
+            "mixed": mixed_section(clean, t.labels, list(adv_scores.values()),
+                                   cfg.evaluation.mixed_adversarial_fraction, seed),
+            "calibration": calib_info,
+        }
+
+    with ctx.stage("fault_localisation"):
+        t = outs["test"]
+        oracle = (v_test @ class_T.T).argmax(1)
+        enc = (aligned_embedding(t.features[vlm_test_idx], aligner.W, aligner.b)
+               @ class_T.T).argmax(1)
+        labels_sub = t.labels[vlm_test_idx]
+        first_n = min(cfg.evaluation.vlm_test_images, len(t))
+        metrics["vlm"] = {
+            "id": vlm.get().id if vlm._vlm else cfg.vlm.backend,
+            "backend": cfg.vlm.backend,
+            "zero_shot_accuracy": round(float((oracle[:first_n] == labels_sub[:first_n])
+                                              .mean()), 5),
+            "zero_shot_n": int(first_n),
+            "encoder_view_zero_shot_accuracy": round(float(
+                (enc[:first_n] == labels_sub[:first_n]).mean()), 5),
+            "note": ("ConSE-style (EfficientNet-Lite0 ImageNet probabilities mixed over "
+                     "MiniLM text embeddings); not CLIP" if cfg.vlm.backend == "conse"
+                     else "open_clip"),
+        }
+        faults = fault_report(labels_sub, t.predictions[vlm_test_idx], oracle, enc,
+                              t.concepts[vlm_test_idx], hm_model.ok, classes, concept_names,
+                              cfg.evaluation.top_concepts)
+        metrics["fault_localisation"] = {**faults.counts,
+                                         "misclassified": int(len(faults.verdicts)),
+                                         "pairs": faults.pairs[:15]}
+
+    staging = bankio.staging_dir(out)
+    try:
+        with ctx.stage("export"):
+            shutil.copyfile(cfg.classifier.path, staging / bankio.CLASSIFIER)
+            export_onnx(MonitoredClassifier(model, projection), cspec.input_shape,
+                        staging / bankio.ONNX)
+            check_onnx_matches(staging / bankio.ONNX, ds["test"].images[:64], t, projection)
+            tensors = bank_tensors(projection, class_T, hm_model, hm_vlm, monitor,
+                                   cfg.heatmaps.delta, o_mu, o_sigma)
+            bankio.write_tensors(staging, tensors)
+        metrics["timings_s"] = dict(ctx.timings)
+        manifest = make_manifest(cfg, metrics, cs, cspec, chash, splits, hm_model,
+                                 calib_info, monitor.threshold, classes, T.shape[1],
+                                 model.feature_dim)
+        with ctx.stage("report"):
+            write_report(staging / "report", manifest, tensors, metrics)
+        metrics["timings_s"] = dict(ctx.timings)
+        manifest.timings_s = dict(ctx.timings)
+        bankio.atomic_write_text(staging / "report" / "metrics.json",
+                                 json.dumps(metrics, indent=2))
+        bankio.write_manifest(staging, manifest)
+        bankio.load_bank(staging)  # validate before publishing
+        bankio.publish(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    if progress:
+        print(f"bank written to {out} (cache: {len(ctx.cache.hits)} hits, "
+              f"{len(ctx.cache.misses)} misses)", flush=True)
+    return out
+
+
+def check_onnx_matches(onnx_path: Path, images: np.ndarray, t: Batch,
+                       projection: dict[str, np.ndarray]) -> None:
+    """The exported graph must reproduce the offline outputs on real inputs."""
+    rt = OnnxRuntime(onnx_path, device="cpu")
+    x = to_tensor(images).numpy()
+    o = rt.run(x)
+    n = len(images)
+    for name, got, want in (("logits", o.logits, t.logits[:n]),
+                            ("features", o.features, t.features[:n]),
+                            ("concepts", o.concepts, t.concepts[:n])):
+        err = float(np.abs(got - want).max())
+        if err > 1e-3:
+            raise RuntimeError(f"ONNX export disagrees with torch on {name}: max |diff| {err}")
+
+
+def bank_tensors(projection: dict[str, np.ndarray], class_T: np.ndarray, hm_model: Heatmaps,
+                 hm_vlm: Heatmaps, monitor, delta: float, o_mu: np.ndarray,
+                 o_sigma: np.ndarray) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {k: np.asarray(v, np.float32) for k, v in projection.items()}
+    out["classes.T"] = class_T.astype(np.float32)
+    out["projection.vlm_mu"] = o_mu.astype(np.float32)
+    out["projection.vlm_sigma"] = o_sigma.astype(np.float32)
+    out.update(hm_model.tensors("heatmaps.model"))
+    out.update(hm_vlm.tensors("heatmaps.vlm"))
+    out["heatmaps.model.diff_bin"] = binarise(hm_model.diff, delta)
+    out["heatmaps.model.diff_adv_bin"] = binarise(hm_model.diff_adv, delta)
+    out["heatmaps.vlm.diff_bin"] = binarise(hm_vlm.diff, delta)
+    out.update(bankio.monitor_tensors(monitor))
+    return out
+
+
+def make_manifest(cfg: JobConfig, metrics: dict, cs: ConceptSet, cspec, chash: str, splits,
+                  hm: Heatmaps, calib_info: dict, threshold: float, classes: list[str],
+                  vlm_dim: int, feature_dim: int) -> bankio.Manifest:
+    created = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    return bankio.Manifest(
+        schema_version=bankio.SCHEMA_VERSION,
+        bank_id=f"{cfg.name}-{chash[:8]}-{created.strftime('%Y%m%dT%H%M%SZ')}",
+        created_at=created.isoformat(),
+        name=cfg.name,
+        classes=classes,
+        concept_set=cs.name,
+        concepts=[bankio.ConceptEntry(name=c.name, prompts=c.phrasings) for c in cs.concepts],
+        vlm={"spec": cfg.vlm.model_dump(), **{k: metrics["vlm"][k] for k in
+                                              ("id", "zero_shot_accuracy", "note")}},
+        classifier=bankio.ClassifierInfo(hash=chash, spec=cspec.model_dump(),
+                                         feature_dim=feature_dim,
+                                         test_accuracy=metrics["classifier"]["test_accuracy"]),
+        preprocessing=bankio.Preprocessing(input_size=cspec.input_size,
+                                           channels=cspec.in_channels),
+        dims=bankio.Dims(classes=len(classes), concepts=len(cs.concepts),
+                         features=feature_dim, vlm=int(vlm_dim)),
+        data={"spec": json.loads(cfg.data.model_dump_json()), "splits": splits.summary(),
+              "splits_digest": splits.digest(), "seed": cfg.seed},
+        attacks=[{"name": a.name, **a.model_dump()} for a in cfg.adversarial.attacks],
+        heatmaps={"min_count": cfg.heatmaps.min_count, "delta": cfg.heatmaps.delta,
+                  "split": "reference",
+                  "fallback_bad": [classes[i] for i in np.flatnonzero(hm.fallback["bad"])],
+                  "fallback_adv": [classes[i] for i in np.flatnonzero(hm.fallback["adv"])],
+                  "fallback_rule": "pooled offset: H_ok[c] + mean over all classes' "
+                                   "inputs of (s^ - H_ok[predicted])"},
+        calibration={"spec": cfg.calibration.model_dump(), **calib_info,
+                     "fit_attack": cfg.adversarial.fit_attack},
+        threshold={"value": threshold, "target": cfg.calibration.target,
+                   "target_value": cfg.calibration.value},
+        signal_features=list(FEATURE_NAMES),
+        files={},
+        evaluation={k: metrics[k] for k in ("classifier", "aligner", "threshold", "vlm")},
+    )
