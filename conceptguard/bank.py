@@ -28,6 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 from conceptguard.gaussian import ClassGaussians
 from conceptguard.heads import Combiner, LogisticHead
+from conceptguard.projection import PROJECTION_KEYS
 from conceptguard.scoring import Monitor
 from conceptguard.signals import FEATURE_NAMES, SignalStats
 
@@ -174,8 +175,8 @@ class Bank:
         return self.path / CLASSIFIER
 
     def projection(self) -> dict[str, np.ndarray]:
-        return {k: self.tensors[k] for k in ("aligner.W", "aligner.b", "concepts.T",
-                                             "projection.mu", "projection.sigma")}
+        """The concept-projection tensors (see :func:`conceptguard.projection.project_features`)."""
+        return {k: self.tensors[k] for k in PROJECTION_KEYS}
 
 
 def _read_manifest(path: Path) -> Manifest:
@@ -270,6 +271,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -279,7 +281,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 def staging_dir(target: Path) -> Path:
     """A fresh folder beside ``target`` to build the bank in."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    folder.chmod(0o755)
+    return folder
 
 
 def publish(staging: Path, target: Path) -> None:

@@ -15,10 +15,8 @@ import torch
 from torch import nn
 
 from conceptguard.classifier.split import SplitClassifier
-from conceptguard.projection import concept_scores
+from conceptguard.projection import PROJECTION_KEYS, concept_scores
 
-PROJECTION_TENSORS = ("aligner.W", "aligner.b", "concepts.T", "projection.mu",
-                      "projection.sigma")
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "features", "concepts")
 
@@ -29,15 +27,15 @@ class MonitoredClassifier(nn.Module):
     def __init__(self, classifier: SplitClassifier, projection: dict[str, np.ndarray]):
         super().__init__()
         self.classifier = classifier
-        for name in PROJECTION_TENSORS:
+        for name in PROJECTION_KEYS:  # float64: see conceptguard.projection on precision
             self.register_buffer(name.replace(".", "_"),
-                                 torch.as_tensor(np.asarray(projection[name], np.float32)))
+                                 torch.as_tensor(np.asarray(projection[name], np.float64)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, z = self.classifier.forward_with_features(images)
-        s = concept_scores(z, self.aligner_W, self.aligner_b, self.concepts_T,
+        s = concept_scores(z.double(), self.aligner_W, self.aligner_b, self.concepts_T,
                            self.projection_mu, self.projection_sigma)
-        return logits, z, s
+        return logits, z, s.float()
 
 
 def export_onnx(module: MonitoredClassifier, input_shape: tuple[int, int, int], path: Path,
@@ -54,6 +52,7 @@ def export_onnx(module: MonitoredClassifier, input_shape: tuple[int, int, int], 
             dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUT_NAMES}},
             opset_version=opset, dynamo=False,
         )
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -18,16 +18,18 @@ class ClassGaussians:
 
     @property
     def whitened_means(self) -> np.ndarray:
-        return self.means @ self.whiten
+        return self.means.astype(np.float64) @ self.whiten.astype(np.float64)
 
     def sq_distances(self, x: np.ndarray, whitened_means: np.ndarray | None = None
                      ) -> np.ndarray:
-        """Squared Mahalanobis distance of each row of ``x`` to each class: ``(N, C)``."""
-        mw = self.whitened_means if whitened_means is None else whitened_means
-        xw = x @ self.whiten
-        d = (xw * xw).sum(1)[:, None] - 2.0 * xw @ mw.T + (mw * mw).sum(1)[None, :]
-        return np.maximum(d, 0.0)
+        """Squared Mahalanobis distance of each row of ``x`` to each class: ``(N, C)``.
 
+        Computed in float64 from explicit differences (no ``|a|^2 - 2ab + |b|^2``
+        cancellation), so float32 noise in the features does not move the scores."""
+        mw = self.whitened_means if whitened_means is None else whitened_means
+        xw = np.asarray(x, dtype=np.float64) @ self.whiten.astype(np.float64)
+        diff = xw[:, None, :] - mw[None, :, :]
+        return np.einsum("ncd,ncd->nc", diff, diff)
 
 def fit_class_gaussians(x: np.ndarray, labels: np.ndarray, num_classes: int,
                         shrinkage: float = 1e-3) -> ClassGaussians:

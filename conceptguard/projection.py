@@ -3,11 +3,19 @@
 Only Python operators are used (``@``, ``*``, ``/``, ``**``, ``.sum``, indexing), so the same
 function runs on numpy in the offline job and the sidecar path, and inside the exported
 ONNX graph (traced from torch) on the serving path.
+
+Precision: the standardisation divides by per-concept spreads that can be small next to
+the common part of the cosines, which magnifies float32 rounding. The projection therefore
+runs in float64 everywhere (numpy here, a cast inside the ONNX graph), so the offline job,
+the sidecar path and the served graph agree to ~1e-6.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TypeVar
+
+import numpy as np
 
 Array = TypeVar("Array")  # np.ndarray or torch.Tensor
 
@@ -36,3 +44,13 @@ def standardise(s: Array, mu: Array, sigma: Array) -> Array:
 def concept_scores(z: Array, W: Array, b: Array, T: Array, mu: Array, sigma: Array) -> Array:
     """Standardised concept scores ``s^ = (cos(z W + b, T) - mu) / sigma``."""
     return standardise(raw_concept_scores(z, W, b, T), mu, sigma)
+
+
+PROJECTION_KEYS = ("aligner.W", "aligner.b", "concepts.T", "projection.mu", "projection.sigma")
+
+
+def project_features(z: np.ndarray, projection: Mapping[str, np.ndarray]) -> np.ndarray:
+    """numpy entry point: float64 concept scores of features ``z`` with the bank's
+    projection tensors (keys :data:`PROJECTION_KEYS`), returned as float32."""
+    args = [np.asarray(projection[k], dtype=np.float64) for k in PROJECTION_KEYS]
+    return concept_scores(np.asarray(z, dtype=np.float64), *args).astype(np.float32)

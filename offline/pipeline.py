@@ -35,7 +35,7 @@ from conceptguard.evaluation import (
 from conceptguard.export import MonitoredClassifier, export_onnx
 from conceptguard.faults import fault_report
 from conceptguard.heatmaps import Heatmaps, binarise, build_heatmaps
-from conceptguard.projection import aligned_embedding, raw_concept_scores
+from conceptguard.projection import aligned_embedding, project_features, raw_concept_scores
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Scores, score
 from conceptguard.signals import FEATURE_NAMES
@@ -185,15 +185,16 @@ def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: b
                         "heldout_split": "reference"}
 
     with ctx.stage("projection"):
-        raw_ref = raw_concept_scores(outs["reference"].features, aligner.W, aligner.b, T)
+        raw_ref = raw_concept_scores(outs["reference"].features.astype(np.float64),
+                                     aligner.W.astype(np.float64),
+                                     aligner.b.astype(np.float64), T.astype(np.float64))
         mu, sigma = raw_ref.mean(0), np.maximum(raw_ref.std(0), 1e-6)
         projection = {"aligner.W": aligner.W, "aligner.b": aligner.b, "concepts.T": T,
                       "projection.mu": mu.astype(np.float32),
                       "projection.sigma": sigma.astype(np.float32)}
 
         def project(b: Batch) -> Batch:
-            s = (raw_concept_scores(b.features, aligner.W, aligner.b, T) - mu) / sigma
-            return with_concepts(b, s)
+            return with_concepts(b, project_features(b.features, projection))
 
         outs = {k: project(v) for k, v in outs.items()}
         o_ref_raw = v_ref @ T.T
@@ -299,6 +300,8 @@ def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: b
         manifest.timings_s = dict(ctx.timings)
         bankio.atomic_write_text(staging / "report" / "metrics.json",
                                  json.dumps(metrics, indent=2))
+        bankio.atomic_write_text(staging / "report" / SAMPLE_FILE,
+                                 json.dumps(score_sample(clean, splits.test, 64), indent=2))
         bankio.write_manifest(staging, manifest)
         bankio.load_bank(staging)  # validate before publishing
         bankio.publish(staging, out)
@@ -309,6 +312,23 @@ def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: b
         print(f"bank written to {out} (cache: {len(ctx.cache.hits)} hits, "
               f"{len(ctx.cache.misses)} misses)", flush=True)
     return out
+
+
+SAMPLE_FILE = "test_scores_sample.json"
+
+
+def score_sample(clean: Scores, test_indices: np.ndarray, n: int) -> dict:
+    """The offline scores of the first ``n`` test inputs (indices into the dataset's test
+    set), so that a client can check the service scores the same images identically."""
+    n = min(n, len(test_indices))
+    return {
+        "test_indices": test_indices[:n].tolist(),
+        "predictions": clean.predictions[:n].tolist(),
+        "trust": clean.trust[:n].round(7).tolist(),
+        "p_misclassification": clean.p_misclassification[:n].round(7).tolist(),
+        "p_adversarial": clean.p_adversarial[:n].round(7).tolist(),
+        "reject": clean.reject[:n].tolist(),
+    }
 
 
 def check_onnx_matches(onnx_path: Path, images: np.ndarray, t: Batch,

@@ -1,0 +1,49 @@
+"""FGSM/PGD raise the loss and flip predictions of a trained classifier."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from conceptguard.attacks import AttackSpec, run_attack
+from conceptguard.classifier.inference import to_tensor
+from conceptguard.classifier.io import load_classifier
+from conceptguard.data import DataSpec, load_source
+
+
+def _setup(demo_bank_path):
+    model, _, _ = load_classifier(demo_bank_path / "classifier.safetensors")
+    _, test = load_source(DataSpec())
+    x = to_tensor(test.images[:128])
+    y = test.labels[:128]
+    with torch.no_grad():
+        keep = model(x).argmax(1).numpy() == y
+    return model, x[keep], y[keep]
+
+
+def test_pgd_raises_loss_and_flips_predictions(demo_bank_path) -> None:
+    model, x, y = _setup(demo_bank_path)
+    yt = torch.as_tensor(y)
+    spec = AttackSpec(kind="pgd", eps=0.1, steps=10)
+    adv = run_attack(model, x, y, spec, seed=0, progress=False)
+    assert float((adv - x).abs().max()) <= 0.1 + 1e-6
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    with torch.no_grad():
+        clean_loss = F.cross_entropy(model(x), yt).item()
+        adv_logits = model(adv)
+    assert F.cross_entropy(adv_logits, yt).item() > clean_loss + 1.0
+    flipped = (adv_logits.argmax(1).numpy() != y).mean()
+    assert flipped > 0.5
+
+
+def test_fgsm_raises_loss_and_is_deterministic(demo_bank_path) -> None:
+    model, x, y = _setup(demo_bank_path)
+    spec = AttackSpec(kind="fgsm", eps=0.05, steps=1)
+    a1 = run_attack(model, x, y, spec, progress=False)
+    a2 = run_attack(model, x, y, spec, progress=False)
+    assert torch.equal(a1, a2)
+    with torch.no_grad():
+        yt = torch.as_tensor(y)
+        assert F.cross_entropy(model(a1), yt) > F.cross_entropy(model(x), yt)
+    assert np.isclose(float((a1 - x).abs().max()), 0.05, atol=1e-6)

@@ -1,0 +1,121 @@
+"""A bank round-trips; a corrupted or mismatched one is refused with a clear message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conceptguard.bank import BankError, load_bank, publish, staging_dir
+from conceptguard.classifier.inference import to_tensor
+from conceptguard.data import DataSpec, load_source
+from conceptguard.projection import project_features
+from conceptguard.runtime import OnnxRuntime, TorchRuntime
+from conceptguard.scoring import score
+
+
+@pytest.fixture()
+def bank_copy(tmp_path: Path, demo_bank_path: Path) -> Path:
+    dst = tmp_path / "bank"
+    shutil.copytree(demo_bank_path, dst)
+    return dst
+
+
+def test_bank_round_trips(demo_bank_path: Path) -> None:
+    bank = load_bank(demo_bank_path)
+    m = bank.manifest
+    assert m.dims.classes == len(m.classes) == bank.monitor.num_classes
+    assert m.dims.concepts == len(m.concept_names) == bank.monitor.num_concepts
+    raw = load_file(str(demo_bank_path / "tensors.safetensors"))
+    np.testing.assert_array_equal(raw["heatmaps.model.ok"], bank.monitor.stats.h_ok)
+    assert bank.monitor.threshold == m.threshold["value"]
+
+
+def test_onnx_torch_and_numpy_paths_score_identically(demo_bank_path: Path) -> None:
+    bank = load_bank(demo_bank_path)
+    _, test = load_source(DataSpec())
+    x = to_tensor(test.images[:32]).numpy()
+    onnx = OnnxRuntime(bank.onnx_path, device="cpu").run(x)
+    from conceptguard.classifier.io import load_classifier
+    from conceptguard.export import MonitoredClassifier
+    module = MonitoredClassifier(load_classifier(bank.classifier_path)[0], bank.projection())
+    eager = TorchRuntime(module, device="cpu").run(x)
+    np.testing.assert_allclose(onnx.logits, eager.logits, atol=1e-4)
+    np.testing.assert_allclose(onnx.concepts, eager.concepts, atol=1e-4)
+    numpy_concepts = project_features(onnx.features, bank.projection())
+    np.testing.assert_allclose(onnx.concepts, numpy_concepts, atol=1e-4)
+    a = score(bank.monitor, onnx.logits, onnx.features, onnx.concepts)
+    b = score(bank.monitor, eager.logits, eager.features, numpy_concepts)
+    np.testing.assert_allclose(a.trust, b.trust, atol=1e-5)
+
+
+def test_offline_sample_matches_a_fresh_scoring(demo_bank_path: Path) -> None:
+    bank = load_bank(demo_bank_path)
+    sample = json.loads((demo_bank_path / "report" / "test_scores_sample.json").read_text())
+    _, test = load_source(DataSpec())
+    x = to_tensor(test.images[sample["test_indices"]]).numpy()
+    o = OnnxRuntime(bank.onnx_path, device="cpu").run(x)
+    s = score(bank.monitor, o.logits, o.features, o.concepts)
+    assert s.predictions.tolist() == sample["predictions"]
+    np.testing.assert_allclose(s.trust, sample["trust"], atol=1e-5)
+
+
+def test_corrupted_tensors_are_refused(bank_copy: Path) -> None:
+    f = bank_copy / "tensors.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BankError, match=r"tensors\.safetensors is corrupt"):
+        load_bank(bank_copy)
+
+
+def test_missing_file_and_bad_manifest_are_refused(bank_copy: Path) -> None:
+    (bank_copy / "classifier.onnx").unlink()
+    with pytest.raises(BankError, match=r"classifier\.onnx is missing"):
+        load_bank(bank_copy)
+    (bank_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BankError, match="not valid JSON"):
+        load_bank(bank_copy)
+    with pytest.raises(BankError, match="does not exist"):
+        load_bank(bank_copy / "nope")
+
+
+def test_schema_version_and_shapes_are_checked(bank_copy: Path) -> None:
+    mpath = bank_copy / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    mpath.write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(BankError, match="schema_version 99"):
+        load_bank(bank_copy)
+    dims = {**manifest["dims"], "concepts": manifest["dims"]["concepts"] + 1}
+    concepts = [*manifest["concepts"], {"name": "extra", "prompts": ["extra"]}]
+    mpath.write_text(json.dumps({**manifest, "dims": dims, "concepts": concepts}))
+    with pytest.raises(BankError, match="shape"):
+        load_bank(bank_copy)
+
+
+def test_classifier_hash_mismatch_is_refused(bank_copy: Path) -> None:
+    with pytest.raises(BankError, match="expected 000000"):
+        load_bank(bank_copy, expected_classifier_hash="0" * 64)
+    mpath = bank_copy / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["classifier"]["hash"] = "f" * 64
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(BankError, match="classifier hash mismatch"):
+        load_bank(bank_copy)
+
+
+def test_publish_swaps_whole_folders(tmp_path: Path, demo_bank_path: Path) -> None:
+    target = tmp_path / "banks" / "demo"
+    for marker in ("first", "second"):
+        staging = staging_dir(target)
+        shutil.copytree(demo_bank_path, staging, dirs_exist_ok=True)
+        (staging / "marker").write_text(marker)
+        publish(staging, target)
+        assert (target / "marker").read_text() == marker
+        load_bank(target)
+    leftovers = [p.name for p in target.parent.iterdir() if p.name != "demo"]
+    assert leftovers == []
