@@ -27,15 +27,15 @@ class MonitoredClassifier(nn.Module):
     def __init__(self, classifier: SplitClassifier, projection: dict[str, np.ndarray]):
         super().__init__()
         self.classifier = classifier
-        for name in PROJECTION_KEYS:  # float64: see conceptguard.projection on precision
+        for name in PROJECTION_KEYS:
             self.register_buffer(name.replace(".", "_"),
-                                 torch.as_tensor(np.asarray(projection[name], np.float64)))
+                                 torch.as_tensor(np.asarray(projection[name], np.float32)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, z = self.classifier.forward_with_features(images)
-        s = concept_scores(z.double(), self.aligner_W, self.aligner_b, self.concepts_T,
+        s = concept_scores(z, self.aligner_W, self.aligner_b, self.concepts_T,
                            self.projection_mu, self.projection_sigma)
-        return logits, z, s.float()
+        return logits, z, s
 
 
 def export_onnx(module: MonitoredClassifier, input_shape: tuple[int, int, int], path: Path,

@@ -1,0 +1,66 @@
+"""Shared helpers of the benchmark scripts: timing loops and the demo inputs."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_BANK = REPO / "banks" / "demo"
+
+
+def machine() -> dict:
+    import os
+
+    return {"machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def test_images(n: int) -> np.ndarray:
+    """``n`` Fashion-MNIST test images as float32 NCHW in [0, 1] (repeated if needed)."""
+    from conceptguard.classifier.inference import to_tensor
+    from conceptguard.data import DataSpec, load_source
+
+    _, test = load_source(DataSpec())
+    idx = np.arange(n) % len(test)
+    return to_tensor(test.images[idx]).numpy()
+
+
+def throughput(fn: Callable[[], object], items_per_call: int, min_seconds: float = 2.0,
+               warmup: int = 3) -> dict:
+    """Call ``fn`` repeatedly for at least ``min_seconds``; items/s and per-call quantiles."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_seconds or len(times) < 5:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    arr = np.array(times)
+    return {"items_per_s": items_per_call * len(arr) / arr.sum(),
+            "p50_ms": float(np.percentile(arr, 50) * 1e3),
+            "p99_ms": float(np.percentile(arr, 99) * 1e3), "calls": len(arr)}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], items_per_call: int, rounds: int = 5,
+                seconds_per_round: float = 0.6) -> dict[str, dict]:
+    """Alternate between the candidates in short rounds so that drifts in machine load
+    hit all of them alike; report the median round's items/s for each."""
+    for fn in fns.values():
+        fn()
+    per: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per[name].append(throughput(fn, items_per_call, seconds_per_round,
+                                        warmup=1)["items_per_s"])
+    return {k: {"items_per_s": float(np.median(v)), "rounds": v} for k, v in per.items()}
+
+
+def emit(name: str, payload: dict) -> None:
+    print(json.dumps({"benchmark": name, **payload}, indent=2, default=float))
