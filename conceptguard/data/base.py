@@ -1,0 +1,61 @@
+"""The in-memory dataset every source produces, and the typed spec that selects a source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Images as uint8 ``(N, H, W, C)`` (C = 1 or 3), integer labels, class names.
+
+    ``attributes`` is an optional ``(N, A)`` 0/1 matrix (RIVAL10) named by ``attribute_names``.
+    """
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    attributes: np.ndarray | None = None
+    attribute_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"{self.name}: images must be uint8 (N,H,W,C), got "
+                             f"{self.images.dtype} {self.images.shape}")
+        if self.images.shape[-1] not in (1, 3):
+            raise ValueError(f"{self.name}: images must have 1 or 3 channels")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"{self.name}: {len(self.labels)} labels for "
+                             f"{len(self.images)} images")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"{self.name}: labels outside 0..{len(self.classes) - 1}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> ArrayDataset:
+        attrs = None if self.attributes is None else self.attributes[indices]
+        return ArrayDataset(self.name, self.images[indices], self.labels[indices],
+                            self.classes, attrs, self.attribute_names)
+
+
+class DataSpec(BaseModel):
+    """Which dataset to load. ``root`` is the source's folder (None: the source's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["fashion_mnist", "cifar10", "image_folder", "rival10"] = "fashion_mnist"
+    root: Path | None = None
+    # folder sources (image_folder, rival10) resize to this square size, None: 64;
+    # fashion_mnist and cifar10 always keep their native size
+    image_size: int | None = Field(None, gt=0)
+    download: bool = False  # allow torchvision's download as a fallback (needs internet)
+    # image_folder without train/ and test/ sub-folders: seeded per-class train/test split
+    holdout_seed: int = 0
+    holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)

@@ -1,0 +1,57 @@
+"""``load_source``: one entry point from a :class:`DataSpec` to a (train, test) pair."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from conceptguard.data.base import ArrayDataset, DataSpec
+from conceptguard.data.cifar10 import load_cifar10
+from conceptguard.data.fashion_mnist import load_fashion_mnist
+from conceptguard.data.image_folder import load_image_folder
+from conceptguard.data.rival10 import load_rival10
+
+Loader = Callable[[DataSpec], tuple[ArrayDataset, ArrayDataset]]
+
+
+def _fashion_mnist(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
+    return load_fashion_mnist(spec.root, spec.download)
+
+
+def _cifar10(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
+    return load_cifar10(spec.root, spec.download)
+
+
+def _image_folder(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
+    return load_image_folder(_required_root(spec), spec.image_size, spec.holdout_seed,
+                             spec.holdout_fraction)
+
+
+def _rival10(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
+    return load_rival10(_required_root(spec), spec.image_size)
+
+
+LOADERS: dict[str, Loader] = {
+    "fashion_mnist": _fashion_mnist,
+    "cifar10": _cifar10,
+    "image_folder": _image_folder,
+    "rival10": _rival10,
+}
+DOWNLOADABLE = frozenset({"fashion_mnist", "cifar10"})  # may download into a new root
+
+
+def load_source(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
+    """Load the (train, test) pair that ``spec`` names."""
+    loader = LOADERS.get(spec.source)
+    if loader is None:
+        raise ValueError(f"unknown data source {spec.source!r}; known: {sorted(LOADERS)}")
+    may_create = spec.download and spec.source in DOWNLOADABLE
+    if spec.root is not None and not Path(spec.root).exists() and not may_create:
+        raise FileNotFoundError(f"data root {spec.root} for source {spec.source!r} does not exist")
+    return loader(spec)
+
+
+def _required_root(spec: DataSpec) -> Path:
+    if spec.root is None:
+        raise ValueError(f"data source {spec.source!r} needs data.root (it has no default)")
+    return Path(spec.root)
