@@ -1,0 +1,229 @@
+"""Dynamic micro-batching: a bounded queue of items and one future per item.
+
+Requests submit their items (images); a single loop task takes up to ``max_batch_size``
+queued items, waiting at most ``max_wait_s`` after the oldest one arrived, runs the batch
+function once in a worker thread and hands each item its own result. An exception from the
+batch function is set on every future of that batch. The queue is bounded: when admitting a
+request's items would exceed ``queue_size`` pending items, :class:`QueueFull` is raised at
+once. With ``max_batch_size == 1`` there is no queue and no loop: each request's items run
+straight through (one call per item), still bounded by ``queue_size``.
+
+"Pending" counts items admitted and not yet answered (waiting or in the running batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import anyio.to_thread
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+BatchFunction = Callable[[list[T]], Sequence[R]]
+ThreadRunner = Callable[..., Awaitable[Any]]
+
+
+class QueueFull(RuntimeError):
+    """The bounded queue cannot take the submitted items now; retry later."""
+
+    def __init__(self, pending: int, requested: int, capacity: int):
+        super().__init__(f"the queue is full: {pending} images pending, {requested} more "
+                         f"requested, capacity {capacity}; retry later")
+        self.pending = pending
+        self.requested = requested
+        self.capacity = capacity
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was shut down before the item ran."""
+
+
+class BatchObserver(Protocol):
+    """Hooks for metrics; every method must be cheap and must not raise."""
+
+    def depth(self, pending: int) -> None: ...
+
+    def batch(self, size: int, waits_s: Sequence[float]) -> None: ...
+
+    def queue_full(self) -> None: ...
+
+
+class NullObserver:
+    def depth(self, pending: int) -> None:
+        pass
+
+    def batch(self, size: int, waits_s: Sequence[float]) -> None:
+        pass
+
+    def queue_full(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Item(Generic[T, R]):
+    value: T
+    future: asyncio.Future[R]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher(Generic[T, R]):
+    """Merge concurrent submissions into batches for ``fn`` (run in a worker thread)."""
+
+    def __init__(self, fn: BatchFunction[T, R], *, max_batch_size: int, max_wait_s: float,
+                 queue_size: int, observer: BatchObserver | None = None,
+                 run_sync: ThreadRunner | None = None):
+        if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self.observer: BatchObserver = observer or NullObserver()
+        self._run_sync: ThreadRunner = run_sync or anyio.to_thread.run_sync
+        self._queue: deque[_Item[T, R]] = deque()
+        self._pending = 0
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 1
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def start(self) -> None:
+        """Start the loop task (a no-op without batching). Call inside the event loop."""
+        self._closed = False
+        if self.batching and self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="conceptguard-batcher")
+
+    async def close(self) -> None:
+        """Stop the loop; items still queued fail with :class:`BatcherClosed`."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(BatcherClosed("the service is shutting down"))
+        self._pending = 0
+        self.observer.depth(0)
+
+    async def submit(self, values: Sequence[T]) -> list[R]:
+        """Run ``values`` (one request's items) and return their results in order."""
+        n = len(values)
+        if n == 0:
+            return []
+        if self._closed:
+            raise BatcherClosed("the service is shutting down")
+        if self._pending + n > self.queue_size:
+            self.observer.queue_full()
+            raise QueueFull(self._pending, n, self.queue_size)
+        self._pending += n
+        self.observer.depth(self._pending)
+        if not self.batching:
+            return await self._straight_through(values)
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = [_Item(v, loop.create_future(), now) for v in values]
+        self._queue.extend(items)
+        self._arrived.set()
+        if self._task is None:  # not started: run the loop lazily in this event loop
+            await self.start()
+        outcomes = await asyncio.gather(*(i.future for i in items), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes  # type: ignore[return-value]
+
+    async def _straight_through(self, values: Sequence[T]) -> list[R]:
+        results: list[R] = []
+        try:
+            for value in values:
+                results.extend(await self._run_sync(self._call, [value], [0.0]))
+        finally:
+            self._pending -= len(values)
+            self.observer.depth(self._pending)
+        return results
+
+    def _call(self, values: list[T], waits: Sequence[float]) -> Sequence[R]:
+        self.observer.batch(len(values), waits)
+        results = self.fn(values)
+        if len(results) != len(values):
+            raise RuntimeError(f"batch function returned {len(results)} results for "
+                               f"{len(values)} items")
+        return results
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self._fill()
+            batch = self._take()
+            if batch:
+                await self._execute(batch)
+
+    async def _fill(self) -> None:
+        """Wait until the batch is full or the oldest item has waited ``max_wait_s``."""
+        deadline = self._queue[0].enqueued + self.max_wait_s
+        while len(self._queue) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Item[T, R]]:
+        batch: list[_Item[T, R]] = []
+        dropped = 0
+        while self._queue and len(batch) < self.max_batch_size:
+            item = self._queue.popleft()
+            if item.future.done():  # the request went away (cancelled)
+                dropped += 1
+            else:
+                batch.append(item)
+        if dropped:
+            self._pending -= dropped
+            self.observer.depth(self._pending)
+        return batch
+
+    async def _execute(self, batch: list[_Item[T, R]]) -> None:
+        start = time.monotonic()
+        waits = [start - item.enqueued for item in batch]
+        try:
+            results = await self._run_sync(self._call, [item.value for item in batch], waits)
+        except asyncio.CancelledError:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(BatcherClosed("the service is shutting down"))
+            raise
+        except Exception as exc:  # every future of the batch gets the batch's error
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        else:
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+        finally:
+            self._pending -= len(batch)
+            self.observer.depth(self._pending)

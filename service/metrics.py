@@ -1,0 +1,196 @@
+"""Prometheus metrics of the service (prefix ``conceptguard_``, base units, bounded labels).
+
+Works with several uvicorn workers: when ``PROMETHEUS_MULTIPROC_DIR`` is set (before this
+module is imported), every process writes its values to files there and ``/metrics``
+aggregates them with :class:`prometheus_client.multiprocess.MultiProcessCollector`.
+Label values come from the bank (model name, classes, concepts) and from fixed sets
+(endpoint templates, status codes, error codes), never from request contents.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+
+from conceptguard.scoring import Scores
+
+disable_created_metrics()
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = tuple(float(2**i) for i in range(9))  # 1 .. 256
+EMA_ALPHA = 0.01  # per input: the moving average spans roughly the last 100 inputs
+REJECT_REASON_LABELS = {"misclassification-like": "misclassification_like",
+                        "adversarial-like": "adversarial_like"}
+
+REQUESTS = Counter("conceptguard_requests", "HTTP requests by route template and status code",
+                   ["endpoint", "status"])
+REQUEST_DURATION = Histogram("conceptguard_request_duration_seconds",
+                             "HTTP request duration by route template", ["endpoint"],
+                             buckets=LATENCY_BUCKETS)
+PREDICTIONS = Counter("conceptguard_predictions", "Scored inputs by predicted class and decision",
+                      ["model", "class", "decision"])
+REJECTIONS = Counter("conceptguard_rejections", "Rejected inputs by the kind of defect suspected",
+                     ["model", "reason"])
+PAPER_RULE_REJECTIONS = Counter("conceptguard_paper_rule_rejections",
+                                "Inputs the paper's heatmap rule would reject", ["model"])
+TRUST = Histogram("conceptguard_trust_score", "Calibrated trust score per input", ["model"],
+                  buckets=SCORE_BUCKETS)
+HEAD_SCORE = Histogram("conceptguard_head_score", "Defect-head probability per input",
+                       ["model", "head"], buckets=SCORE_BUCKETS)
+QUEUE_WAIT = Histogram("conceptguard_queue_wait_seconds",
+                       "Time an image waited in the batch queue", buckets=LATENCY_BUCKETS)
+INFERENCE_DURATION = Histogram("conceptguard_inference_duration_seconds",
+                               "Runtime call plus scoring, per batch", buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("conceptguard_batch_size", "Images per runtime call",
+                       buckets=BATCH_BUCKETS)
+QUEUE_DEPTH = Gauge("conceptguard_queue_depth", "Images admitted and not yet answered",
+                    multiprocess_mode="livesum")
+CONCEPT_SCORE = Summary("conceptguard_concept_score",
+                        "Standardised concept scores of served inputs (mean = sum / count)",
+                        ["model", "concept"])
+CONCEPT_SCORE_MEAN = Gauge("conceptguard_concept_score_mean",
+                           f"Exponential moving average (alpha {EMA_ALPHA} per input) of the "
+                           "standardised concept scores", ["model", "concept"],
+                           multiprocess_mode="mostrecent")
+BANK_INFO = Gauge("conceptguard_bank_info", "The bank being served (value 1)",
+                  ["model", "bank_id", "vlm", "classifier_hash", "schema_version"],
+                  multiprocess_mode="liveall")
+BAD_REQUESTS = Counter("conceptguard_bad_requests", "Client errors (4xx) by error code",
+                       ["code"])
+QUEUE_FULL = Counter("conceptguard_queue_full", "Requests refused because the queue was full")
+BANK_RELOADS = Counter("conceptguard_bank_reloads", "Bank reloads by result", ["result"])
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for ``/metrics`` (aggregated over workers in multiprocess mode)."""
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead() -> None:
+    """Drop this worker's live gauges (queue depth, bank info) at shutdown."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(os.getpid())
+
+
+def observe_request(endpoint: str, status: int, seconds: float) -> None:
+    REQUESTS.labels(endpoint, str(status)).inc()
+    REQUEST_DURATION.labels(endpoint).observe(seconds)
+
+
+def bad_request(code: str) -> None:
+    BAD_REQUESTS.labels(code).inc()
+
+
+def reload_result(ok: bool) -> None:
+    BANK_RELOADS.labels("success" if ok else "failure").inc()
+
+
+class QueueObserver:
+    """Batcher hooks -> queue depth, queue wait, batch size, queue-full counter."""
+
+    def depth(self, pending: int) -> None:
+        QUEUE_DEPTH.set(pending)
+
+    def batch(self, size: int, waits_s: Sequence[float]) -> None:
+        BATCH_SIZE.observe(size)
+        for w in waits_s:
+            QUEUE_WAIT.observe(w)
+
+    def queue_full(self) -> None:
+        QUEUE_FULL.inc()
+
+
+class ModelMetrics:
+    """Per-bank metric children, resolved once (label lookups are off the request path)."""
+
+    def __init__(self, model: str, classes: Sequence[str], concepts: Sequence[str],
+                 info: dict[str, str]):
+        self.model = model
+        self.info = info
+        self._predictions = [(PREDICTIONS.labels(model, c, "accept"),
+                              PREDICTIONS.labels(model, c, "reject")) for c in classes]
+        self._rejections = {kind: REJECTIONS.labels(model, label)
+                            for kind, label in REJECT_REASON_LABELS.items()}
+        self._paper = PAPER_RULE_REJECTIONS.labels(model)
+        self._trust = TRUST.labels(model)
+        self._head_mis = HEAD_SCORE.labels(model, "misclassification")
+        self._head_adv = HEAD_SCORE.labels(model, "adversarial")
+        self._concepts = [CONCEPT_SCORE.labels(model, c) for c in concepts]
+        self._concept_means = [CONCEPT_SCORE_MEAN.labels(model, c) for c in concepts]
+        self._ema: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def activate(self) -> None:
+        BANK_INFO.labels(self.model, *self._info_values()).set(1)
+
+    def deactivate(self) -> None:
+        BANK_INFO.labels(self.model, *self._info_values()).set(0)
+
+    def _info_values(self) -> tuple[str, str, str, str]:
+        i = self.info
+        return i["bank_id"], i["vlm"], i["classifier_hash"], i["schema_version"]
+
+    def record(self, scores: Scores, concepts: np.ndarray) -> None:
+        """Count and observe one scored batch (called from the inference thread)."""
+        preds = scores.predictions.tolist()
+        rejects = scores.reject.tolist()
+        for pred, rej in zip(preds, rejects, strict=True):
+            self._predictions[pred][1 if rej else 0].inc()
+        for reason in scores.reason:
+            child = self._rejections.get(reason)
+            if child is not None:
+                child.inc()
+        n_paper = int(np.count_nonzero(scores.paper_rule_reject))
+        if n_paper:
+            self._paper.inc(n_paper)
+        for t in scores.trust.tolist():
+            self._trust.observe(t)
+        for p in scores.p_misclassification.tolist():
+            self._head_mis.observe(p)
+        for p in scores.p_adversarial.tolist():
+            self._head_adv.observe(p)
+        self._record_concepts(concepts)
+
+    def _record_concepts(self, concepts: np.ndarray) -> None:
+        if concepts.size == 0:
+            return
+        values = np.asarray(concepts, dtype=np.float64)
+        for child, column in zip(self._concepts, values.T.tolist(), strict=True):
+            for v in column:
+                child.observe(v)
+        # EMA over the batch in one step: ema_n = (1-a)^n ema_0 + sum_i a (1-a)^(n-i) x_i
+        n = len(values)
+        decay = (1.0 - EMA_ALPHA) ** np.arange(n - 1, -1, -1, dtype=np.float64)
+        with self._lock:
+            if self._ema is None:
+                self._ema = values[0].copy()
+            self._ema = (1.0 - EMA_ALPHA) ** n * self._ema + EMA_ALPHA * (decay @ values)
+            means = self._ema.tolist()
+        for child, m in zip(self._concept_means, means, strict=True):
+            child.set(m)

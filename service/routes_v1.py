@@ -1,0 +1,302 @@
+"""The v1 REST API: classify images, sidecar monitoring, bank summary and reload."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from conceptguard.bank import BankError
+from service import metrics
+from service.dataplane import DataPlane, Results, ServiceError, as_float_array
+from service.runtime_state import RuntimeState
+from service.schemas import (
+    BankSummary,
+    BatchResponse,
+    ClassifyJSONRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    MonitorRequest,
+    ReloadRequest,
+    ReloadResponse,
+)
+from service.settings import Settings
+
+START_KEY = "conceptguard.start"
+
+router = APIRouter(tags=["v1"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in ((400, "bad input (undecodable image, bad base64, invalid JSON)"),
+                       (413, "too large (body, pixels, image count)"),
+                       (415, "unsupported image mode or content type"),
+                       (422, "wrong shapes or values"),
+                       (503, "queue full or not ready; see Retry-After"))
+}
+
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "properties": {
+                    "file": {"type": "string", "format": "binary",
+                             "description": "one image (single-object response)"},
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "description": "several images (batch response)"},
+                }}},
+            "application/json": {"schema": ClassifyJSONRequest.model_json_schema()},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def _dataplane(request: Request) -> DataPlane:
+    return request.app.state.dataplane
+
+
+def latency_ms(request: Request) -> float:
+    start = request.scope.get(START_KEY)
+    return round((time.perf_counter() - start) * 1000.0, 3) if start else 0.0
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+async def read_images(request: Request, settings: Settings) -> tuple[list[bytes], bool]:
+    """Image files from a multipart, JSON or raw-image body; ``single`` = one-object reply."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _read_multipart(request, settings)
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return [await request.body()], True
+    if ctype in ("", "application/json") or ctype.endswith("+json"):
+        return await _read_json_images(request, settings)
+    raise ServiceError(f"unsupported content type {ctype!r}: send multipart/form-data "
+                       "(field 'file' or 'files'), application/json ({\"images\": [base64]}) "
+                       "or a raw image/* body", 415, "unsupported_media_type")
+
+
+async def _read_multipart(request: Request, settings: Settings) -> tuple[list[bytes], bool]:
+    limit = settings.max_images_per_request
+    try:
+        form = await request.form(max_files=limit + 1, max_fields=limit + 16)
+    except StarletteHTTPException as exc:
+        if "too many files" in str(exc.detail).lower():
+            raise ServiceError(f"more than {limit} files in one request "
+                               "(CONCEPTGUARD_MAX_IMAGES_PER_REQUEST)", 413,
+                               "too_many_images") from exc
+        if exc.status_code == 413:
+            raise
+        raise ServiceError(f"invalid multipart body: {exc.detail}", 400,
+                           "invalid_multipart") from exc
+    try:
+        single = form.getlist("file")
+        several = form.getlist("files")
+        uploads = [*single, *several]
+        if not uploads:
+            raise ServiceError("the multipart body has no 'file' or 'files' field", 400,
+                               "no_file")
+        for u in uploads:
+            if not isinstance(u, UploadFile):
+                raise ServiceError("fields 'file' and 'files' must be file uploads", 400,
+                                   "no_file")
+        _dataplane(request).check_count(len(uploads))
+        blobs = [await u.read() for u in uploads if isinstance(u, UploadFile)]
+    finally:
+        await form.close()
+    return blobs, len(single) == 1 and not several
+
+
+async def _read_json_images(request: Request, settings: Settings) -> tuple[list[bytes], bool]:
+    payload = await read_json(request)
+    try:
+        req = ClassifyJSONRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise ServiceError(f"expected {{\"images\": [\"<base64>\", ...]}}: "
+                           f"{_first_error(exc)}", 422, "invalid_request") from exc
+    if (req.images is None) == (req.image is None):
+        raise ServiceError("send exactly one of 'images' (a list of base64 images) or "
+                           "'image' (one base64 image)", 422, "invalid_request")
+    if req.image is not None:
+        return [decode_base64(req.image, "image")], True
+    assert req.images is not None
+    _dataplane(request).check_count(len(req.images))
+    return [decode_base64(s, f"images[{i}]") for i, s in enumerate(req.images)], False
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if not body:
+        raise ServiceError("the request body is empty; expected JSON", 400, "invalid_json")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ServiceError(f"the request body is not valid JSON: {exc}", 400,
+                           "invalid_json") from exc
+
+
+def decode_base64(text: str, where: str) -> bytes:
+    if text.startswith("data:"):
+        _, sep, text = text.partition(",")
+        if not sep:
+            raise ServiceError(f"{where}: a data URL without ','", 400, "invalid_base64")
+    if any(c.isspace() for c in text[:80]) or "\n" in text:
+        text = "".join(text.split())
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ServiceError(f"{where} is not valid base64: {exc}", 400, "invalid_base64") from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"{loc}: {err['msg']}"
+
+
+# ---------------------------------------------------------------- response building
+
+
+def _summary(label: str, concepts: list[tuple[str, float]]) -> str:
+    against = [f"{c} ({v:+.2f})" for c, v in concepts if v < 0]
+    support = [f"{c} ({v:+.2f})" for c, v in concepts if v >= 0]
+    parts = [f"predicted {label}"]
+    if against:
+        parts.append("evidence against: " + ", ".join(against))
+    if support:
+        parts.append("evidence for: " + ", ".join(support))
+    return "; ".join(parts)
+
+
+def format_results(results: Results, settings: Settings) -> list[dict[str, Any]]:
+    """Per-input v1 dicts (plain Python types, ready for JSON)."""
+    labels = results.labels()
+    preds = results.predictions.tolist()
+    trust = results.trust.tolist()
+    reject = results.reject.tolist()
+    p_mis = results.p_misclassification.tolist()
+    p_adv = results.p_adversarial.tolist()
+    paper = results.paper_rule_reject.tolist()
+    out = []
+    for i, label in enumerate(labels):
+        concepts = results.top_concepts(i, settings.reason_concepts)
+        out.append({
+            "label": label,
+            "class_index": preds[i],
+            "probabilities": [{"label": lab, "probability": p}
+                              for lab, p in results.top_probabilities(i, settings.top_k)],
+            "trust": trust[i],
+            "reject": reject[i],
+            "reason": {"kind": results.reason[i], "summary": _summary(label, concepts),
+                       "concepts": [{"concept": c, "contribution": v} for c, v in concepts]},
+            "heads": {"misclassification": p_mis[i], "adversarial": p_adv[i]},
+            "paper_rule_reject": paper[i],
+        })
+    return out
+
+
+def _respond(request: Request, results: Results, single: bool) -> JSONResponse:
+    settings = _dataplane(request).settings
+    rows = format_results(results, settings)
+    bank = results.loaded.bank_ref()
+    if single:
+        return JSONResponse({**rows[0], "bank": bank, "latency_ms": latency_ms(request)})
+    return JSONResponse({"results": rows, "bank": bank, "latency_ms": latency_ms(request)})
+
+
+# ---------------------------------------------------------------- routes
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse | BatchResponse,
+             responses=_ERRORS, openapi_extra=_CLASSIFY_BODY,
+             summary="Classify images and judge each prediction")
+async def classify(request: Request) -> JSONResponse:
+    """Upload images as multipart (``file``: one image; ``files``: several), as JSON
+    ``{"images": ["<base64>", ...]}`` (a batch) or ``{"image": "<base64>"}``, or as a raw
+    ``image/*`` body. Returns the prediction, top-k probabilities, the calibrated trust,
+    the reject decision with its reason and concepts, and both defect-head scores."""
+    dp = _dataplane(request)
+    blobs, single = await read_images(request, dp.settings)
+    results = await dp.classify_images(blobs)
+    return _respond(request, results, single)
+
+
+@router.post("/v1/monitor", response_model=BatchResponse, responses=_ERRORS,
+             summary="Sidecar mode: judge predictions from features (and logits)")
+async def monitor(request: Request, body: MonitorRequest) -> JSONResponse:
+    """The classifier ran elsewhere: send its penultimate-layer ``features`` [N, d] and,
+    optionally, its ``logits`` [N, C] (computed with the bank's classifier head if absent)."""
+    features = as_float_array(body.features, "features")
+    logits = None if body.logits is None else as_float_array(body.logits, "logits")
+    results = await _dataplane(request).monitor(features, logits)
+    return _respond(request, results, single=False)
+
+
+@router.get("/v1/bank", response_model=BankSummary, summary="The bank being served")
+async def bank(request: Request) -> JSONResponse:
+    state: RuntimeState = request.app.state.runtime_state
+    loaded = state.require()
+    return JSONResponse(loaded.summary(state.path))
+
+
+def _authorize(request: Request, settings: Settings) -> None:
+    if not settings.reload_enabled():
+        raise ServiceError("bank reload is disabled: set CONCEPTGUARD_ADMIN_TOKEN to enable it",
+                           403, "reload_disabled")
+    assert settings.admin_token is not None
+    header = request.headers.get("authorization")
+    if not header:
+        raise ServiceError("missing 'Authorization: Bearer <admin token>'", 401,
+                           "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    scheme, _, token = header.partition(" ")
+    expected = settings.admin_token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                expected):
+        raise ServiceError("the admin token is wrong", 403, "forbidden")
+
+
+@router.post("/v1/bank/reload", response_model=ReloadResponse,
+             responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                        422: {"model": ErrorResponse}},
+             openapi_extra={"requestBody": {"required": False, "content": {
+                 "application/json": {"schema": ReloadRequest.model_json_schema()}}}},
+             summary="Load a bank beside the current one and swap atomically (admin)")
+async def reload_bank(request: Request) -> JSONResponse:
+    """``Authorization: Bearer <admin token>``; optional body ``{"path": "<bank folder>"}``
+    (default: the current folder, e.g. after the offline job republished it). A bank that
+    fails validation answers 422 and the current bank keeps serving."""
+    settings: Settings = request.app.state.settings
+    _authorize(request, settings)
+    body = await request.body()
+    path = None
+    if body.strip():
+        try:
+            req = ReloadRequest.model_validate(await read_json(request))
+        except ValidationError as exc:
+            raise ServiceError(f"expected {{\"path\": \"<bank folder>\"}}: {_first_error(exc)}",
+                               422, "invalid_request") from exc
+        path = req.path
+    state: RuntimeState = request.app.state.runtime_state
+    try:
+        new, old = await state.reload(None if path is None else Path(path))
+    except BankError as exc:
+        metrics.reload_result(False)
+        raise ServiceError(str(exc), 422, "invalid_bank") from exc
+    metrics.reload_result(True)
+    return JSONResponse({"status": "reloaded", "bank": new.bank_ref(),
+                         "previous": None if old is None else old.bank_ref(),
+                         "path": str(state.path)})

@@ -1,0 +1,273 @@
+"""The served bank and its runtime, swapped atomically on reload.
+
+A :class:`Loaded` bundles everything one bank needs at serving time (bank, runtime,
+per-bank metric children, the lazily loaded classifier head for the sidecar path). It is
+immutable once built; :class:`RuntimeState` replaces the reference in one assignment, so a
+request holds either the old or the new bundle for its whole life, never a mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+import numpy as np
+
+from conceptguard.bank import Bank, BankError, Manifest, load_bank
+from conceptguard.projection import project_features
+from service.metrics import ModelMetrics
+from service.settings import Settings
+
+if TYPE_CHECKING:  # the runtimes import torch / onnxruntime: load them at startup only
+    from conceptguard.runtime import Runtime
+
+log = logging.getLogger("conceptguard.service")
+
+
+class NotReady(RuntimeError):
+    """No bank is loaded (starting up or shutting down)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Loaded:
+    """One bank ready to serve."""
+
+    bank: Bank
+    runtime: Runtime
+    model_name: str
+    metrics: ModelMetrics
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    _head_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bank.manifest
+
+    @property
+    def bank_id(self) -> str:
+        return self.bank.manifest.bank_id
+
+    @property
+    def classes(self) -> list[str]:
+        return self.bank.manifest.classes
+
+    @property
+    def concept_names(self) -> list[str]:
+        return self.bank.manifest.concept_names
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        p = self.bank.manifest.preprocessing
+        return (p.channels, p.input_size, p.input_size)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.bank.manifest.dims.features
+
+    @property
+    def num_classes(self) -> int:
+        return self.bank.manifest.dims.classes
+
+    def bank_ref(self) -> dict[str, Any]:
+        m = self.bank.manifest
+        return {"id": m.bank_id, "name": m.name, "schema_version": m.schema_version}
+
+    def summary(self, path: Path) -> dict[str, Any]:
+        """The manifest summary of ``GET /v1/bank`` (computed once)."""
+        cached = self._cache.get("summary")
+        if cached is None:
+            cached = bank_summary(self, path)
+            self._cache["summary"] = cached
+        return cached
+
+    def concepts_from_features(self, features: np.ndarray) -> np.ndarray:
+        """Standardised concept scores of ``features`` (float64 projection of the core)."""
+        return project_features(features, self.bank.projection())
+
+    def head_logits(self, features: np.ndarray) -> np.ndarray:
+        """Logits from features with the classifier's head (loaded once, on first use)."""
+        import torch
+
+        with self._head_lock:
+            model = self._cache.get("head")
+            if model is None:
+                model = _classifier_module(self)
+                self._cache["head"] = model
+        with torch.inference_mode():
+            z = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+            return model.head_logits(z).float().numpy()
+
+
+def _classifier_module(loaded: Loaded) -> Any:
+    runtime: Any = loaded.runtime
+    if runtime.name.startswith("torch") and runtime.device == "cpu":
+        return runtime.module.classifier  # the torch runtime's own classifier
+    return _load_classifier(loaded.bank.classifier_path)
+
+
+def _load_classifier(path: Path) -> Any:
+    from conceptguard.classifier.io import load_classifier
+
+    return load_classifier(path)[0].eval()
+
+
+def bank_summary(loaded: Loaded, path: Path) -> dict[str, Any]:
+    m = loaded.bank.manifest
+    vlm = {"id": m.vlm.get("id"), "zero_shot_accuracy": m.vlm.get("zero_shot_accuracy")}
+    spec = m.vlm.get("spec")
+    if isinstance(spec, dict):
+        vlm.update({"backend": spec.get("backend"), "model": spec.get("model")})
+    if "note" in m.vlm:
+        vlm["note"] = m.vlm["note"]
+    return {
+        "id": m.bank_id, "name": m.name, "model_name": loaded.model_name,
+        "created_at": m.created_at, "schema_version": m.schema_version, "path": str(path),
+        "classes": m.classes, "concepts": m.concept_names, "vlm": vlm,
+        "classifier": {"hash": m.classifier.hash, "arch": m.classifier.spec.get("arch"),
+                       "feature_dim": m.classifier.feature_dim,
+                       "test_accuracy": m.classifier.test_accuracy},
+        "threshold": m.threshold,
+        "evaluation": {**m.evaluation, **_report_headline(loaded.bank.path)},
+        "runtime": {"backend": loaded.runtime.name, "device": loaded.runtime.device},
+    }
+
+
+def _report_headline(bank_path: Path) -> dict[str, Any]:
+    """Detection figures from ``report/metrics.json`` when the bank has one."""
+    try:
+        report = json.loads((bank_path / "report" / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+    def aurocs(section: Any) -> dict[str, float]:
+        if not isinstance(section, dict):
+            return {}
+        return {k: v["auroc"] for k, v in section.items()
+                if isinstance(v, dict) and isinstance(v.get("auroc"), int | float)}
+
+    out: dict[str, Any] = {}
+    if mis := aurocs(report.get("misclassification")):
+        out["misclassification_auroc"] = mis
+    adversarial = report.get("adversarial")
+    if isinstance(adversarial, dict):
+        adv = {name: aurocs(sec) for name, sec in adversarial.items() if aurocs(sec)}
+        if adv:
+            out["adversarial_auroc"] = adv
+    mixed = report.get("mixed")
+    if isinstance(mixed, dict):
+        risks = {k: v["risk_at_90_coverage"] for k, v in mixed.items()
+                 if isinstance(v, dict) and "risk_at_90_coverage" in v}
+        if risks:
+            out["mixed_risk_at_90_coverage"] = risks
+    return out
+
+
+def make_runtime(bank: Bank, settings: Settings) -> Runtime:
+    if settings.backend == "onnx":
+        from conceptguard.runtime import OnnxRuntime
+
+        return OnnxRuntime(bank.onnx_path, device=settings.device, threads=settings.threads)
+    import torch
+
+    from conceptguard.classifier.io import load_classifier
+    from conceptguard.export import MonitoredClassifier
+    from conceptguard.runtime import TorchRuntime
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    module = MonitoredClassifier(load_classifier(bank.classifier_path)[0], bank.projection())
+    return TorchRuntime(module, device=settings.device)
+
+
+def bank_info(bank: Bank) -> dict[str, str]:
+    m = bank.manifest
+    return {"bank_id": m.bank_id, "vlm": str(m.vlm.get("id", "unknown")),
+            "classifier_hash": m.classifier.hash, "schema_version": str(m.schema_version)}
+
+
+def load(path: Path, settings: Settings) -> Loaded:
+    """Load and validate a bank, start its runtime and check it end to end (blocking)."""
+    bank = load_bank(path, expected_classifier_hash=settings.expected_classifier_hash)
+    try:
+        runtime = make_runtime(bank, settings)
+    except Exception as exc:
+        raise BankError(f"cannot start the {settings.backend} runtime on {path}: {exc}") from exc
+    _smoke_test(bank, runtime)
+    m = bank.manifest
+    name = settings.model_name or m.name
+    metrics = ModelMetrics(name, m.classes, m.concept_names, bank_info(bank))
+    log.info("loaded bank %s (%s) from %s on %s/%s", m.bank_id, name, path, runtime.name,
+             runtime.device)
+    return Loaded(bank=bank, runtime=runtime, model_name=name, metrics=metrics)
+
+
+def _smoke_test(bank: Bank, runtime: Runtime) -> None:
+    """One zero image through the runtime: output shapes must match the manifest."""
+    d = bank.manifest.dims
+    p = bank.manifest.preprocessing
+    try:
+        out = runtime.run(np.zeros((1, p.channels, p.input_size, p.input_size), np.float32))
+    except Exception as exc:
+        raise BankError(f"the serving graph fails on a {p.channels}x{p.input_size}x"
+                        f"{p.input_size} input: {exc}") from exc
+    want = {"logits": (1, d.classes), "features": (1, d.features), "concepts": (1, d.concepts)}
+    for name, shape in want.items():
+        got = tuple(getattr(out, name).shape)
+        if got != shape:
+            raise BankError(f"the serving graph's {name} output has shape {got}, the manifest "
+                            f"implies {shape}")
+
+
+class RuntimeState:
+    """Holds the current :class:`Loaded`; reloads build beside it and swap atomically."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.path: Path = Path(settings.bank)
+        self._current: Loaded | None = None
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def current(self) -> Loaded | None:
+        return self._current
+
+    def require(self) -> Loaded:
+        loaded = self._current
+        if loaded is None:
+            raise NotReady("no bank is loaded yet")
+        return loaded
+
+    async def start(self) -> Loaded:
+        loaded = await anyio.to_thread.run_sync(load, self.path, self.settings)
+        self._swap(loaded)
+        return loaded
+
+    async def reload(self, path: Path | None = None) -> tuple[Loaded, Loaded | None]:
+        """Load ``path`` (default: the current path) and swap it in; returns (new, old).
+        On any error the current bank stays and :class:`BankError` is raised."""
+        async with self._reload_lock:
+            target = Path(path) if path is not None else self.path
+            new = await anyio.to_thread.run_sync(load, target, self.settings)
+            old = self._current
+            self._swap(new)
+            self.path = target
+            return new, old
+
+    def _swap(self, new: Loaded) -> None:
+        old = self._current
+        self._current = new  # the atomic step
+        if old is not None and (old.metrics.model, old.metrics.info) != (new.metrics.model,
+                                                                         new.metrics.info):
+            old.metrics.deactivate()
+        new.metrics.activate()
+
+    def stop(self) -> None:
+        loaded, self._current = self._current, None
+        if loaded is not None:
+            loaded.metrics.deactivate()

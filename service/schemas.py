@@ -1,0 +1,212 @@
+"""Request and response models at the HTTP boundary (v1 API and Open Inference Protocol v2).
+
+Handlers build responses as plain dicts for speed; these models define and document them
+(OpenAPI at ``/docs``) and validate the JSON bodies that FastAPI parses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable error code, e.g. 'corrupt'")
+    message: str = Field(description="what is wrong, for a person")
+
+
+class ErrorResponse(BaseModel):
+    """v1 error body."""
+
+    error: ErrorDetail
+
+
+class V2ErrorResponse(BaseModel):
+    """Open Inference Protocol error body."""
+
+    error: str
+
+
+# ---------------------------------------------------------------- v1
+
+
+class ClassifyJSONRequest(BaseModel):
+    """JSON body of ``POST /v1/classify``: ``images`` (a batch) or ``image`` (one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] | None = Field(
+        None, description="base64-encoded image files (PNG, JPEG, ...); a batch")
+    image: str | None = Field(None, description="one base64-encoded image file")
+
+
+class Probability(BaseModel):
+    label: str
+    probability: float
+
+
+class ConceptContribution(BaseModel):
+    concept: str
+    contribution: float = Field(
+        description="signed share of sim_ok - sim_defect; negative = pulled toward the "
+                    "defect profile")
+
+
+class Reason(BaseModel):
+    kind: Literal["accepted", "misclassification-like", "adversarial-like"]
+    summary: str
+    concepts: list[ConceptContribution]
+
+
+class Heads(BaseModel):
+    misclassification: float = Field(description="P(misclassified) from the defect head")
+    adversarial: float = Field(description="P(adversarial) from the defect head")
+
+
+class BankRef(BaseModel):
+    id: str
+    name: str
+    schema_version: int
+
+
+class MonitorResult(BaseModel):
+    """The monitor's verdict on one input."""
+
+    label: str
+    class_index: int
+    probabilities: list[Probability] = Field(description="top-k classes, most probable first")
+    trust: float = Field(ge=0.0, le=1.0, description="calibrated trust in the prediction")
+    reject: bool = Field(description="trust below the bank's threshold")
+    reason: Reason
+    heads: Heads
+    paper_rule_reject: bool = Field(description="the paper's rule: max(sim_bad, sim_adv) > "
+                                                "sim_ok")
+
+
+class ClassifyResponse(MonitorResult):
+    """One image (multipart field ``file``, a raw image body, or JSON ``image``)."""
+
+    bank: BankRef
+    latency_ms: float
+
+
+class BatchResponse(BaseModel):
+    """Several images (multipart ``files``, JSON ``images``) or sidecar rows."""
+
+    results: list[MonitorResult]
+    bank: BankRef
+    latency_ms: float
+
+
+class MonitorRequest(BaseModel):
+    """Sidecar mode: the classifier already ran; send its features (and logits)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: list[list[float]] = Field(description="penultimate-layer features, shape [N, d]")
+    logits: list[list[float]] | None = Field(
+        None, description="logits, shape [N, C]; computed with the classifier's head if absent")
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="bank folder; default: the current one")
+
+
+class ReloadResponse(BaseModel):
+    status: Literal["reloaded"]
+    bank: BankRef
+    previous: BankRef | None
+    path: str
+
+
+class BankSummary(BaseModel):
+    id: str
+    name: str
+    model_name: str
+    created_at: str
+    schema_version: int
+    path: str
+    classes: list[str]
+    concepts: list[str]
+    vlm: dict[str, Any]
+    classifier: dict[str, Any]
+    threshold: dict[str, Any]
+    evaluation: dict[str, Any]
+    runtime: dict[str, Any]
+
+
+# ---------------------------------------------------------------- v2 (Open Inference Protocol)
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+class LiveResponse(BaseModel):
+    live: bool
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+
+
+class ModelReadyResponse(BaseModel):
+    name: str
+    ready: bool

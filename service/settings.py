@@ -1,0 +1,96 @@
+"""Service settings: one pydantic-settings object, read from ``CONCEPTGUARD_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CONCEPTGUARD_"
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the online service. Environment variables: ``CONCEPTGUARD_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore",
+                                      validate_default=True)
+
+    bank: Path = Field(Path("banks/demo"), description="bank folder to serve")
+    backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="inference runtime: ONNX Runtime or torch eager")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the classifier runs; auto = CUDA when available")
+    threads: int = Field(0, ge=0, description="intra-op threads; 0 = the runtime's default")
+    max_batch_size: int = Field(32, ge=1, le=4096,
+                                description="most images per runtime call; 1 disables batching")
+    max_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0,
+                               description="longest wait for a batch to fill, in milliseconds")
+    queue_size: int = Field(512, ge=1, description="most images admitted and not yet answered")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1,
+                                  description="largest request body (and image) in bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1,
+                                  description="largest decoded image, width x height")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one request")
+    top_k: int = Field(5, ge=1, description="class probabilities returned per image (v1)")
+    reason_concepts: int = Field(3, ge=0, description="concepts named in each reason (v1)")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for POST /v1/bank/reload; unset = reload disabled")
+    expected_classifier_hash: str | None = Field(
+        None, description="refuse banks built for another classifier (sha256 hex)")
+    model_name: str | None = Field(None, description="model name; default: the bank's name")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on a 503")
+
+    @field_validator("admin_token", "expected_classifier_hash", "model_name", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("expected_classifier_hash")
+    @classmethod
+    def _hex_hash(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be a sha256 hex digest (64 hex characters)")
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _url_safe_name(cls, value: str | None) -> str | None:
+        if value is not None and ("/" in value or value != value.strip()):
+            raise ValueError("must not contain '/' or surrounding spaces (it is a URL segment)")
+        return value
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    def reload_enabled(self) -> bool:
+        return self.admin_token is not None and bool(self.admin_token.get_secret_value())
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (``overrides`` win); :class:`SettingsError` names a bad setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from exc
+
+
+def describe_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        value = err.get("input")
+        shown = "<hidden>" if field == "admin_token" else repr(value)
+        lines.append(f"invalid setting {ENV_PREFIX}{field.upper()}={shown}: {err['msg']}")
+    return "; ".join(lines)

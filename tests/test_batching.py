@@ -1,0 +1,233 @@
+"""The micro-batcher on its own: merging, max wait, errors, bounded queue, pass-through."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import pytest
+
+from service.batching import Batcher, QueueFull
+
+T = TypeVar("T")
+
+
+class Recorder:
+    """A real batch function: doubles its inputs and records each batch's size."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None):
+        self.sizes: list[int] = []
+        self.calls: list[list[int]] = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        with self.lock:
+            self.sizes.append(len(items))
+            self.calls.append(list(items))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"bad item {self.fail_on}")
+        return [2 * i for i in items]
+
+
+class Observed:
+    def __init__(self) -> None:
+        self.depths: list[int] = []
+        self.batches: list[tuple[int, list[float]]] = []
+        self.full = 0
+
+    def depth(self, pending: int) -> None:
+        self.depths.append(pending)
+
+    def batch(self, size: int, waits_s: Sequence[float]) -> None:
+        self.batches.append((size, list(waits_s)))
+
+    def queue_full(self) -> None:
+        self.full += 1
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def test_concurrent_submissions_merge_up_to_max_batch_size() -> None:
+    fn = Recorder(delay_s=0.01)
+
+    async def main() -> list[list[int]]:
+        b = Batcher(fn, max_batch_size=8, max_wait_s=0.05, queue_size=1000)
+        await b.start()
+        try:
+            return await asyncio.gather(*(b.submit([i]) for i in range(40)))
+        finally:
+            await b.close()
+
+    results = run(main())
+    assert results == [[2 * i] for i in range(40)]
+    assert sum(fn.sizes) == 40
+    assert max(fn.sizes) == 8
+    assert len(fn.sizes) <= 6  # merged, not one call per item
+    assert sorted(x for call in fn.calls for x in call) == list(range(40))
+
+
+def test_multi_item_submissions_keep_order_and_split_across_batches() -> None:
+    fn = Recorder()
+
+    async def main() -> list[list[int]]:
+        b = Batcher(fn, max_batch_size=4, max_wait_s=0.02, queue_size=100)
+        await b.start()
+        try:
+            return await asyncio.gather(b.submit([1, 2, 3]), b.submit([4, 5, 6, 7, 8]))
+        finally:
+            await b.close()
+
+    assert run(main()) == [[2, 4, 6], [8, 10, 12, 14, 16]]
+    assert max(fn.sizes) <= 4
+
+
+def test_lone_item_waits_at_most_max_wait() -> None:
+    fn = Recorder()
+    obs = Observed()
+
+    async def main() -> float:
+        b = Batcher(fn, max_batch_size=32, max_wait_s=0.05, queue_size=10, observer=obs)
+        await b.start()
+        try:
+            t0 = time.monotonic()
+            assert await b.submit([3]) == [6]
+            return time.monotonic() - t0
+        finally:
+            await b.close()
+
+    elapsed = run(main())
+    assert 0.04 <= elapsed < 1.0  # it waited for company, then ran alone
+    assert fn.sizes == [1]
+    assert obs.batches[0][0] == 1 and obs.batches[0][1][0] >= 0.04
+
+
+def test_full_batch_does_not_wait() -> None:
+    fn = Recorder()
+
+    async def main() -> float:
+        b = Batcher(fn, max_batch_size=4, max_wait_s=5.0, queue_size=10)
+        await b.start()
+        try:
+            t0 = time.monotonic()
+            await b.submit([1, 2, 3, 4])
+            return time.monotonic() - t0
+        finally:
+            await b.close()
+
+    assert run(main()) < 2.0
+    assert fn.sizes == [4]
+
+
+def test_exception_is_set_on_every_future_of_the_batch() -> None:
+    fn = Recorder(fail_on=3)
+
+    async def main() -> list[object]:
+        b = Batcher(fn, max_batch_size=8, max_wait_s=0.05, queue_size=100)
+        await b.start()
+        try:
+            outcomes = await asyncio.gather(*(b.submit([i]) for i in range(5)),
+                                            return_exceptions=True)
+            after = await b.submit([10])  # the batcher keeps working
+            return [*outcomes, after]
+        finally:
+            await b.close()
+
+    outcomes = run(main())
+    assert fn.sizes[0] == 5
+    for o in outcomes[:5]:
+        assert isinstance(o, ValueError) and "bad item 3" in str(o)
+    assert outcomes[5] == [20]
+
+
+def test_queue_full_raises_and_counts() -> None:
+    fn = Recorder(delay_s=0.2)
+    obs = Observed()
+
+    async def main() -> None:
+        b = Batcher(fn, max_batch_size=2, max_wait_s=0.0, queue_size=3, observer=obs)
+        await b.start()
+        try:
+            first = asyncio.create_task(b.submit([1, 2, 3]))
+            await asyncio.sleep(0.05)
+            assert b.pending == 3
+            with pytest.raises(QueueFull) as info:
+                await b.submit([4])
+            assert info.value.capacity == 3 and info.value.pending == 3
+            assert await first == [2, 4, 6]
+            assert b.pending == 0
+            assert await b.submit([4]) == [8]  # room again
+        finally:
+            await b.close()
+
+    run(main())
+    assert obs.full == 1
+    assert obs.depths[-1] == 0 and max(obs.depths) == 3
+
+
+def test_a_request_larger_than_the_queue_is_refused() -> None:
+    async def main() -> None:
+        b = Batcher(Recorder(), max_batch_size=4, max_wait_s=0.0, queue_size=2)
+        with pytest.raises(QueueFull):
+            await b.submit([1, 2, 3])
+        await b.close()
+
+    run(main())
+
+
+def test_max_batch_size_one_goes_straight_through() -> None:
+    fn = Recorder(delay_s=0.01)
+
+    async def main() -> list[list[int]]:
+        b = Batcher(fn, max_batch_size=1, max_wait_s=1.0, queue_size=100)
+        await b.start()
+        try:
+            t0 = time.monotonic()
+            out = await asyncio.gather(*(b.submit([i]) for i in range(6)), b.submit([7, 8]))
+            assert time.monotonic() - t0 < 0.9  # never waited for max_wait
+            return out
+        finally:
+            await b.close()
+
+    out = run(main())
+    assert out == [[0], [2], [4], [6], [8], [10], [14, 16]]
+    assert fn.sizes == [1] * 8
+
+
+def test_straight_through_is_bounded_too() -> None:
+    fn = Recorder(delay_s=0.1)
+
+    async def main() -> list[object]:
+        b = Batcher(fn, max_batch_size=1, max_wait_s=0.0, queue_size=1)
+        return await asyncio.gather(*(b.submit([i]) for i in range(5)), return_exceptions=True)
+
+    outcomes = run(main())
+    assert sum(isinstance(o, QueueFull) for o in outcomes) >= 1
+    assert any(o == [0] or isinstance(o, list) for o in outcomes)
+
+
+def test_cancelled_submission_is_skipped() -> None:
+    fn = Recorder(delay_s=0.05)
+
+    async def main() -> None:
+        b = Batcher(fn, max_batch_size=4, max_wait_s=0.2, queue_size=10)
+        await b.start()
+        try:
+            doomed = asyncio.create_task(b.submit([1]))
+            await asyncio.sleep(0.01)
+            doomed.cancel()
+            assert await b.submit([2]) == [4]
+            assert b.pending == 0
+        finally:
+            await b.close()
+
+    run(main())
+    assert [1] not in fn.calls and fn.calls[-1] == [2]

@@ -1,0 +1,164 @@
+"""Open Inference Protocol v2 over real HTTP: health, metadata, infer (BYTES and FP32),
+output filtering, unknown models, protocol errors."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import encode_png
+
+OUTPUT_TYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
+                "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
+                "p_adversarial": "FP32"}
+
+
+@pytest.fixture(scope="module")
+def model(demo_manifest: dict[str, Any]) -> str:
+    return demo_manifest["name"]
+
+
+@pytest.fixture(scope="module")
+def images(fashion_mnist_test: Any) -> np.ndarray:
+    return fashion_mnist_test.images[:3]
+
+
+def bytes_input(images: np.ndarray) -> dict[str, Any]:
+    return {"name": "image", "datatype": "BYTES", "shape": [len(images)],
+            "data": [base64.b64encode(encode_png(im)).decode() for im in images]}
+
+
+def fp32_input(images: np.ndarray, nested: bool = False) -> dict[str, Any]:
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    return {"name": "input", "datatype": "FP32", "shape": list(x.shape),
+            "data": x.tolist() if nested else x.ravel().tolist()}
+
+
+def outputs_by_name(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {o["name"]: o for o in body["outputs"]}
+
+
+def test_health_and_server_metadata(client: httpx.Client) -> None:
+    assert client.get("/v2/health/live").status_code == 200
+    ready = client.get("/v2/health/ready")
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
+    meta = client.get("/v2").json()
+    assert meta["name"] == "conceptguard" and "version" in meta
+
+
+def test_model_metadata_and_ready(client: httpx.Client, model: str,
+                                  demo_manifest: dict[str, Any]) -> None:
+    meta = client.get(f"/v2/models/{model}").json()
+    assert meta["name"] == model
+    assert meta["versions"] == [demo_manifest["bank_id"]]
+    assert meta["platform"] == "onnxruntime_onnx"
+    inputs = {i["name"]: i for i in meta["inputs"]}
+    size = demo_manifest["preprocessing"]["input_size"]
+    channels = demo_manifest["preprocessing"]["channels"]
+    assert inputs["image"] == {"name": "image", "datatype": "BYTES", "shape": [-1]}
+    assert inputs["input"]["shape"] == [-1, channels, size, size]
+    outputs = {o["name"]: o for o in meta["outputs"]}
+    assert {k: v["datatype"] for k, v in outputs.items()} == OUTPUT_TYPES
+    assert outputs["probabilities"]["shape"] == [-1, demo_manifest["dims"]["classes"]]
+    assert client.get(f"/v2/models/{model}/ready").json() == {"name": model, "ready": True}
+    version = demo_manifest["bank_id"]
+    assert client.get(f"/v2/models/{model}/versions/{version}").json() == meta
+    assert client.get(f"/v2/models/{model}/versions/{version}/ready").status_code == 200
+
+
+def test_unknown_model_and_version_are_404(client: httpx.Client, model: str,
+                                           images: np.ndarray) -> None:
+    for path in ("/v2/models/no-such-model", "/v2/models/no-such-model/ready",
+                 f"/v2/models/{model}/versions/0"):
+        resp = client.get(path)
+        assert resp.status_code == 404 and isinstance(resp.json()["error"], str)
+    resp = client.post("/v2/models/no-such-model/infer", json={"inputs": [bytes_input(images)]})
+    assert resp.status_code == 404 and "no-such-model" in resp.json()["error"]
+
+
+def test_infer_bytes_and_fp32_agree_with_v1(client: httpx.Client, model: str,
+                                            images: np.ndarray,
+                                            demo_manifest: dict[str, Any]) -> None:
+    v1 = client.post("/v1/classify", files=[("files", (f"{i}.png", encode_png(im), "image/png"))
+                                            for i, im in enumerate(images)]).json()["results"]
+    n, k = len(images), demo_manifest["dims"]["classes"]
+    bodies = []
+    for inp in (bytes_input(images), fp32_input(images), fp32_input(images, nested=True)):
+        resp = client.post(f"/v2/models/{model}/infer", json={"id": "req-7", "inputs": [inp]})
+        assert resp.status_code == 200, resp.text
+        bodies.append(resp.json())
+    for body in bodies:
+        assert body["model_name"] == model and body["id"] == "req-7"
+        assert body["model_version"] == demo_manifest["bank_id"]
+        out = outputs_by_name(body)
+        assert {name: o["datatype"] for name, o in out.items()} == OUTPUT_TYPES
+        assert out["probabilities"]["shape"] == [n, k]
+        probs = np.array(out["probabilities"]["data"]).reshape(n, k)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+        for name in ("label", "class_index", "trust", "reject", "p_misclassification",
+                     "p_adversarial"):
+            assert out[name]["shape"] == [n] and len(out[name]["data"]) == n
+        assert out["label"]["data"] == [r["label"] for r in v1]
+        assert out["class_index"]["data"] == [r["class_index"] for r in v1]
+        assert out["reject"]["data"] == [r["reject"] for r in v1]
+        np.testing.assert_allclose(out["trust"]["data"], [r["trust"] for r in v1], atol=1e-6)
+        np.testing.assert_allclose(out["p_adversarial"]["data"],
+                                   [r["heads"]["adversarial"] for r in v1], atol=1e-6)
+
+
+def test_outputs_filter(client: httpx.Client, model: str, images: np.ndarray) -> None:
+    body = {"inputs": [bytes_input(images[:1])],
+            "outputs": [{"name": "trust"}, {"name": "label"}]}
+    resp = client.post(f"/v2/models/{model}/infer", json=body)
+    assert resp.status_code == 200, resp.text
+    assert [o["name"] for o in resp.json()["outputs"]] == ["trust", "label"]
+    body["outputs"] = [{"name": "nonsense"}]
+    bad = client.post(f"/v2/models/{model}/infer", json=body)
+    assert bad.status_code == 400 and "nonsense" in bad.json()["error"]
+
+
+@pytest.mark.parametrize(("inp", "status", "mentions"), [
+    ({"name": "input", "datatype": "FP32", "shape": [1, 1, 27, 28], "data": [0.5] * 756},
+     422, "[N, 1, 28, 28]"),
+    ({"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.5] * 700},
+     422, "784"),
+    ({"name": "input", "datatype": "INT64", "shape": [1, 1, 28, 28], "data": [0] * 784},
+     422, "FP32"),
+    ({"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [2.0] * 784},
+     422, "[0, 1]"),
+    ({"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": ["x"] * 784},
+     422, "numbers"),
+    ({"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}, 422, "2"),
+    ({"name": "image", "datatype": "BYTES", "shape": [1], "data": ["***"]}, 400, "base64"),
+    ({"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}, 400,
+     "image"),
+    ({"name": "pixels", "datatype": "FP32", "shape": [1], "data": [0.0]}, 400, "pixels"),
+])
+def test_infer_errors(client: httpx.Client, model: str, inp: dict[str, Any], status: int,
+                      mentions: str) -> None:
+    resp = client.post(f"/v2/models/{model}/infer", json={"inputs": [inp]})
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert isinstance(body["error"], str) and mentions.lower() in body["error"].lower(), body
+
+
+def test_infer_protocol_errors(client: httpx.Client, model: str) -> None:
+    url = f"/v2/models/{model}/infer"
+    bad_json = client.post(url, content=b"{oops", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and isinstance(bad_json.json()["error"], str)
+    no_inputs = client.post(url, json={"id": "x"})
+    assert no_inputs.status_code == 422 and "inputs" in no_inputs.json()["error"]
+    two = client.post(url, json={"inputs": [
+        {"name": "image", "datatype": "BYTES", "shape": [0], "data": []}] * 2})
+    assert two.status_code == 400 and "exactly one input" in two.json()["error"]
+
+
+def test_infer_body_over_the_limit_is_413(client: httpx.Client, model: str) -> None:
+    big = "A" * (10 * 1024 * 1024 + 16)
+    resp = client.post(f"/v2/models/{model}/infer", json={"inputs": [
+        {"name": "image", "datatype": "BYTES", "shape": [1], "data": [big]}]})
+    assert resp.status_code == 413 and "CONCEPTGUARD_MAX_UPLOAD_BYTES" in resp.json()["error"]
