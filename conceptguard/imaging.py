@@ -46,9 +46,12 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
             img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"not a decodable image: {exc}", 400, "not_an_image") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image pixel count is over the limit of {max_pixels} "
+                         "(decompression bomb?)", 413, "too_many_pixels") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("not a decodable image: the bytes are in no format Pillow "
+                         "recognises", 400, "not_an_image") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}", 400, "corrupt") from exc
     return img
