@@ -24,7 +24,7 @@ class ClassifierConfig(_Strict):
 class TrainConfig(_Strict):
     """``conceptguard train-demo``: the demo ResNet on the classifier-train split."""
 
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 128
     lr: float | None = None  # None: the training module's default
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])

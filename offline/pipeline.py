@@ -196,7 +196,8 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
             "vlm-texts", {"vlm": vlm.id, "concepts": _concept_set_digest(cs),
                           "classes": class_prompt_names},
             lambda: {"T": concept_matrix(vlm.get(), cs),
-                     "C": class_matrix(vlm.get(), class_prompt_names, cs.class_templates)})
+                     "C": class_matrix(vlm.get(), class_prompt_names, cs.class_templates,
+                                       cs.class_aliases)})
         T, class_T = texts["T"], texts["C"]
         v_fit = vlm_embeddings(ctx, vlm, ds["fit"].images, data_key + "|fit")
         v_ref = vlm_embeddings(ctx, vlm, ds["reference"].images, data_key + "|reference")

@@ -1,0 +1,1 @@
+"""Classifiers with an explicit encoder/head split: f(x) = head(encoder(x))."""
