@@ -115,7 +115,7 @@ def expected_shapes(d: Dims, n_features: int) -> dict[str, tuple[int, ...]]:
         "projection.mu": (k,), "projection.sigma": (k,),
         "stats.features.means": (c, f), "stats.features.whiten": (f, f),
         "stats.concepts.means": (c, k), "stats.concepts.whiten": (k, k),
-        "combiner.coef": (3,),
+        "combiner.coef": (3,), "combiner.mixture": (1,),
     }
     for view in ("model", "vlm"):
         for h in ("gt", "out", "ok", "bad", "adv", "diff", "diff_adv"):
@@ -133,6 +133,7 @@ def monitor_tensors(monitor: Monitor) -> dict[str, np.ndarray]:
         "stats.features.means": st.features.means, "stats.features.whiten": st.features.whiten,
         "stats.concepts.means": st.concepts.means, "stats.concepts.whiten": st.concepts.whiten,
         "combiner.coef": monitor.combiner.coef,
+        "combiner.mixture": np.array([float(monitor.combiner.mixture)]),
     }
     for key, head in (("mis", monitor.head_mis), ("adv", monitor.head_adv)):
         out[f"heads.{key}.mean"] = head.mean
@@ -156,7 +157,8 @@ def monitor_from_tensors(t: dict[str, np.ndarray], threshold: float) -> Monitor:
         concepts=ClassGaussians(t["stats.concepts.means"], t["stats.concepts.whiten"]),
     )
     return Monitor(stats, head("mis"), head("adv"),
-                   Combiner(t["combiner.coef"].astype(np.float64)), float(threshold))
+                   Combiner(t["combiner.coef"].astype(np.float64),
+                            mixture=bool(t["combiner.mixture"][0] > 0.5)), float(threshold))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from conceptguard.gaussian import fit_class_gaussians
-from conceptguard.heads import fit_combiner, fit_head
+from conceptguard.heads import fit_combiner, fit_head, mixture_combiner
 from conceptguard.heatmaps import Heatmaps
 from conceptguard.scoring import Monitor, score
 from conceptguard.signals import SignalStats, compute_signals, head_features
@@ -64,6 +64,15 @@ def mixed_weights(n_clean: int, n_adv: int, fraction: float) -> np.ndarray:
     return np.concatenate([np.ones(n_clean), np.full(n_adv, w_adv)])
 
 
+def weighted_aurc(risk: np.ndarray, error: np.ndarray, weights: np.ndarray) -> float:
+    """Area under the risk-coverage curve of a weighted stream (accept the least risky
+    first; coverage and risk counted in weight)."""
+    order = np.argsort(risk, kind="mergesort")
+    cum_err = np.cumsum((error * weights)[order])
+    cum_w = np.cumsum(weights[order])
+    return float(np.sum(weights[order] * cum_err / cum_w) / cum_w[-1])
+
+
 def choose_threshold(trust: np.ndarray, bad: np.ndarray, weights: np.ndarray,
                      correct_clean: np.ndarray, spec: CalibrationSpec) -> float:
     """Reject when trust < threshold; see :class:`CalibrationSpec` for the targets."""
@@ -102,7 +111,17 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, calibration: Batch,
     x_mixed = np.concatenate([x_clean, x_adv])
     bad = np.concatenate([wrong, np.ones(len(x_adv), dtype=bool)])
     weights = mixed_weights(len(x_clean), len(x_adv), spec.mixed_adversarial_fraction)
-    combiner = fit_combiner(head_mis.logit(x_mixed), head_adv.logit(x_mixed), bad, weights)
+    l_mis, l_adv = head_mis.logit(x_mixed), head_adv.logit(x_mixed)
+    candidates = {
+        "logistic": fit_combiner(l_mis, l_adv, bad, weights),
+        "mixture": mixture_combiner(int((~wrong).sum()), len(x_adv),
+                                    spec.mixed_adversarial_fraction),
+    }
+    # pick the combiner with the lower weighted AURC on the calibration stream
+    aurcs = {k: weighted_aurc(1.0 - c.trust(l_mis, l_adv), bad, weights)
+             for k, c in candidates.items()}
+    combiner_kind = min(aurcs, key=aurcs.get)
+    combiner = candidates[combiner_kind]
     provisional = Monitor(stats, head_mis, head_adv, combiner, threshold=0.0)
     mixed = Batch.concat([calibration, calibration_adv])
     trust = score(provisional, mixed.logits, mixed.features, mixed.concepts).trust
@@ -115,6 +134,8 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, calibration: Batch,
         "calibration_wrong": int(wrong.sum()),
         "calibration_adversarial": len(calibration_adv),
         "threshold": threshold,
+        "combiner": combiner_kind,
+        "combiner_calibration_aurc": {k: round(v, 5) for k, v in aurcs.items()},
         "calibration_coverage_clean": float(accepted[: len(calibration)].mean()),
         "calibration_accept_correct": float(accepted[correct_clean].mean()),
     }

@@ -171,3 +171,28 @@ def test_fault_localisation_rules() -> None:
     encoder = np.array([0, 1, 0])
     assert localise(y, np.array([1, 1, 1]), oracle, encoder).tolist() == [
         "head", "encoder", "ambiguous"]
+
+
+def test_weighted_aurc_reduces_to_aurc_with_unit_weights() -> None:
+    from conceptguard.calibration import weighted_aurc
+
+    rng = np.random.default_rng(8)
+    risk = rng.random(200)
+    err = rng.random(200) < 0.3
+    assert weighted_aurc(risk, err, np.ones(200)) == pytest.approx(aurc(risk, err))
+    w = np.where(err, 2.0, 1.0)  # duplicating errors = weight 2
+    dup_risk = np.concatenate([risk, risk[err]])
+    dup_err = np.concatenate([err, err[err]])
+    assert weighted_aurc(risk, err, w) == pytest.approx(aurc(dup_risk, dup_err), abs=0.02)
+
+
+def test_mixture_combiner_is_a_probability_of_either_defect() -> None:
+    from conceptguard.heads import mixture_combiner
+
+    c = mixture_combiner(n_negative=900, n_adversarial=100, fraction=0.1)
+    assert c.coef[0] == pytest.approx(np.log(0.1 / 0.9) - np.log(100 / 900))
+    l_mis, l_adv = np.array([-3.0, 2.0, -3.0]), np.array([-3.0, -3.0, 2.0])
+    trust = c.trust(l_mis, l_adv)
+    p_a, p_m = sigmoid(l_adv + c.coef[0]), sigmoid(l_mis)
+    np.testing.assert_allclose(trust, (1 - p_a) * (1 - p_m))
+    assert trust[0] > trust[1] and trust[0] > trust[2]
