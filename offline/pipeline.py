@@ -59,10 +59,6 @@ class LazyVLM:
         return self._vlm
 
     @property
-    def loaded(self) -> bool:
-        return self._vlm is not None
-
-    @property
     def id(self) -> str:
         return self.cfg.vlm.model_dump_json()
 
@@ -297,7 +293,7 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
         labels_sub = t.labels[vlm_test_idx]
         first_n = int(first.sum())
         metrics["vlm"] = {
-            "id": vlm.get().id if vlm.loaded else cfg.vlm.backend,
+            "id": vlm.get().id,
             "backend": cfg.vlm.backend,
             "zero_shot_accuracy": round(float((oracle[:first_n] == labels_sub[:first_n])
                                               .mean()), 5),

@@ -16,17 +16,18 @@ def missing_keys(m: dict) -> list[str]:
             "fault_localisation.encoder", "fault_localisation.ambiguous"]
     want += [f"misclassification.{x}.{k}" for x in MIS_METHODS
              for k in ("auroc", "fpr_at_95tpr", "aurc")]
-    for attack in m.get("adversarial", {}):
-        want += [f"adversarial.{attack}.{x}.auroc" for x in ADV_METHODS]
-    want += [f"mixed.{x}.{k}" for x in MIXED_METHODS for k in ("aurc", "risk_at_90_coverage")]
-    want += [f"timings_s.{s}" for s in ("data", "classifier", "vlm", "aligner", "adversarial",
-                                        "heatmaps", "calibration", "evaluation", "report")]
+    paths = [k.split(".") for k in want]
+    for attack in m.get("adversarial", {}):  # attack names contain dots (pgd_eps0.05)
+        paths += [["adversarial", attack, x, "auroc"] for x in ADV_METHODS]
+    paths += [["mixed", x, k] for x in MIXED_METHODS for k in ("aurc", "risk_at_90_coverage")]
+    paths += [["timings_s", s] for s in ("data", "classifier", "vlm", "aligner", "adversarial",
+                                         "heatmaps", "calibration", "evaluation", "report")]
     out = []
-    for key in want:
+    for path in paths:
         node = m
-        for part in key.split("."):
+        for part in path:
             if not isinstance(node, dict) or part not in node:
-                out.append(key)
+                out.append(".".join(path))
                 break
             node = node[part]
     if not m.get("adversarial"):

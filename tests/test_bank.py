@@ -124,3 +124,15 @@ def test_publish_swaps_whole_folders(tmp_path: Path, demo_bank_path: Path) -> No
         load_bank(target)
     leftovers = [p.name for p in target.parent.iterdir() if p.name != "demo"]
     assert leftovers == []
+
+
+def test_shipped_demo_bank_has_every_promised_metric(demo_bank_path: Path) -> None:
+    from tests.metrics_keys import missing_keys
+
+    metrics = json.loads((demo_bank_path / "report" / "metrics.json").read_text())
+    assert missing_keys(metrics) == []
+    assert metrics["classifier"]["test_accuracy"] >= 0.9
+    assert metrics["classifier"]["n_test"] == 10000
+    for png in ("model_ok.png", "model_bad.png", "model_adv.png", "model_diff.png",
+                "model_diff_bin.png", "vlm_ok.png"):
+        assert (demo_bank_path / "report" / png).stat().st_size > 10_000
