@@ -10,6 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from conceptguard.threads import single_threaded_blas
+
+single_threaded_blas()
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BANK = REPO / "banks" / "demo"
 

@@ -51,7 +51,7 @@ def main() -> None:
                 "ratio_to_onnx": round(v["items_per_s"] / base, 3),
                 "max_abs_diff_vs_onnx": max_diff(runtimes[k].run(x), ref)}
             for k, v in r.items()}
-        for k, v in results[f"batch_{batch}"].items():
+        for v in results[f"batch_{batch}"].values():
             v["within_tolerance_1e-3"] = v["max_abs_diff_vs_onnx"] <= 1e-3
     emit("backends", {**machine(), "devices": {k: rt.device for k, rt in runtimes.items()},
                       "torch_compile_error": compile_error, "results": results})

@@ -37,7 +37,9 @@ def main() -> None:
             o = rt.run(x)
             return score(bank.monitor, o.logits, o.features, o.concepts)
 
-        def scoring_only(o=rt.run(x)):
+        outputs = rt.run(x)
+
+        def scoring_only(o=outputs):
             return score(bank.monitor, o.logits, o.features, o.concepts)
 
         r = interleaved({"classify_only": classify_only, "monitored": monitored,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -16,9 +17,13 @@ class ClassGaussians:
     means: np.ndarray
     whiten: np.ndarray
 
-    @property
+    @cached_property
+    def whiten64(self) -> np.ndarray:
+        return self.whiten.astype(np.float64)
+
+    @cached_property
     def whitened_means(self) -> np.ndarray:
-        return self.means.astype(np.float64) @ self.whiten.astype(np.float64)
+        return self.means.astype(np.float64) @ self.whiten64
 
     def sq_distances(self, x: np.ndarray, whitened_means: np.ndarray | None = None
                      ) -> np.ndarray:
@@ -27,7 +32,7 @@ class ClassGaussians:
         Computed in float64 from explicit differences (no ``|a|^2 - 2ab + |b|^2``
         cancellation), so float32 noise in the features does not move the scores."""
         mw = self.whitened_means if whitened_means is None else whitened_means
-        xw = np.asarray(x, dtype=np.float64) @ self.whiten.astype(np.float64)
+        xw = np.asarray(x, dtype=np.float64) @ self.whiten64
         diff = xw[:, None, :] - mw[None, :, :]
         return np.einsum("ncd,ncd->nc", diff, diff)
 

@@ -62,9 +62,9 @@ def concept_contributions(concepts: np.ndarray, predictions: np.ndarray,
     ``H_x`` the adversarial heatmap where ``against_adv`` and the incorrect one elsewhere.
     Negative terms pulled the input towards the defect profile."""
     s_unit = unit_rows(concepts)
-    ok = unit_rows(stats.h_ok)[predictions]
-    other = np.where(against_adv[:, None], unit_rows(stats.h_adv)[predictions],
-                     unit_rows(stats.h_bad)[predictions])
+    ok = stats.unit_ok[predictions]
+    other = np.where(against_adv[:, None], stats.unit_adv[predictions],
+                     stats.unit_bad[predictions])
     return s_unit * (ok - other)
 
 

@@ -7,6 +7,7 @@ evaluation and the service score inputs with the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -23,6 +24,18 @@ class SignalStats:
     h_adv: np.ndarray  # (C, K)
     features: ClassGaussians  # over classifier features
     concepts: ClassGaussians  # over standardised concept scores
+
+    @cached_property
+    def unit_ok(self) -> np.ndarray:
+        return unit_rows(self.h_ok)
+
+    @cached_property
+    def unit_bad(self) -> np.ndarray:
+        return unit_rows(self.h_bad)
+
+    @cached_property
+    def unit_adv(self) -> np.ndarray:
+        return unit_rows(self.h_adv)
 
 
 @dataclass(frozen=True)
@@ -80,9 +93,9 @@ def compute_signals(logits: np.ndarray, features: np.ndarray, concepts: np.ndarr
         maha_feat_pred=_rowwise(d_feat, pred),
         maha_concept=d_conc.min(1),
         maha_concept_pred=_rowwise(d_conc, pred),
-        sim_ok=(s_unit * unit_rows(stats.h_ok)[pred]).sum(1),
-        sim_bad=(s_unit * unit_rows(stats.h_bad)[pred]).sum(1),
-        sim_adv=(s_unit * unit_rows(stats.h_adv)[pred]).sum(1),
+        sim_ok=(s_unit * stats.unit_ok[pred]).sum(1),
+        sim_bad=(s_unit * stats.unit_bad[pred]).sum(1),
+        sim_adv=(s_unit * stats.unit_adv[pred]).sum(1),
     )
 
 

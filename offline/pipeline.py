@@ -39,6 +39,7 @@ from conceptguard.projection import aligned_embedding, project_features, raw_con
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Scores, score
 from conceptguard.signals import FEATURE_NAMES
+from conceptguard.threads import single_threaded_blas
 from conceptguard.vlm import VLMBackend, create_vlm
 from offline.cache import ArrayCache
 from offline.config import JobConfig
@@ -164,6 +165,7 @@ def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: b
 
 def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) -> None:
     ctx = Context(cfg, ArrayCache(cfg.cache_dir, enabled=use_cache), progress)
+    single_threaded_blas()
     seed = cfg.seed
     torch.manual_seed(seed)
 

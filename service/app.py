@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conceptguard.bank import BankError
 from conceptguard.imaging import ImageError
+from conceptguard.threads import single_threaded_blas
 from service import metrics
 from service.batching import BatcherClosed, QueueFull
 from service.dataplane import DataPlane, ServiceError
@@ -179,6 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        single_threaded_blas()
         try:
             s = settings if settings is not None else load_settings()
         except SettingsError as exc:

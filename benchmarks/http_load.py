@@ -9,7 +9,7 @@ ONNX at batch 32, and >= 3x the unbatched service at the same concurrency.
 The load comes from several client processes (one asyncio httpx client each), since one
 Python client saturates before the server does; they share the machine's cores with it.
 
-    .venv/bin/python benchmarks/http.py [--seconds 8] [--concurrency 1 8 32 128]
+    .venv/bin/python benchmarks/http_load.py [--seconds 8] [--concurrency 1 8 32 128]
 """
 
 from __future__ import annotations
