@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
-from _common import REPO, emit, machine
+# This file's name shadows the ``offline`` package: the repo root goes first on the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if p != str(_HERE)), str(_HERE)]
 
-from offline.config import load_config
-from offline.pipeline import build_bank
+from _common import REPO, emit, machine  # noqa: E402
+
+from offline.config import load_config  # noqa: E402
+from offline.pipeline import build_bank  # noqa: E402
 
 
 def main() -> None:

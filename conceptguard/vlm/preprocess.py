@@ -42,8 +42,10 @@ def preprocess_images(
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    arr = as_nhwc(images)
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
+    arr = np.ascontiguousarray(as_nhwc(images))
+    if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays
+        arr = arr.copy()
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
     if invert:
         x = 255.0 - x
     if x.shape[1] == 1:
