@@ -95,6 +95,22 @@ def test_conse_batching_does_not_change_embeddings(conse: VLMBackend) -> None:
     np.testing.assert_allclose(whole, singles, atol=1e-5)
 
 
+def test_conse_classifier_sees_a_photo(conse: VLMBackend) -> None:
+    """Guards the input scaling ([-1, 1]) and ReLU6 activations of EfficientNet-Lite0."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    from conceptguard.vlm.conse import ConSEBackend
+
+    assert isinstance(conse, ConSEBackend)
+    assert not any("swish" in type(m).__name__.lower() for m in conse.classifier.modules())
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as im:
+        photo = np.asarray(im.convert("RGB"))[None]
+    top5 = conse.class_probabilities(photo)[0].topk(5).indices.tolist()
+    names = {conse.class_names[i] for i in top5}
+    assert names & {"military uniform", "suit", "bow tie", "Windsor tie"}
+
+
 def test_conse_encodes_texts(conse: VLMBackend) -> None:
     texts = ["a photo of a dog", "a photo of a puppy", "a photo of a truck"]
     emb = conse.encode_texts(texts)
