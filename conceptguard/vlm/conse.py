@@ -57,8 +57,8 @@ def load_efficientnet_lite0(device: torch.device, image_size: int = 224) -> torc
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                       weights_only=True)
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     # Lite models use ReLU6. ``set_swish`` would swap in Swish, which is only right for the
     # non-Lite EfficientNets, so it is called only when the model is not a ReLU6 one.
