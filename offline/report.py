@@ -58,7 +58,7 @@ def bar_png(metrics: dict, path: Path) -> None:
         vals = [t.get(m, {}).get("auroc", np.nan) for t in tasks.values()]
         ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=m)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, labels=list(tasks), fontsize=9)
-    ax.set_ylim(0.4, 1.0)
+    ax.set_ylim(0.2, 1.0)
     ax.set_ylabel("AUROC")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("detection AUROC on the test split (higher is better)")
