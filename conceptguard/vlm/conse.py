@@ -22,13 +22,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from conceptguard.vlm.base import VLMSpec
 from conceptguard.vlm.preprocess import (
     INCEPTION_MEAN,
     INCEPTION_STD,
-    as_nhwc,
+    embed_in_batches,
     l2_normalise,
     preprocess_images,
 )
@@ -184,10 +183,5 @@ class ConSEBackend:
         return l2_normalise(mixed)
 
     def encode_images(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
-        images = as_nhwc(images)
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        starts = range(0, len(images), self.batch_size)
-        for start in tqdm(starts, desc="conse images", unit="batch", disable=not progress):
-            batch = images[start:start + self.batch_size]
-            out[start:start + len(batch)] = self._embed_batch(batch).cpu().numpy()
-        return out
+        return embed_in_batches(images, self._embed_batch, self.dim, self.batch_size,
+                                "conse images", progress)

@@ -14,10 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from conceptguard.vlm.base import VLMSpec
-from conceptguard.vlm.preprocess import as_nhwc, l2_normalise, preprocess_images
+from conceptguard.vlm.preprocess import (
+    embed_in_batches,
+    l2_normalise,
+    preprocess_images,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +172,5 @@ class OpenCLIPBackend:
         return l2_normalise(self.model.encode_image(x.to(self.device)).float())
 
     def encode_images(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
-        images = as_nhwc(images)
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        starts = range(0, len(images), self.batch_size)
-        for start in tqdm(starts, desc="open_clip images", unit="batch", disable=not progress):
-            batch = images[start:start + self.batch_size]
-            out[start:start + len(batch)] = self._embed_batch(batch).cpu().numpy()
-        return out
+        return embed_in_batches(images, self._embed_batch, self.dim, self.batch_size,
+                                "open_clip images", progress)

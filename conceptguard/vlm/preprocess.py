@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -62,3 +63,17 @@ def preprocess_images(
 def l2_normalise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Rows scaled to unit Euclidean norm."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def embed_in_batches(images: np.ndarray, embed_batch: Callable[[np.ndarray], torch.Tensor],
+                     dim: int, batch_size: int, desc: str, progress: bool = False
+                     ) -> np.ndarray:
+    """Run ``embed_batch`` over ``images`` (any layout :func:`as_nhwc` accepts) in slices of
+    ``batch_size``; float32 ``(N, dim)``, with a progress bar when ``progress``."""
+    images = as_nhwc(images)
+    out = np.zeros((len(images), dim), dtype=np.float32)
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        batch = images[start:start + batch_size]
+        out[start:start + len(batch)] = embed_batch(batch).cpu().numpy()
+    return out
