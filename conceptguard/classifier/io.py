@@ -137,8 +137,9 @@ def save_classifier(model: SplitClassifier, spec: ClassifierSpec, path: Path) ->
     return digest
 
 
-def load_classifier(path: Path) -> tuple[SplitClassifier, ClassifierSpec, str]:
-    """Load a classifier saved by :func:`save_classifier`, verifying its hash; eval mode."""
+def verify_classifier_file(path: Path) -> tuple[ClassifierSpec, str, dict[str, torch.Tensor]]:
+    """Read a file saved by :func:`save_classifier` and check its hash, without building
+    the model: ``(spec, hash, tensors)``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classifier file not found: {path}")
@@ -151,6 +152,13 @@ def load_classifier(path: Path) -> tuple[SplitClassifier, ClassifierSpec, str]:
     if actual_hash != stored_hash:
         raise ValueError(f"{path}: hash mismatch (stored {stored_hash[:12]}..., tensors hash to "
                          f"{actual_hash[:12]}...); the file was modified or is corrupt")
+    return spec, actual_hash, tensors
+
+
+def load_classifier(path: Path) -> tuple[SplitClassifier, ClassifierSpec, str]:
+    """Load a classifier saved by :func:`save_classifier`, verifying its hash; eval mode."""
+    path = Path(path)
+    spec, actual_hash, tensors = verify_classifier_file(path)
     model = build_classifier(spec)
     _check_tensors(model, tensors, path)
     model.load_state_dict(tensors, strict=True)
