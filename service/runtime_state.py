@@ -88,7 +88,12 @@ class Loaded:
 
     def concepts_from_features(self, features: np.ndarray) -> np.ndarray:
         """Standardised concept scores of ``features`` (float64 projection of the core)."""
-        return project_features(features, self.bank.projection())
+        projection = self._cache.get("projection64")
+        if projection is None:  # cast once per bank, not per request
+            projection = {k: np.asarray(v, dtype=np.float64)
+                          for k, v in self.bank.projection().items()}
+            self._cache["projection64"] = projection
+        return project_features(features, projection)
 
     def head_logits(self, features: np.ndarray) -> np.ndarray:
         """Logits from features with the classifier's head (loaded once, on first use)."""
