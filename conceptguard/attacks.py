@@ -1,4 +1,19 @@
-"""Untargeted L-infinity attacks in pixel space ([0, 1]): FGSM and PGD (random start)."""
+"""Adversarial attacks in pixel space ([0, 1]) through a maintained library (torchattacks).
+
+Every attack is untargeted against the true label. Families (``kind``):
+
+| kind | threat model | library class | parameters used |
+|---|---|---|---|
+| fgsm | L-inf, one gradient step | FGSM | eps |
+| pgd | L-inf, iterative, random start | PGD | eps, steps, step size 2.5 eps / steps |
+| apgd | L-inf, step-size-free PGD (cross-entropy) | APGD | eps, steps |
+| pgd_l2 | L2, iterative | PGDL2 | eps (L2 radius), steps |
+| cw | L2, minimal perturbation | CW | c, steps, lr |
+| deepfool | L2, minimal perturbation | DeepFool | steps, overshoot 0.02 |
+| square | L-inf, score-based black box | Square | eps, steps = queries |
+
+Adversarial images are rounded to uint8 afterwards, as a client would send them.
+"""
 
 from __future__ import annotations
 
@@ -6,62 +21,75 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+AttackKind = Literal["fgsm", "pgd", "apgd", "pgd_l2", "cw", "deepfool", "square"]
+
 
 class AttackSpec(BaseModel):
-    """One attack of the evaluation. ``name`` keys metrics.json (e.g. ``pgd_eps0.05``)."""
+    """One attack. ``name`` keys metrics.json (e.g. ``pgd_eps0.05``); ``family`` (the kind)
+    is what leave-one-family-out evaluation holds out."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["fgsm", "pgd"] = "pgd"
-    eps: float = 0.05
-    steps: int = 10
-    step_size: float | None = None  # PGD: default 2.5 * eps / steps
+    kind: AttackKind = "pgd"
+    eps: float = Field(0.05, gt=0)
+    steps: int = Field(10, ge=1)
+    step_size: float | None = None  # pgd / pgd_l2: default 2.5 * eps / steps
+    c: float = Field(1.0, gt=0)  # cw: weight of the classification loss
+    lr: float = Field(0.05, gt=0)  # cw: Adam learning rate
+
+    @property
+    def family(self) -> str:
+        return self.kind
 
     @property
     def name(self) -> str:
+        if self.kind == "cw":
+            return f"cw_c{self.c:g}"
+        if self.kind == "deepfool":
+            return "deepfool"
         return f"{self.kind}_eps{self.eps:g}"
 
 
-def _loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x), y)
-    (grad,) = torch.autograd.grad(loss, x)
-    return grad
+def build_attack(model: nn.Module, spec: AttackSpec):
+    """The torchattacks object for ``spec`` (imported here: an offline-only dependency)."""
+    import torchattacks
 
-
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    return (x + eps * _loss_grad(model, x, y).sign()).clamp(0.0, 1.0).detach()
-
-
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-        step_size: float, generator: torch.Generator) -> torch.Tensor:
-    noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
-    adv = (x + noise.to(x.device)).clamp(0.0, 1.0)
-    for _ in range(steps):
-        adv = adv + step_size * _loss_grad(model, adv, y).sign()
-        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0.0, 1.0).detach()
-    return adv
+    step = spec.step_size or 2.5 * spec.eps / spec.steps
+    match spec.kind:
+        case "fgsm":
+            return torchattacks.FGSM(model, eps=spec.eps)
+        case "pgd":
+            return torchattacks.PGD(model, eps=spec.eps, alpha=step, steps=spec.steps,
+                                    random_start=True)
+        case "apgd":
+            return torchattacks.APGD(model, eps=spec.eps, steps=spec.steps, loss="ce")
+        case "pgd_l2":
+            return torchattacks.PGDL2(model, eps=spec.eps, alpha=step, steps=spec.steps)
+        case "cw":
+            return torchattacks.CW(model, c=spec.c, steps=spec.steps, lr=spec.lr)
+        case "deepfool":
+            return torchattacks.DeepFool(model, steps=spec.steps, overshoot=0.02)
+        case "square":
+            return torchattacks.Square(model, eps=spec.eps, n_queries=spec.steps)
+    raise ValueError(f"unknown attack kind {spec.kind!r}")
 
 
 def run_attack(model: nn.Module, images: torch.Tensor, labels: np.ndarray, spec: AttackSpec,
                *, seed: int = 0, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """Adversarial versions of ``images`` (float NCHW in [0,1]) against ``labels``."""
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
+    attack = build_attack(model, spec)
     y_all = torch.as_tensor(labels, dtype=torch.long)
-    step = spec.step_size or 2.5 * spec.eps / max(spec.steps, 1)
     out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=f"attack {spec.name}",
-                      disable=not progress, leave=False):
+    for i, start in enumerate(tqdm(range(0, len(images), batch_size),
+                                   desc=f"attack {spec.name}", disable=not progress,
+                                   leave=False)):
+        torch.manual_seed(seed * 100_003 + i)  # random starts: seeded per batch
         x = images[start:start + batch_size]
         y = y_all[start:start + batch_size]
-        if spec.kind == "fgsm":
-            out.append(fgsm(model, x, y, spec.eps))
-        else:
-            out.append(pgd(model, x, y, spec.eps, spec.steps, step, gen))
+        out.append(attack(x, y).detach().clamp(0.0, 1.0))
     return torch.cat(out) if out else images.clone()

@@ -26,13 +26,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file, save_file
 
-from conceptguard.gaussian import ClassGaussians
-from conceptguard.heads import Combiner, LogisticHead
+from conceptguard.monitor_io import monitor_from_tensors, monitor_shapes
 from conceptguard.projection import PROJECTION_KEYS
 from conceptguard.scoring import Monitor
-from conceptguard.signals import FEATURE_NAMES, SignalStats
+from conceptguard.trust import feature_names
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 ONNX = "classifier.onnx"
@@ -108,57 +107,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def expected_shapes(d: Dims, n_features: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(d: Dims) -> dict[str, tuple[int, ...]]:
     c, k, f, m = d.classes, d.concepts, d.features, d.vlm
     shapes: dict[str, tuple[int, ...]] = {
         "aligner.W": (f, m), "aligner.b": (m,), "concepts.T": (k, m), "classes.T": (c, m),
         "projection.mu": (k,), "projection.sigma": (k,),
-        "stats.features.means": (c, f), "stats.features.whiten": (f, f),
-        "stats.concepts.means": (c, k), "stats.concepts.whiten": (k, k),
-        "combiner.coef": (3,), "combiner.mixture": (1,),
+        **monitor_shapes(c, k, f),
     }
     for view in ("model", "vlm"):
         for h in ("gt", "out", "ok", "bad", "adv", "diff", "diff_adv"):
             shapes[f"heatmaps.{view}.{h}"] = (c, k)
-    for head in ("mis", "adv"):
-        for part in ("mean", "scale", "w"):
-            shapes[f"heads.{head}.{part}"] = (n_features,)
-        shapes[f"heads.{head}.b"] = (1,)
     return shapes
-
-
-def monitor_tensors(monitor: Monitor) -> dict[str, np.ndarray]:
-    st = monitor.stats
-    out = {
-        "stats.features.means": st.features.means, "stats.features.whiten": st.features.whiten,
-        "stats.concepts.means": st.concepts.means, "stats.concepts.whiten": st.concepts.whiten,
-        "combiner.coef": monitor.combiner.coef,
-        "combiner.mixture": np.array([float(monitor.combiner.mixture)]),
-    }
-    for key, head in (("mis", monitor.head_mis), ("adv", monitor.head_adv)):
-        out[f"heads.{key}.mean"] = head.mean
-        out[f"heads.{key}.scale"] = head.scale
-        out[f"heads.{key}.w"] = head.w
-        out[f"heads.{key}.b"] = np.array([head.b])
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
-
-
-def monitor_from_tensors(t: dict[str, np.ndarray], threshold: float) -> Monitor:
-    def head(key: str) -> LogisticHead:
-        return LogisticHead(t[f"heads.{key}.mean"].astype(np.float64),
-                            t[f"heads.{key}.scale"].astype(np.float64),
-                            t[f"heads.{key}.w"].astype(np.float64),
-                            float(t[f"heads.{key}.b"][0]))
-
-    stats = SignalStats(
-        h_ok=t["heatmaps.model.ok"], h_bad=t["heatmaps.model.bad"],
-        h_adv=t["heatmaps.model.adv"],
-        features=ClassGaussians(t["stats.features.means"], t["stats.features.whiten"]),
-        concepts=ClassGaussians(t["stats.concepts.means"], t["stats.concepts.whiten"]),
-    )
-    return Monitor(stats, head("mis"), head("adv"),
-                   Combiner(t["combiner.coef"].astype(np.float64),
-                            mixture=bool(t["combiner.mixture"][0] > 0.5)), float(threshold))
 
 
 @dataclass(frozen=True)
@@ -219,10 +178,10 @@ def _check_shapes(manifest: Manifest, tensors: dict[str, np.ndarray]) -> None:
     d = manifest.dims
     if len(manifest.classes) != d.classes or len(manifest.concepts) != d.concepts:
         raise BankError("manifest: class or concept lists disagree with dims")
-    if manifest.signal_features != list(FEATURE_NAMES):
+    if manifest.signal_features != feature_names():
         raise BankError(f"bank was calibrated on signals {manifest.signal_features}, this "
-                        f"build computes {list(FEATURE_NAMES)}; rebuild the bank")
-    for name, shape in expected_shapes(d, len(FEATURE_NAMES)).items():
+                        f"build computes {feature_names()}; rebuild the bank")
+    for name, shape in expected_shapes(d).items():
         if name not in tensors:
             raise BankError(f"tensor {name!r} is missing from {TENSORS}")
         if tuple(tensors[name].shape) != shape:
@@ -252,7 +211,10 @@ def load_bank(path: Path | str, expected_classifier_hash: str | None = None) -> 
     if expected_classifier_hash and expected_classifier_hash != manifest.classifier.hash:
         raise BankError(f"bank was built for classifier {manifest.classifier.hash[:12]}…, "
                         f"expected {expected_classifier_hash[:12]}…")
-    monitor = monitor_from_tensors(tensors, manifest.threshold["value"])
+    try:
+        monitor = monitor_from_tensors(tensors, manifest.threshold["value"])
+    except (KeyError, ValueError) as exc:
+        raise BankError(f"{path / TENSORS}: the monitor cannot be built: {exc}") from exc
     return Bank(path, manifest, tensors, monitor)
 
 

@@ -1,5 +1,5 @@
-"""Defect heads: L2-regularised logistic regressions on standardised signal features,
-each fitted on its own task, and the logistic combiner that turns them into ``trust``."""
+"""Logistic heads: L2-regularised logistic regressions on standardised features (the trust
+model's heads, :mod:`conceptguard.trust`)."""
 
 from __future__ import annotations
 
@@ -52,54 +52,12 @@ class LogisticHead:
         return sigmoid(self.logit(x))
 
 
-def fit_head(x: np.ndarray, positive: np.ndarray, l2: float = 1e-2) -> LogisticHead:
+def fit_head(x: np.ndarray, positive: np.ndarray, l2: float = 1e-2,
+             sample_weight: np.ndarray | None = None) -> LogisticHead:
     """Standardise the design matrix, then fit the logistic regression."""
     mean = x.mean(0)
     scale = x.std(0)
     scale[scale < 1e-9] = 1.0
-    w, b = fit_logistic((x - mean) / scale, positive.astype(np.float64), l2)
+    w, b = fit_logistic((x - mean) / scale, positive.astype(np.float64), l2,
+                        sample_weight=sample_weight)
     return LogisticHead(mean, scale, w, b)
-
-
-@dataclass(frozen=True)
-class Combiner:
-    """Turns the two heads' logits into ``P(bad)``; ``trust = 1 - P(bad)``.
-
-    ``mixture`` (``coef = [shift, 0, 0]``): ``P(bad) = p_adv + (1 - p_adv) p_mis`` with
-    ``p_adv = sigmoid(logit_adv + shift)``: an input is adversarial, or clean and
-    misclassified; ``shift`` moves the adversarial head's prior from its training mix to the
-    stated share of adversarial inputs. ``logistic``: ``P(bad) = sigmoid(c0 + c1 logit_mis +
-    c2 logit_adv)`` fitted on the mixed calibration stream."""
-
-    coef: np.ndarray  # (3,)
-    mixture: bool = False
-
-    def parts(self, logit_mis: np.ndarray, logit_adv: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
-        """The misclassification and adversarial shares of the evidence for ``bad``."""
-        if self.mixture:
-            p_adv = sigmoid(logit_adv + self.coef[0])
-            return (1.0 - p_adv) * sigmoid(logit_mis), p_adv
-        return self.coef[1] * logit_mis, self.coef[2] * logit_adv
-
-    def trust(self, logit_mis: np.ndarray, logit_adv: np.ndarray) -> np.ndarray:
-        mis, adv = self.parts(logit_mis, logit_adv)
-        if self.mixture:
-            return 1.0 - (mis + adv)
-        return 1.0 - sigmoid(self.coef[0] + mis + adv)
-
-
-def fit_combiner(logit_mis: np.ndarray, logit_adv: np.ndarray, bad: np.ndarray,
-                 sample_weight: np.ndarray | None = None) -> Combiner:
-    x = np.stack([logit_mis, logit_adv], axis=1)
-    w, b = fit_logistic(x, bad.astype(np.float64), l2=1e-4, sample_weight=sample_weight)
-    return Combiner(np.array([b, w[0], w[1]], dtype=np.float64))
-
-
-def mixture_combiner(n_negative: int, n_adversarial: int, fraction: float) -> Combiner:
-    """The mixture combiner for an adversarial head trained on ``n_negative`` clean and
-    ``n_adversarial`` adversarial inputs, deployed where ``fraction`` of inputs are
-    adversarial."""
-    train_log_odds = np.log(n_adversarial / n_negative)
-    target_log_odds = np.log(fraction / (1.0 - fraction))
-    return Combiner(np.array([target_log_odds - train_log_odds, 0.0, 0.0]), mixture=True)

@@ -76,3 +76,52 @@ def detection_summary(scores: np.ndarray, positive: np.ndarray) -> dict[str, flo
         "fpr_at_95tpr": fpr_at_tpr(scores, positive, 0.95),
         "aurc": aurc(scores, positive),
     }
+
+
+def bootstrap_counts(n: int, resamples: int, seed: int) -> np.ndarray:
+    """``(resamples, n)`` multiplicities of a nonparametric bootstrap over ``n`` inputs."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+def weighted_auroc(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray
+                   ) -> np.ndarray:
+    """AUROC under each row of ``counts`` (multiplicities per input, e.g. bootstrap
+    resamples): P(positive scores above negative), ties half. Returns ``(rows,)``."""
+    scores = np.asarray(scores, np.float64)
+    positive = np.asarray(positive, bool)
+    counts = np.atleast_2d(counts)
+    order = np.argsort(scores, kind="mergesort")
+    s, pos, c = scores[order], positive[order], counts[:, order]
+    cneg = c * ~pos
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(s)) + 1])
+    group = np.cumsum(np.r_[0, (np.diff(s) != 0).astype(np.int64)])
+    below = (np.cumsum(cneg, axis=1) - cneg)[:, starts]  # negatives strictly lower
+    tied = np.add.reduceat(cneg, starts, axis=1)
+    credit = below[:, group] + 0.5 * tied[:, group]
+    cpos = c * pos
+    n_pos, n_neg = cpos.sum(1), cneg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (cpos * credit).sum(1) / (n_pos * n_neg)
+
+
+def weighted_aurc(scores: np.ndarray, error: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Area under the risk-coverage curve under each row of ``counts`` (accept the least
+    risky first). Returns ``(rows,)``."""
+    counts = np.atleast_2d(counts)
+    order = np.argsort(np.asarray(scores, np.float64), kind="mergesort")
+    c = counts[:, order]
+    cum_err = np.cumsum(c * np.asarray(error, np.float64)[order], axis=1)
+    cum_w = np.cumsum(c, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        risk = np.where(cum_w > 0, cum_err / np.maximum(cum_w, 1e-12), 0.0)
+    return (c * risk).sum(1) / c.sum(1)
+
+
+def interval(samples: np.ndarray, level: float = 0.95) -> list[float]:
+    """The percentile interval of bootstrap ``samples`` (NaNs dropped)."""
+    s = samples[np.isfinite(samples)]
+    if len(s) == 0:
+        return [float("nan"), float("nan")]
+    lo, hi = np.quantile(s, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from conceptguard.attacks import AttackSpec
 from conceptguard.calibration import CalibrationSpec
 from conceptguard.data import DataSpec, SplitSpec
+from conceptguard.foreign import FOREIGN_SETS
+from conceptguard.shifts import CORRUPTIONS
 from conceptguard.vlm import VLMSpec
 
 
@@ -30,14 +32,57 @@ class TrainConfig(_Strict):
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
 
 
+def _default_attacks() -> list[AttackSpec]:
+    return [AttackSpec(kind="fgsm", eps=0.05, steps=1),
+            AttackSpec(kind="pgd", eps=0.05, steps=10),
+            AttackSpec(kind="pgd", eps=0.1, steps=10),
+            AttackSpec(kind="apgd", eps=0.03, steps=10),
+            AttackSpec(kind="pgd_l2", eps=1.0, steps=10),
+            AttackSpec(kind="cw", c=1.0, steps=50),
+            AttackSpec(kind="deepfool", steps=10),
+            AttackSpec(kind="square", eps=0.05, steps=200)]
+
+
+def _default_fit_attacks() -> list[AttackSpec]:
+    return [AttackSpec(kind="fgsm", eps=0.05, steps=1),
+            AttackSpec(kind="pgd", eps=0.05, steps=10),
+            AttackSpec(kind="pgd_l2", eps=1.0, steps=10),
+            AttackSpec(kind="cw", c=1.0, steps=50),
+            AttackSpec(kind="square", eps=0.05, steps=200)]
+
+
 class AdversarialConfig(_Strict):
-    attacks: list[AttackSpec] = Field(default_factory=lambda: [
-        AttackSpec(kind="fgsm", eps=0.05, steps=1),
-        AttackSpec(kind="pgd", eps=0.05, steps=10),
-        AttackSpec(kind="pgd", eps=0.1, steps=10),
-    ])
-    fit_attack: str = "pgd_eps0.05"  # the attack behind H_adv and the adversarial head
-    per_split: int = 1000  # correctly classified inputs attacked per split and attack
+    """``attacks``: evaluated on the test split. ``fit_attacks``: run on the calibration
+    split for the fitting stream. ``heatmap_attack``: run on the reference split for H_adv
+    (its family is then not fully held out in the evaluation, and metrics.json says so)."""
+
+    attacks: list[AttackSpec] = Field(default_factory=_default_attacks)
+    fit_attacks: list[AttackSpec] = Field(default_factory=_default_fit_attacks)
+    heatmap_attack: AttackSpec = Field(
+        default_factory=lambda: AttackSpec(kind="fgsm", eps=0.05, steps=1))
+    per_split: int = 1000  # correctly classified test (and reference) inputs per attack
+    fit_per_attack: int = 400  # correctly classified calibration inputs per fitting attack
+    limits: dict[str, int] = Field(default_factory=lambda: {"deepfool": 120})  # slow kinds
+
+
+class ShiftConfig(_Strict):
+    """Common corruptions (``conceptguard.shifts``); each image gets a severity from
+    ``severities`` in turn."""
+
+    kinds: list[str] = Field(default_factory=lambda: list(CORRUPTIONS))
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    fit_per_kind: int = 400  # calibration images per corruption (fitting stream)
+    test_per_kind: int = 1000  # test images per corruption (evaluation)
+
+
+class ForeignConfig(_Strict):
+    """Foreign image sets (``conceptguard.foreign``)."""
+
+    fit_sets: list[str] = Field(default_factory=lambda: ["shapes", "glyphs", "noise"])
+    test_sets: list[str] = Field(default_factory=lambda: ["digits", "shapes", "glyphs",
+                                                          "noise"])
+    fit_per_set: int = 400
+    test_per_set: int = 1000
 
 
 class HeatmapConfig(_Strict):
@@ -47,8 +92,11 @@ class HeatmapConfig(_Strict):
 
 class EvaluationConfig(_Strict):
     vlm_test_images: int = 2000  # test images the VLM embeds (plus every misclassified one)
-    mixed_adversarial_fraction: float = 0.1
     top_concepts: int = 3
+    bootstrap: int = Field(200, ge=20)  # resamples behind every ci95
+    mixed: dict[str, int] = Field(  # inputs per kind in the mixed evaluation stream
+        default_factory=lambda: {"clean": 2000, "corruption": 1000, "attack": 500,
+                                 "foreign": 500})
 
 
 class JobConfig(_Strict):
@@ -62,17 +110,23 @@ class JobConfig(_Strict):
     concepts: str = "clothing"  # a bundled concept set or a YAML/JSON path
     class_prompts: list[str] | None = None  # names used in class prompts (default: classes)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    shifts: ShiftConfig = Field(default_factory=ShiftConfig)
+    foreign: ForeignConfig = Field(default_factory=ForeignConfig)
     heatmaps: HeatmapConfig = Field(default_factory=HeatmapConfig)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     cache_dir: Path = Path(".cache/conceptguard")
 
     @model_validator(mode="after")
-    def _fit_attack_exists(self) -> JobConfig:
-        names = [a.name for a in self.adversarial.attacks]
-        if self.adversarial.fit_attack not in names:
-            raise ValueError(f"adversarial.fit_attack {self.adversarial.fit_attack!r} is not "
-                             f"one of the attacks {names}")
+    def _names_exist(self) -> JobConfig:
+        unknown = [k for k in self.shifts.kinds if k not in CORRUPTIONS]
+        unknown += [f for f in self.foreign.fit_sets + self.foreign.test_sets
+                    if f not in FOREIGN_SETS]
+        if unknown:
+            raise ValueError(f"unknown corruption or foreign set(s) {unknown}; known: "
+                             f"{sorted(CORRUPTIONS)} and {sorted(FOREIGN_SETS)}")
+        if any(not 1 <= s <= 5 for s in self.shifts.severities):
+            raise ValueError("shifts.severities must lie in 1..5")
         return self
 
 

@@ -20,31 +20,27 @@ import torch
 
 from conceptguard import bank as bankio
 from conceptguard.aligner import fit_aligner, mean_cosine, r2_score
-from conceptguard.attacks import AttackSpec, run_attack
-from conceptguard.calibration import Batch, fit_monitor
+from conceptguard.calibration import fit_monitor
 from conceptguard.classifier.inference import predict, to_tensor
 from conceptguard.classifier.io import load_classifier
 from conceptguard.concepts import ConceptSet, class_matrix, concept_matrix, load_concept_set
 from conceptguard.data import ArrayDataset, load_source, make_splits
-from conceptguard.evaluation import (
-    adversarial_section,
-    misclassification_section,
-    mixed_section,
-    threshold_section,
-)
 from conceptguard.export import MonitoredClassifier, export_onnx
 from conceptguard.faults import fault_report
 from conceptguard.heatmaps import Heatmaps, binarise, build_heatmaps
+from conceptguard.monitor_io import monitor_tensors
 from conceptguard.projection import aligned_embedding, project_features, raw_concept_scores
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Scores, score
-from conceptguard.signals import FEATURE_NAMES
 from conceptguard.threads import single_threaded_blas
+from conceptguard.trust import feature_names
 from conceptguard.vlm import VLMBackend, create_vlm
 from offline.cache import ArrayCache
 from offline.config import JobConfig
+from offline.evaluate import evaluate
 from offline.progress import stage
 from offline.report import write_report
+from offline.stream import attacked, evaluation_sets, fitting_stream, served
 
 
 class LazyVLM:
@@ -99,54 +95,6 @@ def vlm_embeddings(ctx: Context, vlm: LazyVLM, images: np.ndarray, key: str) -> 
     return ctx.cache.get_or_compute(
         "vlm-images", {"vlm": vlm.id, "images": key},
         lambda: {"v": vlm.get().encode_images(images, progress=ctx.progress)})["v"]
-
-
-def served(rt: OnnxRuntime, images: np.ndarray, labels: np.ndarray, batch_size: int = 256
-           ) -> Batch:
-    """Outputs of the exported serving graph: the monitor is fitted and evaluated on
-    exactly what the service computes."""
-    parts = [rt.run(to_tensor(images[i:i + batch_size]).numpy())
-             for i in range(0, len(images), batch_size)]
-    if not parts:
-        raise ValueError("served: no images")
-    return Batch(*(np.concatenate([getattr(p, f) for p in parts])
-                   for f in ("logits", "features", "concepts")), labels.astype(np.int64))
-
-
-def adversarial_images(ctx: Context, model, chash: str, ds: ArrayDataset, clean: Batch,
-                       attack: AttackSpec, split: str, data_key: str, seed: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Attack up to ``per_split`` correctly classified inputs of a split; returns the
-    adversarial images (uint8, as a client would send them) and their source indices."""
-    correct = np.flatnonzero(clean.predictions == clean.labels)
-    n = min(ctx.cfg.adversarial.per_split, len(correct))
-    chosen = np.sort(np.random.default_rng(seed).choice(correct, size=n, replace=False))
-
-    def compute() -> dict[str, np.ndarray]:
-        adv = run_attack(model, to_tensor(ds.images[chosen]), ds.labels[chosen], attack,
-                         seed=seed, progress=ctx.progress)
-        adv_u8 = (adv * 255.0).round().clamp(0, 255).to(torch.uint8)
-        return {"images": adv_u8.permute(0, 2, 3, 1).contiguous().numpy(),
-                "index": chosen.astype(np.int64)}
-
-    arrays = ctx.cache.get_or_compute(
-        "adversarial-images", {"hash": chash, "data": data_key, "split": split,
-                        "attack": attack.model_dump(), "n": n, "seed": seed}, compute)
-    return arrays["images"], arrays["index"]
-
-
-def successful_adversarial(ctx: Context, rt: OnnxRuntime, model, chash: str,
-                           ds: ArrayDataset, clean: Batch, attack: AttackSpec, split: str,
-                           data_key: str, seed: int) -> tuple[Batch, int]:
-    """The served outputs of the adversarial inputs that flipped the prediction (labels =
-    the original labels), and how many inputs were attacked."""
-    images, index = adversarial_images(ctx, model, chash, ds, clean, attack, split,
-                                       data_key, seed)
-    if len(images) == 0:
-        empty = clean.select(np.zeros(len(clean), bool))
-        return empty, 0
-    out = served(rt, images, ds.labels[index])
-    return out.select(out.predictions != out.labels), len(images)
 
 
 def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: bool = True
@@ -232,17 +180,16 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
         test_accuracy = float((outs["test"].predictions == outs["test"].labels).mean())
 
     with ctx.stage("adversarial"):
-        fit_attack = next(a for a in cfg.adversarial.attacks
-                          if a.name == cfg.adversarial.fit_attack)
+        akey = {"hash": chash, "data": data_key}
+        hm_attack = cfg.adversarial.heatmap_attack
+        adv_ref, _ = attacked(ctx, rt, model, {**akey, "split": "reference"},
+                              ds["reference"], outs["reference"], hm_attack,
+                              cfg.adversarial.per_split, seed + 1)
+        adv_ref = adv_ref.select(adv_ref.wrong)
 
-        def attack(split: str, spec: AttackSpec, s: int) -> tuple[Batch, int]:
-            return successful_adversarial(ctx, rt, model, chash, ds[split], outs[split], spec,
-                                          split, data_key, s)
-
-        adv_ref, _ = attack("reference", fit_attack, seed + 1)
-        adv_cal, _ = attack("calibration", fit_attack, seed + 2)
-        adv_test = {a.name: attack("test", a, seed + 10 + i)
-                    for i, a in enumerate(cfg.adversarial.attacks)}
+    with ctx.stage("stream"):
+        stream = fitting_stream(ctx, cfg, rt, model, akey, ds["calibration"], outs["calibration"],
+                                seed)
 
     with ctx.stage("heatmaps"):
         r = outs["reference"]
@@ -254,33 +201,23 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
                                 min_count=cfg.heatmaps.min_count)
 
     with ctx.stage("calibration"):
-        monitor, calib_info = fit_monitor(outs["reference"], hm_model, outs["calibration"],
-                                          adv_cal, cfg.calibration)
+        fitted = fit_monitor(outs["reference"], hm_model, stream, cfg.calibration, seed)
+        monitor, calib_info = fitted.monitor, fitted.info
+
+    with ctx.stage("evaluation_sets"):
+        t = outs["test"]
+        sets, attempted = evaluation_sets(ctx, cfg, rt, model, akey, ds["test"], t, seed)
 
     with ctx.stage("evaluation"):
-        t = outs["test"]
         clean = score(monitor, t.logits, t.features, t.concepts)
-        adv_scores: dict[str, Scores] = {
-            name: score(monitor, b.logits, b.features, b.concepts)
-            for name, (b, _) in adv_test.items()}
-        target_text = (f"accept at least {cfg.calibration.value:.0%} of correct predictions"
-                       if cfg.calibration.target == "accept_correct" else
-                       f"error rate among accepted inputs at most {cfg.calibration.value:.1%}")
         metrics: dict = {
             "bank": cfg.name,
             "classifier": {"test_accuracy": round(test_accuracy, 5), "hash": chash,
                            "n_test": len(t)},
             "aligner": aligner_info,
-            "misclassification": misclassification_section(clean, t.labels),
-            "adversarial": {name: adversarial_section(clean, t.labels, adv_scores[name], n)
-                            for name, (_, n) in adv_test.items()},
-            "threshold": threshold_section(clean, t.labels, target_text,
-                                           cfg.calibration.value, monitor.threshold),
-            "mixed": mixed_section(clean, t.labels, list(adv_scores.values()),
-                                   cfg.evaluation.mixed_adversarial_fraction, seed),
+            **evaluate(cfg, fitted, stream, clean, t.labels, sets, attempted, seed),
             "calibration": calib_info,
         }
-
     with ctx.stage("vlm"):  # the oracle on test images: zero-shot accuracy and faults
         first = np.zeros(len(t), bool)
         first[: cfg.evaluation.vlm_test_images] = True
@@ -345,7 +282,9 @@ def score_sample(clean: Scores, test_indices: np.ndarray, n: int) -> dict:
         "trust": clean.trust[:n].round(7).tolist(),
         "p_misclassification": clean.p_misclassification[:n].round(7).tolist(),
         "p_adversarial": clean.p_adversarial[:n].round(7).tolist(),
+        "p_unfamiliar": clean.p_unfamiliar[:n].round(7).tolist(),
         "reject": clean.reject[:n].tolist(),
+        "reason": clean.reason[:n],
     }
 
 
@@ -373,7 +312,7 @@ def bank_tensors(projection: dict[str, np.ndarray], class_T: np.ndarray, hm_mode
     out["heatmaps.model.diff_bin"] = binarise(hm_model.diff, delta)
     out["heatmaps.model.diff_adv_bin"] = binarise(hm_model.diff_adv, delta)
     out["heatmaps.vlm.diff_bin"] = binarise(hm_vlm.diff, delta)
-    out.update(bankio.monitor_tensors(monitor))
+    out.update(monitor_tensors(monitor))
     return out
 
 
@@ -408,10 +347,11 @@ def make_manifest(cfg: JobConfig, metrics: dict, cs: ConceptSet, cspec, chash: s
                   "fallback_rule": "pooled offset: H_ok[c] + mean over all classes' "
                                    "inputs of (s^ - H_ok[predicted])"},
         calibration={"spec": cfg.calibration.model_dump(), **calib_info,
-                     "fit_attack": cfg.adversarial.fit_attack},
+                     "fit_attacks": [a.name for a in cfg.adversarial.fit_attacks],
+                     "heatmap_attack": cfg.adversarial.heatmap_attack.name},
         threshold={"value": threshold, "target": cfg.calibration.target,
                    "target_value": cfg.calibration.value},
-        signal_features=list(FEATURE_NAMES),
+        signal_features=feature_names(),
         files={},
         evaluation={k: metrics[k] for k in ("classifier", "aligner", "threshold", "vlm")},
     )

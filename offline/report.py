@@ -47,17 +47,19 @@ def heatmap_png(matrix: np.ndarray, rows: list[str], cols: list[str], title: str
 
 
 def bar_png(metrics: dict, path: Path) -> None:
-    """AUROC per method: misclassification and every attack, side by side."""
+    """AUROC per method: misclassification, every shift, attack and foreign set."""
     tasks = {"misclassification": metrics["misclassification"]}
-    tasks.update({f"adv {k}": v for k, v in metrics["adversarial"].items()})
-    methods = ["trust", "head_misclassification", "head_adversarial", "paper_rule", "msp",
-               "energy", "doctor", "mahalanobis", "concept_mahalanobis"]
-    fig, ax = plt.subplots(figsize=(13, 4.2), dpi=110)
+    for section, prefix in (("shift", ""), ("adversarial", ""), ("foreign", "foreign ")):
+        tasks.update({f"{prefix}{k}": v for k, v in metrics.get(section, {}).items()
+                      if "trust" in v})
+    methods = ["trust", "paper_rule", "msp", "doctor", "energy", "mahalanobis", "knn", "vim"]
+    fig, ax = plt.subplots(figsize=(max(13, 0.75 * len(tasks)), 4.6), dpi=110)
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         vals = [t.get(m, {}).get("auroc", np.nan) for t in tasks.values()]
         ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=m)
-    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, labels=list(tasks), fontsize=9)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, labels=list(tasks), fontsize=8,
+                  rotation=40, ha="right")
     ax.set_ylim(0.2, 1.0)
     ax.set_ylabel("AUROC")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -85,11 +87,54 @@ def _method_table(section: dict, keys: list[str], best_low: set[str]) -> str:
         f"<p class=note>lower is better: {', '.join(sorted(best_low))}</p>" if best_low else "")
 
 
+def _ci_text(v: float, ci: list[float] | None) -> str:
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def summary_html(rows: list[dict]) -> str:
+    """Per task: trust against the strongest standard detector, intervals, the margin; the
+    better of the two in bold (neither where the margin's interval straddles 0)."""
+    out = []
+    for r in rows:
+        lower_better = r["metric"] == "aurc"
+        margin = r["margin"]
+        ci = r.get("margin_ci95")
+        if ci is not None:
+            decided = ci[0] > 0 or ci[1] < 0
+        else:  # AURC: the two intervals must not overlap
+            a, b = r["trust_ci95"], r["peer_ci95"]
+            decided = a[1] < b[0] or b[1] < a[0]
+        trust_wins = (margin < 0) if lower_better else (margin > 0)
+        t = html.escape(_ci_text(r["trust"], r["trust_ci95"]))
+        p = html.escape(_ci_text(r["peer"], r["peer_ci95"]))
+        if decided:
+            t, p = (f"<b>{t}</b>", p) if trust_wins else (t, f"<b>{p}</b>")
+        m = html.escape(f"{margin:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
+        held = r.get("held_out")
+        out.append(f"<tr><td>{html.escape(r['task'])}</td><td>{r['metric'].upper()}</td>"
+                   f"<td>{t}</td><td>{html.escape(r['best_peer'])}</td><td>{p}</td>"
+                   f"<td>{m}</td><td>{html.escape(str(held))}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("task", "metric", "trust [95% CI]",
+                                             "strongest peer", "peer [95% CI]",
+                                             "margin [95% CI]", "held out"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(out)}</tbody></table>"
+
+
 def render_html(manifest: Manifest, metrics: dict, images: list[tuple[str, str]]) -> str:
     mis = metrics["misclassification"]
     adv_blocks = "".join(
         f"<h3>{html.escape(name)} (successful {sec['successful']} of {sec['attempted']})</h3>"
         + _method_table(sec, ["auroc"], set()) for name, sec in metrics["adversarial"].items())
+    shift_rows = [[k, v["n"], _fmt(v["accuracy"]), _fmt(v["accepted_accuracy"]),
+                   _fmt(v["coverage_at_threshold"]), _fmt(v["trust"]["auroc"]),
+                   f"{v['best_peer']} {v[v['best_peer']]['auroc']:.4f}", str(v["held_out"])]
+                  for k, v in metrics.get("shift", {}).items()]
+    foreign_rows = [[k, v["n"], _fmt(v["trust"]["auroc"]),
+                     f"{v['best_peer']} {v[v['best_peer']]['auroc']:.4f}",
+                     _fmt(v["trust"]["detection_rate_at_threshold"]), str(v["held_out"])]
+                    for k, v in metrics.get("foreign", {}).items()]
+    reason_rows = [[k, v["n"], _fmt(v["precision"])]
+                   for k, v in metrics.get("reason_precision", {}).items()]
     fl = metrics.get("fault_localisation", {})
     pair_rows = [[p["true"], p["predicted"], p["count"], p["head"], p["encoder"],
                   p["ambiguous"], ", ".join(f"{c['concept']} ({c['gap']:+.2f})"
@@ -120,10 +165,22 @@ img{{max-width:100%}}.note{{color:#666;font-size:0.9em}}</style></head><body>
 {len(manifest.classes)} classes, {len(manifest.concepts)} concepts
 (<code>{html.escape(manifest.concept_set)}</code>).</p>
 <h2>Summary</h2>{_table(summary, ["figure", "value"])}
+<h2>Trust against the strongest standard detector, per task</h2>
+<p class=note>AUROC (higher is better) or, for the mixed stream, AURC (lower is better);
+95% bootstrap intervals; bold where the margin's interval excludes 0.</p>
+{summary_html(metrics.get("summary", []))}
 <h2>Misclassification detection (clean test: {mis['n']} inputs, {mis['n_wrong']} wrong)</h2>
 {_method_table(mis, ["auroc", "fpr_at_95tpr", "aurc"], {"fpr_at_95tpr", "aurc"})}
 <p class=note>paper rule decision accuracy: {mis['paper_rule']['decision_accuracy']:.4f}</p>
 <h2>Adversarial detection (clean correct vs. successful adversarial)</h2>{adv_blocks}
+<h2>Corruptions: wrong vs. right predictions, and the threshold</h2>
+{_table(shift_rows, ["corruption", "n", "accuracy (unmonitored)", "accepted accuracy",
+                     "coverage", "trust AUROC", "strongest peer AUROC", "held out"])}
+<h2>Foreign inputs (vs. clean test inputs)</h2>
+{_table(foreign_rows, ["set", "n", "trust AUROC", "strongest peer AUROC",
+                       "rejected at threshold", "held out"])}
+<h2>Reject reasons on the mixed stream: precision</h2>
+{_table(reason_rows, ["reason", "inputs", "precision"])}
 <h2>Mixed stream</h2><p>{html.escape(metrics['mixed']['description'])}</p>
 {_method_table(metrics['mixed'], ["aurc", "risk_at_90_coverage", "auroc"],
                {"aurc", "risk_at_90_coverage"})}

@@ -61,6 +61,7 @@ class Results:
     reject: np.ndarray
     p_misclassification: np.ndarray
     p_adversarial: np.ndarray
+    p_unfamiliar: np.ndarray
     paper_rule_reject: np.ndarray
     contributions: np.ndarray
     reason: list[RejectReason]
@@ -70,9 +71,9 @@ class Results:
 
     @classmethod
     def from_scores(cls, loaded: Loaded, s: Scores) -> Results:
-        return cls(loaded, s.signals.probabilities, s.predictions, s.trust, s.reject,
-                   s.p_misclassification, s.p_adversarial, s.paper_rule_reject,
-                   s.contributions, list(s.reason))
+        return cls(loaded, s.probabilities, s.predictions, s.trust, s.reject,
+                   s.p_misclassification, s.p_adversarial, s.p_unfamiliar,
+                   s.paper_rule_reject, s.contributions, list(s.reason))
 
     @classmethod
     def from_rows(cls, rows: Sequence[Row]) -> Results:
@@ -82,9 +83,9 @@ class Results:
             s = first.scores
             if len(idx) == len(s.trust) and np.array_equal(idx, np.arange(len(idx))):
                 return cls.from_scores(first.loaded, s)
-            return cls(first.loaded, s.signals.probabilities[idx], s.predictions[idx],
+            return cls(first.loaded, s.probabilities[idx], s.predictions[idx],
                        s.trust[idx], s.reject[idx], s.p_misclassification[idx],
-                       s.p_adversarial[idx], s.paper_rule_reject[idx],
+                       s.p_adversarial[idx], s.p_unfamiliar[idx], s.paper_rule_reject[idx],
                        s.contributions[idx], [s.reason[i] for i in idx.tolist()])
 
         def pick(get: str) -> np.ndarray:
@@ -92,7 +93,7 @@ class Results:
 
         return cls(first.loaded, pick("probabilities"), pick("predictions"), pick("trust"),
                    pick("reject"), pick("p_misclassification"), pick("p_adversarial"),
-                   pick("paper_rule_reject"), pick("contributions"),
+                   pick("p_unfamiliar"), pick("paper_rule_reject"), pick("contributions"),
                    [scored.scores.reason[i] for scored, i in rows])
 
     def labels(self) -> list[str]:
@@ -115,7 +116,7 @@ class Results:
 
 def _field(s: Scores, name: str) -> np.ndarray:
     if name == "probabilities":
-        return s.signals.probabilities
+        return s.probabilities
     return getattr(s, name)
 
 

@@ -38,7 +38,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = tuple(float(2**i) for i in range(9))  # 1 .. 256
 EMA_ALPHA = 0.01  # per input: the moving average spans roughly the last 100 inputs
 REJECT_REASON_LABELS = {"misclassification-like": "misclassification_like",
-                        "adversarial-like": "adversarial_like"}
+                        "adversarial-like": "adversarial_like",
+                        "unfamiliar": "unfamiliar"}
 
 REQUESTS = Counter("conceptguard_requests", "HTTP requests by route template and status code",
                    ["endpoint", "status"])
@@ -141,6 +142,7 @@ class ModelMetrics:
         self._trust = TRUST.labels(model)
         self._head_mis = HEAD_SCORE.labels(model, "misclassification")
         self._head_adv = HEAD_SCORE.labels(model, "adversarial")
+        self._head_unf = HEAD_SCORE.labels(model, "unfamiliar")
         self._concepts = [CONCEPT_SCORE.labels(model, c) for c in concepts]
         self._concept_means = [CONCEPT_SCORE_MEAN.labels(model, c) for c in concepts]
         self._ema: np.ndarray | None = None
@@ -175,6 +177,8 @@ class ModelMetrics:
             self._head_mis.observe(p)
         for p in scores.p_adversarial.tolist():
             self._head_adv.observe(p)
+        for p in scores.p_unfamiliar.tolist():
+            self._head_unf.observe(p)
         self._record_concepts(concepts)
 
     def _record_concepts(self, concepts: np.ndarray) -> None:

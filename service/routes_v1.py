@@ -190,6 +190,7 @@ def format_results(results: Results, settings: Settings) -> list[dict[str, Any]]
     reject = results.reject.tolist()
     p_mis = results.p_misclassification.tolist()
     p_adv = results.p_adversarial.tolist()
+    p_unf = results.p_unfamiliar.tolist()
     paper = results.paper_rule_reject.tolist()
     out = []
     for i, label in enumerate(labels):
@@ -203,7 +204,8 @@ def format_results(results: Results, settings: Settings) -> list[dict[str, Any]]
             "reject": reject[i],
             "reason": {"kind": results.reason[i], "summary": _summary(label, concepts),
                        "concepts": [{"concept": c, "contribution": v} for c, v in concepts]},
-            "heads": {"misclassification": p_mis[i], "adversarial": p_adv[i]},
+            "heads": {"misclassification": p_mis[i], "adversarial": p_adv[i],
+                      "unfamiliar": p_unf[i]},
             "paper_rule_reject": paper[i],
         })
     return out

@@ -56,14 +56,20 @@ class ConceptContribution(BaseModel):
 
 
 class Reason(BaseModel):
-    kind: Literal["accepted", "misclassification-like", "adversarial-like"]
+    kind: Literal["accepted", "misclassification-like", "adversarial-like", "unfamiliar"] = Field(
+        description="accepted, or why the input was rejected: misclassification-like (a "
+                    "familiar input the classifier is unsure of), adversarial-like (looks "
+                    "like a successful attack), unfamiliar (shifted/corrupted or foreign)")
     summary: str
     concepts: list[ConceptContribution]
 
 
 class Heads(BaseModel):
-    misclassification: float = Field(description="P(misclassified) from the defect head")
-    adversarial: float = Field(description="P(adversarial) from the defect head")
+    misclassification: float = Field(
+        description="P(misclassified | a familiar input), from the confidence signals")
+    adversarial: float = Field(description="P(a successful attack), from the kind head")
+    unfamiliar: float = Field(0.0, description="P(corrupted/shifted or foreign input), from "
+                                               "the kind head")
 
 
 class BankRef(BaseModel):
@@ -78,7 +84,8 @@ class MonitorResult(BaseModel):
     label: str
     class_index: int
     probabilities: list[Probability] = Field(description="top-k classes, most probable first")
-    trust: float = Field(ge=0.0, le=1.0, description="calibrated trust in the prediction")
+    trust: float = Field(ge=0.0, le=1.0, description="estimated probability that the "
+                                                     "prediction is right")
     reject: bool = Field(description="trust below the bank's threshold")
     reason: Reason
     heads: Heads

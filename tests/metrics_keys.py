@@ -1,35 +1,50 @@
-"""The metrics.json keys the offline-job issue promises (keys may be added, never removed)."""
+"""The metrics.json keys the project promises (keys may be added, never removed). The method
+lists come from the detector registry, so a new detector is checked without an edit here."""
 
 from __future__ import annotations
 
-MIS_METHODS = ("trust", "paper_rule", "msp", "max_logit", "energy", "doctor", "mahalanobis",
-               "head_misclassification")
-ADV_METHODS = ("trust", "paper_rule", "msp", "max_logit", "energy", "doctor", "mahalanobis",
-               "head_adversarial")
-MIXED_METHODS = ("trust", "msp", "max_logit", "energy", "doctor", "mahalanobis")
+from conceptguard.detectors import DETECTORS
+from conceptguard.scoring import OUR_METHODS
+
+METHODS = (*OUR_METHODS, *DETECTORS)
+MIS_METHODS = METHODS
+ADV_METHODS = METHODS
+MIXED_METHODS = METHODS
+
+
+def _walk(m: dict, path: list[str]) -> bool:
+    node = m
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def missing_keys(m: dict) -> list[str]:
     want = ["classifier.test_accuracy", "vlm.zero_shot_accuracy", "aligner.heldout_r2",
             "aligner.heldout_cosine", "threshold.target", "threshold.value",
             "threshold.coverage", "threshold.accepted_accuracy", "fault_localisation.head",
-            "fault_localisation.encoder", "fault_localisation.ambiguous"]
+            "fault_localisation.encoder", "fault_localisation.ambiguous",
+            "misclassification.held_out", "mixed.held_out", "summary"]
     want += [f"misclassification.{x}.{k}" for x in MIS_METHODS
-             for k in ("auroc", "fpr_at_95tpr", "aurc")]
+             for k in ("auroc", "ci95", "fpr_at_95tpr", "aurc", "aurc_ci95")]
+    want += [f"reason_precision.{k}.precision" for k in
+             ("misclassification-like", "adversarial-like", "unfamiliar")]
     paths = [k.split(".") for k in want]
-    for attack in m.get("adversarial", {}):  # attack names contain dots (pgd_eps0.05)
-        paths += [["adversarial", attack, x, "auroc"] for x in ADV_METHODS]
-    paths += [["mixed", x, k] for x in MIXED_METHODS for k in ("aurc", "risk_at_90_coverage")]
+    # names contain dots (pgd_eps0.05): walk them as single keys
+    for section in ("adversarial", "shift", "foreign"):
+        for task in m.get(section, {}):
+            paths += [[section, task, x, k] for x in ADV_METHODS for k in ("auroc", "ci95")]
+            paths += [[section, task, k] for k in ("held_out", "best_peer", "margin",
+                                                   "margin_ci95")]
+        if not m.get(section):
+            paths.append([section, "<task>"])
+    paths += [["shift", t, k] for t in m.get("shift", {})
+              for k in ("accuracy", "accepted_accuracy")]
+    paths += [["mixed", x, k] for x in MIXED_METHODS
+              for k in ("aurc", "aurc_ci95", "risk_at_90_coverage")]
     paths += [["timings_s", s] for s in ("data", "classifier", "vlm", "aligner", "adversarial",
-                                         "heatmaps", "calibration", "evaluation", "report")]
-    out = []
-    for path in paths:
-        node = m
-        for part in path:
-            if not isinstance(node, dict) or part not in node:
-                out.append(".".join(path))
-                break
-            node = node[part]
-    if not m.get("adversarial"):
-        out.append("adversarial.<attack>")
-    return out
+                                         "stream", "heatmaps", "calibration", "evaluation",
+                                         "report")]
+    return [".".join(p) for p in paths if not _walk(m, p)]

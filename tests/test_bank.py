@@ -31,7 +31,7 @@ def test_bank_round_trips(demo_bank_path: Path) -> None:
     assert m.dims.classes == len(m.classes) == bank.monitor.num_classes
     assert m.dims.concepts == len(m.concept_names) == bank.monitor.num_concepts
     raw = load_file(str(demo_bank_path / "tensors.safetensors"))
-    np.testing.assert_array_equal(raw["heatmaps.model.ok"], bank.monitor.stats.h_ok)
+    np.testing.assert_array_equal(raw["heatmaps.model.ok"], bank.monitor.heatmaps.h_ok)
     assert bank.monitor.threshold == m.threshold["value"]
 
 

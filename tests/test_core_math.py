@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conceptguard.aligner import fit_aligner, mean_cosine, r2_score
-from conceptguard.calibration import CalibrationSpec, choose_threshold, mixed_weights
+from conceptguard.calibration import CalibrationSpec, StreamShares, choose_threshold, stream_weights
 from conceptguard.faults import localise
 from conceptguard.gaussian import fit_class_gaussians
 from conceptguard.heads import fit_head, fit_logistic, sigmoid
@@ -160,9 +160,18 @@ def test_threshold_accepts_the_target_share_of_correct_inputs() -> None:
     assert bad[trust >= t2].mean() <= 0.05
 
 
-def test_mixed_weights_give_the_stated_fraction() -> None:
-    w = mixed_weights(900, 50, 0.1)
-    assert w[900:].sum() / w.sum() == pytest.approx(0.1)
+def test_stream_weights_give_each_kind_its_share_and_families_equal_weight() -> None:
+    group = np.array(["clean"] * 600 + ["attack"] * 300 + ["foreign"] * 100, dtype=object)
+    family = np.array(["clean"] * 600 + ["pgd"] * 250 + ["cw"] * 50 + ["noise"] * 100,
+                      dtype=object)
+    w = stream_weights(group, family, StreamShares(clean=0.6, corruption=0.2, attack=0.1,
+                                                   foreign=0.1))
+    total = w.sum()
+    # corruption is absent: the other shares are renormalised (0.6 / 0.8 = 0.75)
+    assert w[group == "clean"].sum() / total == pytest.approx(0.75)
+    assert w[group == "attack"].sum() / total == pytest.approx(0.125)
+    assert w[family == "pgd"].sum() == pytest.approx(w[family == "cw"].sum())
+    assert w.mean() == pytest.approx(1.0)
 
 
 def test_fault_localisation_rules() -> None:
@@ -173,26 +182,18 @@ def test_fault_localisation_rules() -> None:
         "head", "encoder", "ambiguous"]
 
 
-def test_weighted_aurc_reduces_to_aurc_with_unit_weights() -> None:
-    from conceptguard.calibration import weighted_aurc
+def test_bootstrap_auroc_and_aurc_equal_the_plain_ones_on_the_resampled_data() -> None:
+    from conceptguard.metrics import bootstrap_counts, interval, weighted_aurc, weighted_auroc
 
     rng = np.random.default_rng(8)
-    risk = rng.random(200)
-    err = rng.random(200) < 0.3
-    assert weighted_aurc(risk, err, np.ones(200)) == pytest.approx(aurc(risk, err))
-    w = np.where(err, 2.0, 1.0)  # duplicating errors = weight 2
-    dup_risk = np.concatenate([risk, risk[err]])
-    dup_err = np.concatenate([err, err[err]])
-    assert weighted_aurc(risk, err, w) == pytest.approx(aurc(dup_risk, dup_err), abs=0.02)
-
-
-def test_mixture_combiner_is_a_probability_of_either_defect() -> None:
-    from conceptguard.heads import mixture_combiner
-
-    c = mixture_combiner(n_negative=900, n_adversarial=100, fraction=0.1)
-    assert c.coef[0] == pytest.approx(np.log(0.1 / 0.9) - np.log(100 / 900))
-    l_mis, l_adv = np.array([-3.0, 2.0, -3.0]), np.array([-3.0, -3.0, 2.0])
-    trust = c.trust(l_mis, l_adv)
-    p_a, p_m = sigmoid(l_adv + c.coef[0]), sigmoid(l_mis)
-    np.testing.assert_allclose(trust, (1 - p_a) * (1 - p_m))
-    assert trust[0] > trust[1] and trust[0] > trust[2]
+    risk = rng.normal(size=400).round(1)  # ties
+    err = rng.random(400) < 0.2 + 0.1 * np.clip(risk, -1, 1)
+    ones = np.ones((1, 400))
+    assert weighted_auroc(risk, err, ones)[0] == pytest.approx(auroc(risk, err))
+    assert weighted_aurc(risk, err, ones)[0] == pytest.approx(aurc(risk, err))
+    counts = bootstrap_counts(400, 5, seed=1)
+    for row, b in zip(counts, weighted_auroc(risk, err, counts), strict=True):
+        idx = np.repeat(np.arange(400), row.astype(int))
+        assert b == pytest.approx(auroc(risk[idx], err[idx]))
+    lo, hi = interval(weighted_auroc(risk, err, bootstrap_counts(400, 300, seed=2)))
+    assert lo < auroc(risk, err) < hi and hi - lo < 0.2

@@ -15,7 +15,9 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN, ServerProcess, encode_png, metric_samples, metric_sum
 
-REASON_KINDS = {"accepted", "misclassification-like", "adversarial-like"}
+REPO = Path(__file__).resolve().parents[1]
+
+REASON_KINDS = {"accepted", "misclassification-like", "adversarial-like", "unfamiliar"}
 RESULT_KEYS = {"label", "class_index", "probabilities", "trust", "reject", "reason", "heads",
                "paper_rule_reject"}
 
@@ -100,10 +102,11 @@ def test_trust_matches_the_offline_scores(server: ServerProcess, fashion_mnist_t
     trust = np.array([r["trust"] for r in results])
     np.testing.assert_allclose(trust, test_scores_sample["trust"], rtol=0, atol=1e-5)
     for key, head in (("p_misclassification", "misclassification"),
-                      ("p_adversarial", "adversarial")):
+                      ("p_adversarial", "adversarial"), ("p_unfamiliar", "unfamiliar")):
         got = np.array([r["heads"][head] for r in results])
         np.testing.assert_allclose(got, test_scores_sample[key], rtol=0, atol=1e-5)
     assert [r["reject"] for r in results] == test_scores_sample["reject"]
+    assert [r["reason"]["kind"] for r in results] == test_scores_sample["reason"]
 
 
 def onnx_outputs(onnx_path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -242,6 +245,7 @@ def test_metrics_exposition(client: httpx.Client, sample_png: bytes,
                  **{"class": label}) == 1
     assert delta("conceptguard_trust_score_count", model=model) == 1
     assert delta("conceptguard_head_score_count", model=model, head="adversarial") == 1
+    assert delta("conceptguard_head_score_count", model=model, head="unfamiliar") == 1
     assert delta("conceptguard_request_duration_seconds_count", endpoint="/v1/classify") == 1
     assert delta("conceptguard_batch_size_count") == 1
     assert delta("conceptguard_queue_wait_seconds_count") == 1
@@ -252,6 +256,14 @@ def test_metrics_exposition(client: httpx.Client, sample_png: bytes,
                  "conceptguard_concept_score_mean", "conceptguard_bank_info",
                  "conceptguard_paper_rule_rejections_total", "conceptguard_rejections_total"):
         assert name in after, name
+    # random pixels: a foreign input, rejected as unfamiliar and counted under that label
+    noise = (REPO / "examples" / "noise.png").read_bytes()
+    r = client.post("/v1/classify", files={"file": ("n.png", noise, "image/png")}).json()
+    assert r["reject"] and r["reason"]["kind"] == "unfamiliar"
+    last = scrape()
+    assert (metric_sum(last, "conceptguard_rejections_total", model=model, reason="unfamiliar")
+            - metric_sum(after, "conceptguard_rejections_total", model=model,
+                         reason="unfamiliar")) == 1
     info = [lab for lab, v in metric_samples(after, "conceptguard_bank_info") if v == 1]
     assert info and info[0]["bank_id"] == demo_manifest["bank_id"]
     assert set(info[0]) >= {"model", "bank_id", "vlm", "classifier_hash", "schema_version"}

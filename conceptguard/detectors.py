@@ -1,0 +1,430 @@
+"""Detectors: one class each, one registry, one score convention.
+
+A detector is fitted once on the reference split (:class:`FitData`) and then turns the
+serving graph's outputs for a batch (:class:`Outputs`: logits, features, standardised concept
+scores) into a **risk** per input: higher = more likely a defect (a wrong prediction, an
+attack, an unfamiliar input). Its fitted state is a dict of arrays (stored in the bank as
+``detector.<name>.<key>``). The trust model, the evaluation's method list, the report and
+the metrics-key checks all iterate :data:`DETECTORS`; adding a detector is one class here.
+
+Every formula is stated in its class's docstring. ``p`` is the softmax of the logits ``l``,
+``z`` the penultimate features, ``s`` the standardised concept scores.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from conceptguard.gaussian import ClassGaussians, fit_class_gaussians
+from conceptguard.projection import unit_rows
+
+Group = Literal["confidence", "density", "concept"]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The serving graph's outputs for a batch, with derived quantities computed once."""
+
+    logits: np.ndarray  # (N, C)
+    features: np.ndarray  # (N, d)
+    concepts: np.ndarray  # (N, K)
+
+    @cached_property
+    def probabilities(self) -> np.ndarray:
+        return softmax(self.logits)
+
+    @cached_property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+    @cached_property
+    def unit_concepts(self) -> np.ndarray:
+        return unit_rows(self.concepts)
+
+    @cached_property
+    def unit_features(self) -> np.ndarray:
+        return unit_rows(np.asarray(self.features, np.float64))
+
+
+@dataclass(frozen=True)
+class FitData:
+    """What detectors are fitted on: the reference split's outputs and labels, its heatmaps
+    (``h_ok``, ``h_bad``, ``h_adv``: ``(C, K)``) and the detector settings."""
+
+    outputs: Outputs
+    labels: np.ndarray
+    num_classes: int
+    h_ok: np.ndarray
+    h_bad: np.ndarray
+    h_adv: np.ndarray
+    settings: DetectorSettings
+
+    @cached_property
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The classifier head ``logits = z W^T + b`` recovered from the reference outputs by
+        least squares; refused when the head is not affine in the features."""
+        z = np.asarray(self.outputs.features, np.float64)
+        za = np.hstack([z, np.ones((len(z), 1))])
+        theta, *_ = np.linalg.lstsq(za, np.asarray(self.outputs.logits, np.float64),
+                                    rcond=None)
+        fitted = za @ theta
+        err = np.abs(fitted - self.outputs.logits).max()
+        scale = max(float(np.abs(self.outputs.logits).max()), 1.0)
+        if err > 1e-3 * scale:
+            raise ValueError(f"the classifier head is not affine in the features (max |err| "
+                             f"{err:.3g}); ViM and ReAct need a linear head")
+        return theta[:-1].T.copy(), theta[-1].copy()  # W (C, d), b (C,)
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    knn_k: int = 10
+    vim_dim: int | None = None  # principal subspace size; None: half the feature size
+    react_percentile: float = 0.9
+    shrinkage: float = 1e-3
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    m = x.max(1)
+    return m + np.log(np.exp(x - m[:, None]).sum(1))
+
+
+class Detector(ABC):
+    """Protocol: ``fit(data) -> detector``, ``risk(outputs) -> (N,)``, ``state()`` and
+    ``from_state(state)`` for the bank, and ``feature(risk)``: a monotone transform of the
+    risk that the trust model uses as an input (logs of distances, log-odds of confidences).
+    """
+
+    name: ClassVar[str]
+    group: ClassVar[Group]
+    summary: ClassVar[str]  # one line for docs and the report
+
+    @classmethod
+    def fit(cls, data: FitData) -> Detector:
+        return cls()
+
+    @abstractmethod
+    def risk(self, out: Outputs) -> np.ndarray: ...
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Detector:
+        return cls()
+
+    @staticmethod
+    def feature(risk: np.ndarray) -> np.ndarray:
+        return np.asarray(risk, np.float64)
+
+
+class MaxSoftmax(Detector):
+    """``-max_c p_c`` (Hendrycks and Gimpel, 2017)."""
+
+    name, group, summary = "msp", "confidence", "max softmax probability"
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        return -out.probabilities.max(1)
+
+    @staticmethod
+    def feature(risk: np.ndarray) -> np.ndarray:
+        p = np.clip(-np.asarray(risk, np.float64), 1e-12, 1 - 1e-12)
+        return np.log((1 - p) / p)
+
+
+class MaxLogit(Detector):
+    """``-max_c l_c`` (Hendrycks et al., 2022)."""
+
+    name, group, summary = "max_logit", "confidence", "max logit"
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        return -np.asarray(out.logits, np.float64).max(1)
+
+
+class Energy(Detector):
+    """``-log sum_c exp(l_c)``, the free energy (Liu et al., 2020)."""
+
+    name, group, summary = "energy", "confidence", "energy score"
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        return -logsumexp(out.logits)
+
+
+class Entropy(Detector):
+    """``-sum_c p_c log p_c``."""
+
+    name, group, summary = "entropy", "confidence", "predictive entropy"
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        p = out.probabilities
+        return -(p * np.log(np.maximum(p, 1e-300))).sum(1)
+
+    @staticmethod
+    def feature(risk: np.ndarray) -> np.ndarray:
+        return np.log(np.asarray(risk, np.float64) + 1e-9)
+
+
+class Doctor(Detector):
+    """DOCTOR D_alpha: ``(1 - g) / g`` with ``g = sum_c p_c^2`` (Granese et al., 2021)."""
+
+    name, group, summary = "doctor", "confidence", "DOCTOR (Gini)"
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        g = (out.probabilities ** 2).sum(1)
+        return (1.0 - g) / g
+
+    @staticmethod
+    def feature(risk: np.ndarray) -> np.ndarray:
+        return np.log(np.asarray(risk, np.float64) + 1e-9)
+
+
+@dataclass(frozen=True)
+class _GaussianDetector(Detector):
+    """Shared code of the two Mahalanobis detectors."""
+
+    gaussians: ClassGaussians
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"means": self.gaussians.means, "whiten": self.gaussians.whiten}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Detector:
+        return cls(ClassGaussians(state["means"], state["whiten"]))
+
+    @staticmethod
+    def feature(risk: np.ndarray) -> np.ndarray:
+        return np.log1p(np.maximum(np.asarray(risk, np.float64), 0.0))
+
+
+@dataclass(frozen=True)
+class Mahalanobis(_GaussianDetector):
+    """``min_c (z - mu_c)^T Sigma^-1 (z - mu_c)``: class means and one shared covariance of
+    the reference features (Lee et al., 2018, without input preprocessing)."""
+
+    name, group, summary = "mahalanobis", "density", "feature Mahalanobis distance"
+
+    @classmethod
+    def fit(cls, data: FitData) -> Detector:
+        return cls(fit_class_gaussians(data.outputs.features, data.labels, data.num_classes,
+                                       data.settings.shrinkage))
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        return self.gaussians.sq_distances(out.features).min(1)
+
+
+@dataclass(frozen=True)
+class ConceptMahalanobis(_GaussianDetector):
+    """The same as ``mahalanobis`` in the standardised concept space ``s``."""
+
+    name, group, summary = ("concept_mahalanobis", "concept",
+                            "concept-space Mahalanobis distance")
+
+    @classmethod
+    def fit(cls, data: FitData) -> Detector:
+        return cls(fit_class_gaussians(data.outputs.concepts, data.labels, data.num_classes,
+                                       data.settings.shrinkage))
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        return self.gaussians.sq_distances(out.concepts).min(1)
+
+
+@dataclass(frozen=True)
+class KNN(Detector):
+    """Distance from ``z / |z|`` to its k-th nearest neighbour among the unit reference
+    features (Sun et al., 2022)."""
+
+    name, group, summary = "knn", "density", "k-th nearest-neighbour distance (features)"
+    bank: np.ndarray  # (n, d) unit reference features
+    k: int
+
+    @classmethod
+    def fit(cls, data: FitData) -> Detector:
+        k = min(data.settings.knn_k, len(data.labels))
+        return cls(data.outputs.unit_features.astype(np.float32), k)
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        sim = out.unit_features @ self.bank.T.astype(np.float64)  # (N, n) cosine
+        kth = -np.partition(-sim, self.k - 1, axis=1)[:, self.k - 1]
+        return np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"bank": self.bank, "k": np.array([self.k], np.float32)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Detector:
+        return cls(state["bank"], int(state["k"][0]))
+
+    @staticmethod
+    def feature(risk: np.ndarray) -> np.ndarray:
+        return np.log(np.asarray(risk, np.float64) + 1e-6)
+
+
+@dataclass(frozen=True)
+class ViM(Detector):
+    """Virtual-logit matching (Wang et al., 2022): with the head ``l = W z + b``, origin
+    ``u = -W^+ b`` and ``R`` the principal-complement basis of the reference features
+    ``z - u`` (all but the ``D`` largest directions), ``alpha |(z - u) R| - log sum exp l``;
+    ``alpha`` = mean max logit / mean residual norm on the reference split."""
+
+    name, group, summary = "vim", "density", "ViM (virtual logit)"
+    origin: np.ndarray  # (d,)
+    residual_basis: np.ndarray  # (d, d - D)
+    alpha: float
+
+    @classmethod
+    def fit(cls, data: FitData) -> Detector:
+        w, b = data.head
+        z = np.asarray(data.outputs.features, np.float64)
+        origin = -np.linalg.pinv(w) @ b
+        x = z - origin
+        dim = data.settings.vim_dim or z.shape[1] // 2
+        _, evecs = np.linalg.eigh(x.T @ x / len(x))
+        basis = evecs[:, : z.shape[1] - dim]  # eigh: ascending, so the smallest first
+        residual = np.linalg.norm(x @ basis, axis=1)
+        alpha = float(np.asarray(data.outputs.logits).max(1).mean() / residual.mean())
+        return cls(origin.astype(np.float32), basis.astype(np.float32), alpha)
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        x = np.asarray(out.features, np.float64) - self.origin
+        residual = np.linalg.norm(x @ self.residual_basis.astype(np.float64), axis=1)
+        return self.alpha * residual - logsumexp(out.logits)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"origin": self.origin, "residual_basis": self.residual_basis,
+                "alpha": np.array([self.alpha], np.float32)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Detector:
+        return cls(state["origin"], state["residual_basis"], float(state["alpha"][0]))
+
+
+@dataclass(frozen=True)
+class ReActEnergy(Detector):
+    """ReAct (Sun et al., 2021): clip the features at the reference split's 90th percentile
+    activation ``c``, recompute the logits with the head and take the energy:
+    ``-log sum exp(W min(z, c) + b)``."""
+
+    name, group, summary = "react_energy", "density", "ReAct + energy"
+    weight: np.ndarray  # (C, d)
+    bias: np.ndarray  # (C,)
+    clip: float
+
+    @classmethod
+    def fit(cls, data: FitData) -> Detector:
+        w, b = data.head
+        clip = float(np.quantile(np.asarray(data.outputs.features, np.float64),
+                                 data.settings.react_percentile))
+        return cls(w.astype(np.float32), b.astype(np.float32), clip)
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        z = np.minimum(np.asarray(out.features, np.float64), self.clip)
+        return -logsumexp(z @ self.weight.T.astype(np.float64) + self.bias)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": self.bias,
+                "clip": np.array([self.clip], np.float32)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Detector:
+        return cls(state["weight"], state["bias"], float(state["clip"][0]))
+
+
+@dataclass(frozen=True)
+class _HeatmapDetector(Detector):
+    """Shared code of the heatmap detectors: unit rows of ``H_ok``, ``H_bad``, ``H_adv``."""
+
+    h_ok: np.ndarray
+    h_bad: np.ndarray
+    h_adv: np.ndarray
+
+    @classmethod
+    def fit(cls, data: FitData) -> Detector:
+        return cls(np.asarray(data.h_ok, np.float32), np.asarray(data.h_bad, np.float32),
+                   np.asarray(data.h_adv, np.float32))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"h_ok": self.h_ok, "h_bad": self.h_bad, "h_adv": self.h_adv}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Detector:
+        return cls(state["h_ok"], state["h_bad"], state["h_adv"])
+
+    @cached_property
+    def units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return unit_rows(self.h_ok), unit_rows(self.h_bad), unit_rows(self.h_adv)
+
+    def sims(self, out: Outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``cos(s, H_ok[y^])``, ``cos(s, H_bad[y^])``, ``cos(s, H_adv[y^])``."""
+        s, pred = out.unit_concepts, out.predictions
+        return tuple((s * u[pred]).sum(1) for u in self.units)  # type: ignore[return-value]
+
+
+class HeatmapCosine(_HeatmapDetector):
+    """``cos(s, H_bad[y^]) - cos(s, H_ok[y^])``: closer to past mistakes than to past
+    correct predictions of the predicted class."""
+
+    name, group, summary = "heatmap_cosine", "concept", "heatmap cosine (bad - ok)"
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        ok, bad, _ = self.sims(out)
+        return bad - ok
+
+
+class PaperRule(_HeatmapDetector):
+    """The source paper's rule as a score: ``max(cos(s, H_bad), cos(s, H_adv)) - cos(s,
+    H_ok)``; it rejects where this is positive."""
+
+    name, group, summary = "paper_rule", "concept", "paper rule (heatmap cosines)"
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        ok, bad, adv = self.sims(out)
+        return np.maximum(bad, adv) - ok
+
+
+DETECTORS: dict[str, type[Detector]] = {
+    cls.name: cls for cls in (MaxSoftmax, MaxLogit, Energy, Entropy, Doctor, Mahalanobis,
+                              KNN, ViM, ReActEnergy, ConceptMahalanobis, HeatmapCosine,
+                              PaperRule)
+}
+"""Every detector, in report order. The standard baselines are all but the concept ones."""
+
+BASELINES: tuple[str, ...] = tuple(n for n, c in DETECTORS.items() if c.group != "concept")
+
+
+def fit_detectors(data: FitData) -> dict[str, Detector]:
+    return {name: cls.fit(data) for name, cls in DETECTORS.items()}
+
+
+def detector_risks(detectors: dict[str, Detector], out: Outputs) -> dict[str, np.ndarray]:
+    return {name: d.risk(out) for name, d in detectors.items()}
+
+
+def detectors_state(detectors: dict[str, Detector]) -> dict[str, np.ndarray]:
+    """Flat ``detector.<name>.<key>`` tensors for the bank."""
+    return {f"detector.{name}.{k}": np.ascontiguousarray(v, np.float32)
+            for name, d in detectors.items() for k, v in d.state().items()}
+
+
+def detectors_from_state(tensors: dict[str, np.ndarray]) -> dict[str, Detector]:
+    out: dict[str, Detector] = {}
+    for name, cls in DETECTORS.items():
+        prefix = f"detector.{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            out[name] = cls.from_state(state)
+        except KeyError as exc:
+            raise ValueError(f"detector {name!r}: tensor {prefix}{exc.args[0]} is missing"
+                             ) from exc
+    return out
