@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from conceptguard.export import INPUT_NAME, OUTPUT_NAMES
+from conceptguard.graph import INPUT_NAME, OUTPUT_NAMES
 
 Backend = Literal["onnx", "torch"]
 

@@ -96,7 +96,16 @@ class Loaded:
         return project_features(features, projection)
 
     def head_logits(self, features: np.ndarray) -> np.ndarray:
-        """Logits from features with the classifier's head (loaded once, on first use)."""
+        """Logits from features with the classifier's head (loaded once, on first use).
+        A linear head (the usual case) runs in numpy from the classifier file's
+        ``head.weight``/``head.bias``, so the ONNX backend needs no torch for it."""
+        with self._head_lock:
+            if "linear_head" not in self._cache:
+                self._cache["linear_head"] = _linear_head(self)
+        linear = self._cache["linear_head"]
+        if linear is not None:
+            weight, bias = linear
+            return np.ascontiguousarray(features, dtype=np.float32) @ weight.T + bias
         import torch
 
         with self._head_lock:
@@ -107,6 +116,24 @@ class Loaded:
         with torch.inference_mode():
             z = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
             return model.head_logits(z).float().numpy()
+
+
+def _linear_head(loaded: Loaded) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(weight K x D, bias K)`` when the head is one linear layer, on the ONNX backend
+    (the torch backend keeps using its own module)."""
+    if loaded.runtime.name.startswith("torch"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(loaded.bank.classifier_path), framework="numpy") as f:
+        keys = {k for k in f.keys() if k.startswith("head.")}  # noqa: SIM118
+        if keys != {"head.weight", "head.bias"}:
+            return None
+        weight, bias = f.get_tensor("head.weight"), f.get_tensor("head.bias")
+    k, d = loaded.num_classes, loaded.feature_dim
+    if weight.shape != (k, d) or bias.shape != (k,):
+        return None
+    return weight.astype(np.float32), bias.astype(np.float32)
 
 
 def _classifier_module(loaded: Loaded) -> Any:
