@@ -166,7 +166,8 @@ def bank_summary(loaded: Loaded, path: Path) -> dict[str, Any]:
                        "test_accuracy": m.classifier.test_accuracy},
         "threshold": m.threshold,
         "evaluation": {**m.evaluation, **_report_headline(loaded.bank.path)},
-        "runtime": {"backend": loaded.runtime.name, "device": loaded.runtime.device},
+        "runtime": {"backend": loaded.runtime.name, "device": loaded.runtime.device,
+                    "provider": getattr(loaded.runtime, "provider", loaded.runtime.device)},
     }
 
 
@@ -233,9 +234,12 @@ def load(path: Path, settings: Settings) -> Loaded:
     _smoke_test(bank, runtime)
     m = bank.manifest
     name = settings.model_name or m.name
-    metrics = ModelMetrics(name, m.classes, m.concept_names, bank_info(bank))
-    log.info("loaded bank %s (%s) from %s on %s/%s", m.bank_id, name, path, runtime.name,
-             runtime.device)
+    provider = getattr(runtime, "provider", runtime.device)
+    info = {**bank_info(bank), "backend": runtime.name, "device": runtime.device,
+            "provider": provider}
+    metrics = ModelMetrics(name, m.classes, m.concept_names, info)
+    log.info("loaded bank %s (%s) from %s: backend %s, device %s, provider %s (asked: %s)",
+             m.bank_id, name, path, runtime.name, runtime.device, provider, settings.device)
     return Loaded(bank=bank, runtime=runtime, model_name=name, metrics=metrics)
 
 
