@@ -206,7 +206,12 @@ def make_runtime(bank: Bank, settings: Settings) -> Runtime:
         from conceptguard.runtime import OnnxRuntime
 
         return OnnxRuntime(bank.onnx_path, device=settings.device, threads=settings.threads)
-    import torch
+    try:
+        import torch
+    except ImportError as exc:  # the serving install has no torch
+        raise RuntimeError("the torch backend needs the 'torch' extra "
+                           "(pip install 'conceptguard[torch]'); the serving install has "
+                           "ONNX Runtime only") from exc
 
     from conceptguard.classifier.io import load_classifier
     from conceptguard.export import MonitoredClassifier
