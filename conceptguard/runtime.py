@@ -54,6 +54,13 @@ class OnnxRuntime:
         if device == "cuda" and not use_cuda:
             raise RuntimeError("device=cuda asked for, but onnxruntime has no CUDA provider "
                                "(install the 'gpu' extra: onnxruntime-gpu)")
+        if use_cuda and hasattr(ort, "preload_dlls"):
+            # CUDA and cuDNN from the nvidia-* wheels of the gpu extra: without torch in the
+            # process nothing else loads them, and the CUDA provider would fall back
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # a missing library shows up as the fallback below
+                log.warning("onnxruntime.preload_dlls() failed: %s", exc)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda \
             else ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
