@@ -252,3 +252,54 @@ def test_grpc_errors_carry_status_codes(grpc_client: Any, model: str) -> None:
     wrong.set_data_from_numpy(x)
     with pytest.raises(InferenceServerException, match=r"\[N, 1, 28, 28\]"):
         grpc_client.infer(model, [wrong])
+
+
+def test_grpc_goes_through_the_same_batcher_and_metrics(grpc_client: Any, client: httpx.Client,
+                                                        model: str, images: np.ndarray) -> None:
+    from tests.conftest import metric_sum
+
+    before = client.get("/metrics").text
+    inp = tritongrpc.InferInput("image", [len(images)], "BYTES")
+    inp.set_data_from_numpy(png_array(images))
+    grpc_client.infer(model, [inp])
+    after = client.get("/metrics").text
+    endpoint = "/inference.GRPCInferenceService/ModelInfer"
+    assert (metric_sum(after, "conceptguard_requests_total", endpoint=endpoint, status="200")
+            >= metric_sum(before, "conceptguard_requests_total", endpoint=endpoint,
+                          status="200") + 1)
+    # the images went through the batcher (one histogram for every transport) and scoring
+    assert (metric_sum(after, "conceptguard_batch_size_sum")
+            >= metric_sum(before, "conceptguard_batch_size_sum") + len(images))
+    assert (metric_sum(after, "conceptguard_predictions_total", model=model)
+            >= metric_sum(before, "conceptguard_predictions_total", model=model) + len(images))
+
+
+def test_grpc_on_every_worker_of_a_multiworker_server(multiworker_server: ServerProcess,
+                                                      model: str, images: np.ndarray) -> None:
+    """Two uvicorn workers, one gRPC port (SO_REUSEPORT): every new connection is served."""
+    for _ in range(4):
+        c = tritongrpc.InferenceServerClient(f"127.0.0.1:{multiworker_server.grpc_port}")
+        try:
+            inp = tritongrpc.InferInput("image", [1], "BYTES")
+            inp.set_data_from_numpy(png_array(images[:1]))
+            assert c.infer(model, [inp]).as_numpy("label").shape == (1,)
+        finally:
+            c.close()
+
+
+def test_grpc_port_taken_stops_the_startup(tmp_path: Any) -> None:
+    import socket
+
+    from tests.conftest import launch_server
+
+    with socket.socket() as taken:  # no SO_REUSEPORT: gRPC cannot share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        srv = launch_server(tmp_path, settings={"grpc_port": port, "grpc_host": "127.0.0.1"})
+        try:
+            srv.process.wait(timeout=60)
+        finally:
+            srv.stop()
+    assert srv.process.returncode != 0
+    assert "CONCEPTGUARD_GRPC_PORT" in srv.log_tail()
