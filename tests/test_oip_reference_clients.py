@@ -274,11 +274,16 @@ def test_grpc_goes_through_the_same_batcher_and_metrics(grpc_client: Any, client
             >= metric_sum(before, "conceptguard_predictions_total", model=model) + len(images))
 
 
-def test_grpc_on_every_worker_of_a_multiworker_server(multiworker_server: ServerProcess,
+def test_grpc_on_every_worker_of_a_multiworker_server(server_factory: Any, tmp_path: Any,
                                                       model: str, images: np.ndarray) -> None:
-    """Two uvicorn workers, one gRPC port (SO_REUSEPORT): every new connection is served."""
+    """Two uvicorn workers, one gRPC port (SO_REUSEPORT): every new connection is served.
+    (Its own server: the session's multiworker server counts its requests exactly.)"""
+    mp = tmp_path / "prometheus"
+    mp.mkdir()
+    srv = server_factory(workers=2, use_cli=True,
+                         extra_env={"PROMETHEUS_MULTIPROC_DIR": str(mp)})
     for _ in range(4):
-        c = tritongrpc.InferenceServerClient(f"127.0.0.1:{multiworker_server.grpc_port}")
+        c = tritongrpc.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
         try:
             inp = tritongrpc.InferInput("image", [1], "BYTES")
             inp.set_data_from_numpy(png_array(images[:1]))
