@@ -1,11 +1,16 @@
 # ConceptGuard service image.
 #
-# CPU (default):  docker build -t conceptguard:0.1.0 .
-# CUDA variant:   docker build -t conceptguard:0.1.0-cuda \
-#                   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
-#                   --build-arg EXTRAS=gpu .
-#   (use a CUDA index that pytorch.org lists for torch 2.14.1; run with
-#    `--gpus all` / the NVIDIA device plugin and CONCEPTGUARD_DEVICE=cuda or auto)
+# Serving (default): docker build -t conceptguard:0.1.0 .
+#   the serving set only: ONNX Runtime on the CPU, no torch, no offline packages
+# + torch backend:   --build-arg EXTRAS=torch        (CONCEPTGUARD_BACKEND=torch)
+# + offline job:     --build-arg EXTRAS=offline      (conceptguard build-bank ... in the image)
+# CUDA variant:      docker build -t conceptguard:0.1.0-cuda \
+#                      --build-arg EXTRAS=gpu .
+#   onnxruntime-gpu 1.31 from PyPI is built for CUDA 13 + cuDNN 9 (their pip wheels come with
+#   it); with torch too, take torch from the CUDA 13 index so both share CUDA 13:
+#      --build-arg EXTRAS=gpu,torch --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+#   Run with `--gpus all` / the NVIDIA device plugin (driver >= 580) and CONCEPTGUARD_DEVICE=cuda:
+#   the service then refuses to start if the session falls back to the CPU.
 #
 # Runtime knobs (all env): CONCEPTGUARD_WORKERS (uvicorn worker processes), CONCEPTGUARD_HOST,
 # CONCEPTGUARD_HTTP_PORT, CONCEPTGUARD_LOG_LEVEL (read by the entrypoint) and every
@@ -19,11 +24,12 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 
-# cpu: https://download.pytorch.org/whl/cpu ; CUDA 12: https://download.pytorch.org/whl/cu12x
+# cpu: https://download.pytorch.org/whl/cpu ; CUDA 13 (matches onnxruntime-gpu): .../whl/cu130
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
-# comma-separated extras of the package; "gpu" swaps onnxruntime for onnxruntime-gpu
+# comma-separated extras of the package: empty = the serving set; "torch" adds the torch
+# backend, "offline" the offline job (with torch); "gpu" swaps onnxruntime for onnxruntime-gpu
 ARG EXTRAS=""
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -36,12 +42,17 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 RUN python -m venv /opt/venv
 
-# 1) torch + torchvision from the PyTorch index (the largest layer; changes only with the args).
-#    The constraints file keeps the later PyPI resolution from replacing them.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
- && printf 'torch==%s\ntorchvision==%s\n' "${TORCH_VERSION}" "${TORCHVISION_VERSION}" \
-        > /opt/torch-constraints.txt
+# 1) torch + torchvision from the PyTorch index, only for extras that need torch (the largest
+#    layer; changes only with the args). The constraints file keeps the later PyPI resolution
+#    from replacing them; it is empty for the serving set.
+RUN case ",${EXTRAS}," in \
+      *,torch,*|*,offline,*|*,dev,*) \
+        pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
+            "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+        && printf 'torch==%s\ntorchvision==%s\n' "${TORCH_VERSION}" "${TORCHVISION_VERSION}" \
+            > /opt/torch-constraints.txt ;; \
+      *) : > /opt/torch-constraints.txt ;; \
+    esac
 
 # 2) the other dependencies, resolved from pyproject.toml alone (empty stub packages), so this
 #    layer stays cached while only source code changes.
@@ -63,7 +74,7 @@ COPY conceptguard/ conceptguard/
 COPY offline/ offline/
 COPY service/ service/
 RUN pip install --no-cache-dir --no-deps --force-reinstall . \
- && python -c "import conceptguard, offline.cli, service"
+ && python -c "import conceptguard, offline.cli, service.app, service.grpc_server"
 
 # ---------------------------------------------------------------------------------------------
 # runtime: slim Python + the venv + the bank, as a non-root user
@@ -84,6 +95,7 @@ ENV VIRTUAL_ENV=/opt/venv \
     CONCEPTGUARD_DEVICE=auto \
     CONCEPTGUARD_HOST=0.0.0.0 \
     CONCEPTGUARD_HTTP_PORT=8000 \
+    CONCEPTGUARD_GRPC_PORT=8001 \
     CONCEPTGUARD_WORKERS=1 \
     CONCEPTGUARD_LOG_LEVEL=info \
     PROMETHEUS_MULTIPROC_DIR=/run/conceptguard/metrics
@@ -106,7 +118,8 @@ COPY banks/ banks/
 
 USER 10001:10001
 
-EXPOSE 8000
+# 8000: HTTP (v1, v2 REST, /metrics); 8001: Open Inference Protocol gRPC
+EXPOSE 8000 8001
 
 # no curl in slim images: a stdlib urllib probe of /v2/health/ready
 HEALTHCHECK --interval=15s --timeout=5s --start-period=90s --retries=3 \

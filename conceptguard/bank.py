@@ -191,7 +191,7 @@ def _check_shapes(manifest: Manifest, tensors: dict[str, np.ndarray]) -> None:
 
 def load_bank(path: Path | str, expected_classifier_hash: str | None = None) -> Bank:
     """Load and validate a bank folder."""
-    from conceptguard.classifier.io import verify_classifier_file
+    from conceptguard.classifier.hashing import verify_classifier_hash  # no torch
 
     path = Path(path)
     manifest = _read_manifest(path)
@@ -202,7 +202,7 @@ def load_bank(path: Path | str, expected_classifier_hash: str | None = None) -> 
         raise BankError(f"{path / TENSORS} is not a readable safetensors file: {exc}") from exc
     _check_shapes(manifest, tensors)
     try:
-        _, stored, _ = verify_classifier_file(path / CLASSIFIER)
+        _, stored = verify_classifier_hash(path / CLASSIFIER)
     except (ValueError, OSError) as exc:
         raise BankError(f"{path / CLASSIFIER} is not a valid classifier: {exc}") from exc
     if stored != manifest.classifier.hash:

@@ -15,10 +15,8 @@ import torch
 from torch import nn
 
 from conceptguard.classifier.split import SplitClassifier
+from conceptguard.graph import INPUT_NAME, OUTPUT_NAMES
 from conceptguard.projection import PROJECTION_KEYS, concept_scores
-
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "features", "concepts")
 
 
 class MonitoredClassifier(nn.Module):

@@ -1,20 +1,25 @@
 """Inference runtimes for the serving graph: ONNX Runtime (default) or torch.
 
 Both take float32 ``(N, C, H, W)`` images in [0, 1] and return logits, features and
-standardised concept scores. CUDA is used when present, the CPU otherwise.
+standardised concept scores. CUDA is used when present, the CPU otherwise. ``device`` and
+``provider`` say what a runtime really runs on: for ONNX Runtime they are read from the
+session's providers (not from the list of providers installed), and ``device="cuda"`` fails
+clearly when the session fell back to the CPU.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
 
-from conceptguard.export import INPUT_NAME, OUTPUT_NAMES
+from conceptguard.graph import INPUT_NAME, OUTPUT_NAMES
 
 Backend = Literal["onnx", "torch"]
+log = logging.getLogger("conceptguard.runtime")
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,8 @@ class RuntimeOutputs:
 
 class Runtime(Protocol):
     name: str
-    device: str
+    device: str  # "cuda" or "cpu": where the graph actually runs
+    provider: str  # e.g. "CUDAExecutionProvider", "CPUExecutionProvider", "torch-cuda"
 
     def run(self, images: np.ndarray) -> RuntimeOutputs: ...
 
@@ -48,6 +54,13 @@ class OnnxRuntime:
         if device == "cuda" and not use_cuda:
             raise RuntimeError("device=cuda asked for, but onnxruntime has no CUDA provider "
                                "(install the 'gpu' extra: onnxruntime-gpu)")
+        if use_cuda and hasattr(ort, "preload_dlls"):
+            # CUDA and cuDNN from the nvidia-* wheels of the gpu extra: without torch in the
+            # process nothing else loads them, and the CUDA provider would fall back
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # a missing library shows up as the fallback below
+                log.warning("onnxruntime.preload_dlls() failed: %s", exc)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda \
             else ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
@@ -55,7 +68,20 @@ class OnnxRuntime:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
-        self.device = "cuda" if use_cuda else "cpu"
+        # what the session really uses: ONNX Runtime falls back to the CPU with only a
+        # warning when the CUDA provider cannot load (missing or mismatched CUDA libraries)
+        session_providers = self.session.get_providers()
+        self.provider = session_providers[0] if session_providers else "CPUExecutionProvider"
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        if use_cuda and self.device != "cuda":
+            log.warning("onnxruntime: the CUDA provider did not load; running on %s",
+                        session_providers)
+        if device == "cuda" and self.device != "cuda":
+            raise RuntimeError(
+                f"device=cuda asked for, but the ONNX Runtime session runs on "
+                f"{session_providers} (the CUDA provider did not load: check that the "
+                f"onnxruntime-gpu build and the CUDA/cuDNN libraries share one CUDA major, "
+                f"and the ONNX Runtime log above)")
 
     def run(self, images: np.ndarray) -> RuntimeOutputs:
         x = np.ascontiguousarray(images, dtype=np.float32)
@@ -80,6 +106,7 @@ class TorchRuntime:
             raise RuntimeError("device=cuda asked for, but torch sees no CUDA device")
         self._torch = torch
         self.device = "cuda" if use_cuda else "cpu"
+        self.provider = f"torch-{self.device}"
         self.module = module.eval().to(self.device)
         self._forward = torch.compile(self.module) if compile else self.module
         if compile:

@@ -31,6 +31,7 @@ from service.routes_v2 import __version__
 from service.routes_v2 import router as v2_router
 from service.runtime_state import NotReady, RuntimeState
 from service.settings import Settings, SettingsError, load_settings
+from service.v2_tensors import ModelStats
 
 log = logging.getLogger("conceptguard.service")
 
@@ -175,6 +176,24 @@ def install_error_handlers(app: FastAPI) -> None:
 # ---------------------------------------------------------------- the app
 
 
+async def start_grpc(s: Settings, state: RuntimeState, dataplane: DataPlane,
+                     stats: ModelStats) -> Any:
+    """The Open Inference Protocol gRPC server on the same data plane (None if disabled)."""
+    if s.grpc_port == 0:
+        return None
+    from service.grpc_server import GrpcServer
+
+    server = GrpcServer(s, state, dataplane, stats, __version__)
+    try:
+        await server.start()
+    except RuntimeError as exc:
+        log.error("conceptguard: %s", exc)
+        state.stop()
+        await dataplane.close()
+        raise
+    return server
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; ``settings`` default to the environment, read at startup."""
 
@@ -197,9 +216,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = s
         app.state.runtime_state = state
         app.state.dataplane = dataplane
+        app.state.v2_stats = ModelStats()
+        grpc_server = await start_grpc(s, state, dataplane, app.state.v2_stats)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             state.stop()
             await dataplane.close()
             metrics.mark_process_dead()

@@ -71,8 +71,11 @@ CONCEPT_SCORE_MEAN = Gauge("conceptguard_concept_score_mean",
                            f"Exponential moving average (alpha {EMA_ALPHA} per input) of the "
                            "standardised concept scores", ["model", "concept"],
                            multiprocess_mode="mostrecent")
-BANK_INFO = Gauge("conceptguard_bank_info", "The bank being served (value 1)",
-                  ["model", "bank_id", "vlm", "classifier_hash", "schema_version"],
+BANK_INFO = Gauge("conceptguard_bank_info",
+                  "The bank being served and the runtime serving it (value 1); provider: the "
+                  "execution provider the session actually uses",
+                  ["model", "bank_id", "vlm", "classifier_hash", "schema_version", "backend",
+                   "device", "provider"],
                   multiprocess_mode="liveall")
 BAD_REQUESTS = Counter("conceptguard_bad_requests", "Client errors (4xx) by error code",
                        ["code"])
@@ -154,9 +157,10 @@ class ModelMetrics:
     def deactivate(self) -> None:
         BANK_INFO.labels(self.model, *self._info_values()).set(0)
 
-    def _info_values(self) -> tuple[str, str, str, str]:
+    def _info_values(self) -> tuple[str, ...]:
         i = self.info
-        return i["bank_id"], i["vlm"], i["classifier_hash"], i["schema_version"]
+        return (i["bank_id"], i["vlm"], i["classifier_hash"], i["schema_version"],
+                i.get("backend", ""), i.get("device", ""), i.get("provider", ""))
 
     def record(self, scores: Scores, concepts: np.ndarray) -> None:
         """Count and observe one scored batch (called from the inference thread)."""

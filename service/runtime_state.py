@@ -96,7 +96,16 @@ class Loaded:
         return project_features(features, projection)
 
     def head_logits(self, features: np.ndarray) -> np.ndarray:
-        """Logits from features with the classifier's head (loaded once, on first use)."""
+        """Logits from features with the classifier's head (loaded once, on first use).
+        A linear head (the usual case) runs in numpy from the classifier file's
+        ``head.weight``/``head.bias``, so the ONNX backend needs no torch for it."""
+        with self._head_lock:
+            if "linear_head" not in self._cache:
+                self._cache["linear_head"] = _linear_head(self)
+        linear = self._cache["linear_head"]
+        if linear is not None:
+            weight, bias = linear
+            return np.ascontiguousarray(features, dtype=np.float32) @ weight.T + bias
         import torch
 
         with self._head_lock:
@@ -107,6 +116,24 @@ class Loaded:
         with torch.inference_mode():
             z = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
             return model.head_logits(z).float().numpy()
+
+
+def _linear_head(loaded: Loaded) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(weight K x D, bias K)`` when the head is one linear layer, on the ONNX backend
+    (the torch backend keeps using its own module)."""
+    if loaded.runtime.name.startswith("torch"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(loaded.bank.classifier_path), framework="numpy") as f:
+        keys = {k for k in f.keys() if k.startswith("head.")}  # noqa: SIM118
+        if keys != {"head.weight", "head.bias"}:
+            return None
+        weight, bias = f.get_tensor("head.weight"), f.get_tensor("head.bias")
+    k, d = loaded.num_classes, loaded.feature_dim
+    if weight.shape != (k, d) or bias.shape != (k,):
+        return None
+    return weight.astype(np.float32), bias.astype(np.float32)
 
 
 def _classifier_module(loaded: Loaded) -> Any:
@@ -139,7 +166,8 @@ def bank_summary(loaded: Loaded, path: Path) -> dict[str, Any]:
                        "test_accuracy": m.classifier.test_accuracy},
         "threshold": m.threshold,
         "evaluation": {**m.evaluation, **_report_headline(loaded.bank.path)},
-        "runtime": {"backend": loaded.runtime.name, "device": loaded.runtime.device},
+        "runtime": {"backend": loaded.runtime.name, "device": loaded.runtime.device,
+                    "provider": getattr(loaded.runtime, "provider", loaded.runtime.device)},
     }
 
 
@@ -178,7 +206,12 @@ def make_runtime(bank: Bank, settings: Settings) -> Runtime:
         from conceptguard.runtime import OnnxRuntime
 
         return OnnxRuntime(bank.onnx_path, device=settings.device, threads=settings.threads)
-    import torch
+    try:
+        import torch
+    except ImportError as exc:  # the serving install has no torch
+        raise RuntimeError("the torch backend needs the 'torch' extra "
+                           "(pip install 'conceptguard[torch]'); the serving install has "
+                           "ONNX Runtime only") from exc
 
     from conceptguard.classifier.io import load_classifier
     from conceptguard.export import MonitoredClassifier
@@ -206,9 +239,12 @@ def load(path: Path, settings: Settings) -> Loaded:
     _smoke_test(bank, runtime)
     m = bank.manifest
     name = settings.model_name or m.name
-    metrics = ModelMetrics(name, m.classes, m.concept_names, bank_info(bank))
-    log.info("loaded bank %s (%s) from %s on %s/%s", m.bank_id, name, path, runtime.name,
-             runtime.device)
+    provider = getattr(runtime, "provider", runtime.device)
+    info = {**bank_info(bank), "backend": runtime.name, "device": runtime.device,
+            "provider": provider}
+    metrics = ModelMetrics(name, m.classes, m.concept_names, info)
+    log.info("loaded bank %s (%s) from %s: backend %s, device %s, provider %s (asked: %s)",
+             m.bank_id, name, path, runtime.name, runtime.device, provider, settings.device)
     return Loaded(bank=bank, runtime=runtime, model_name=name, metrics=metrics)
 
 

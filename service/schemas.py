@@ -175,7 +175,7 @@ class RequestInput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = None  # absent when parameters.binary_data_size is set
 
 
 class RequestOutput(BaseModel):
@@ -195,7 +195,7 @@ class ResponseOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = None  # absent when parameters.binary_data_size is set
 
 
 class InferenceResponse(BaseModel):

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         None, description="refuse banks built for another classifier (sha256 hex)")
     model_name: str | None = Field(None, description="model name; default: the bank's name")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on a 503")
+    grpc_port: int = Field(8001, ge=0, le=65535,
+                           description="Open Inference Protocol gRPC port; 0 = no gRPC server")
+    grpc_host: str = Field("0.0.0.0", min_length=1, description="address gRPC listens on")
 
     @field_validator("admin_token", "expected_classifier_hash", "model_name", mode="before")
     @classmethod

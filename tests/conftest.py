@@ -80,6 +80,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    grpc_port: int = 0  # the Open Inference Protocol gRPC port (0: none)
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -135,6 +136,9 @@ def launch_server(log_dir: Path, *, bank: Path = DEMO_BANK,
     """Start a server subprocess; does not wait (see :func:`wait_ready`)."""
     port = free_port()
     env = server_env(bank, settings, extra_env)
+    # every server gets its own gRPC port on loopback (8001 would collide between servers)
+    env.setdefault("CONCEPTGUARD_GRPC_PORT", str(free_port()))
+    env.setdefault("CONCEPTGUARD_GRPC_HOST", "127.0.0.1")
     if use_cli:
         cmd = [sys.executable, "-m", "offline.cli", "serve", "--bank", str(bank), "--host",
                "127.0.0.1", "--port", str(port), "--workers", str(workers),
@@ -147,7 +151,8 @@ def launch_server(log_dir: Path, *, bank: Path = DEMO_BANK,
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent)
-    return ServerProcess(f"http://127.0.0.1:{port}", port, proc, log_path, env)
+    return ServerProcess(f"http://127.0.0.1:{port}", port, proc, log_path, env,
+                         int(env["CONCEPTGUARD_GRPC_PORT"]))
 
 
 def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> ServerProcess:

@@ -671,7 +671,7 @@ def test_dockerfile_hadolint_style_rules() -> None:
     health = [r for i, r in final if i == "HEALTHCHECK"]
     assert health and "conceptguard-healthcheck" in health[0] and "ready" in health[0]
     assert not re.search(r"\b(curl|wget)\b", health[0])
-    assert any(i == "EXPOSE" and r.split() == ["8000"] for i, r in final)
+    assert any(i == "EXPOSE" and r.split() == ["8000", "8001"] for i, r in final)
     env = " ".join(r for i, r in final if i == "ENV")
     assert "HF_HUB_OFFLINE=1" in env and "PROMETHEUS_MULTIPROC_DIR=" in env
     assert "ADMIN_TOKEN" not in env, "no secrets baked into the image"
@@ -696,6 +696,11 @@ def test_dockerfile_torch_from_the_pytorch_index_and_cache_friendly_order() -> N
     pkg_at = src_at + next(k for k, (i, r) in enumerate(builder[src_at:])
                            if i == "RUN" and "--no-deps" in r and "pip install" in r)
     assert torch_at < pyproject_at < deps_at < src_at < pkg_at
+    # the serving image (EXTRAS empty) gets no torch: the torch step is guarded by the extras
+    torch_run = builder[torch_at][1]
+    assert re.search(r'case ",\$\{EXTRAS\}," in', torch_run), torch_run
+    assert "*,torch,*|*,offline,*" in torch_run and "*) : > /opt/torch-constraints.txt" in torch_run
+    assert args["EXTRAS"] == '""'
     copied = " ".join(r for s in stages for i, r in s if i == "COPY")
     for src in ("conceptguard/", "offline/", "service/", "configs/", "banks/",
                 "pyproject.toml", "README.md"):

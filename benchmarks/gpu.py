@@ -1,0 +1,226 @@
+"""GPU vs CPU in one go: the serving graph (classifier + concept projection) on ONNX Runtime
+and torch, CUDA and CPU, batch 1 / 64 / 256, plus the monitor's scoring step; images/s.
+
+    python benchmarks/gpu.py [--bank banks/demo] [--seconds 1.0] [--out benchmarks/results]
+
+Needs only torch (torchvision for the demo classifier), numpy and this repository;
+onnxruntime / onnxruntime-gpu when present (without a CUDA session it reports "ORT CUDA
+unavailable" and goes on with torch). It reads the bank with a stdlib safetensors reader, so
+pydantic and safetensors are optional (without them the scoring step is skipped). Bounded:
+about 12 measurements of ``--seconds`` each plus warm-up, well under a few minutes. Writes
+``<out>/gpu.json`` and, when a CUDA device is there, the table into docs/benchmarks.md between
+the ``gpu-benchmark`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DOCS = REPO / "docs" / "benchmarks.md"
+START, END = "<!-- gpu-benchmark:start -->", "<!-- gpu-benchmark:end -->"
+NP_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64,
+             "I32": np.int32, "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A safetensors file as numpy arrays + metadata (stdlib + numpy only)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None) or {}
+    data = raw[8 + n:]
+    out = {}
+    for name, e in header.items():
+        b, end = e["data_offsets"]
+        out[name] = np.frombuffer(data[b:end], dtype=NP_DTYPES[e["dtype"]]).reshape(e["shape"])
+    return out, meta
+
+
+def timed(fn, items: int, seconds: float) -> dict:
+    for _ in range(3):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    arr = np.array(times)
+    return {"images_per_s": round(items * len(arr) / arr.sum(), 1),
+            "p50_ms": round(float(np.median(arr)) * 1e3, 3), "calls": len(arr)}
+
+
+def torch_module(bank: Path):
+    """The bank's MonitoredClassifier (classifier + concept projection) built with torch."""
+    from conceptguard.classifier.demo_resnet import small_resnet
+    from conceptguard.classifier.split import split_torchvision_resnet
+    from conceptguard.export import MonitoredClassifier
+    from conceptguard.projection import PROJECTION_KEYS
+
+    weights, meta = read_safetensors(bank / "classifier.safetensors")
+    spec = json.loads(meta["spec"])
+    if spec["arch"] != "small_resnet":
+        raise RuntimeError(f"this script builds the demo arch only, not {spec['arch']}")
+    model = small_resnet(spec["num_classes"], spec["in_channels"],
+                         spec.get("widths") or (16, 32, 64, 128))
+    split = split_torchvision_resnet(model, spec["mean"], spec["std"],
+                                     (spec["in_channels"], spec["input_size"],
+                                      spec["input_size"]))
+    import torch
+
+    split.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+    tensors, _ = read_safetensors(bank / "tensors.safetensors")
+    return MonitoredClassifier(split.eval(), {k: tensors[k].copy() for k in PROJECTION_KEYS}), spec
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bank", type=Path, default=REPO / "banks" / "demo")
+    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--no-docs", action="store_true", help="do not edit docs/benchmarks.md")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    info = {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None}
+    module, spec = torch_module(args.bank)
+    c, s = spec["in_channels"], spec["input_size"]
+    rng = np.random.default_rng(0)
+    runtimes: dict[str, object] = {}
+    notes: list[str] = []
+
+    # torch, CPU and CUDA
+    def torch_runner(device: str):
+        m = module if device == "cpu" else copy.deepcopy(module).to(device)
+
+        def run(x: np.ndarray):
+            with torch.inference_mode():
+                out = m(torch.from_numpy(x).to(device))
+                return [o.cpu().numpy() for o in out]
+        return run
+
+    runtimes["torch cpu"] = torch_runner("cpu")
+    if cuda:
+        runtimes["torch cuda"] = torch_runner("cuda")
+    else:
+        notes.append("torch sees no CUDA device")
+
+    # ONNX Runtime, CPU and CUDA (the session's providers decide, not the installed list)
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["ort_available_providers"] = ort.get_available_providers()
+        onnx = str(args.bank / "classifier.onnx")
+        cpu_sess = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+        runtimes["onnx cpu"] = lambda x, s_=cpu_sess: s_.run(None, {"images": x})
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            gpu_sess = ort.InferenceSession(onnx, providers=["CUDAExecutionProvider",
+                                                             "CPUExecutionProvider"])
+            info["ort_session_providers"] = gpu_sess.get_providers()
+            if gpu_sess.get_providers()[0] == "CUDAExecutionProvider":
+                runtimes["onnx cuda"] = lambda x, s_=gpu_sess: s_.run(None, {"images": x})
+            else:
+                notes.append("ORT CUDA unavailable: the CUDA provider did not load "
+                             f"(session: {gpu_sess.get_providers()})")
+        else:
+            notes.append("ORT CUDA unavailable: onnxruntime has no CUDA provider "
+                         "(install onnxruntime-gpu)")
+    except ImportError:
+        notes.append("onnxruntime not installed: ONNX rows skipped")
+
+    # the monitor's scoring step (numpy, CPU) when the core's bank loader imports
+    monitor = None
+    try:
+        from conceptguard.bank import load_bank
+        from conceptguard.scoring import score
+
+        monitor = load_bank(args.bank).monitor
+    except Exception as exc:  # pydantic/safetensors missing: graph only
+        notes.append(f"scoring skipped ({type(exc).__name__}: {exc})"[:200])
+
+    results: dict[str, dict] = {}
+    for batch in batches:
+        x = rng.random((batch, c, s, s), dtype=np.float32)
+        row = {}
+        for name, fn in runtimes.items():
+            row[name] = timed(lambda fn=fn, x=x: fn(x), batch, args.seconds)
+        if monitor is not None:
+            logits, feats, concepts = runtimes["torch cpu"](x)  # type: ignore[operator]
+            row["scoring (numpy)"] = timed(
+                lambda lo=logits, f=feats, co=concepts: score(monitor, lo, f, co), batch,
+                args.seconds)
+            for name in list(row):  # graph + scoring, the monitored request's compute
+                if name != "scoring (numpy)":
+                    g, sc = row[name]["images_per_s"], row["scoring (numpy)"]["images_per_s"]
+                    row[name]["with_scoring_images_per_s"] = round(1 / (1 / g + 1 / sc), 1)
+        results[f"batch_{batch}"] = row
+        print(f"batch {batch}: " + ", ".join(f"{k} {v['images_per_s']}/s"
+                                             for k, v in row.items()), flush=True)
+
+    report = {"info": info, "notes": notes, "results": results,
+              "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    if cuda and not args.no_docs:
+        write_docs(report)
+    return 0
+
+
+def write_docs(report: dict) -> None:
+    info = report["info"]
+    names = sorted({n for row in report["results"].values() for n in row})
+    lines = [START, "",
+             f"Measured {report['when']} on {info['gpu']} (torch {info['torch']}, CUDA "
+             f"{info['torch_cuda']}; onnxruntime {info.get('onnxruntime', 'absent')}, "
+             f"session providers {info.get('ort_session_providers', '-')}; "
+             f"{info['cpus']} CPUs) by `python benchmarks/gpu.py`. Images/s of the serving "
+             "graph (classifier + concept projection); in brackets: with the monitor's "
+             "numpy scoring step added. Random inputs, demo bank.", "",
+             "| runtime | " + " | ".join(report["results"]) + " |",
+             "|---" * (len(report["results"]) + 1) + "|"]
+    for name in names:
+        cells = []
+        for row in report["results"].values():
+            v = row.get(name)
+            if v is None:
+                cells.append("-")
+            elif "with_scoring_images_per_s" in v:
+                cells.append(f"{v['images_per_s']:,.0f} ({v['with_scoring_images_per_s']:,.0f})")
+            else:
+                cells.append(f"{v['images_per_s']:,.0f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report["notes"]:
+        lines += ["", "Notes: " + "; ".join(report["notes"])]
+    lines += ["", END]
+    text = DOCS.read_text()
+    block = "\n".join(lines)
+    if START in text and END in text:
+        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## GPU (benchmarks/gpu.py)\n\n" + block + "\n"
+    DOCS.write_text(text)
+    print(f"wrote the table into {DOCS}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
