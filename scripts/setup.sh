@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
+# the offline job (demo.sh --rebuild) needs the offline extra; the tests need dev
+extras="[offline]"
 [[ "${1:-}" == "--dev" ]] && extras="[dev]"
 
 apt_packages=(dataset-fashion-mnist)
-[[ -n "$extras" ]] && apt_packages+=(prometheus docker-compose yamllint shellcheck)
+[[ "$extras" == "[dev]" ]] && apt_packages+=(prometheus docker-compose yamllint shellcheck)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -30,5 +31,10 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
   .venv/bin/python -m pip install -q -e ".${extras}"
+  # the attack library (offline job) and the OOD-detection library (tests) pin ancient
+  # requests/urllib3; their code runs with current ones, so they go in without their pins
+  no_deps=("torchattacks==3.5.1")
+  [[ "$extras" == "[dev]" ]] && no_deps+=("pytorch-ood==0.4.0")
+  .venv/bin/python -m pip install -q --no-deps "${no_deps[@]}"
   touch "$stamp"
 fi

@@ -28,7 +28,7 @@ IMAGE_INPUT = "image"  # BYTES [N]: encoded image files (base64 in JSON, raw in 
 TENSOR_INPUT = "input"  # FP32 [N, C, H, W] in [0, 1]
 OUTPUT_DATATYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
                     "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
-                    "p_adversarial": "FP32"}
+                    "p_adversarial": "FP32", "p_unfamiliar": "FP32"}
 OUTPUTS = tuple(OUTPUT_DATATYPES)
 # the protocol extensions served (GET /v2, gRPC ServerMetadata)
 EXTENSIONS = ["binary_tensor_data", "statistics"]
@@ -199,7 +199,7 @@ def output_array(name: str, r: Results) -> tuple[str, list[int], np.ndarray]:
     if name == "reject":
         return "BOOL", [n], np.asarray(r.reject, dtype=bool)
     array = {"trust": r.trust, "p_misclassification": r.p_misclassification,
-             "p_adversarial": r.p_adversarial}[name]
+             "p_adversarial": r.p_adversarial, "p_unfamiliar": r.p_unfamiliar}[name]
     return "FP32", [n], np.asarray(array, dtype=np.float32)
 
 
