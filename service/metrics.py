@@ -103,14 +103,25 @@ def initialise(app: Any) -> None:
         BAD_REQUESTS.labels(code)
     for result in ("success", "failure"):
         BANK_RELOADS.labels(result)
-    endpoints = {getattr(r, "path", None) for r in getattr(app, "routes", ())}
-    endpoints.discard(None)
+    endpoints = set(_route_paths(getattr(app, "routes", ())))
     endpoints.add("unmatched")
-    for endpoint in sorted(e for e in endpoints if isinstance(e, str)):
+    for endpoint in sorted(endpoints):
         for status in INITIAL_STATUSES:
             REQUESTS.labels(endpoint, status)
         REQUEST_DURATION.labels(endpoint)
     QUEUE_FULL.inc(0)
+
+
+def _route_paths(routes: Any) -> list[str]:
+    out = []
+    for route in routes:
+        path = getattr(route, "path", None)
+        if isinstance(path, str):
+            out.append(path)
+        nested = getattr(getattr(route, "original_router", None), "routes", None)
+        if nested is not None:  # an included router (prefix-free here)
+            out.extend(_route_paths(nested))
+    return out
 
 
 def _forget_dead_workers(folder: str) -> None:
