@@ -32,6 +32,7 @@ from service.batching import BatcherClosed, QueueFull
 from service.dataplane import DataPlane, ServiceError
 from service.jsonguard import json_problem
 from service.lifecycle import SharedBank, bound_heap, drain_on_sigterm, raise_file_limit
+from service.openapi import with_limits
 from service.routes_v1 import START_KEY
 from service.routes_v1 import router as v1_router
 from service.routes_v2 import __version__
@@ -363,6 +364,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return getattr(app.state, "settings", None)
 
     app.add_middleware(ServiceMiddleware, settings=current_settings)
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        state: RuntimeState | None = getattr(app.state, "runtime_state", None)
+        return with_limits(base_openapi(), current_settings(),
+                           state.current if state is not None else None)
+
+    app.openapi = openapi  # type: ignore[method-assign]
     install_error_handlers(app)
     app.include_router(v1_router)
     app.include_router(v2_router)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
-Row = Annotated[list[float], Field(min_length=1)]
+Row = Annotated[list[StrictFloat], Field(min_length=1)]
 
 # ---------------------------------------------------------------- errors
 
