@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import re
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,16 @@ MIB = 1 << 20
 def small_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = launch_server(tmp_path_factory.mktemp("overload"),
                         settings={"queue_size": 8, "max_batch_size": 4, "max_wait_ms": 20})
+    try:
+        yield wait_ready(srv)
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def one_slot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = launch_server(tmp_path_factory.mktemp("one-slot"),
+                        settings={"queue_size": 1, "max_batch_size": 1})
     try:
         yield wait_ready(srv)
     finally:
@@ -86,3 +98,53 @@ def test_soak_memory_stays_flat(small_queue: ServerProcess, sample_png: bytes) -
         after = _rss(pid)
     print(f"soak: RSS {before / MIB:.0f} -> {after / MIB:.0f} MiB over 280 requests")
     assert after - before <= 32 * MIB
+
+
+def _big_png(side: int = 5000) -> bytes:
+    import io
+
+    from PIL import Image
+
+    img = np.zeros((side, side, 4), np.uint8)
+    img[..., 3] = 255
+    img[side // 3: 2 * side // 3, :, :3] = 180
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGBA").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _status_without_body(srv: ServerProcess) -> bytes:
+    """POST /v1/classify announcing a 5 MB body and sending none of it: the status line
+    (b'' when the server waited for the body instead of answering)."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 5000000\r\n\r\n")
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            return b""
+
+
+def test_a_request_that_will_be_shed_is_refused_before_its_body(
+        one_slot: ServerProcess) -> None:
+    """queue_size 1: while one big image is being decoded, a request that announces a body
+    and sends none of it is answered 503 + Retry-After at once (not after reading it)."""
+    png = _big_png()
+    for _attempt in range(3):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(lambda: httpx.post(
+                f"{one_slot.url}/v1/classify", content=png, timeout=120,
+                headers={"Content-Type": "image/png"}).status_code)
+            head = b""
+            deadline = time.monotonic() + 60
+            while not first.done() and time.monotonic() < deadline:
+                text = httpx.get(f"{one_slot.url}/metrics", timeout=10).text
+                if metric_sum(text, "conceptguard_queue_depth") >= 1:
+                    head = _status_without_body(one_slot)
+                    break
+            assert first.result() == 200
+        if head:
+            assert head.startswith(b"HTTP/1.1 503"), head[:200]
+            assert b"retry-after: 1" in head.lower() and b"queue_full" in head
+            return
+    pytest.fail("the big image was never observed in the queue")
