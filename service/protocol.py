@@ -97,6 +97,21 @@ class GuardedH11Protocol(H11Protocol):
         if not self.busy() and not self.transport.is_closing():
             self._arm_header_timer()
 
+    def shutdown(self) -> None:
+        """Graceful shutdown (SIGTERM): a connection whose request head is still arriving is
+        let finish that request (answered with ``Connection: close``) instead of being cut;
+        idle connections close at once, busy ones after their response (uvicorn)."""
+        partial = not self.busy() and bool(self.conn.trailing_data[0])
+        if partial and not self.transport.is_closing():
+            self._draining = True
+            return
+        super().shutdown()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if getattr(self, "_draining", False) and self.busy():
+            self.cycle.keep_alive = False  # answer this request, then close
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)

@@ -91,7 +91,9 @@ def test_two_workers_drain_reload_and_clean_up(tmp_path: Path, demo_bank_dir: Pa
                 text = httpx.get(f"{srv.url}/metrics", timeout=30).text
                 if metric_sum(text, "conceptguard_queue_depth") > 0:
                     break
-            os.kill(srv.process.pid, signal.SIGTERM)  # what an orchestrator sends
+            # the whole process group, as `docker stop` through a shell or an init does: every
+            # worker gets SIGTERM from there and again from the supervisor
+            os.killpg(srv.process.pid, signal.SIGTERM)
             results = [f.result() for f in futures]
         srv.process.wait(timeout=60)
         print(f"drain: {results.count(200)} answered, {results.count(503)} refused, "
