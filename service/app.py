@@ -335,6 +335,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dataplane = dataplane
         metrics.initialise(app)
         shared = SharedBank.from_env(s)
+        if shared is not None:
+            shared.register()
         app.state.shared_bank = shared
         drain_on_sigterm(s.drain_timeout_s)
         # listen at once: live now, ready once the bank is loaded and every route warmed

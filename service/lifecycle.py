@@ -136,6 +136,13 @@ class SharedBank:
                          {"pid": self.pid, "generation": self.generation, "ok": ok,
                           "error": error, "time": time.time()})
 
+    def register(self) -> None:
+        """Announce this worker while it is still starting (generation -1: not serving
+        yet), so that a reload meanwhile waits for it too."""
+        self.generation = -1
+        self._ack()
+        self.generation = 0
+
     def publish(self, path: str) -> int:
         """Point every worker at ``path`` (relative to the banks root); the new generation."""
         with open(self.folder / ".conceptguard-bank.lock", "a") as lock:

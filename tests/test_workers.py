@@ -17,7 +17,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.conftest import ADMIN_TOKEN, encode_png, launch_server, metric_sum, wait_ready
+from tests.conftest import (
+    ADMIN_TOKEN,
+    encode_png,
+    launch_server,
+    metric_samples,
+    metric_sum,
+    wait_ready,
+)
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -34,6 +41,11 @@ def _images(n: int, seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:
     rng = np.random.default_rng(seed)
     return [("files", (f"{i}.png", encode_png(rng.integers(0, 256, (28, 28), np.uint8)),
                        "image/png")) for i in range(n)]
+
+
+def _serving_pids(text: str) -> set[str]:
+    return {lab.get("pid", "") for lab, v in metric_samples(text, "conceptguard_bank_info")
+            if v == 1}
 
 
 def _tmp_dirs() -> set[str]:
@@ -54,11 +66,11 @@ def test_two_workers_drain_reload_and_clean_up(tmp_path: Path, demo_bank_dir: Pa
         while len(_children(srv.process.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         with srv.client(timeout=120) as c:
-            while time.monotonic() < deadline:  # both workers ready
-                pids = {c.get("/v2/health/ready", headers={"Connection": "close"}).status_code
-                        for _ in range(8)}
-                if pids == {200}:
+            while time.monotonic() < deadline:  # both workers serving (one bank_info per pid)
+                if len(_serving_pids(c.get("/metrics").text)) >= 2:
                     break
+                time.sleep(0.2)
+            assert len(_serving_pids(c.get("/metrics").text)) == 2
             # ---- a reload reaches every worker before it answers
             resp = c.post("/v1/bank/reload", json={"path": "v2"}, headers=AUTH)
             assert resp.status_code == 200, resp.text
