@@ -38,9 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bank: Path, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(bank: Path, port: int, max_batch: int,
+                 queue_size: int = 4096) -> subprocess.Popen:
     env = {**os.environ, "CONCEPTGUARD_BANK": str(bank),
-           "CONCEPTGUARD_MAX_BATCH_SIZE": str(max_batch), "CONCEPTGUARD_QUEUE_SIZE": "4096",
+           "CONCEPTGUARD_MAX_BATCH_SIZE": str(max_batch),
+           "CONCEPTGUARD_QUEUE_SIZE": str(queue_size),
            "HF_HUB_OFFLINE": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:app", "--host",

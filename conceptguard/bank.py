@@ -5,7 +5,8 @@ concept matrix, standardisation, heatmaps, class statistics, heads), ``classifie
 (the serving graph), ``classifier.safetensors`` (the classifier's weights, for the torch
 runtime and for the hash check) and ``report/``. Never pickle.
 
-Loading checks the schema version, every file's sha256, the classifier hash and the shapes,
+Loading checks the schema version, every file's sha256, the classifier hash, the shapes and
+that every tensor is finite,
 and refuses a corrupt or mismatched bank with :class:`BankError` naming what is wrong.
 Saving stages the whole folder beside the target and swaps it in with renames.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -142,27 +144,61 @@ class Bank:
 
 def _read_manifest(path: Path) -> Manifest:
     mpath = path / MANIFEST
-    if not path.is_dir():
-        raise BankError(f"bank folder {path} does not exist")
-    if not mpath.is_file():
-        raise BankError(f"{mpath} is missing: not a bank folder")
     try:
-        raw = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        if not path.is_dir():
+            raise BankError(f"bank folder {path} does not exist")
+        if not mpath.is_file():
+            raise BankError(f"{mpath} is missing: not a bank folder")
+        text = mpath.read_bytes().decode("utf-8")
+    except OSError as exc:  # e.g. a path component over the file system's name limit
+        raise BankError(f"bank folder {path} cannot be read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise BankError(f"{mpath} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise BankError(f"{mpath} is not valid JSON: {exc}") from exc
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
         raise BankError(f"{mpath}: schema_version {version!r}, this build reads "
                         f"{SCHEMA_VERSION}; rebuild the bank with this version")
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise BankError(f"{mpath} does not match the manifest schema: {exc}") from exc
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise BankError(f"{mpath}: field {field!r}: {err['msg']} ({exc.error_count()} "
+                        "error(s) against the manifest schema)") from exc
+    _check_manifest_values(mpath, manifest)
+    return manifest
+
+
+def _check_manifest_values(mpath: Path, m: Manifest) -> None:
+    """Values the schema's types do not pin down; each error names the field."""
+    value = m.threshold.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BankError(f"{mpath}: field 'threshold.value' must be a number, got "
+                        f"{type(value).__name__ if value is not None else 'nothing'}")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise BankError(f"{mpath}: field 'threshold.value' must be a finite number in "
+                        f"[0, 1], got {value!r}")
+    for field, n in (("dims.classes", m.dims.classes), ("dims.concepts", m.dims.concepts),
+                     ("dims.features", m.dims.features), ("dims.vlm", m.dims.vlm),
+                     ("preprocessing.input_size", m.preprocessing.input_size)):
+        if not 1 <= n <= 1_000_000:
+            raise BankError(f"{mpath}: field {field!r} must be in [1, 1000000], got {n}")
+    if m.preprocessing.channels not in (1, 3):
+        raise BankError(f"{mpath}: field 'preprocessing.channels' must be 1 or 3, got "
+                        f"{m.preprocessing.channels}")
+    if len(set(m.classes)) != len(m.classes):
+        raise BankError(f"{mpath}: field 'classes' has duplicate names")
 
 
 def _check_files(path: Path, manifest: Manifest) -> None:
     for name in CHECKED_FILES:
         f = path / name
+        if f.is_symlink():
+            raise BankError(f"bank file {f} is a symbolic link; banks hold plain files")
         if not f.is_file():
             raise BankError(f"bank file {f} is missing")
         want = manifest.files.get(name)
@@ -189,6 +225,14 @@ def _check_shapes(manifest: Manifest, tensors: dict[str, np.ndarray]) -> None:
                             f"expected {shape}")
 
 
+def _check_finite(tensors: dict[str, np.ndarray]) -> None:
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype.kind in "fc" and not np.isfinite(t).all():
+            bad = int(t.size - np.count_nonzero(np.isfinite(t)))
+            raise BankError(f"tensor {name!r} holds {bad} NaN or infinite value(s)")
+
+
 def load_bank(path: Path | str, expected_classifier_hash: str | None = None) -> Bank:
     """Load and validate a bank folder."""
     from conceptguard.classifier.hashing import verify_classifier_hash  # no torch
@@ -201,6 +245,7 @@ def load_bank(path: Path | str, expected_classifier_hash: str | None = None) -> 
     except Exception as exc:  # safetensors raises its own error types
         raise BankError(f"{path / TENSORS} is not a readable safetensors file: {exc}") from exc
     _check_shapes(manifest, tensors)
+    _check_finite(tensors)
     try:
         _, stored = verify_classifier_hash(path / CLASSIFIER)
     except (ValueError, OSError) as exc:
@@ -258,3 +303,14 @@ def publish(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_bank_quickly(path: Path | str) -> Manifest:
+    """The cheap part of :func:`load_bank` (manifest, files present), for a startup that
+    must fail at once on an obviously wrong bank; the full checks follow."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    for name in CHECKED_FILES:
+        if not (path / name).is_file():
+            raise BankError(f"bank file {path / name} is missing")
+    return manifest

@@ -1,7 +1,10 @@
 """Safe image decoding and the classifier's preprocessing, shared by the service and tests.
 
-Untrusted bytes are checked before pixels are decoded: size limit, a header that PIL
-recognises, a pixel-count limit (decompression bombs), a supported mode, complete data.
+Untrusted bytes are checked before pixels are decoded: size limit, a header in one of the
+allowed formats (:data:`ALLOWED_FORMATS`; no other Pillow plugin, e.g. EPS through
+Ghostscript, ever sees the bytes), a pixel-count limit (decompression bombs), a supported
+mode, complete data. JPEGs are decoded at a reduced scale when the classifier's input is
+smaller (DCT scaling: less memory and time); EXIF orientation is applied.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK",
                              "YCbCr"})
 
@@ -25,8 +29,11 @@ class ImageError(ValueError):
         self.code = code
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Bytes -> a fully loaded PIL image, or :class:`ImageError`."""
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
+                 target_size: int | None = None) -> Image.Image:
+    """Bytes -> a fully loaded PIL image, upright (EXIF orientation applied), or
+    :class:`ImageError`. ``target_size``: the size the image will be resized to; formats
+    that can decode at a reduced scale (JPEG) then decode no larger than needed."""
     if not data:
         raise ImageError("empty image payload", 400, "empty")
     if len(data) > max_bytes:
@@ -35,7 +42,15 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            try:
+                img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            except UnidentifiedImageError:
+                fmt = _sniff_format(data)
+                if fmt is not None:
+                    raise ImageError(f"image format {fmt} is not accepted; accepted: "
+                                     f"{', '.join(ALLOWED_FORMATS)}", 415,
+                                     "unsupported_format") from None
+                raise
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"image has {w}x{h} pixels; the limit is {max_pixels}", 413,
@@ -43,7 +58,11 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
             if img.mode not in SUPPORTED_MODES:
                 raise ImageError(f"unsupported image mode {img.mode!r}; supported: "
                                  f"{sorted(SUPPORTED_MODES)}", 415, "unsupported_mode")
+            if target_size is not None and img.format == "JPEG":
+                # decode at 1/2, 1/4 or 1/8 scale, never below the target size
+                img.draft(img.mode, (target_size, target_size))
             img.load()
+            img = _upright(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -55,6 +74,44 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}", 400, "corrupt") from exc
     return img
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (a phone photo stands as it was taken)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # an unreadable EXIF block is ignored, not fatal
+        return img
+    if orientation in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img) or img
+
+
+_REFUSED_MAGIC = ((b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
+                  (b"8BPS", "PSD"), (b"\x00\x00\x01\x00", "ICO"), (b"icns", "ICNS"),
+                  (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+                  (b"gimp xcf", "XCF"), (b"SIMPLE  =", "FITS"), (b"DDS ", "DDS"),
+                  (b"qoif", "QOI"), (b"P1", "PBM"), (b"P2", "PGM"), (b"P3", "PPM"),
+                  (b"P4", "PBM"), (b"P5", "PGM"), (b"P6", "PPM"), (b"P7", "PAM"))
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The name of a well-known refused format (from its magic bytes only: no decoder
+    sees the data), for the error message; None otherwise."""
+    for magic, name in _REFUSED_MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def encode_probe_png(size: int, channels: int) -> bytes:
+    """A small PNG (a gradient) at the classifier's size, for warm-up calls."""
+    x = np.linspace(0, 255, size, dtype=np.float64)
+    gray = np.add.outer(x, x[::-1]).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(gray if channels == 1 else np.stack([gray] * 3, axis=-1))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def to_model_array(img: Image.Image, input_size: int, channels: int) -> np.ndarray:
@@ -74,5 +131,6 @@ def to_model_input(arrays: np.ndarray) -> np.ndarray:
 def preprocess_bytes(data: bytes, *, input_size: int, channels: int, max_bytes: int,
                      max_pixels: int) -> np.ndarray:
     """One image's bytes -> uint8 ``(H, W, C)`` ready to batch."""
-    img = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    img = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels,
+                       target_size=input_size)
     return to_model_array(img, input_size, channels)

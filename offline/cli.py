@@ -104,11 +104,27 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["CONCEPTGUARD_BANK"] = str(args.bank)
     if args.backend:
         os.environ["CONCEPTGUARD_BACKEND"] = args.backend
+    from service.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"conceptguard serve: {exc}", file=sys.stderr)
+        return 2
+    made = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         import tempfile
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="conceptguard-prom-")
-    uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level)
+        made = tempfile.mkdtemp(prefix="conceptguard-prom-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    try:
+        uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
+                    log_level=args.log_level, http="service.protocol:GuardedH11Protocol",
+                    timeout_keep_alive=settings.keep_alive_timeout_s,
+                    timeout_graceful_shutdown=settings.drain_timeout_s)
+    finally:
+        if made is not None:  # nothing left behind in /tmp
+            import shutil
+            shutil.rmtree(made, ignore_errors=True)
     return 0
 
 

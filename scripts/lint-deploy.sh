@@ -88,6 +88,7 @@ elif DC=$(find_tool docker-compose); then
     COMPOSE=("$DC")
 fi
 if [ "${#COMPOSE[@]}" -gt 0 ]; then
+    export GRAFANA_ADMIN_PASSWORD="${GRAFANA_ADMIN_PASSWORD:-lint-only}"  # compose requires one
     run "compose config" "${COMPOSE[@]}" -f docker-compose.yml config -q
     run "compose config --profile scale" "${COMPOSE[@]}" -f docker-compose.yml --profile scale config -q
     run "compose config + deploy/compose.gpu.yml" \

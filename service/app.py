@@ -7,24 +7,32 @@ bad setting or bank stops the startup with a message naming it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from conceptguard.bank import BankError
+from conceptguard.bank import BankError, check_bank_quickly
 from conceptguard.imaging import ImageError
 from conceptguard.threads import single_threaded_blas
 from service import metrics
 from service.batching import BatcherClosed, QueueFull
 from service.dataplane import DataPlane, ServiceError
+from service.jsonguard import json_problem
+from service.lifecycle import SharedBank, bound_heap, drain_on_sigterm, raise_file_limit
+from service.openapi import with_limits
 from service.routes_v1 import START_KEY
 from service.routes_v1 import router as v1_router
 from service.routes_v2 import __version__
@@ -46,12 +54,27 @@ class BodyTooLarge(StarletteHTTPException):
                               "(CONCEPTGUARD_MAX_UPLOAD_BYTES)")
 
 
-class ServiceMiddleware:
-    """Pure ASGI: request metrics by route template, latency start, streaming body limit."""
+class BodyTimeout(StarletteHTTPException):
+    """The client stalled while sending the body (Slowloris on the body)."""
 
-    def __init__(self, app: ASGIApp, body_limit: Callable[[], int | None]):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"no request body data for {seconds:g} s "
+                              "(CONCEPTGUARD_BODY_TIMEOUT_S)", headers={"Connection": "close"})
+
+
+# the routes whose work is queued: a request is refused with 503 before its body is read
+# when the queue cannot take one more image
+_QUEUED_ROUTES = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)/?$")
+
+
+class ServiceMiddleware:
+    """Pure ASGI: request metrics by route template, latency start, admission before the
+    body is read, streaming body limit and read timeout, a JSON guard (nesting depth and
+    encoding checked once for every JSON body, before any parser sees it)."""
+
+    def __init__(self, app: ASGIApp, settings: Callable[[], Settings | None]):
         self.app = app
-        self.body_limit = body_limit
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,9 +83,6 @@ class ServiceMiddleware:
         start = time.perf_counter()
         scope[START_KEY] = start
         status = 500
-        limit = self.body_limit()
-        if limit is not None:
-            receive = _limited(receive, scope, limit)
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -71,14 +91,108 @@ class ServiceMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            s = self.settings()
+            if s is not None:
+                receive = await self._guard(scope, receive, send_status, s)
+            if receive is not None:
+                await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = getattr(route, "path", None) or _endpoint_guess(scope) or "unmatched"
             metrics.observe_request(endpoint, status, time.perf_counter() - start)
 
+    async def _guard(self, scope: Scope, receive: Receive, send: Send, s: Settings
+                     ) -> Receive | None:
+        """Checks before the app runs; None when an error response was already sent."""
+        path = scope.get("path", "")
+        if scope.get("method") == "POST" and _QUEUED_ROUTES.match(path):
+            app_state = getattr(scope.get("app"), "state", None)
+            dp: DataPlane | None = getattr(app_state, "dataplane", None)
+            if dp is not None and dp.saturated():
+                metrics.QUEUE_FULL.inc()
+                await send_error(scope, send, 503, "queue_full",
+                                 "the queue is full; retry later",
+                                 {"Retry-After": str(s.retry_after_s)})
+                return None
+        receive = _limited(receive, scope, s.max_upload_bytes, s.body_timeout_s)
+        if scope.get("method") in ("POST", "PUT", "PATCH") and _is_json(scope):
+            try:
+                body = await _read_all(receive)
+            except StarletteHTTPException as exc:
+                code = "too_large" if exc.status_code == 413 else "timeout"
+                await send_error(scope, send, exc.status_code, code, str(exc.detail),
+                                 dict(exc.headers or {}))
+                return None
+            problem = json_problem(body, s.max_json_depth)
+            if problem is not None:
+                await send_error(scope, send, 400, "invalid_json", problem)
+                return None
+            return _replay(body, receive)
+        return receive
 
-def _limited(receive: Receive, scope: Scope, limit: int) -> Receive:
+
+def _endpoint_guess(scope: Scope) -> str | None:
+    """The route template for a request answered before routing (admission, JSON guard)."""
+    path = scope.get("path", "")
+    if path.rstrip("/") == "/v1/classify":
+        return "/v1/classify"
+    if _QUEUED_ROUTES.match(path):
+        return ("/v2/models/{name}/versions/{version}/infer" if "/versions/" in path
+                else "/v2/models/{name}/infer")
+    known = {"/v1/monitor", "/v1/bank/reload"}
+    return path if path in known else None
+
+
+def _is_json(scope: Scope) -> bool:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-type":
+            ctype = value.split(b";")[0].strip().lower()
+            return ctype == b"application/json" or ctype.endswith(b"+json")
+    return False
+
+
+async def _read_all(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: wait for the disconnect
+
+    return replay
+
+
+async def send_error(scope: Scope, send: Send, status: int, code: str, message: str,
+                     headers: dict[str, str] | None = None) -> None:
+    """An error response sent straight from the middleware (v1 or v2 body format)."""
+    if 400 <= status < 500:
+        metrics.bad_request(code)
+    path = scope.get("path", "")
+    body: dict[str, Any] = ({"error": message} if path.startswith("/v2")
+                            else {"error": {"code": code, "message": message}})
+    response = JSONResponse(body, status_code=status, headers=headers)
+    await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _limited(receive: Receive, scope: Scope, limit: int, timeout_s: float) -> Receive:
     declared = None
     for key, value in scope.get("headers", ()):
         if key == b"content-length":
@@ -87,16 +201,24 @@ def _limited(receive: Receive, scope: Scope, limit: int) -> Receive:
             except ValueError:
                 declared = None
     seen = 0
+    done = False
 
     async def receive_limited() -> Message:
-        nonlocal seen
+        nonlocal seen, done
         if declared is not None and declared > limit:
             raise BodyTooLarge(limit, declared)  # before reading a byte of it
-        message = await receive()
+        if done:  # the body is complete: waiting for the disconnect needs no timeout
+            return await receive()
+        try:
+            async with asyncio.timeout(timeout_s):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(timeout_s) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise BodyTooLarge(limit)
+            done = not message.get("more_body", False)
         return message
 
     return receive_limited
@@ -124,8 +246,8 @@ def _retry_after(request: Request) -> dict[str, str]:
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
-               422: "invalid_request"}
+               405: "method_not_allowed", 408: "timeout", 413: "too_large",
+               415: "unsupported_media_type", 422: "invalid_request"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -152,6 +274,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+            return error_response(request, 415, "unsupported_media_type",
+                                  f"unsupported content type {ctype!r}: send "
+                                  "application/json")
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(request, 400, "invalid_json",
                                   "the request body is not valid JSON")
@@ -166,9 +293,16 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
         return error_response(request, 500, "internal", f"internal error: {type(exc).__name__}")
 
+    @app.exception_handler(RecursionError)
+    async def _deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return error_response(request, 400, "invalid_json", "the request JSON is nested too "
+                              "deeply (CONCEPTGUARD_MAX_JSON_DEPTH)")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            code = "invalid_json"  # FastAPI's own JSON parse failure
         return error_response(request, exc.status_code, code, str(exc.detail),
                               dict(exc.headers) if exc.headers else None)
 
@@ -200,14 +334,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         single_threaded_blas()
+        bound_heap()
         try:
             s = settings if settings is not None else load_settings()
         except SettingsError as exc:
             log.error("conceptguard: %s", exc)
             raise
+        raise_file_limit()
         state = RuntimeState(s)
-        try:
-            await state.start()
+        try:  # the cheap checks stop the startup at once with the reason
+            await anyio.to_thread.run_sync(check_bank_quickly, state.path)
         except BankError as exc:
             log.error("conceptguard: cannot serve bank %s: %s", s.bank, exc)
             raise
@@ -217,10 +353,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime_state = state
         app.state.dataplane = dataplane
         app.state.v2_stats = ModelStats()
+        metrics.initialise(app)
         grpc_server = await start_grpc(s, state, dataplane, app.state.v2_stats)
+        shared = SharedBank.from_env(s)
+        if shared is not None:
+            shared.register()
+        app.state.shared_bank = shared
+        drain_on_sigterm(s.drain_timeout_s)
+        # listen at once: live now, ready once the bank is loaded and every route warmed
+        loader = asyncio.create_task(_load_and_warm(state, dataplane, shared),
+                                     name="conceptguard-load")
         try:
             yield
         finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loader
+            if shared is not None:
+                await shared.close()
             if grpc_server is not None:
                 await grpc_server.stop()
             state.stop()
@@ -235,11 +385,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
 
-    def body_limit() -> int | None:
-        s: Settings | None = getattr(app.state, "settings", None)
-        return s.max_upload_bytes if s is not None else None
+    def current_settings() -> Settings | None:
+        return getattr(app.state, "settings", None)
 
-    app.add_middleware(ServiceMiddleware, body_limit=body_limit)
+    app.add_middleware(ServiceMiddleware, settings=current_settings)
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        state: RuntimeState | None = getattr(app.state, "runtime_state", None)
+        return with_limits(base_openapi(), current_settings(),
+                           state.current if state is not None else None)
+
+    app.openapi = openapi  # type: ignore[method-assign]
     install_error_handlers(app)
     app.include_router(v1_router)
     app.include_router(v2_router)
@@ -251,6 +408,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(body, media_type=content_type)
 
     return app
+
+
+async def _load_and_warm(state: RuntimeState, dataplane: DataPlane,
+                         shared: SharedBank | None) -> None:
+    """Load the bank, warm every route, then report ready; a bank that fails to load ends
+    the worker (exit status 3, as a failed startup) with the reason in the log."""
+    try:
+        if shared is not None:
+            await shared.adopt_startup(state)
+        loaded = await state.start()
+        await anyio.to_thread.run_sync(dataplane.warm_up, loaded)
+        state.warmed = True
+        log.info("ready: bank %s loaded and warmed", loaded.bank_id)
+        if shared is not None:
+            shared.start_following(state)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.error("conceptguard: cannot serve bank %s: %s", state.path, exc)
+        metrics.mark_process_dead()
+        logging.shutdown()
+        os._exit(3)
 
 
 app = create_app()

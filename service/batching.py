@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -64,6 +64,14 @@ class NullObserver:
 
     def queue_full(self) -> None:
         pass
+
+
+@dataclass(slots=True)
+class Ticket:
+    """Queue places taken by :meth:`Batcher.reserve`."""
+
+    places: int
+    used: bool = False
 
 
 @dataclass(slots=True)
@@ -122,11 +130,21 @@ class Batcher(Generic[T, R]):
         self._pending = 0
         self.observer.depth(0)
 
-    async def submit(self, values: Sequence[T]) -> list[R]:
-        """Run ``values`` (one request's items) and return their results in order."""
-        n = len(values)
-        if n == 0:
-            return []
+    @contextlib.contextmanager
+    def reserve(self, n: int) -> Iterator[Ticket]:
+        """Take ``n`` queue places now (or raise :class:`QueueFull` / :class:`BatcherClosed`)
+        for items that are still being prepared; hand the ticket to :meth:`submit`. Places
+        not passed on to :meth:`submit` are given back on exit."""
+        self._admit(n)
+        ticket = Ticket(n)
+        try:
+            yield ticket
+        finally:
+            if not ticket.used:
+                self._pending -= ticket.places
+                self.observer.depth(self._pending)
+
+    def _admit(self, n: int) -> None:
         if self._closed:
             raise BatcherClosed("the service is shutting down")
         if self._pending + n > self.queue_size:
@@ -134,6 +152,22 @@ class Batcher(Generic[T, R]):
             raise QueueFull(self._pending, n, self.queue_size)
         self._pending += n
         self.observer.depth(self._pending)
+
+    async def submit(self, values: Sequence[T], ticket: Ticket | None = None) -> list[R]:
+        """Run ``values`` (one request's items) and return their results in order."""
+        n = len(values)
+        if ticket is not None:
+            if ticket.used or ticket.places != n:
+                raise ValueError("a ticket covers one submit of exactly its item count")
+            ticket.used = True
+            if self._closed:
+                self._pending -= n
+                self.observer.depth(self._pending)
+                raise BatcherClosed("the service is shutting down")
+        if n == 0:
+            return []
+        if ticket is None:
+            self._admit(n)
         if not self.batching:
             return await self._straight_through(values)
         loop = asyncio.get_running_loop()

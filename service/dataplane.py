@@ -8,11 +8,16 @@ through the batcher, and each batch is one runtime call plus one call of the cor
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
+import anyio
 import anyio.to_thread
 import numpy as np
 
@@ -121,21 +126,40 @@ def _field(s: Scores, name: str) -> np.ndarray:
 
 
 class DataPlane:
-    """Owns the batcher; turns inputs into :class:`Results` for the bank being served."""
+    """Owns the batcher; turns inputs into :class:`Results` for the bank being served.
+
+    Inference (the batch function) runs on its own single thread, apart from the thread
+    pool that decodes images and serves the sync routes; at most
+    ``CONCEPTGUARD_DECODE_CONCURRENCY`` images are decoded at once (memory bound), and
+    images are admitted to the queue before they are decoded (a request that would be shed
+    is refused before any decoding).
+    """
 
     def __init__(self, state: RuntimeState, settings: Settings):
         self.state = state
         self.settings = settings
+        self._executor = ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix="conceptguard-inference")
         self.batcher: Batcher[Work, Row] = Batcher(
             self.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s, queue_size=settings.queue_size,
-            observer=metrics.QueueObserver())
+            observer=metrics.QueueObserver(), run_sync=self._run_inference)
+        self.decode_limiter = anyio.CapacityLimiter(settings.decode_concurrency)
+
+    async def _run_inference(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def start(self) -> None:
         await self.batcher.start()
 
     async def close(self) -> None:
         await self.batcher.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def saturated(self) -> bool:
+        """True when the queue cannot take one more image now (admission, before reading)."""
+        return self.batcher.pending >= self.batcher.queue_size
 
     # ------------------------------------------------------------ entry points
 
@@ -148,11 +172,14 @@ class DataPlane:
                                f"(CONCEPTGUARD_MAX_IMAGES_PER_REQUEST)", 413, "too_many_images")
 
     async def classify_images(self, blobs: Sequence[bytes]) -> Results:
-        """Encoded image files -> results, in order."""
+        """Encoded image files -> results, in order. The images take their queue places
+        before they are decoded: a request the queue cannot take is refused undecoded."""
         self.check_count(len(blobs))
         loaded = self.state.require()
-        arrays = await anyio.to_thread.run_sync(self._decode_all, blobs, loaded)
-        rows = await self.batcher.submit([(loaded, a) for a in arrays])
+        with self.batcher.reserve(len(blobs)) as ticket:
+            arrays = await anyio.to_thread.run_sync(self._decode_all, blobs, loaded,
+                                                    limiter=self.decode_limiter)
+            rows = await self.batcher.submit([(loaded, a) for a in arrays], ticket=ticket)
         return Results.from_rows(rows)
 
     async def classify_tensor(self, images: np.ndarray) -> Results:
@@ -168,7 +195,8 @@ class DataPlane:
         loaded = self.state.require()
         check_feature_tensors(features, logits, loaded)
         self.check_count(len(features), "rows")
-        return await anyio.to_thread.run_sync(self._score_features, loaded, features, logits)
+        results = await anyio.to_thread.run_sync(self._score_features, loaded, features, logits)
+        return results
 
     # ------------------------------------------------------------ worker-thread parts
 
@@ -212,13 +240,37 @@ class DataPlane:
         return out  # type: ignore[return-value]
 
     def _score_features(self, loaded: Loaded, features: np.ndarray,
-                        logits: np.ndarray | None) -> Results:
-        if logits is None:
-            logits = loaded.head_logits(features)
-        concepts = loaded.concepts_from_features(features)
-        s = score(loaded.bank.monitor, logits, features, concepts)
-        loaded.metrics.record(s, concepts)
+                        logits: np.ndarray | None, record: bool = True) -> Results:
+        with np.errstate(all="ignore"):  # overflow is checked below, not warned about
+            if logits is None:
+                logits = loaded.head_logits(features)
+            concepts = loaded.concepts_from_features(features)
+            check_finite("logits computed from the features", logits)
+            check_finite("concept scores computed from the features", concepts)
+            s = score(loaded.bank.monitor, logits, features, concepts)
+        for name in ("trust", "p_misclassification", "p_adversarial", "contributions"):
+            check_finite(f"{name} computed from these inputs", getattr(s, name))
+        check_finite("probabilities computed from these inputs", s.signals.probabilities)
+        if record:
+            loaded.metrics.record(s, concepts)
         return Results.from_scores(loaded, s)
+
+    # ------------------------------------------------------------ warm-up
+
+    def warm_up(self, loaded: Loaded) -> None:
+        """Every route's first call, done before the worker reports ready (blocking; no
+        metrics recorded): image decode and resize, the runtime and scoring on a batch, the
+        sidecar path with and without logits (it loads the classifier head)."""
+        from conceptguard.imaging import encode_probe_png
+
+        channels, size, _ = loaded.input_shape
+        decoded = self._decode_all([encode_probe_png(size, channels)], loaded)
+        x = to_model_input(np.stack(decoded))
+        o = loaded.runtime.run(x)
+        score(loaded.bank.monitor, o.logits, o.features, o.concepts)
+        features = np.asarray(o.features, dtype=np.float32)
+        self._score_features(loaded, features, None, record=False)
+        self._score_features(loaded, features, np.asarray(o.logits, np.float32), record=False)
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -238,6 +290,13 @@ def check_image_tensor(images: np.ndarray, loaded: Loaded) -> None:
     if images.size and (images.min() < 0.0 or images.max() > 1.0):
         raise ServiceError(f"image values must lie in [0, 1], got [{images.min():.4g}, "
                            f"{images.max():.4g}]", 422, "invalid_tensor")
+
+
+def check_finite(what: str, values: np.ndarray) -> None:
+    """422 when an intermediate value overflowed (e.g. features near the float32 limit)."""
+    if not np.isfinite(np.asarray(values)).all():
+        raise ServiceError(f"non-finite {what} (the inputs are too large in magnitude)", 422,
+                           "invalid_tensor")
 
 
 def check_feature_tensors(features: np.ndarray, logits: np.ndarray | None,

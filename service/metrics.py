@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -87,9 +88,68 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
+# Every error code the service answers with (the label set of bad_requests_total).
+ERROR_CODES = ("empty", "not_an_image", "corrupt", "invalid_base64", "invalid_json", "no_file",
+               "invalid_multipart", "unauthorized", "forbidden", "reload_disabled",
+               "not_found", "unknown_model", "unknown_version", "method_not_allowed",
+               "timeout", "too_large", "too_many_pixels", "too_many_images",
+               "unsupported_mode", "unsupported_format", "unsupported_media_type",
+               "invalid_request", "invalid_tensor", "invalid_bank", "http_error")
+# Statuses pre-created for every route (others appear when first answered).
+INITIAL_STATUSES = ("200", "400", "401", "403", "404", "408", "413", "415", "422", "500",
+                    "503")
+
+
+def initialise(app: Any) -> None:
+    """Create every labelled counter with a known label set at 0, so that ``increase()``
+    and ``rate()`` see the first event (a series born at 1 hides it)."""
+    for code in ERROR_CODES:
+        BAD_REQUESTS.labels(code)
+    for result in ("success", "failure"):
+        BANK_RELOADS.labels(result)
+    endpoints = set(_route_paths(getattr(app, "routes", ())))
+    endpoints.add("unmatched")
+    for endpoint in sorted(endpoints):
+        for status in INITIAL_STATUSES:
+            REQUESTS.labels(endpoint, status)
+        REQUEST_DURATION.labels(endpoint)
+    QUEUE_FULL.inc(0)
+
+
+def _route_paths(routes: Any) -> list[str]:
+    out = []
+    for route in routes:
+        path = getattr(route, "path", None)
+        if isinstance(path, str):
+            out.append(path)
+        nested = getattr(getattr(route, "original_router", None), "routes", None)
+        if nested is not None:  # an included router (prefix-free here)
+            out.extend(_route_paths(nested))
+    return out
+
+
+def _forget_dead_workers(folder: str) -> None:
+    """Drop the live gauges of workers that died without cleaning up (SIGKILL, OOM)."""
+    import glob
+    import re
+
+    for path in glob.glob(os.path.join(folder, "gauge_live*_*.db")):
+        m = re.search(r"_(\d+)\.db$", path)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, folder)
+        except PermissionError:
+            pass
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text for ``/metrics`` (aggregated over workers in multiprocess mode)."""
-    if multiprocess_dir():
+    if folder := multiprocess_dir():
+        _forget_dead_workers(folder)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -7,7 +7,6 @@ import binascii
 import json
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conceptguard.bank import BankError
 from service import metrics
-from service.dataplane import DataPlane, Results, ServiceError, as_float_array
+from service.dataplane import DataPlane, Results, ServiceError, as_float_array, check_finite
+from service.jsonguard import json_problem
+from service.lifecycle import SharedBank
 from service.runtime_state import RuntimeState
 from service.schemas import (
     BankSummary,
@@ -33,6 +34,7 @@ from service.schemas import (
 from service.settings import Settings
 
 START_KEY = "conceptguard.start"
+RELOAD_WAIT_S = 60.0  # longest wait for every worker to serve a reloaded bank
 
 router = APIRouter(tags=["v1"])
 
@@ -90,8 +92,24 @@ async def read_images(request: Request, settings: Settings) -> tuple[list[bytes]
                        "or a raw image/* body", 415, "unsupported_media_type")
 
 
+def _boundary(request: Request) -> bytes | None:
+    for part in request.headers.get("content-type", "").split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "boundary" and value:
+            return value.strip('"').encode("latin-1", "replace")
+    return None
+
+
 async def _read_multipart(request: Request, settings: Settings) -> tuple[list[bytes], bool]:
     limit = settings.max_images_per_request
+    body = await request.body()  # cached: the form parser reads it from here
+    boundary = _boundary(request)
+    if boundary is None:
+        raise ServiceError("invalid multipart body: the Content-Type has no boundary", 400,
+                           "invalid_multipart")
+    if b"--" + boundary + b"--" not in body:
+        raise ServiceError("invalid multipart body: truncated (no closing boundary)", 400,
+                           "invalid_multipart")
     try:
         form = await request.form(max_files=limit + 1, max_fields=limit + 16)
     except StarletteHTTPException as exc:
@@ -99,7 +117,7 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
             raise ServiceError(f"more than {limit} files in one request "
                                "(CONCEPTGUARD_MAX_IMAGES_PER_REQUEST)", 413,
                                "too_many_images") from exc
-        if exc.status_code == 413:
+        if exc.status_code in (408, 413):
             raise
         raise ServiceError(f"invalid multipart body: {exc.detail}", 400,
                            "invalid_multipart") from exc
@@ -142,9 +160,13 @@ async def read_json(request: Request) -> Any:
     body = await request.body()
     if not body:
         raise ServiceError("the request body is empty; expected JSON", 400, "invalid_json")
+    settings: Settings = request.app.state.settings
+    problem = json_problem(body, settings.max_json_depth)
+    if problem is not None:
+        raise ServiceError(problem, 400, "invalid_json")
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ServiceError(f"the request body is not valid JSON: {exc}", 400,
                            "invalid_json") from exc
 
@@ -212,6 +234,8 @@ def format_results(results: Results, settings: Settings) -> list[dict[str, Any]]
 
 
 def _respond(request: Request, results: Results, single: bool) -> JSONResponse:
+    for name in ("trust", "p_misclassification", "p_adversarial", "probabilities"):
+        check_finite(name, getattr(results, name))
     settings = _dataplane(request).settings
     rows = format_results(results, settings)
     bank = results.loaded.bank_ref()
@@ -232,6 +256,7 @@ async def classify(request: Request) -> JSONResponse:
     ``image/*`` body. Returns the prediction, top-k probabilities, the calibrated trust,
     the reject decision with its reason and concepts, and both defect-head scores."""
     dp = _dataplane(request)
+    dp.state.require()  # not ready: 503 before the body is read
     blobs, single = await read_images(request, dp.settings)
     results = await dp.classify_images(blobs)
     return _respond(request, results, single)
@@ -252,7 +277,7 @@ async def monitor(request: Request, body: MonitorRequest) -> JSONResponse:
 async def bank(request: Request) -> JSONResponse:
     state: RuntimeState = request.app.state.runtime_state
     loaded = state.require()
-    return JSONResponse(loaded.summary(state.path))
+    return JSONResponse(loaded.summary(state.bank_ref))
 
 
 def _authorize(request: Request, settings: Settings) -> None:
@@ -260,14 +285,14 @@ def _authorize(request: Request, settings: Settings) -> None:
         raise ServiceError("bank reload is disabled: set CONCEPTGUARD_ADMIN_TOKEN to enable it",
                            403, "reload_disabled")
     assert settings.admin_token is not None
-    header = request.headers.get("authorization")
-    if not header:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise ServiceError("missing 'Authorization: Bearer <admin token>'", 401,
                            "unauthorized", headers={"WWW-Authenticate": "Bearer"})
-    scheme, _, token = header.partition(" ")
     expected = settings.admin_token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
-                                                                expected):
+    if not secrets.compare_digest(token.encode("utf-8", "replace"), expected):
         raise ServiceError("the admin token is wrong", 403, "forbidden")
 
 
@@ -293,12 +318,21 @@ async def reload_bank(request: Request) -> JSONResponse:
                                422, "invalid_request") from exc
         path = req.path
     state: RuntimeState = request.app.state.runtime_state
+    state.require()
     try:
-        new, old = await state.reload(None if path is None else Path(path))
+        new, old = await state.reload(path)
     except BankError as exc:
         metrics.reload_result(False)
         raise ServiceError(str(exc), 422, "invalid_bank") from exc
     metrics.reload_result(True)
-    return JSONResponse({"status": "reloaded", "bank": new.bank_ref(),
-                         "previous": None if old is None else old.bank_ref(),
-                         "path": str(state.path)})
+    out: dict[str, Any] = {"status": "reloaded", "bank": new.bank_ref(),
+                           "previous": None if old is None else old.bank_ref(),
+                           "path": state.bank_ref}
+    shared: SharedBank | None = getattr(request.app.state, "shared_bank", None)
+    if shared is not None:  # several workers: move them all, answer when they serve it
+        generation = shared.publish(state.bank_ref)
+        out["workers"] = await shared.wait_all(generation, RELOAD_WAIT_S)
+    else:
+        out["workers"] = {"generation": None, "workers": 1, "serving": 1, "failed": 0,
+                          "all_serving": True}
+    return JSONResponse(out)

@@ -111,7 +111,7 @@ async def live() -> JSONResponse:
             responses={503: {"model": ReadyResponse}}, summary="Readiness (a bank is loaded)")
 async def ready(request: Request) -> JSONResponse:
     state: RuntimeState | None = getattr(request.app.state, "runtime_state", None)
-    ok = state is not None and state.current is not None
+    ok = state is not None and state.ready  # loaded and warmed
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ class Loaded:
     runtime: Runtime
     model_name: str
     metrics: ModelMetrics
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     _head_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -78,12 +79,12 @@ class Loaded:
         m = self.bank.manifest
         return {"id": m.bank_id, "name": m.name, "schema_version": m.schema_version}
 
-    def summary(self, path: Path) -> dict[str, Any]:
+    def summary(self, path: str) -> dict[str, Any]:
         """The manifest summary of ``GET /v1/bank`` (computed once)."""
-        cached = self._cache.get("summary")
+        cached = self._cache.get(("summary", path))
         if cached is None:
-            cached = bank_summary(self, path)
-            self._cache["summary"] = cached
+            cached = _json_safe(bank_summary(self, path))
+            self._cache[("summary", path)] = cached
         return cached
 
     def concepts_from_features(self, features: np.ndarray) -> np.ndarray:
@@ -149,7 +150,7 @@ def _load_classifier(path: Path) -> Any:
     return load_classifier(path)[0].eval()
 
 
-def bank_summary(loaded: Loaded, path: Path) -> dict[str, Any]:
+def bank_summary(loaded: Loaded, path: str) -> dict[str, Any]:
     m = loaded.bank.manifest
     vlm = {"id": m.vlm.get("id"), "zero_shot_accuracy": m.vlm.get("zero_shot_accuracy")}
     spec = m.vlm.get("spec")
@@ -174,15 +175,17 @@ def bank_summary(loaded: Loaded, path: Path) -> dict[str, Any]:
 def _report_headline(bank_path: Path) -> dict[str, Any]:
     """Detection figures from ``report/metrics.json`` when the bank has one."""
     try:
-        report = json.loads((bank_path / "report" / "metrics.json").read_text())
-    except (OSError, ValueError):
+        report = json.loads((bank_path / "report" / "metrics.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(report, dict):
         return {}
 
     def aurocs(section: Any) -> dict[str, float]:
         if not isinstance(section, dict):
             return {}
         return {k: v["auroc"] for k, v in section.items()
-                if isinstance(v, dict) and isinstance(v.get("auroc"), int | float)}
+                if isinstance(v, dict) and _finite_number(v.get("auroc"))}
 
     out: dict[str, Any] = {}
     if mis := aurocs(report.get("misclassification")):
@@ -195,10 +198,26 @@ def _report_headline(bank_path: Path) -> dict[str, Any]:
     mixed = report.get("mixed")
     if isinstance(mixed, dict):
         risks = {k: v["risk_at_90_coverage"] for k, v in mixed.items()
-                 if isinstance(v, dict) and "risk_at_90_coverage" in v}
+                 if isinstance(v, dict) and _finite_number(v.get("risk_at_90_coverage"))}
         if risks:
             out["mixed_risk_at_90_coverage"] = risks
     return out
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: non-finite floats (a manifest may hold NaN) become null."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _finite_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and np.isfinite(value))
 
 
 def make_runtime(bank: Bank, settings: Settings) -> Runtime:
@@ -230,8 +249,14 @@ def bank_info(bank: Bank) -> dict[str, str]:
 
 
 def load(path: Path, settings: Settings) -> Loaded:
-    """Load and validate a bank, start its runtime and check it end to end (blocking)."""
-    bank = load_bank(path, expected_classifier_hash=settings.expected_classifier_hash)
+    """Load and validate a bank, start its runtime and check it end to end (blocking).
+    Every failure is a :class:`BankError`."""
+    try:
+        bank = load_bank(path, expected_classifier_hash=settings.expected_classifier_hash)
+    except BankError:
+        raise
+    except Exception as exc:  # whatever else a malformed bank makes the loader raise
+        raise BankError(f"bank {path} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     try:
         runtime = make_runtime(bank, settings)
     except Exception as exc:
@@ -248,21 +273,83 @@ def load(path: Path, settings: Settings) -> Loaded:
     return Loaded(bank=bank, runtime=runtime, model_name=name, metrics=metrics)
 
 
+PROBE_BATCH = 4
+
+
+def probe_images(bank: Bank, n: int = PROBE_BATCH) -> np.ndarray:
+    """A fixed probe batch: black, white, mid-grey and a seeded noise image in [0, 1]."""
+    p = bank.manifest.preprocessing
+    shape = (p.channels, p.input_size, p.input_size)
+    fills = [np.zeros(shape), np.ones(shape), np.full(shape, 0.5),
+             np.random.default_rng(0).random(shape)]
+    return np.stack([fills[i % len(fills)] for i in range(n)]).astype(np.float32)
+
+
 def _smoke_test(bank: Bank, runtime: Runtime) -> None:
-    """One zero image through the runtime: output shapes must match the manifest."""
+    """A probe batch end to end (runtime, then the core's ``score``): output shapes must
+    match the manifest and every output and score must be finite."""
+    from conceptguard.scoring import score
+
     d = bank.manifest.dims
     p = bank.manifest.preprocessing
+    x = probe_images(bank)
+    n = len(x)
     try:
-        out = runtime.run(np.zeros((1, p.channels, p.input_size, p.input_size), np.float32))
+        out = runtime.run(x)
     except Exception as exc:
         raise BankError(f"the serving graph fails on a {p.channels}x{p.input_size}x"
                         f"{p.input_size} input: {exc}") from exc
-    want = {"logits": (1, d.classes), "features": (1, d.features), "concepts": (1, d.concepts)}
+    want = {"logits": (n, d.classes), "features": (n, d.features), "concepts": (n, d.concepts)}
     for name, shape in want.items():
-        got = tuple(getattr(out, name).shape)
+        value = getattr(out, name)
+        got = tuple(value.shape)
         if got != shape:
             raise BankError(f"the serving graph's {name} output has shape {got}, the manifest "
                             f"implies {shape}")
+        if not np.isfinite(value).all():
+            raise BankError(f"the serving graph's {name} output is not finite on the probe "
+                            "batch")
+    try:
+        with np.errstate(all="ignore"):
+            s = score(bank.monitor, out.logits, out.features, out.concepts)
+    except Exception as exc:
+        raise BankError(f"scoring the probe batch fails: {type(exc).__name__}: {exc}") from exc
+    for name in ("trust", "p_misclassification", "p_adversarial", "contributions"):
+        value = np.asarray(getattr(s, name), dtype=np.float64)
+        if not np.isfinite(value).all():
+            raise BankError(f"scoring the probe batch gives non-finite {name}")
+
+
+NAME_MAX = 255  # bytes per path component on common file systems
+
+
+class BankPathError(BankError):
+    """A bank path is empty, malformed or outside the banks root."""
+
+
+def confine(root: Path, raw: str | Path) -> tuple[Path, str]:
+    """``raw`` (relative to ``root``, or absolute) -> (the real path, its id relative to
+    ``root``). Refuses empty names, NUL bytes, over-long components and anything outside
+    ``root`` (``..``, absolute paths elsewhere, symbolic links leading out) with one
+    message that does not say whether the target exists."""
+    text = str(raw)
+    if not text.strip() or "\x00" in text:
+        raise BankPathError("bank path must be a non-empty folder name under the banks root")
+    for part in Path(text).parts:
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise BankPathError(f"bank path has a component over {NAME_MAX} bytes")
+    candidate = Path(text) if os.path.isabs(text) else root / text
+    real = Path(os.path.realpath(candidate))
+    if real != root and not real.is_relative_to(root):
+        raise BankPathError(f"bank path {text!r} is not under the banks root")
+    rel = real.relative_to(root).as_posix()
+    return real, rel
+
+
+def relative_message(message: str, root: Path) -> str:
+    """A loader message with the banks root taken out of every path in it."""
+    prefix = str(root).rstrip("/") + "/"
+    return message.replace(prefix, "").replace(str(root), ".")
 
 
 class RuntimeState:
@@ -270,9 +357,17 @@ class RuntimeState:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.path: Path = Path(settings.bank)
+        self.root: Path = settings.root
+        self.path: Path = Path(os.path.realpath(settings.bank))
+        self.bank_ref: str = (self.path.relative_to(self.root).as_posix()
+                              if self.path.is_relative_to(self.root) else self.path.name)
         self._current: Loaded | None = None
         self._reload_lock = asyncio.Lock()
+        self.warmed = False
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None and self.warmed
 
     @property
     def current(self) -> Loaded | None:
@@ -280,8 +375,8 @@ class RuntimeState:
 
     def require(self) -> Loaded:
         loaded = self._current
-        if loaded is None:
-            raise NotReady("no bank is loaded yet")
+        if loaded is None or not self.warmed:
+            raise NotReady("the bank is still loading; retry shortly")
         return loaded
 
     async def start(self) -> Loaded:
@@ -289,15 +384,24 @@ class RuntimeState:
         self._swap(loaded)
         return loaded
 
-    async def reload(self, path: Path | None = None) -> tuple[Loaded, Loaded | None]:
-        """Load ``path`` (default: the current path) and swap it in; returns (new, old).
-        On any error the current bank stays and :class:`BankError` is raised."""
+    async def reload(self, path: str | None = None) -> tuple[Loaded, Loaded | None]:
+        """Load ``path`` (relative to the banks root; default: the current bank) and swap
+        it in; returns (new, old). On any error the current bank stays and
+        :class:`BankError` is raised, its message relative to the banks root."""
         async with self._reload_lock:
-            target = Path(path) if path is not None else self.path
-            new = await anyio.to_thread.run_sync(load, target, self.settings)
+            if path is None:
+                target, ref = self.path, self.bank_ref
+            else:
+                target, ref = confine(self.root, path)
+            try:
+                new = await anyio.to_thread.run_sync(load, target, self.settings)
+            except BankPathError:
+                raise
+            except BankError as exc:
+                raise BankError(relative_message(str(exc), self.root)) from exc
             old = self._current
             self._swap(new)
-            self.path = target
+            self.path, self.bank_ref = target, ref
             return new, old
 
     def _swap(self, new: Loaded) -> None:

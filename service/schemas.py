@@ -6,9 +6,12 @@ Handlers build responses as plain dicts for speed; these models define and docum
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+Row = Annotated[list[StrictFloat], Field(min_length=1)]
 
 # ---------------------------------------------------------------- errors
 
@@ -38,9 +41,9 @@ class ClassifyJSONRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    images: list[str] | None = Field(
-        None, description="base64-encoded image files (PNG, JPEG, ...); a batch")
-    image: str | None = Field(None, description="one base64-encoded image file")
+    images: list[NonEmptyStr] | None = Field(
+        None, min_length=1, description="base64-encoded image files (PNG, JPEG, ...); a batch")
+    image: NonEmptyStr | None = Field(None, description="one base64-encoded image file")
 
 
 class Probability(BaseModel):
@@ -113,22 +116,35 @@ class MonitorRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    features: list[list[float]] = Field(description="penultimate-layer features, shape [N, d]")
-    logits: list[list[float]] | None = Field(
-        None, description="logits, shape [N, C]; computed with the classifier's head if absent")
+    features: list[Row] = Field(min_length=1,
+                                description="penultimate-layer features, shape [N, d]")
+    logits: list[Row] | None = Field(
+        None, min_length=1,
+        description="logits, shape [N, C]; computed with the classifier's head if absent")
 
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str | None = Field(None, description="bank folder; default: the current one")
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="bank folder relative to the banks root "
+                                         "(CONCEPTGUARD_BANKS_ROOT); default: the current one")
+
+
+class ReloadWorkers(BaseModel):
+    generation: int | None = Field(description="bank pointer generation (several workers)")
+    workers: int = Field(description="live workers")
+    serving: int = Field(description="workers serving the reloaded bank")
+    failed: int = Field(description="workers that could not load it (they keep the old one)")
+    all_serving: bool
 
 
 class ReloadResponse(BaseModel):
     status: Literal["reloaded"]
     bank: BankRef
     previous: BankRef | None
-    path: str
+    path: str = Field(description="the bank folder relative to the banks root")
+    workers: ReloadWorkers
 
 
 class BankSummary(BaseModel):
@@ -172,7 +188,7 @@ class ModelMetadata(BaseModel):
 
 class RequestInput(BaseModel):
     name: str
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=0)]]
     datatype: str
     parameters: dict[str, Any] | None = None
     data: list[Any] | None = None  # absent when parameters.binary_data_size is set
@@ -186,7 +202,7 @@ class RequestOutput(BaseModel):
 class InferenceRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[RequestInput]
+    inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,8 +49,28 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8001, ge=0, le=65535,
                            description="Open Inference Protocol gRPC port; 0 = no gRPC server")
     grpc_host: str = Field("0.0.0.0", min_length=1, description="address gRPC listens on")
+    banks_root: Path | None = Field(
+        None, description="folder that every bank served or reloaded must lie under; "
+                          "default: the parent folder of CONCEPTGUARD_BANK")
+    decode_concurrency: int = Field(
+        2, ge=1, le=64, description="images decoded at the same time per worker (bounds the "
+                                    "decode memory: about 5 bytes x max_image_pixels each)")
+    max_json_depth: int = Field(32, ge=2, le=512,
+                                description="deepest nesting of arrays/objects in a JSON body")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="longest time to receive a request's headers")
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="longest wait for the next chunk of a request body")
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="idle keep-alive connections are closed after this")
+    max_connections: int = Field(
+        512, ge=1, le=1_000_000,
+        description="open connections per worker; at the cap the longest-idle one is closed")
+    drain_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="on SIGTERM, longest wait for in-flight requests")
 
-    @field_validator("admin_token", "expected_classifier_hash", "model_name", mode="before")
+    @field_validator("admin_token", "expected_classifier_hash", "model_name", "banks_root",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():
@@ -72,6 +93,12 @@ class Settings(BaseSettings):
         if value is not None and ("/" in value or value != value.strip()):
             raise ValueError("must not contain '/' or surrounding spaces (it is a URL segment)")
         return value
+
+    @property
+    def root(self) -> Path:
+        """The banks root, resolved (every bank path must lie under it)."""
+        root = self.banks_root if self.banks_root is not None else Path(self.bank).parent
+        return Path(os.path.realpath(root))
 
     @property
     def max_wait_s(self) -> float:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -242,12 +243,17 @@ AUX_SERVERS: dict[str, dict[str, Any]] = {
 
 
 class ServerPool:
-    """Named servers for the session: launched early, waited for on first use."""
+    """Named servers for the session: launched early, waited for on first use. ``banks``
+    is the main server's banks root (CONCEPTGUARD_BANKS_ROOT), holding a copy of the demo
+    bank as ``demo``; reload tests put their banks there."""
 
     def __init__(self, root: Path):
         self.root = root
         self.servers: dict[str, ServerProcess] = {}
         self.multiproc_dirs: dict[str, Path] = {}
+        self.banks = root / "banks"
+        if not (self.banks / "demo").is_dir():
+            shutil.copytree(DEMO_BANK, self.banks / "demo")
 
     def launch(self, name: str, **config: Any) -> None:
         if name in self.servers:
@@ -287,7 +293,15 @@ def server_pool(request: pytest.FixtureRequest,
 @pytest.fixture(scope="session")
 def server(server_pool: ServerPool) -> ServerProcess:
     """The session's server on the demo bank: batching on, reload enabled."""
-    return server_pool.get("main", settings={"admin_token": ADMIN_TOKEN, "max_wait_ms": 2})
+    return server_pool.get("main", bank=server_pool.banks / "demo",
+                           settings={"admin_token": ADMIN_TOKEN, "max_wait_ms": 2,
+                                     "banks_root": server_pool.banks})
+
+
+@pytest.fixture(scope="session")
+def banks_root(server_pool: ServerPool) -> Path:
+    """The main server's banks root (reloads are confined to it)."""
+    return server_pool.banks
 
 
 @pytest.fixture(scope="session")

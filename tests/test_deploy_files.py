@@ -165,6 +165,7 @@ def linters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     compose = compose_cmd()
     compose_env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("CONCEPTGUARD_", "COMPOSE_"))}
+    compose_env["GRAFANA_ADMIN_PASSWORD"] = "lint-only"  # compose requires one
     jobs: dict[str, tuple[str, list[str], dict[str, str] | None]] = {
         "promtool-config": ("promtool", ["check", "config", str(PROM_CONFIG)], None),
         "promtool-rules": ("promtool", ["check", "rules", str(RULES)], None),
@@ -484,6 +485,12 @@ def test_compose_structure() -> None:
             if vol.startswith("./"):
                 assert (ROOT / vol.split(":")[0]).exists(), (name, vol)
     assert compose_default(services["prometheus"]["image"]).startswith("prom/prometheus:v")
+    # the unauthenticated UIs listen on this host only; Grafana has no default password
+    assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert "--web.enable-lifecycle" not in services["prometheus"]["command"]
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?"), password
     nginx = (DEPLOY / "nginx" / "conceptguard-lb.conf").read_text()
     assert "http://conceptguard-replica:8000" in nginx and "resolver 127.0.0.11" in nginx
 

@@ -167,7 +167,7 @@ def test_bank_summary(client: httpx.Client, demo_manifest: dict[str, Any]) -> No
     assert isinstance(body["evaluation"], dict)
 
 
-def _reload(client: httpx.Client, path: Path | None = None,
+def _reload(client: httpx.Client, path: str | None = None,
             token: str | None = ADMIN_TOKEN) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     body = {"path": str(path)} if path is not None else None
@@ -182,43 +182,44 @@ def test_reload_requires_the_admin_token(client: httpx.Client) -> None:
 
 
 def test_reload_refuses_a_corrupt_bank_and_keeps_serving(
-        client: httpx.Client, demo_bank_dir: Path, tmp_path: Path, sample_png: bytes) -> None:
+        client: httpx.Client, demo_bank_dir: Path, banks_root: Path, sample_png: bytes) -> None:
     before = client.get("/v1/bank").json()["id"]
-    broken = tmp_path / "broken"
+    broken = banks_root / "broken"
     shutil.copytree(demo_bank_dir, broken)
     tensors = broken / "tensors.safetensors"
     data = bytearray(tensors.read_bytes())
     for pos in range(len(data) // 2, len(data) // 2 + 16):
         data[pos] ^= 0xFF
     tensors.write_bytes(bytes(data))
-    resp = _reload(client, broken)
+    resp = _reload(client, "broken")
     assert resp.status_code == 422, resp.text
     err = resp.json()["error"]
     assert err["code"] == "invalid_bank" and "tensors.safetensors" in err["message"]
     assert client.get("/v1/bank").json()["id"] == before
     ok = client.post("/v1/classify", files={"file": ("x.png", sample_png, "image/png")})
     assert ok.status_code == 200 and ok.json()["bank"]["id"] == before
-    missing = _reload(client, tmp_path / "nowhere")
+    missing = _reload(client, "nowhere")
     assert missing.status_code == 422 and "does not exist" in missing.json()["error"]["message"]
+    assert str(banks_root) not in resp.text + missing.text  # names relative to the root
 
 
 def test_reload_swaps_to_a_valid_copy(client: httpx.Client, demo_bank_dir: Path,
-                                      tmp_path: Path, sample_png: bytes) -> None:
-    copy = tmp_path / "copy"
+                                      banks_root: Path, sample_png: bytes) -> None:
+    copy = banks_root / "copy"
     shutil.copytree(demo_bank_dir, copy)
     before = client.get("/v1/bank").json()
     try:
-        resp = _reload(client, copy)
+        resp = _reload(client, "copy")
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["status"] == "reloaded" and body["bank"]["id"] == before["id"]
         assert body["previous"]["id"] == before["id"]
         after = client.get("/v1/bank").json()
-        assert after["id"] == before["id"] and after["path"] == str(copy)
+        assert after["id"] == before["id"] and after["path"] == "copy"
         ok = client.post("/v1/classify", files={"file": ("x.png", sample_png, "image/png")})
         assert ok.status_code == 200 and ok.json()["bank"]["id"] == before["id"]
     finally:
-        back = _reload(client, demo_bank_dir)
+        back = _reload(client, "demo")
         assert back.status_code == 200, back.text
     metrics = client.get("/metrics").text
     assert metric_sum(metrics, "conceptguard_bank_reloads_total", result="success") >= 2

@@ -1,0 +1,237 @@
+"""Process-level concerns of a worker: heap bounds, file limit, SIGTERM drain, and the bank
+pointer that keeps several workers on one bank.
+
+With several workers (``--workers N``) every worker is its own process with its own bank.
+A reload validates the bank in the worker that received it, then writes the *bank pointer*
+(``conceptguard-bank.json`` in the shared state folder: ``CONCEPTGUARD_STATE_DIR``, else
+``PROMETHEUS_MULTIPROC_DIR``) with a new generation number; every worker polls the pointer,
+loads the bank it names and acknowledges the generation in its own file. The reload answers
+once every live worker serves the new bank (or after ``reload_wait_s`` with the count).
+Workers started later (a restart after a crash) read the pointer first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.runtime_state import RuntimeState
+    from service.settings import Settings
+
+log = logging.getLogger("conceptguard.service")
+
+POINTER = "conceptguard-bank.json"
+ACK_PREFIX = "conceptguard-worker-"
+POLL_S = 0.25
+
+
+def bound_heap() -> None:
+    """Return large freed blocks (decoded images) to the OS at once: a fixed mmap threshold
+    of 1 MiB (glibc would otherwise raise it to 32 MiB and keep freed images in the heap)
+    and at most two malloc arenas. A no-op where glibc is absent."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    with contextlib.suppress(AttributeError):
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_arena_max, 2)
+
+
+def raise_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one (connections are file descriptors)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 65536)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def drain_on_sigterm(timeout_s: float) -> None:
+    """Make SIGTERM a drain, never a force-quit: uvicorn treats a second SIGINT as "quit
+    now"; a SIGTERM that arrives twice (the process group and the supervisor) must not be
+    turned into one. Only the main thread may install handlers (a no-op elsewhere)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+    seen = False
+
+    def on_term(sig: int, frame: Any) -> None:
+        nonlocal seen
+        if seen:
+            return  # already draining
+        seen = True
+        log.info("SIGTERM: draining in-flight requests (at most %.0f s)", timeout_s)
+        previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SharedBank:
+    """The bank pointer in a folder shared by the workers of one server."""
+
+    def __init__(self, folder: Path, settings: Settings):
+        self.folder = folder
+        self.settings = settings
+        self.generation = 0
+        self._task: asyncio.Task[None] | None = None
+        self.pid = os.getpid()
+
+    @classmethod
+    def from_env(cls, settings: Settings) -> SharedBank | None:
+        folder = os.environ.get("CONCEPTGUARD_STATE_DIR") or os.environ.get(
+            "PROMETHEUS_MULTIPROC_DIR")
+        if not folder or not os.path.isdir(folder):
+            return None
+        return cls(Path(folder), settings)
+
+    # ---------------------------------------------------------------- files
+
+    def read_pointer(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.folder / POINTER).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("generation"), int):
+            return None
+        return data
+
+    def _write_json(self, name: str, data: dict[str, Any]) -> None:
+        tmp = self.folder / f".{name}.{self.pid}.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.folder / name)
+
+    def _ack(self, ok: bool = True, error: str | None = None) -> None:
+        self._write_json(f"{ACK_PREFIX}{self.pid}.json",
+                         {"pid": self.pid, "generation": self.generation, "ok": ok,
+                          "error": error, "time": time.time()})
+
+    def register(self) -> None:
+        """Announce this worker while it is still starting (generation -1: not serving
+        yet), so that a reload meanwhile waits for it too."""
+        self.generation = -1
+        self._ack()
+        self.generation = 0
+
+    def publish(self, path: str) -> int:
+        """Point every worker at ``path`` (relative to the banks root); the new generation."""
+        with open(self.folder / ".conceptguard-bank.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.read_pointer()
+            generation = (current["generation"] if current else 0) + 1
+            self._write_json(POINTER, {"generation": generation, "path": path,
+                                       "time": time.time()})
+        self.generation = generation
+        self._ack()
+        return generation
+
+    def workers(self) -> dict[int, dict[str, Any]]:
+        """Acknowledgements of the live workers, by pid (dead workers' files removed)."""
+        out: dict[int, dict[str, Any]] = {}
+        for f in self.folder.glob(f"{ACK_PREFIX}*.json"):
+            try:
+                data = json.loads(f.read_text())
+                pid = int(data["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if _pid_alive(pid):
+                out[pid] = data
+            else:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+        return out
+
+    async def wait_all(self, generation: int, timeout_s: float) -> dict[str, Any]:
+        """Wait until every live worker acknowledges ``generation``; a summary."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            acks = self.workers()
+            serving = [p for p, a in acks.items() if a.get("generation", 0) >= generation
+                       and a.get("ok")]
+            failed = {p: a.get("error") for p, a in acks.items()
+                      if a.get("generation", 0) >= generation and not a.get("ok")}
+            done = len(serving) + len(failed) >= len(acks)
+            if done or time.monotonic() >= deadline:
+                return {"generation": generation, "workers": len(acks),
+                        "serving": len(serving), "failed": len(failed),
+                        "all_serving": len(serving) == len(acks)}
+            await asyncio.sleep(POLL_S / 2)
+
+    # ---------------------------------------------------------------- following
+
+    async def adopt_startup(self, state: RuntimeState) -> None:
+        """A worker (re)started after a reload serves the bank the pointer names."""
+        from service.runtime_state import confine
+
+        pointer = self.read_pointer()
+        if pointer is None:
+            return
+        with contextlib.suppress(Exception):
+            state.path, state.bank_ref = confine(state.root, str(pointer["path"]))
+            self.generation = pointer["generation"]
+
+    def start_following(self, state: RuntimeState) -> None:
+        self._ack()
+        self._task = asyncio.create_task(self._follow(state), name="conceptguard-bank-pointer")
+
+    async def _follow(self, state: RuntimeState) -> None:
+        from conceptguard.bank import BankError
+
+        while True:
+            await asyncio.sleep(POLL_S)
+            pointer = self.read_pointer()
+            if pointer is None or pointer["generation"] <= self.generation:
+                continue
+            generation = pointer["generation"]
+            try:
+                if state.bank_ref != pointer["path"] or generation > self.generation:
+                    await state.reload(str(pointer["path"]))
+                self.generation = generation
+                self._ack()
+                log.info("bank pointer generation %d: serving %s", generation, pointer["path"])
+            except BankError as exc:
+                self.generation = generation
+                self._ack(False, str(exc))
+                log.error("bank pointer generation %d: %s", generation, exc)
+            except Exception as exc:  # keep following whatever happens
+                self.generation = generation
+                self._ack(False, f"{type(exc).__name__}: {exc}")
+                log.exception("bank pointer generation %d failed", generation)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(OSError):
+            (self.folder / f"{ACK_PREFIX}{self.pid}.json").unlink()

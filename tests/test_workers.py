@@ -1,0 +1,157 @@
+"""Several workers are one service (issue 8, item 6): a SIGTERM drains the in-flight
+requests of every worker, a reload reaches every worker before it answers, the queue-depth
+gauge forgets a killed worker, and nothing is left in /tmp. Real ``conceptguard serve
+--workers 2`` processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from tests.conftest import (
+    ADMIN_TOKEN,
+    encode_png,
+    launch_server,
+    metric_samples,
+    metric_sum,
+    wait_ready,
+)
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _images(n: int, seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:
+    rng = np.random.default_rng(seed)
+    return [("files", (f"{i}.png", encode_png(rng.integers(0, 256, (28, 28), np.uint8)),
+                       "image/png")) for i in range(n)]
+
+
+def _serving_pids(text: str) -> set[str]:
+    return {lab.get("pid", "") for lab, v in metric_samples(text, "conceptguard_bank_info")
+            if v == 1}
+
+
+def _tmp_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "conceptguard-prom-*")))
+
+
+def test_two_workers_drain_reload_and_clean_up(tmp_path: Path, demo_bank_dir: Path) -> None:
+    root = tmp_path / "banks"
+    shutil.copytree(demo_bank_dir, root / "demo")
+    shutil.copytree(demo_bank_dir, root / "v2")
+    before_tmp = _tmp_dirs()
+    srv = launch_server(tmp_path / "logs", bank=root / "demo", workers=2, use_cli=True,
+                        settings={"admin_token": ADMIN_TOKEN, "banks_root": root,
+                                  "max_wait_ms": 20})
+    try:
+        wait_ready(srv)
+        deadline = time.monotonic() + 120
+        while len(_children(srv.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with srv.client(timeout=120) as c:
+            while time.monotonic() < deadline:  # both workers serving (one bank_info per pid)
+                if len(_serving_pids(c.get("/metrics").text)) >= 2:
+                    break
+                time.sleep(0.2)
+            assert len(_serving_pids(c.get("/metrics").text)) == 2
+            # ---- a reload reaches every worker before it answers
+            resp = c.post("/v1/bank/reload", json={"path": "v2"}, headers=AUTH)
+            assert resp.status_code == 200, resp.text
+            workers = resp.json()["workers"]
+            assert workers["workers"] == 2 and workers["all_serving"], workers
+            paths = set()
+            for _ in range(40):  # fresh connections spread over both workers
+                r = httpx.get(f"{srv.url}/v1/bank", headers={"Connection": "close"}, timeout=30)
+                paths.add(r.json()["path"])
+            assert paths == {"v2"}, paths
+            assert metric_sum(c.get("/metrics").text, "conceptguard_bank_reloads_total",
+                              result="success") == 1
+
+        # ---- SIGTERM while requests are in flight: every one of them is answered
+        n = 24
+        batch = _images(16, 0)
+
+        def call(i: int) -> int | str:
+            try:
+                r = httpx.post(f"{srv.url}/v1/classify", files=batch, timeout=120,
+                               headers={"Connection": "close"})
+                return r.status_code
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(call, i) for i in range(n)]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # wait until requests are in the queues
+                text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+                if metric_sum(text, "conceptguard_queue_depth") > 0:
+                    break
+            # the whole process group, as `docker stop` through a shell or an init does: every
+            # worker gets SIGTERM from there and again from the supervisor
+            os.killpg(srv.process.pid, signal.SIGTERM)
+            results = [f.result() for f in futures]
+        srv.process.wait(timeout=60)
+        print(f"drain: {results.count(200)} answered, {results.count(503)} refused, "
+              f"{n - results.count(200) - results.count(503)} failed of {n}")
+        answered = [r for r in results if r == 200]
+        refused = [r for r in results if r == 503]  # came in after the drain began
+        assert len(answered) + len(refused) == n, results
+        assert answered, results
+    finally:
+        srv.stop()
+    assert _tmp_dirs() <= before_tmp, "a conceptguard-prom-* folder was left in /tmp"
+
+
+def test_queue_depth_forgets_a_killed_worker(tmp_path: Path) -> None:
+    mp = tmp_path / "prom"
+    mp.mkdir()
+    srv = launch_server(tmp_path / "logs", workers=2, use_cli=True,
+                        settings={"max_batch_size": 1},
+                        extra_env={"PROMETHEUS_MULTIPROC_DIR": str(mp)})
+    try:
+        wait_ready(srv)
+        batch = _images(32, 1)
+
+        def call(_: int) -> int | str:
+            try:
+                return httpx.post(f"{srv.url}/v1/classify", files=batch, timeout=60,
+                                  headers={"Connection": "close"}).status_code
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+
+        deadline = time.monotonic() + 60
+        while len(_children(srv.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        victim = _children(srv.process.pid)[0]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(call, i) for i in range(16)]
+            while time.monotonic() < deadline:
+                text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+                if metric_sum(text, "conceptguard_queue_depth") > 0:
+                    break
+            os.kill(victim, signal.SIGKILL)
+            [f.result() for f in futures]
+        # the supervisor restarts the worker; the dead one's gauge must not linger
+        wait_ready(srv)
+        text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+        assert metric_sum(text, "conceptguard_queue_depth") == 0, text
+        assert not glob.glob(str(mp / f"gauge_live*_{victim}.db"))
+    finally:
+        srv.stop()
