@@ -250,7 +250,7 @@ class DataPlane:
             s = score(loaded.bank.monitor, logits, features, concepts)
         for name in ("trust", "p_misclassification", "p_adversarial", "contributions"):
             check_finite(f"{name} computed from these inputs", getattr(s, name))
-        check_finite("probabilities computed from these inputs", s.signals.probabilities)
+        check_finite("probabilities computed from these inputs", s.probabilities)
         if record:
             loaded.metrics.record(s, concepts)
         return Results.from_scores(loaded, s)
