@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: set up .venv, then serve the shipped demo bank
 # (Fashion-MNIST, demo ResNet, ConSE VLM). With --rebuild, first retrain the demo classifier
-# and rebuild banks/demo with the offline job (~10 minutes on 2 cores).
+# and rebuild banks/demo with the offline job (~20 minutes on 2 cores).
 # Usage: scripts/demo.sh [--rebuild] [--port 8000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
