@@ -109,80 +109,84 @@ class MonitorGraph(nn.Module):
         buf("react_bias", _f32(react.bias))
         self.react_clip = float(react.clip)
         buf("heatmap_units", _f32(np.stack(rule.units)))  # (3, C, K): ok, bad, adv
+        buf("class_index", torch.arange(monitor.num_classes)[None, :])
+        # Detector.feature of every column at once: log(max(x, lo) + eps) or x itself
+        # (the msp column holds r, see forward; log r >= _MSP_FLOOR is MaxSoftmax's clip)
+        log_cols = {"msp": (math.exp(_MSP_FLOOR), 0.0), "entropy": (0.0, 1e-9),
+                    "doctor": (0.0, 1e-9), "mahalanobis": (0.0, 1.0), "knn": (0.0, 1e-6),
+                    "concept_mahalanobis": (0.0, 1.0)}
+        buf("feature_is_log", torch.tensor([[n in log_cols for n in RISK_NAMES]]))
+        buf("feature_lo", _f32([[log_cols.get(n, (1.0, 0.0))[0] for n in RISK_NAMES]]))
+        buf("feature_eps", _f32([[log_cols.get(n, (1.0, 0.0))[1] for n in RISK_NAMES]]))
+        design_order = list(CONFIDENCE) + [n for n in DETECTORS if n not in CONFIDENCE]
+        self.design_order = None if design_order == list(RISK_NAMES) else \
+            [RISK_NAMES.index(n) for n in design_order]
+        buf("hinged_index", torch.tensor([design_order.index(n) for n in HINGED]))
         tm = monitor.trust_model
-        buf("knots", _f32(tm.knots))  # (len(HINGED), len(HINGE_QUANTILES))
+        buf("knots", _f32(tm.knots[None]))  # (1, len(HINGED), len(HINGE_QUANTILES))
         n_cols = len(tm.mis_columns)
-        mean, scale, w = np.zeros((len(HEADS), n_cols)), np.ones((len(HEADS), n_cols)), \
-            np.zeros((len(HEADS), n_cols))
+        mean, w = np.zeros((len(HEADS), n_cols)), np.zeros((len(HEADS), n_cols))
         for i, h in enumerate(HEADS):
             cols = tm.mis_columns if h == "misclassification" else slice(None)
             head = tm.heads[h]
-            mean[i, cols], scale[i, cols], w[i, cols] = head.mean, head.scale, head.w
+            mean[i, cols], w[i, cols] = head.mean, head.w / head.scale
         buf("head_mean", _f32(mean))
-        buf("head_scale", _f32(scale))
-        buf("head_w", _f32(w))
+        buf("head_w", _f32(w))  # w / scale: ((x - mean) / scale) w = (x - mean) (w / scale)
         buf("head_b", _f32([tm.heads[h].b for h in HEADS]))
         self.threshold = float(monitor.threshold)
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor, concepts: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
         z, s = features, concepts
-        n_classes = logits.shape[1]
+        # Columns are kept (N, 1) (keepdim) and joined once: fewer graph nodes, which is
+        # most of the cost at batch 1.
         # --- confidence detectors (stable forms, see the module docstring)
-        pred = logits.argmax(1)
+        pred = logits.argmax(1, keepdim=True)
         l_max = logits.max(1, keepdim=True).values
         d = logits - l_max
         e = torch.exp(d)
-        off = torch.arange(n_classes, device=logits.device)[None, :] != pred[:, None]
-        e_off = torch.where(off, e, 0.0)
-        r = e_off.sum(1)
-        q = (e_off * e_off).sum(1)
+        e_off = torch.where(self.class_index == pred, 0.0, e)
+        r = e_off.sum(1, keepdim=True)
+        q = (e_off * e_off).sum(1, keepdim=True)
         total = 1.0 + r
-        p = e / total[:, None]
+        p = e / total
         log_total = log1p(r)
-        logsumexp = l_max[:, 0] + log_total
-        msp = -1.0 / total
-        entropy = log_total - (p * d).sum(1)
+        logsumexp = l_max + log_total
+        entropy = log_total - (p * d).sum(1, keepdim=True)
         doctor = (2.0 * r + r * r - q) / (1.0 + q)
         # --- density detectors
         maha = self._sq_mahalanobis(z, self.maha_whiten, self.maha_means)
         sim = unit_rows(z) @ self.knn_bank_t
-        kth = torch.topk(sim, self.knn_k, dim=1).values[:, self.knn_k - 1]
+        kth = torch.topk(sim, self.knn_k, dim=1).values[:, self.knn_k - 1:]
         knn = torch.sqrt(torch.clamp(2.0 - 2.0 * kth, min=0.0))
-        residual = (((z - self.vim_origin) @ self.vim_basis) ** 2).sum(1) ** 0.5
+        residual = (((z - self.vim_origin) @ self.vim_basis) ** 2).sum(1, keepdim=True) ** 0.5
         vim = self.vim_alpha * residual - logsumexp
         rl = torch.clamp(z, max=self.react_clip) @ self.react_weight_t + self.react_bias
         rl_max = rl.max(1, keepdim=True).values
-        react = -(rl_max[:, 0] + torch.log(torch.exp(rl - rl_max).sum(1)))
+        react = -(rl_max + torch.log(torch.exp(rl - rl_max).sum(1, keepdim=True)))
         # --- concept detectors
         cmaha = self._sq_mahalanobis(s, self.cmaha_whiten, self.cmaha_means)
         su = unit_rows(s)
-        rows = self.heatmap_units[:, pred]  # (3, N, K)
-        sims = (su[None] * rows).sum(-1)  # (3, N)
+        rows = self.heatmap_units[:, pred[:, 0]]  # (3, N, K)
+        sims = (su * rows).sum(-1, keepdim=True)  # (3, N, 1)
         ok, bad, adv = sims[0], sims[1], sims[2]
-        risks = {
-            "msp": msp, "max_logit": -l_max[:, 0], "energy": -logsumexp, "entropy": entropy,
+        cols = {
+            "max_logit": -l_max, "energy": -logsumexp, "entropy": entropy,
             "doctor": doctor, "mahalanobis": maha, "knn": knn, "vim": vim,
             "react_energy": react, "concept_mahalanobis": cmaha,
             "heatmap_cosine": bad - ok, "paper_rule": torch.maximum(bad, adv) - ok,
         }
+        risks = torch.cat([-1.0 / total if n == "msp" else cols[n] for n in RISK_NAMES], 1)
         # --- trust model: Detector.feature of each risk, hinges, four logistic heads
-        feats = {
-            "msp": torch.clamp(torch.log(r), min=_MSP_FLOOR), "max_logit": risks["max_logit"],
-            "energy": risks["energy"], "entropy": torch.log(entropy + 1e-9),
-            "doctor": torch.log(doctor + 1e-9),
-            "mahalanobis": log1p(torch.clamp(maha, min=0.0)),
-            "knn": torch.log(knn + 1e-6), "vim": vim, "react_energy": react,
-            "concept_mahalanobis": log1p(torch.clamp(cmaha, min=0.0)),
-            "heatmap_cosine": risks["heatmap_cosine"], "paper_rule": risks["paper_rule"],
-        }
-        order = list(CONFIDENCE) + [n for n in DETECTORS if n not in CONFIDENCE]
-        hinged = torch.stack([feats[n] for n in HINGED], 1)  # (N, len(HINGED))
-        hinges = torch.clamp(hinged[:, :, None] - self.knots, min=0.0).flatten(1)
-        x = torch.cat([torch.stack([feats[n] for n in order], 1), hinges], 1)
-        head_logits = (((x[:, None, :] - self.head_mean) / self.head_scale) * self.head_w
-                       ).sum(-1) + self.head_b  # (N, len(HEADS))
-        ph = torch.sigmoid(head_logits)
+        x = torch.cat([r if n == "msp" else cols[n] for n in RISK_NAMES], 1)
+        x = torch.where(self.feature_is_log,
+                        torch.log(torch.maximum(x, self.feature_lo) + self.feature_eps), x)
+        if self.design_order is not None:
+            x = x[:, self.design_order]
+        hinges = torch.relu(x[:, self.hinged_index, None] - self.knots).flatten(1)
+        x = torch.cat([x, hinges], 1)
+        head_logits = ((x[:, None, :] - self.head_mean) * self.head_w).sum(-1) + self.head_b
+        ph = torch.sigmoid(head_logits)  # (N, len(HEADS))
         p_mis, p_anom, p_adv, p_unf = (ph[:, HEADS.index(h)] for h in HEADS)
         trust = (1.0 - p_mis) * (1.0 - p_anom)
         reject = trust < self.threshold
@@ -193,17 +197,16 @@ class MonitorGraph(nn.Module):
                         torch.where(p_adv >= p_unf, REASON_KINDS.index("adversarial-like"),
                                     REASON_KINDS.index("unfamiliar"))))
         # --- concept contributions (conceptguard.scoring.concept_contributions)
-        other = torch.where((adv > bad)[:, None], rows[2], rows[1])
-        contributions = su * (rows[0] - other)
-        return (p, pred, torch.stack([risks[n] for n in RISK_NAMES], 1), p_mis, p_anom,
-                p_adv, p_unf, trust, reject, reason, risks["paper_rule"] > 0, contributions)
+        contributions = su * (rows[0] - torch.where(adv > bad, rows[2], rows[1]))
+        return (p, pred[:, 0], risks, p_mis, p_anom, p_adv, p_unf, trust, reject, reason,
+                risks[:, RISK_NAMES.index("paper_rule")] > 0, contributions)
 
     @staticmethod
     def _sq_mahalanobis(x: torch.Tensor, whiten: torch.Tensor, whitened_means: torch.Tensor
                         ) -> torch.Tensor:
         """``min_c |x L - mu_c L|^2`` from explicit differences, as ``ClassGaussians``."""
         diff = (x @ whiten)[:, None, :] - whitened_means[None]
-        return (diff * diff).sum(-1).min(1).values
+        return (diff * diff).sum(-1).min(1, keepdim=True).values
 
 
 class FusedMonitoredClassifier(nn.Module):
