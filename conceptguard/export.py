@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +40,24 @@ class MonitoredClassifier(nn.Module):
 def export_onnx(module: MonitoredClassifier, input_shape: tuple[int, int, int], path: Path,
                 opset: int = 17) -> None:
     """Export with a dynamic batch axis; written atomically."""
-    module = module.eval()
     dummy = torch.zeros((2, *input_shape), dtype=torch.float32)
+    onnx_export(module, (dummy,), (INPUT_NAME,), OUTPUT_NAMES, path, opset)
+
+
+def onnx_export(module: nn.Module, dummies: tuple[torch.Tensor, ...],
+                input_names: Sequence[str], output_names: Sequence[str], path: Path,
+                opset: int = 17) -> None:
+    """``torch.onnx.export`` (TorchScript exporter) with axis 0 of every input and output
+    dynamic (``batch``); written atomically."""
+    module = module.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
     os.close(fd)
     try:
         torch.onnx.export(
-            module, (dummy,), tmp, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUT_NAMES}},
+            module, dummies, tmp, input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes={n: {0: "batch"} for n in (*input_names, *output_names)},
             opset_version=opset, dynamo=False,
         )
         os.chmod(tmp, 0o644)

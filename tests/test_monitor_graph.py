@@ -1,0 +1,157 @@
+"""The monitor as an ONNX graph against the numpy reference ``score()``, on the shipped demo
+bank's test sample (Fashion-MNIST test indices in ``report/test_scores_sample.json``).
+
+The graph computes in float32, ``score()`` in float64. Tolerances: 1e-5 absolute on trust,
+the four head probabilities and the softmax; risks 1e-5 relative to each detector's largest
+|risk| on the sample (the Mahalanobis risks are squared distances of ~250, where float32
+resolves ~3e-5); contributions 1e-6 (unit vectors times differences of unit rows). Boolean
+and integer outputs must be equal, except where the float value they threshold lies within
+the tolerance of the threshold (none does on the sample; the test says so if one appears).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conceptguard.bank import Bank, load_bank
+from conceptguard.classifier.inference import to_tensor
+from conceptguard.monitor_graph import (
+    FUSED_OUTPUTS,
+    MONITOR_INPUTS,
+    MONITOR_OUTPUTS,
+    RISK_NAMES,
+    MonitorGraph,
+    export_bank_fused_onnx,
+    export_monitor_onnx,
+)
+from conceptguard.runtime import OnnxRuntime
+from conceptguard.scoring import Scores, score
+from conceptguard.trust import REASON_KINDS
+
+ort = pytest.importorskip("onnxruntime")
+
+HEADS = ("p_misclassification", "p_anomaly", "p_adversarial", "p_unfamiliar")
+
+
+def _session(path: Path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def bank(demo_bank_path: Path) -> Bank:
+    return load_bank(demo_bank_path)
+
+
+@pytest.fixture(scope="module")
+def sample_images(fashion_mnist_test, test_scores_sample: dict[str, Any]) -> np.ndarray:
+    return to_tensor(fashion_mnist_test.images[test_scores_sample["test_indices"]]).numpy()
+
+
+@pytest.fixture(scope="module")
+def graphs(bank: Bank, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("monitor_graph")
+    d = bank.manifest.dims
+    export_bank_fused_onnx(bank, folder / "fused.onnx")
+    export_monitor_onnx(bank.monitor, (d.classes, d.features, d.concepts),
+                        folder / "monitor.onnx")
+    return {"fused": folder / "fused.onnx", "monitor": folder / "monitor.onnx"}
+
+
+@pytest.fixture(scope="module")
+def fused(graphs: dict[str, Path], sample_images: np.ndarray) -> dict[str, np.ndarray]:
+    out = _session(graphs["fused"]).run(list(FUSED_OUTPUTS), {"images": sample_images})
+    return dict(zip(FUSED_OUTPUTS, out, strict=True))
+
+
+def assert_matches(got: dict[str, np.ndarray], ref: Scores, threshold: float) -> None:
+    """Every monitor output of the graph against ``score()`` (tolerances: module doc)."""
+    np.testing.assert_array_equal(got["predictions"], ref.predictions)
+    np.testing.assert_allclose(got["probabilities"], ref.probabilities, rtol=0, atol=1e-5)
+    assert got["risks"].shape == (len(ref), len(RISK_NAMES))
+    for i, name in enumerate(RISK_NAMES):
+        scale = max(float(np.abs(ref.risks[name]).max()), 1.0)
+        np.testing.assert_allclose(got["risks"][:, i], ref.risks[name], rtol=0,
+                                   atol=1e-5 * scale, err_msg=name)
+    for key in HEADS:
+        np.testing.assert_allclose(got[key], getattr(ref, key), rtol=0, atol=1e-5,
+                                   err_msg=key)
+    np.testing.assert_allclose(got["trust"], ref.trust, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["contributions"], ref.contributions, rtol=0, atol=1e-6)
+
+    near = np.abs(ref.trust - threshold) < 1e-5
+    assert got["reject"].dtype == np.bool_
+    np.testing.assert_array_equal(got["reject"][~near], ref.reject[~near])
+    reasons = [REASON_KINDS[int(i)] for i in got["reason"]]
+    assert [r for r, n in zip(reasons, near, strict=True) if not n] == \
+        [r for r, n in zip(ref.reason, near, strict=True) if not n]
+    rule_near = np.abs(ref.risks["paper_rule"]) < 1e-5
+    np.testing.assert_array_equal(got["paper_rule_reject"][~rule_near],
+                                  ref.paper_rule_reject[~rule_near])
+
+
+def test_fused_graph_matches_numpy_score_on_its_own_outputs(
+        bank: Bank, fused: dict[str, np.ndarray]) -> None:
+    ref = score(bank.monitor, fused["logits"], fused["features"], fused["concepts"])
+    assert not (np.abs(ref.trust - bank.monitor.threshold) < 1e-5).any()
+    assert_matches(fused, ref, bank.monitor.threshold)
+    assert set(ref.reason) >= {"accepted", "misclassification-like"}  # the sample rejects some
+
+
+def test_fused_graph_classifier_outputs_equal_the_banks_serving_graph(
+        bank: Bank, fused: dict[str, np.ndarray], sample_images: np.ndarray) -> None:
+    o = OnnxRuntime(bank.onnx_path, device="cpu", threads=1).run(sample_images)
+    np.testing.assert_allclose(fused["logits"], o.logits, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fused["features"], o.features, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fused["concepts"], o.concepts, rtol=0, atol=1e-5)
+
+
+def test_fused_graph_reproduces_the_offline_sample(fused: dict[str, np.ndarray],
+                                                   test_scores_sample: dict[str, Any]) -> None:
+    s = test_scores_sample
+    assert fused["predictions"].tolist() == s["predictions"]
+    np.testing.assert_allclose(fused["trust"], s["trust"], rtol=0, atol=1e-5)
+    for key in ("p_misclassification", "p_adversarial", "p_unfamiliar"):
+        np.testing.assert_allclose(fused[key], s[key], rtol=0, atol=1e-5, err_msg=key)
+    assert fused["reject"].tolist() == s["reject"]
+    assert [REASON_KINDS[int(i)] for i in fused["reason"]] == s["reason"]
+
+
+def test_monitor_alone_graph_matches_score_and_the_fused_graph(
+        bank: Bank, graphs: dict[str, Path], fused: dict[str, np.ndarray]) -> None:
+    sess = _session(graphs["monitor"])
+    assert [i.name for i in sess.get_inputs()] == list(MONITOR_INPUTS)
+    feeds = {k: fused[k] for k in MONITOR_INPUTS}
+    got = dict(zip(MONITOR_OUTPUTS, sess.run(list(MONITOR_OUTPUTS), feeds), strict=True))
+    assert_matches(got, score(bank.monitor, *feeds.values()), bank.monitor.threshold)
+    np.testing.assert_allclose(got["trust"], fused["trust"], rtol=0, atol=1e-6)
+    # dynamic batch: one input at a time gives the same as the batch
+    one = sess.run(["trust"], {k: v[5:6] for k, v in feeds.items()})[0]
+    np.testing.assert_allclose(one, fused["trust"][5:6], rtol=0, atol=1e-6)
+
+
+def test_confident_logits_keep_float64_accuracy(bank: Bank, fused: dict[str, np.ndarray]
+                                                ) -> None:
+    """Logits scaled up so that ``p_max`` is within 1e-8 of 1: float32 ``1 - p`` would be
+    0 there; the graph's rearranged confidence features still match float64."""
+    logits = fused["logits"] * 6.0
+    ref = score(bank.monitor, logits, fused["features"], fused["concepts"])
+    assert (1.0 - ref.probabilities.max(1) < 1e-8).sum() > 10
+    with torch.no_grad():
+        out = MonitorGraph(bank.monitor)(*(torch.from_numpy(np.ascontiguousarray(a))
+                                           for a in (logits, fused["features"],
+                                                     fused["concepts"])))
+    got = {k: v.numpy() for k, v in zip(MONITOR_OUTPUTS, out, strict=True)}
+    assert_matches(got, ref, bank.monitor.threshold)
+
+
+def test_knn_subsample_keeps_every_nth_reference_feature(bank: Bank) -> None:
+    full, sub = MonitorGraph(bank.monitor), MonitorGraph(bank.monitor, knn_subsample=4)
+    assert sub.knn_bank_t.shape[1] == -(-full.knn_bank_t.shape[1] // 4)
+    torch.testing.assert_close(sub.knn_bank_t, full.knn_bank_t[:, ::4])
