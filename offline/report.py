@@ -226,6 +226,15 @@ ambiguous: {fl.get('ambiguous', 0)}</p>
                {"aurc", "risk_at_90_coverage"})}
 <h2>Figures</h2>{figs}
 <h2>Timings (s)</h2>{_table(timings, ["stage", "seconds"])}
+<p id=images-status class=note>figures: checking…</p>
+<script>window.addEventListener("load", function () {{
+  var imgs = Array.from(document.images);
+  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  var el = document.getElementById("images-status");
+  el.dataset.loaded = ok; el.dataset.total = imgs.length;
+  el.textContent = "figures loaded: " + ok + " of " + imgs.length +
+    (ok < imgs.length ? " (some are missing: re-render with conceptguard report)" : "");
+}});</script>
 </body></html>"""
 
 

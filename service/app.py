@@ -25,6 +25,7 @@ from conceptguard.threads import single_threaded_blas
 from service import metrics
 from service.batching import BatcherClosed, QueueFull
 from service.dataplane import DataPlane, ServiceError
+from service.report_route import router as report_router
 from service.routes_v1 import START_KEY
 from service.routes_v1 import router as v1_router
 from service.routes_v2 import __version__
@@ -220,6 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(v1_router)
     app.include_router(v2_router)
+    app.include_router(report_router)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text format)",
              response_class=Response)
