@@ -522,10 +522,12 @@ def evidence_html(folder: Path, manifest: Manifest, metrics: dict, ev) -> tuple[
     written += ex_written
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in ev.notes)
     acc_here = float((~c.defect).mean())
+    same = abs(acc_here - metrics["classifier"]["test_accuracy"]) < 5e-4
+    match = ", the same split and graph" if same else ", WARNING: they differ"
     body = f"""<section id=curves><h2>Curves: trust against the peers</h2>
 <p class=note>Regenerated when the report is rendered: the bank's ONNX graph scores these
-inputs exactly as the service would (classifier accuracy here {acc_here:.2%}, which matches
-metrics.json's {metrics['classifier']['test_accuracy']:.2%} on the same split):</p>
+inputs exactly as the service would (classifier accuracy here {acc_here:.2%}; metrics.json:
+{metrics['classifier']['test_accuracy']:.2%}{match}):</p>
 <ul class=note>{notes}</ul>
 <figure><img src='roc.png' alt='ROC curves'><figcaption>ROC curves (a defect is a wrong
 prediction, a successful attack or a foreign input; legend: AUROC)</figcaption></figure>
