@@ -1,4 +1,4 @@
-"""Fault localisation for misclassified inputs (METHOD.md, Offline 4).
+"""Fault localisation for misclassified inputs (docs/method.md, section 5).
 
 The VLM oracle names what the image shows; the aligned features name what the encoder
 kept. Oracle != label: ambiguous. Encoder view == label: the head erred. Otherwise: encoder.

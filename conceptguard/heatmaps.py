@@ -1,4 +1,4 @@
-"""Semantic heatmaps: per-class means of standardised concept scores (METHOD.md, Offline 3).
+"""Semantic heatmaps: per-class means of standardised concept scores (docs/method.md, section 4).
 
 All functions are pure. A heatmap is a ``(C, K)`` float32 matrix; rows of classes without
 inputs are NaN in the raw means and are filled by the pooled fallback where a row is used
@@ -48,7 +48,7 @@ def pooled_fallback(own: np.ndarray, own_counts: np.ndarray, anchor: np.ndarray,
 
 @dataclass
 class Heatmaps:
-    """Every heatmap of METHOD.md for one view (model or VLM), plus counts and fallbacks."""
+    """Every heatmap of docs/method.md for one view (model or VLM), plus counts and fallbacks."""
 
     gt: np.ndarray
     out: np.ndarray

@@ -91,8 +91,12 @@ def _report(args: argparse.Namespace) -> int:
     bank = load_bank(args.bank)
     metrics_path = bank.path / "report" / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
+    evidence = None
+    if not args.summary_only:
+        from offline.report_evidence import compute_evidence
+        evidence = compute_evidence(bank, attacks=not args.no_attacks)
     written = write_report(Path(args.out) if args.out else bank.path / "report",
-                           bank.manifest, bank.tensors, metrics)
+                           bank.manifest, bank.tensors, metrics, evidence)
     for p in written:
         print(p)
     return 0
@@ -149,6 +153,11 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="re-render a bank's HTML report and PNG heatmaps")
     r.add_argument("bank", type=Path)
     r.add_argument("--out", type=Path, default=None, help="default: <bank>/report")
+    r.add_argument("--summary-only", action="store_true",
+                   help="only metrics.json's tables and heatmaps (no curves or thumbnails, "
+                        "which re-score the test split with the bank's ONNX graph)")
+    r.add_argument("--no-attacks", action="store_true",
+                   help="skip the PGD examples (needs torch and the classifier)")
     r.set_defaults(func=_report)
 
     s = sub.add_parser("serve", help="start the HTTP service on a bank")

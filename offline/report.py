@@ -81,10 +81,30 @@ def _fmt(x: object) -> str:
 
 
 def _method_table(section: dict, keys: list[str], best_low: set[str]) -> str:
+    """One row per method; the best value of each column in bold (ties all bold)."""
     methods = [m for m, v in section.items() if isinstance(v, dict) and keys[0] in v]
-    rows = [[m, *[_fmt(section[m].get(k, "")) for k in keys]] for m in methods]
-    return _table(rows, ["method", *keys]) + (
-        f"<p class=note>lower is better: {', '.join(sorted(best_low))}</p>" if best_low else "")
+    best: dict[str, float] = {}
+    for k in keys:
+        vals = [section[m][k] for m in methods
+                if isinstance(section[m].get(k), float | int) and np.isfinite(section[m][k])]
+        if vals:
+            best[k] = min(vals) if k in best_low else max(vals)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["method", *keys])
+    body = []
+    for m in methods:
+        cells = [f"<td>{html.escape(m)}</td>"]
+        for k in keys:
+            v = section[m].get(k, "")
+            text = html.escape(_fmt(v))
+            if k in best and isinstance(v, float | int) and v == best[k]:
+                text = f"<b>{text}</b>"
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    note = "best value per column in bold"
+    if best_low:
+        note += f"; lower is better: {', '.join(sorted(best_low))}"
+    return (f"<table class=methods><thead><tr>{head}</tr></thead><tbody>{''.join(body)}"
+            f"</tbody></table><p class=note>{note}</p>")
 
 
 def _ci_text(v: float, ci: list[float] | None) -> str:
@@ -120,7 +140,12 @@ def summary_html(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(out)}</tbody></table>"
 
 
-def render_html(manifest: Manifest, metrics: dict, images: list[tuple[str, str]]) -> str:
+def render_html(manifest: Manifest, metrics: dict, images: list[tuple[str, str]],
+                evidence: str | None = None) -> str:
+    if evidence is None:
+        evidence = ("<section id=curves><p class=note>Curves and example thumbnails need "
+                    "per-input scores: run <code>conceptguard report &lt;bank&gt;</code> to "
+                    "add them.</p></section>")
     mis = metrics["misclassification"]
     adv_blocks = "".join(
         f"<h3>{html.escape(name)} (successful {sec['successful']} of {sec['attempted']})</h3>"
@@ -159,11 +184,26 @@ def render_html(manifest: Manifest, metrics: dict, images: list[tuple[str, str]]
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}
 table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;
 text-align:right}}td:first-child,th:first-child{{text-align:left}}figure{{margin:1em 0}}
-img{{max-width:100%}}.note{{color:#666;font-size:0.9em}}</style></head><body>
+img{{max-width:100%}}.note{{color:#666;font-size:0.9em}}
+.verdict{{background:#f4f7fb;border:1px solid #c9d6e6;padding:0.5em 1.2em}}
+.thumbs{{display:flex;flex-wrap:wrap;gap:10px}}.thumb{{width:150px;margin:0;font-size:0.8em}}
+.thumb img{{image-rendering:pixelated;width:84px;border:1px solid #999}}</style></head><body>
 <h1>conceptguard report</h1>
 <p>bank <code>{html.escape(manifest.bank_id)}</code>, created {html.escape(manifest.created_at)},
 {len(manifest.classes)} classes, {len(manifest.concepts)} concepts
 (<code>{html.escape(manifest.concept_set)}</code>).</p>
+{verdict_html(metrics)}
+{evidence}
+<h2>Confusion pairs and their localisation</h2>
+<p class=note>misclassified test inputs the VLM saw, by (true, predicted) pair: ambiguous
+where the VLM oracle itself does not name the label; otherwise a head fault where the
+encoder's features, read through the aligner, still name the true class (the head erred), and
+an encoder fault where they do not; responsible concepts: the largest gaps between the
+pair's mean concept profile and the true class's correct heatmap.</p>
+<p>head: {fl.get('head', 0)}, encoder: {fl.get('encoder', 0)},
+ambiguous: {fl.get('ambiguous', 0)}</p>
+{_table(pair_rows, ["true", "predicted", "n", "head", "encoder", "ambiguous",
+                    "responsible concepts (gap to H_ok[true])"])}
 <h2>Summary</h2>{_table(summary, ["figure", "value"])}
 <h2>Trust against the strongest standard detector, per task</h2>
 <p class=note>AUROC (higher is better) or, for the mixed stream, AURC (lower is better);
@@ -184,21 +224,33 @@ img{{max-width:100%}}.note{{color:#666;font-size:0.9em}}</style></head><body>
 <h2>Mixed stream</h2><p>{html.escape(metrics['mixed']['description'])}</p>
 {_method_table(metrics['mixed'], ["aurc", "risk_at_90_coverage", "auroc"],
                {"aurc", "risk_at_90_coverage"})}
-<h2>Fault localisation (misclassified test inputs the VLM saw)</h2>
-<p>head: {fl.get('head', 0)}, encoder: {fl.get('encoder', 0)},
-ambiguous (the VLM oracle disagrees with the label): {fl.get('ambiguous', 0)}</p>
-{_table(pair_rows, ["true", "predicted", "n", "head", "encoder", "ambiguous",
-                    "responsible concepts (gap to H_ok[true])"])}
 <h2>Figures</h2>{figs}
 <h2>Timings (s)</h2>{_table(timings, ["stage", "seconds"])}
+<p id=images-status class=note>figures: checking…</p>
+<script>window.addEventListener("load", function () {{
+  var imgs = Array.from(document.images);
+  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  var el = document.getElementById("images-status");
+  el.dataset.loaded = ok; el.dataset.total = imgs.length;
+  el.textContent = "figures loaded: " + ok + " of " + imgs.length +
+    (ok < imgs.length ? " (some are missing: re-render with conceptguard report)" : "");
+}});</script>
 </body></html>"""
 
 
 def write_report(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray],
-                 metrics: dict) -> list[Path]:
-    """Write the PNGs, ``index.html`` and ``metrics.json`` into ``folder``."""
+                 metrics: dict, evidence=None) -> list[Path]:
+    """Write the PNGs, ``index.html`` and ``metrics.json`` into ``folder``. With
+    ``evidence`` (:func:`offline.report_evidence.compute_evidence`), also the curves,
+    the reliability diagram and the example thumbnails."""
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("ex_*.png"):  # thumbnails of an earlier rendering
+        old.unlink()
     written: list[Path] = []
+    ev_html = None
+    if evidence is not None:
+        ev_html, ev_written = evidence_html(folder, manifest, metrics, evidence)
+        written += ev_written
     images: list[tuple[str, str]] = []
     for key, title, cmap in HEATMAP_FIGURES:
         if key not in tensors:
@@ -212,5 +264,281 @@ def write_report(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray
     images.insert(0, ("auroc.png", "detection AUROC per method and task"))
     written.append(folder / "auroc.png")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (folder / "index.html").write_text(render_html(manifest, metrics, images))
+    (folder / "index.html").write_text(render_html(manifest, metrics, images, ev_html))
     return [*written, folder / "metrics.json", folder / "index.html"]
+
+
+# --- the page a person reads first: verdict, curves, reliability, examples ------------------
+
+CURVE_METHODS: tuple[str, ...] = ("trust", "msp", "doctor", "energy", "mahalanobis", "knn",
+                                  "vim", "paper_rule")
+
+
+def verdict_html(metrics: dict) -> str:
+    """Accuracy, coverage at the threshold, and where trust wins and loses (with intervals)."""
+    th = metrics["threshold"]
+    acc = metrics["classifier"]["test_accuracy"]
+    wins, losses, ties = [], [], []
+    for r in metrics.get("summary", []):
+        lower_better = r["metric"] == "aurc"
+        ci = r.get("margin_ci95")
+        if ci is not None:
+            decided = ci[0] > 0 or ci[1] < 0
+        else:
+            a, b = r["trust_ci95"], r["peer_ci95"]
+            decided = a[1] < b[0] or b[1] < a[0]
+        trust_wins = (r["margin"] < 0) if lower_better else (r["margin"] > 0)
+        trust = _ci_text(r["trust"], r["trust_ci95"])
+        text = (f"{html.escape(r['task'])}: trust {html.escape(trust)}"
+                f" vs {html.escape(r['best_peer'])} "
+                f"{html.escape(_ci_text(r['peer'], r['peer_ci95']))} ({r['metric'].upper()})")
+        (wins if decided and trust_wins else losses if decided else ties).append(text)
+
+    def items(xs: list[str]) -> str:
+        return "<ul>" + "".join(f"<li>{x}</li>" for x in xs) + "</ul>" if xs else "<p>none</p>"
+
+    mixed = metrics.get("mixed", {}).get("trust", {})
+    mixed_line = ""
+    if "coverage_at_threshold" in mixed:
+        mixed_line = (f"<li>on the mixed stream (clean, corrupted, attacked, foreign) the "
+                      f"threshold accepts {mixed['coverage_at_threshold']:.1%} of inputs with "
+                      f"an error rate of {mixed['risk_at_threshold']:.1%} among them "
+                      f"(unmonitored: {metrics['mixed']['error_rate']:.1%}).</li>")
+    return f"""<section id=verdict class=verdict><h2>Verdict</h2><ul>
+<li>classifier accuracy on the clean test split: <b>{acc:.2%}</b>.</li>
+<li>at the threshold (trust &lt; {th['value']:.3f} is rejected; target: {html.escape(th['target'])})
+the monitor accepts <b>{th['coverage']:.1%}</b> of clean test inputs, and
+<b>{th['accepted_accuracy']:.2%}</b> of those are right; it rejects
+{th['reject_rate_wrong']:.1%} of the wrong predictions and {1 - th['accept_rate_correct']:.1%}
+of the right ones.</li>{mixed_line}</ul>
+<p>Trust against the strongest standard detector of each task (95% bootstrap intervals;
+a task counts as won or lost only where the margin's interval excludes 0):</p>
+<h3>trust wins ({len(wins)})</h3>{items(wins)}
+<h3>trust loses ({len(losses)})</h3>{items(losses)}
+<h3>no clear difference ({len(ties)})</h3>{items(ties)}</section>"""
+
+
+def roc_png(panels: list[tuple[str, dict[str, np.ndarray], np.ndarray]], path: Path) -> None:
+    """ROC curves of trust against the peers, one panel per task (positive = defect)."""
+    from conceptguard.metrics import auroc
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5), dpi=100,
+                             squeeze=False)
+    for ax, (title, risks, positive) in zip(axes[0], panels, strict=True):
+        pos = np.asarray(positive, bool)
+        for m in CURVE_METHODS:
+            if m not in risks:
+                continue
+            r = np.asarray(risks[m], np.float64)
+            order = np.argsort(-r, kind="mergesort")
+            tpr = np.concatenate([[0], np.cumsum(pos[order]) / max(1, pos.sum())])
+            fpr = np.concatenate([[0], np.cumsum(~pos[order]) / max(1, (~pos).sum())])
+            ax.plot(fpr, tpr, lw=2.4 if m == "trust" else 1.1,
+                    label=f"{m} ({auroc(r, pos):.3f})", color="black" if m == "trust" else None)
+        ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(f"{title}\n({int(pos.sum())} defects, {int((~pos).sum())} others)",
+                     fontsize=10)
+        ax.legend(fontsize=7, loc="lower right", title="AUROC", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def risk_coverage_png(panels: list[tuple[str, dict[str, np.ndarray], np.ndarray, float | None]],
+                      path: Path) -> None:
+    """Selective risk against coverage (accept the least risky first); trust's operating
+    point at the bank's threshold marked."""
+    from conceptguard.metrics import aurc, risk_coverage
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 5), dpi=100,
+                             squeeze=False)
+    for ax, (title, risks, error, threshold) in zip(axes[0], panels, strict=True):
+        err = np.asarray(error, np.float64)
+        for m in CURVE_METHODS:
+            if m not in risks:
+                continue
+            cov, risk = risk_coverage(risks[m], err)
+            ax.plot(cov, risk, lw=2.4 if m == "trust" else 1.1,
+                    label=f"{m} ({aurc(risks[m], err):.4f})",
+                    color="black" if m == "trust" else None)
+        if threshold is not None and "trust" in risks:
+            acc = risks["trust"] <= 1.0 - threshold
+            if acc.any():
+                ax.plot([acc.mean()], [err[acc].mean()], "o", ms=9, mfc="none", mec="red",
+                        mew=2, label=f"trust at threshold ({acc.mean():.1%} accepted)")
+        ax.set_xlabel("coverage (fraction accepted)")
+        ax.set_ylabel("risk (error rate among accepted)")
+        ax.set_title(f"{title}\n(unmonitored error {err.mean():.1%}, n={len(err)})", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", title="AURC (lower is better)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def reliability_png(panels: list[tuple[str, np.ndarray, np.ndarray]], path: Path,
+                    bins: int = 10) -> list[float]:
+    """Reliability diagram of trust (an estimate of P(right)); returns each panel's ECE."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), dpi=100,
+                             squeeze=False)
+    eces = []
+    for ax, (title, trust, right) in zip(axes[0], panels, strict=True):
+        t = np.clip(np.asarray(trust, np.float64), 0, 1)
+        y = np.asarray(right, np.float64)
+        idx = np.minimum((t * bins).astype(int), bins - 1)
+        centers, freq, counts, conf = [], [], [], []
+        for b in range(bins):
+            sel = idx == b
+            if sel.any():
+                centers.append((b + 0.5) / bins)
+                conf.append(t[sel].mean())
+                freq.append(y[sel].mean())
+                counts.append(int(sel.sum()))
+        ece = float(sum(c * abs(f - p) for c, f, p in zip(counts, freq, conf, strict=True))
+                    / max(1, len(t)))
+        eces.append(ece)
+        ax.bar(centers, freq, width=1 / bins * 0.9, color="#7aa6d6", edgecolor="#355",
+               label="fraction right")
+        ax.plot(conf, freq, "o-", color="black", ms=4, label="mean trust vs. fraction right")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        for c, f, n in zip(centers, freq, counts, strict=True):
+            ax.text(c, min(f + 0.02, 0.97), str(n), ha="center", fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("trust")
+        ax.set_ylabel("fraction of predictions that are right")
+        ax.set_title(f"{title}\n(ECE {ece:.3f}; numbers: inputs per bin)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return eces
+
+
+def thumbnail_png(image: np.ndarray, path: Path, scale: int = 3) -> None:
+    from PIL import Image
+
+    img = np.asarray(image, np.uint8)
+    img = img[..., 0] if img.shape[-1] == 1 else img
+    pil = Image.fromarray(img)
+    pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)
+
+
+def _pick(n: int, mask: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Up to ``n`` indices where ``mask`` holds, the lowest ``key`` first."""
+    idx = np.flatnonzero(mask)
+    return idx[np.argsort(key[idx], kind="mergesort")][:n]
+
+
+def examples_html(folder: Path, ev, manifest: Manifest, per_kind: int = 8
+                  ) -> tuple[str, list[Path]]:
+    """Thumbnails (misclassified, rejected, adversarial, foreign), each with the prediction,
+    trust, the decision, its reason kind and the concepts behind it."""
+    from conceptguard.scoring import top_reasons
+
+    names, classes = manifest.concept_names, manifest.classes
+    written: list[Path] = []
+    blocks = []
+    clean = ev.clean
+    s = clean.scores
+    kinds = [
+        ("misclassified", "clean test inputs the classifier gets wrong, most trusted first "
+         "(the hardest cases for the monitor)", clean, _pick(per_kind, clean.defect, -s.trust)),
+        ("rejected", "clean test inputs the monitor rejects, least trusted first", clean,
+         _pick(per_kind, s.reject, s.trust)),
+    ]
+    for g, what in ((ev.adversarial, "successful PGD attacks"),
+                    (ev.foreign, "foreign images (not clothing)"),
+                    (ev.corrupted, "corrupted test inputs the classifier gets wrong")):
+        if g is not None and len(g.labels):
+            rng = np.random.default_rng(0)
+            order = rng.permutation(len(g.labels))
+            mask = g.defect if g.name != "corrupted" else g.scores.predictions != g.labels
+            pick = np.array([i for i in order if mask[i]][:per_kind], dtype=int)
+            kinds.append((g.name, what, g, pick))
+    for kind, what, g, pick in kinds:
+        cards = []
+        for j, i in enumerate(pick.tolist()):
+            name = f"ex_{kind}_{j}.png"
+            thumbnail_png(g.images[i], folder / name)
+            written.append(folder / name)
+            sc = g.scores
+            pred = classes[int(sc.predictions[i])]
+            true = classes[int(g.labels[i])] if g.labels[i] >= 0 else "(foreign)"
+            reasons = ", ".join(f"{c} {v:+.2f}"
+                                for c, v in top_reasons(sc.contributions[i], names, 3))
+            verdict = f"rejected: {sc.reason[i]}" if sc.reject[i] else "accepted"
+            cards.append(
+                f"<figure class=thumb><img src='{name}' alt='{html.escape(kind)} example'>"
+                f"<figcaption>predicted <b>{html.escape(pred)}</b><br>true "
+                f"{html.escape(true)}<br>trust {sc.trust[i]:.2f}, "
+                f"{html.escape(verdict)}<br><span class=note>concepts: "
+                f"{html.escape(reasons)}</span></figcaption></figure>")
+        blocks.append(f"<h3>{html.escape(kind)}</h3><p class=note>{html.escape(what)}</p>"
+                      f"<div class=thumbs>{''.join(cards) or '<p>none</p>'}</div>")
+    return "".join(blocks), written
+
+
+def evidence_html(folder: Path, manifest: Manifest, metrics: dict, ev) -> tuple[str, list[Path]]:
+    """Curves, reliability and examples from the regenerated per-input evidence."""
+    threshold = float(metrics["threshold"]["value"])
+    written: list[Path] = []
+    c = ev.clean
+    roc_panels = [("misclassification (clean test)", c.risks, c.defect)]
+    if ev.adversarial is not None and len(ev.adversarial.labels):
+        right = ~c.defect
+        r = {m: np.concatenate([c.risks[m][right], ev.adversarial.risks[m]]) for m in c.risks}
+        pos = np.concatenate([np.zeros(int(right.sum()), bool),
+                              np.ones(len(ev.adversarial.labels), bool)])
+        roc_panels.append(("adversarial (PGD) vs. clean correct", r, pos))
+    if ev.foreign is not None:
+        r = {m: np.concatenate([c.risks[m], ev.foreign.risks[m]]) for m in c.risks}
+        pos = np.concatenate([np.zeros(len(c.labels), bool), np.ones(len(ev.foreign.labels), bool)])
+        roc_panels.append(("foreign vs. clean test", r, pos))
+    roc_png(roc_panels, folder / "roc.png")
+    written.append(folder / "roc.png")
+
+    rc_panels = [("clean test", c.risks, c.defect, threshold)]
+    groups = [g for g in (c, ev.corrupted, ev.adversarial, ev.foreign) if g is not None]
+    mixed_note = ""
+    if len(groups) > 1:
+        mr = {m: np.concatenate([g.risks[m] for g in groups]) for m in c.risks}
+        me = np.concatenate([g.defect for g in groups])
+        rc_panels.append(("mixed: clean + corrupted + attacked + foreign", mr, me, threshold))
+        mixed_note = ("; the mixed panel pools every input below (an error is a wrong "
+                      "prediction, a successful attack or a foreign input)")
+    risk_coverage_png(rc_panels, folder / "risk_coverage.png")
+    written.append(folder / "risk_coverage.png")
+
+    rel_panels = [("trust on the clean test split", c.scores.trust, ~c.defect)]
+    if ev.corrupted is not None:
+        rel_panels.append(("trust on corrupted test inputs", ev.corrupted.scores.trust,
+                           ~ev.corrupted.defect))
+    eces = reliability_png(rel_panels, folder / "reliability.png")
+    written.append(folder / "reliability.png")
+
+    ex, ex_written = examples_html(folder, ev, manifest)
+    written += ex_written
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in ev.notes)
+    acc_here = float((~c.defect).mean())
+    same = abs(acc_here - metrics["classifier"]["test_accuracy"]) < 5e-4
+    match = ", the same split and graph" if same else ", WARNING: they differ"
+    body = f"""<section id=curves><h2>Curves: trust against the peers</h2>
+<p class=note>Regenerated when the report is rendered: the bank's ONNX graph scores these
+inputs exactly as the service would (classifier accuracy here {acc_here:.2%}; metrics.json:
+{metrics['classifier']['test_accuracy']:.2%}{match}):</p>
+<ul class=note>{notes}</ul>
+<figure><img src='roc.png' alt='ROC curves'><figcaption>ROC curves (a defect is a wrong
+prediction, a successful attack or a foreign input; legend: AUROC)</figcaption></figure>
+<figure><img src='risk_coverage.png' alt='risk-coverage curves'><figcaption>risk-coverage
+curves: accept the least risky inputs first; red circle: trust at the bank's
+threshold{mixed_note}</figcaption></figure>
+<figure><img src='reliability.png' alt='reliability diagram of trust'><figcaption>reliability
+of trust as P(prediction is right): ECE {', '.join(f'{e:.3f}' for e in eces)}
+</figcaption></figure></section>
+<section id=examples><h2>Examples, with the concepts behind each decision</h2>
+<p class=note>concepts: the three largest signed terms of cos(s, H_ok) - cos(s, H_bad/adv)
+for the predicted class; negative terms pulled the input towards the defect profile.</p>
+{ex}</section>"""
+    return body, written

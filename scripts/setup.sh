@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv/ in the repo root with conceptguard and its dependencies, and installs the
-# Debian packages the project uses (Fashion-MNIST data; Prometheus and docker-compose for the
-# tests). Idempotent: a second run only checks. Usage: scripts/setup.sh [--dev]
+# Debian packages the project uses (Fashion-MNIST data; Prometheus, docker-compose and headless
+# Chromium for the tests). Idempotent: a second run only checks. Usage: scripts/setup.sh [--dev]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +10,7 @@ extras="[offline]"
 [[ "${1:-}" == "--dev" ]] && extras="[dev]"
 
 apt_packages=(dataset-fashion-mnist)
-[[ "$extras" == "[dev]" ]] && apt_packages+=(prometheus docker-compose yamllint shellcheck)
+[[ "$extras" == "[dev]" ]] && apt_packages+=(prometheus docker-compose yamllint shellcheck chromium)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

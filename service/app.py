@@ -33,6 +33,7 @@ from service.dataplane import DataPlane, ServiceError
 from service.jsonguard import json_problem
 from service.lifecycle import SharedBank, bound_heap, drain_on_sigterm, raise_file_limit
 from service.openapi import with_limits
+from service.report_route import router as report_router
 from service.routes_v1 import START_KEY
 from service.routes_v1 import router as v1_router
 from service.routes_v2 import __version__
@@ -400,6 +401,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(v1_router)
     app.include_router(v2_router)
+    app.include_router(report_router)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text format)",
              response_class=Response)

@@ -336,10 +336,27 @@ def test_rival10_missing_split(tmp_path: Path) -> None:
 
 
 def test_registry_unknown_source() -> None:
-    spec = DataSpec.model_construct(source="mnist", root=None, image_size=None, download=False,
-                                    holdout_seed=0, holdout_fraction=0.2)
-    with pytest.raises(ValueError, match="unknown data source 'mnist'"):
-        load_source(spec)
+    with pytest.raises(ValidationError, match="unknown data source 'mnist'"):
+        DataSpec(source="mnist")
+
+
+def test_a_registered_source_is_valid_and_loads() -> None:
+    """A new backend needs only ``register_source``: the spec validates against the registry."""
+    from conceptguard.data import registry
+
+    images = np.zeros((4, 8, 8, 1), np.uint8)
+    ds = ArrayDataset("tiny", images, np.array([0, 1, 0, 1]), ["a", "b"])
+    registry.register_source("tiny_test_source", lambda spec: (ds, ds))
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_source("tiny_test_source", lambda spec: (ds, ds))
+        spec = DataSpec(source="tiny_test_source")
+        train, test = load_source(spec)
+        assert train is ds and test is ds
+    finally:
+        registry.LOADERS.pop("tiny_test_source", None)
+    with pytest.raises(ValueError, match="unknown data source 'tiny_test_source'"):
+        load_source(spec)  # validated while registered, loaded after removal
 
 
 def test_data_spec_validation() -> None:

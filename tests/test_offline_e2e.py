@@ -100,6 +100,9 @@ def test_report_command_rerenders(built) -> None:
     r = _cli("report", str(bank_dir), cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr
     assert png.is_file()
+    for name in ("roc.png", "risk_coverage.png", "reliability.png", "ex_misclassified_0.png"):
+        assert (bank_dir / "report" / name).is_file(), name
+    assert "Verdict" in (bank_dir / "report" / "index.html").read_text()
 
 
 def test_bad_config_exits_with_a_clear_message(workdir: Path) -> None:

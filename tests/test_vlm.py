@@ -56,11 +56,28 @@ def test_preprocess_rejects_bad_input() -> None:
 # --- registry --------------------------------------------------------------------------------
 
 def test_registry_unknown_backend_and_duplicates() -> None:
+    from pydantic import ValidationError
+
     assert {"conse", "open_clip"} <= set(available_vlms())
-    with pytest.raises(ValueError, match="unknown VLM backend 'nope'"):
-        create_vlm(VLMSpec.model_construct(backend="nope"))
+    with pytest.raises(ValidationError, match="unknown VLM backend 'nope'"):
+        VLMSpec(backend="nope")
     with pytest.raises(ValueError, match="already registered"):
         register_vlm("conse", lambda spec: None)  # type: ignore[arg-type,return-value]
+
+
+def test_a_registered_backend_is_valid_and_built() -> None:
+    """A new backend needs only ``register_vlm``: the spec validates against the registry."""
+    from conceptguard.vlm import registry
+
+    built = object()
+    register_vlm("test_dummy", lambda spec: built)  # type: ignore[arg-type,return-value]
+    try:
+        spec = VLMSpec(backend="test_dummy")
+        assert create_vlm(spec) is built
+    finally:
+        registry._REGISTRY.pop("test_dummy", None)
+    with pytest.raises(ValueError, match="unknown VLM backend 'test_dummy'"):
+        create_vlm(spec)  # validated while registered, built after removal
 
 
 # --- ConSE -----------------------------------------------------------------------------------

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class DataSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["fashion_mnist", "cifar10", "image_folder", "rival10"] = "fashion_mnist"
+    source: str = "fashion_mnist"  # a name registered with data.registry.register_source
     root: Path | None = None
     # folder sources (image_folder, rival10) resize to this square size, None: 64;
     # fashion_mnist and cifar10 always keep their native size
@@ -59,3 +58,12 @@ class DataSpec(BaseModel):
     # image_folder without train/ and test/ sub-folders: seeded per-class train/test split
     holdout_seed: int = 0
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @field_validator("source")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from conceptguard.data.registry import LOADERS  # the registry imports this module
+
+        if name not in LOADERS:
+            raise ValueError(f"unknown data source {name!r}; known: {sorted(LOADERS)}")
+        return name

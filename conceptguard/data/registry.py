@@ -37,7 +37,21 @@ LOADERS: dict[str, Loader] = {
     "image_folder": _image_folder,
     "rival10": _rival10,
 }
-DOWNLOADABLE = frozenset({"fashion_mnist", "cifar10"})  # may download into a new root
+DOWNLOADABLE: set[str] = {"fashion_mnist", "cifar10"}  # may download into a new root
+
+
+def register_source(name: str, loader: Loader, *, downloadable: bool = False,
+                    overwrite: bool = False) -> None:
+    """Make ``DataSpec(source=name)`` valid and ``load_source`` call ``loader(spec)``."""
+    if not name:
+        raise ValueError("source name must be non-empty")
+    if name in LOADERS and not overwrite:
+        raise ValueError(f"data source {name!r} is already registered")
+    LOADERS[name] = loader
+    if downloadable:
+        DOWNLOADABLE.add(name)
+    else:
+        DOWNLOADABLE.discard(name)
 
 
 def load_source(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:

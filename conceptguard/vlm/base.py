@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 
 class VLMSpec(BaseModel):
@@ -14,7 +14,7 @@ class VLMSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["conse", "open_clip"] = "conse"
+    backend: str = "conse"  # a name registered with conceptguard.vlm.registry.register_vlm
     model: str = "efficientnet-lite0+all-MiniLM-L6-v2"  # open_clip: architecture name
     pretrained: str | None = None  # open_clip: tag or path to a local checkpoint
     # input resolution of the image encoder; open_clip uses the model's native size unless
@@ -24,6 +24,16 @@ class VLMSpec(BaseModel):
     batch_size: int = 64
     device: str = "cpu"
     invert: bool = False  # feed 255 - x: light-on-dark images (Fashion-MNIST) become dark-on-light
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from conceptguard.vlm.registry import available_vlms  # the registry imports this module
+
+        if name not in available_vlms():
+            raise ValueError(f"unknown VLM backend {name!r}; available: "
+                             f"{', '.join(available_vlms()) or 'none'}")
+        return name
 
 
 @runtime_checkable

@@ -1,0 +1,120 @@
+"""Per-input evidence for the report: curves and example thumbnails.
+
+``metrics.json`` holds summary numbers only. The curves (ROC, risk-coverage, reliability)
+and the example thumbnails need per-input scores, which this module regenerates cheaply
+from the bank itself: the bank's ONNX graph on the data source's official test split,
+scored by :func:`conceptguard.scoring.score` exactly as the service scores a request, plus
+a small seeded set of foreign images, corruptions and PGD attacks (seconds on a CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from conceptguard.bank import Bank
+from conceptguard.scoring import Scores, method_risks, score
+
+FOREIGN_PER_SET = 100
+CORRUPTIONS_PER_KIND = 100
+ATTACKED = 200
+ATTACK = {"kind": "pgd", "eps": 0.05, "steps": 10}
+SEED = 0
+
+
+@dataclass
+class Group:
+    """One set of inputs: uint8 images ``(N,H,W,C)``, labels (``-1`` for foreign inputs),
+    the scores, and whether each input is a defect (wrong, attacked or foreign)."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    scores: Scores
+    defect: np.ndarray
+
+    @property
+    def risks(self) -> dict[str, np.ndarray]:
+        return method_risks(self.scores)
+
+
+@dataclass
+class Evidence:
+    clean: Group
+    foreign: Group | None = None
+    corrupted: Group | None = None
+    adversarial: Group | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _run(bank: Bank, images: np.ndarray, batch: int = 1000) -> Scores:
+    from conceptguard.runtime import OnnxRuntime
+
+    rt = OnnxRuntime(bank.onnx_path, device="cpu")
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    outs = [rt.run(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return score(bank.monitor, np.concatenate([o.logits for o in outs]),
+                 np.concatenate([o.features for o in outs]),
+                 np.concatenate([o.concepts for o in outs]))
+
+
+def _attack(bank: Bank, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    import torch
+
+    from conceptguard.attacks import AttackSpec, run_attack
+    from conceptguard.classifier.io import load_classifier
+
+    model, _, _ = load_classifier(bank.classifier_path)
+    x = torch.as_tensor(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    adv = run_attack(model, x, labels, AttackSpec(**ATTACK), seed=SEED, progress=False)
+    return np.clip(np.rint(adv.numpy().transpose(0, 2, 3, 1) * 255.0), 0, 255).astype(np.uint8)
+
+
+def compute_evidence(bank: Bank, *, attacks: bool = True) -> Evidence:
+    """Score the test split, foreign sets, corruptions and (optionally) PGD attacks."""
+    from conceptguard.data.base import DataSpec
+    from conceptguard.data.registry import load_source
+    from conceptguard.foreign import FOREIGN_SETS, foreign_images
+    from conceptguard.shifts import CORRUPTIONS, corrupt
+
+    _, test = load_source(DataSpec(**bank.manifest.data["spec"]))
+    s = _run(bank, test.images)
+    ev = Evidence(Group("clean test", test.images, test.labels, s, s.predictions != test.labels))
+    ev.notes.append(f"clean: the whole official test split ({len(test)} inputs)")
+    size, channels = test.images.shape[1], test.images.shape[3]
+    rng = np.random.default_rng(SEED)
+
+    fimg = np.concatenate([foreign_images(n, FOREIGN_PER_SET, size, channels, SEED + i)
+                           for i, n in enumerate(sorted(FOREIGN_SETS))])
+    fs = _run(bank, fimg)
+    ev.foreign = Group("foreign", fimg, np.full(len(fimg), -1), fs, np.ones(len(fimg), bool))
+    ev.notes.append(f"foreign: {FOREIGN_PER_SET} seeded images from each of "
+                    f"{', '.join(sorted(FOREIGN_SETS))}")
+
+    parts, plabels = [], []
+    for i, kind in enumerate(sorted(CORRUPTIONS)):
+        idx = rng.choice(len(test), CORRUPTIONS_PER_KIND, replace=False)
+        parts.append(corrupt(test.images[idx], kind, 3, SEED + i))
+        plabels.append(test.labels[idx])
+    cimg, clab = np.concatenate(parts), np.concatenate(plabels)
+    cs = _run(bank, cimg)
+    ev.corrupted = Group("corrupted", cimg, clab, cs, cs.predictions != clab)
+    ev.notes.append(f"corrupted: {CORRUPTIONS_PER_KIND} test inputs per corruption at "
+                    f"severity 3 ({len(CORRUPTIONS)} kinds)")
+
+    if attacks:
+        right = np.flatnonzero(~ev.clean.defect)
+        idx = rng.choice(right, min(ATTACKED, len(right)), replace=False)
+        aimg = _attack(bank, test.images[idx], test.labels[idx])
+        a = _run(bank, aimg)
+        ok = a.predictions != test.labels[idx]  # successful attacks only
+        keep = np.flatnonzero(ok)
+        from conceptguard.evaluation import select_scores
+
+        ev.adversarial = Group("adversarial", aimg[keep], test.labels[idx][keep],
+                               select_scores(a, keep), np.ones(len(keep), bool))
+        ev.notes.append(f"adversarial: PGD (L-inf, eps {ATTACK['eps']}, {ATTACK['steps']} "
+                        f"steps) on {len(idx)} correctly classified test inputs; "
+                        f"{len(keep)} successful attacks kept")
+    return ev
