@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from service.dataplane import ServiceError
 from service.runtime_state import RuntimeState
+from service.schemas import ErrorResponse
 
 router = APIRouter(tags=["v1"])
 
@@ -52,7 +53,8 @@ def _serve(request: Request, name: str) -> FileResponse:
 
 
 @router.get("/v1/bank/report", summary="The bank's offline report (redirects to its page)",
-            response_class=RedirectResponse, status_code=307)
+            response_class=RedirectResponse, status_code=307,
+            responses={503: {"model": ErrorResponse}})
 async def bank_report(request: Request) -> RedirectResponse:
     """Redirects to ``/v1/bank/report/index.html`` (relative, so it works behind a path
     prefix) so that the page's relative links to its figures resolve."""
@@ -62,6 +64,7 @@ async def bank_report(request: Request) -> RedirectResponse:
 
 
 @router.get("/v1/bank/report/{name}", summary="A file of the bank's offline report",
-            response_class=FileResponse)
+            response_class=FileResponse,
+            responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 async def bank_report_file(request: Request, name: str) -> FileResponse:
     return _serve(request, name)

@@ -59,8 +59,26 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 # the body is read by service.v2_binary (JSON with or without binary tensor data), so the
 # OpenAPI request body is declared here
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its local ``$defs`` references replaced by the definitions (an
+    inline request body in OpenAPI cannot resolve ``#/$defs/...``)."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
 _INFER_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": InferenceRequest.model_json_schema()},
+    "application/json": {"schema": _inline_refs(InferenceRequest.model_json_schema())},
     "application/octet-stream": {"schema": {
         "type": "string", "format": "binary",
         "description": "binary tensor data extension: a JSON header of "
