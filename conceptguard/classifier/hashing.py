@@ -78,6 +78,19 @@ def file_tensors_hash(path: Path) -> tuple[dict[str, str], str]:
     return metadata, digest.hexdigest()
 
 
+def spec_from_metadata(metadata: dict[str, str] | None, path: Path
+                       ) -> tuple[ClassifierSpec, str]:
+    """The spec and the stored hash from a classifier file's safetensors metadata."""
+    if not metadata or "spec" not in metadata or "hash" not in metadata:
+        raise ValueError(f"{path}: missing metadata 'spec' and/or 'hash'; "
+                         "not a file written by save_classifier")
+    try:
+        spec = ClassifierSpec.model_validate_json(metadata["spec"])
+    except ValidationError as err:
+        raise ValueError(f"{path}: invalid classifier spec in metadata: {err}") from err
+    return spec, metadata["hash"]
+
+
 def verify_classifier_hash(path: Path) -> tuple[ClassifierSpec, str]:
     """Check a classifier file's stored hash against its tensors without building the model
     (no torch): ``(spec, hash)``; ``ValueError`` names what is wrong."""
@@ -85,14 +98,7 @@ def verify_classifier_hash(path: Path) -> tuple[ClassifierSpec, str]:
     if not path.is_file():
         raise FileNotFoundError(f"classifier file not found: {path}")
     metadata, actual = file_tensors_hash(path)
-    if "spec" not in metadata or "hash" not in metadata:
-        raise ValueError(f"{path}: missing metadata 'spec' and/or 'hash'; "
-                         "not a file written by save_classifier")
-    try:
-        spec = ClassifierSpec.model_validate_json(metadata["spec"])
-    except ValidationError as err:
-        raise ValueError(f"{path}: invalid classifier spec in metadata: {err}") from err
-    stored = metadata["hash"]
+    spec, stored = spec_from_metadata(metadata, path)
     if actual != stored:
         raise ValueError(f"{path}: hash mismatch (stored {stored[:12]}..., tensors hash to "
                          f"{actual[:12]}...); the file was modified or is corrupt")

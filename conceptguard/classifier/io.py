@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 import torchvision
-from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conceptguard.classifier.demo_resnet import small_resnet
+from conceptguard.classifier.hashing import spec_from_metadata
 from conceptguard.classifier.spec import SMALL_RESNET, ClassifierSpec
 from conceptguard.classifier.split import (
     SplitClassifier,
@@ -137,14 +137,7 @@ def _read_metadata(path: Path) -> tuple[ClassifierSpec, str]:
             metadata = handle.metadata()
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    if not metadata or "spec" not in metadata or "hash" not in metadata:
-        raise ValueError(f"{path}: missing metadata 'spec' and/or 'hash'; "
-                         "not a file written by save_classifier")
-    try:
-        spec = ClassifierSpec.model_validate_json(metadata["spec"])
-    except ValidationError as err:
-        raise ValueError(f"{path}: invalid classifier spec in metadata: {err}") from err
-    return spec, metadata["hash"]
+    return spec_from_metadata(metadata, path)
 
 
 def _check_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
