@@ -141,7 +141,8 @@ def inject_faults(cfg: JobConfig, bank: Path, *, variants: list[dict] | None = N
                   save_dir: Path | None = None, progress: bool = True,
                   write: bool = True) -> dict:
     """Run every variant; write ``fault_injection`` (per variant) and
-    ``fault_injection_info`` into ``<bank>/report/metrics.json``."""
+    ``fault_injection_info`` into ``<bank>/report/metrics.json``, and the summary table
+    to ``<bank>/report/fault_injection.md``."""
     ctx = Context(cfg, ArrayCache(cfg.cache_dir), progress)
     single_threaded_blas()
     seed = cfg.seed
@@ -202,6 +203,8 @@ def inject_faults(cfg: JobConfig, bank: Path, *, variants: list[dict] | None = N
         metrics["fault_injection"] = results
         metrics["fault_injection_info"] = info
         bankio.atomic_write_text(path, json.dumps(metrics, indent=2))
+        bankio.atomic_write_text(bank / "report" / "fault_injection.md",
+                                 f"# Fault injection\n\n{NOTE}\n\n{summary_table(results)}\n")
     return {"variants": results, "info": info}
 
 
@@ -210,7 +213,8 @@ def summary_table(results: dict) -> str:
     the packaged VLM and with each simulated oracle."""
     ps = next(iter(results.values()))["simulated_oracle"].keys() if results else []
     head = ["variant", "component", "injected errors", "head / encoder / ambiguous",
-            "accuracy (VLM)", "encoder view right", *[f"accuracy (oracle p={p})" for p in ps]]
+            "accuracy (VLM)", "encoder view right", *[f"accuracy (oracle p={p})" for p in ps],
+            "bank's aligner kept: accuracy (VLM / p=1)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         def pct(v):
@@ -219,5 +223,13 @@ def summary_table(results: dict) -> str:
             name, r["component"], str(r["injected_errors"]),
             f"{r['head']} / {r['encoder']} / {r['ambiguous']}", pct(r["accuracy"]),
             pct(r["encoder_view_accuracy"]),
-            *[pct(r["simulated_oracle"][p]["accuracy"]) for p in ps]]) + " |")
+            *[pct(r["simulated_oracle"][p]["accuracy"]) for p in ps],
+            _kept(r.get("original_aligner"), pct)]) + " |")
     return "\n".join(lines)
+
+
+def _kept(o: dict | None, pct) -> str:
+    if o is None:
+        return "-"
+    perfect = o["simulated_oracle"].get("1.0")
+    return f"{pct(o['accuracy'])} / {pct(perfect['accuracy']) if perfect else '-'}"
