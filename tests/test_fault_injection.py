@@ -118,3 +118,21 @@ def test_perfect_oracle_localises_head_swap_and_encoder_ablation(fashion_mnist_t
     assert ablate["simulated_oracle"]["1.0"]["accuracy"] == ablate["accuracy"]
     table = summary_table(results)
     assert "| head_swap | head |" in table and "encoder_ablate" in table
+
+
+def test_inject_faults_command_is_registered() -> None:
+    from offline.cli import parser
+
+    args = parser().parse_args(["inject-faults", "--bank", "banks/demo", "--dry-run"])
+    assert args.dry_run and str(args.bank) == "banks/demo" and args.save_variants is None
+
+
+def test_demo_bank_ships_fault_injection_figures() -> None:
+    import json
+
+    metrics = json.loads((DEMO_BANK / "report" / "metrics.json").read_text())
+    fi = metrics["fault_injection"]
+    assert {"head_swap", "head_blend", "bias_shift", "encoder_ablate", "encoder_merge"} <= set(fi)
+    for r in fi.values():
+        assert {"head", "encoder", "ambiguous", "accuracy"} <= set(r)
+        assert r["head"] + r["encoder"] + r["ambiguous"] == r["injected_errors"]
