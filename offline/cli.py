@@ -1,4 +1,4 @@
-"""The ``conceptguard`` command: train-demo, build-bank, report, serve."""
+"""The ``conceptguard`` command: train-demo, build-bank, inject-faults, report, serve."""
 
 from __future__ import annotations
 
@@ -84,6 +84,22 @@ def headline(metrics: dict) -> dict:
     }
 
 
+def _inject_faults(args: argparse.Namespace) -> int:
+    from offline.config import load_config
+    from offline.fault_injection import inject_faults, summary_table
+
+    cfg = load_config(args.config)
+    if args.cache_dir:
+        cfg.cache_dir = Path(args.cache_dir)
+    out = inject_faults(cfg, Path(args.bank), save_dir=args.save_variants,
+                        progress=not args.quiet, write=not args.dry_run)
+    print(summary_table(out["variants"]))
+    if not args.dry_run:
+        print(f"written: {Path(args.bank) / 'report' / 'metrics.json'} (fault_injection)",
+              file=sys.stderr)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from conceptguard.bank import load_bank
     from offline.report import write_report
@@ -149,6 +165,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-cache", action="store_true", help="recompute every stage")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_build_bank)
+
+    f = sub.add_parser("inject-faults",
+                       help="localise faults injected into variants of the bank's classifier")
+    f.add_argument("--bank", type=Path, default=Path("banks/demo"))
+    f.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    f.add_argument("--cache-dir", type=Path, default=None)
+    f.add_argument("--save-variants", type=Path, default=None,
+                   help="also save each variant classifier (safetensors) in this folder")
+    f.add_argument("--dry-run", action="store_true", help="print, do not write metrics.json")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_inject_faults)
 
     r = sub.add_parser("report", help="re-render a bank's HTML report and PNG heatmaps")
     r.add_argument("bank", type=Path)

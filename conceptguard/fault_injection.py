@@ -1,0 +1,179 @@
+"""Fault injection: variants of a ``SplitClassifier`` with a fault of known location.
+
+Head faults change only ``head`` (an ``nn.Linear``): two class rows swapped or blended, one
+class bias shifted. Encoder faults change only ``encoder``: a share of a block's output
+channels ablated (zeroed), or the encoder fine-tuned with the head frozen so that one class's
+features move onto another class's mean. Every function returns a new model (the input is
+not modified) and a :class:`Fault` saying which component was changed and which errors the
+fault is expected to cause; ``localisation_accuracy`` then scores fault localisation on them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from conceptguard.classifier.split import SplitClassifier
+
+HEAD, ENCODER = "head", "encoder"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """``component``: "head" | "encoder"; ``pair``: the (true, predicted) classes whose
+    confusions the fault injects, ``None`` for a fault with no single pair (ablation);
+    ``target``: for a bias shift, the class predictions move to."""
+
+    kind: str
+    component: str
+    params: dict = field(default_factory=dict)
+    pair: tuple[int, int] | None = None
+    target: int | None = None
+
+    def injected(self, labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+        """Mask of the errors this fault is meant to cause (among ``predictions != labels``)."""
+        wrong = predictions != labels
+        if self.target is not None:
+            return wrong & (predictions == self.target)
+        if self.pair is not None:
+            a, b = self.pair
+            if self.kind == "encoder_merge":  # one direction: a's features moved onto b
+                return wrong & (labels == a) & (predictions == b)
+            return wrong & np.isin(labels, self.pair) & np.isin(predictions, self.pair)
+        return wrong
+
+
+def _linear_head(model: SplitClassifier) -> nn.Linear:
+    if not isinstance(model.head, nn.Linear):
+        raise ValueError(f"head faults need an nn.Linear head, got {type(model.head).__name__}")
+    return model.head
+
+
+def head_swap(model: SplitClassifier, a: int, b: int) -> tuple[SplitClassifier, Fault]:
+    """Swap the head's rows (weights and bias) of classes ``a`` and ``b``."""
+    out = copy.deepcopy(model)
+    head = _linear_head(out)
+    with torch.no_grad():
+        for p in (head.weight, head.bias):
+            if p is not None:
+                p[[a, b]] = p[[b, a]].clone()
+    return out, Fault("head_swap", HEAD, {"a": a, "b": b}, pair=(a, b))
+
+
+def head_blend(model: SplitClassifier, a: int, b: int, alpha: float = 0.6
+               ) -> tuple[SplitClassifier, Fault]:
+    """Replace rows ``a`` and ``b`` by ``(1 - alpha) * own + alpha * other`` (alpha 0.5 makes
+    the two classes indistinguishable, above 0.5 they are mostly swapped)."""
+    out = copy.deepcopy(model)
+    head = _linear_head(out)
+    with torch.no_grad():
+        for p in (head.weight, head.bias):
+            if p is not None:
+                ra, rb = p[a].clone(), p[b].clone()
+                p[a] = (1 - alpha) * ra + alpha * rb
+                p[b] = (1 - alpha) * rb + alpha * ra
+    return out, Fault("head_blend", HEAD, {"a": a, "b": b, "alpha": alpha}, pair=(a, b))
+
+
+def bias_shift(model: SplitClassifier, c: int, delta: float) -> tuple[SplitClassifier, Fault]:
+    """Add ``delta`` to class ``c``'s bias: inputs near ``c`` are now predicted ``c``."""
+    out = copy.deepcopy(model)
+    head = _linear_head(out)
+    if head.bias is None:
+        raise ValueError("bias_shift needs a head with a bias")
+    with torch.no_grad():
+        head.bias[c] += delta
+    return out, Fault("bias_shift", HEAD, {"c": c, "delta": delta}, target=c)
+
+
+def encoder_ablate(model: SplitClassifier, block: str, fraction: float, seed: int = 0
+                   ) -> tuple[SplitClassifier, Fault]:
+    """Zero a random ``fraction`` of the output channels of residual stage ``block`` (a
+    module of the encoder made of torchvision ``BasicBlock``/``Bottleneck`` blocks): in its
+    last block, the final BatchNorm's scale and shift and the shortcut BatchNorm's are set to
+    zero for those channels, so they leave the block as zeros. Stored in the weights."""
+    out = copy.deepcopy(model)
+    stage = out.encoder.get_submodule(block)
+    last = list(stage.children())[-1] if isinstance(stage, nn.Sequential) else stage
+    bns = [m for name, m in last.named_children() if name.startswith("bn")]
+    downsample = getattr(last, "downsample", None)
+    if not bns or downsample is None:
+        raise ValueError(f"encoder_ablate needs a residual block with a projection shortcut "
+                         f"(downsample); {block!r} has none")
+    final_bn = bns[-1]
+    short_bn = [m for m in downsample.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+    channels = final_bn.num_features
+    rng = np.random.default_rng(seed)
+    idx = torch.as_tensor(np.sort(rng.choice(channels, max(1, round(fraction * channels)),
+                                             replace=False)))
+    with torch.no_grad():
+        for bn in (final_bn, short_bn):
+            bn.weight[idx] = 0.0
+            bn.bias[idx] = 0.0
+    return out, Fault("encoder_ablate", ENCODER,
+                      {"block": block, "fraction": fraction, "seed": seed,
+                       "channels": int(len(idx))})
+
+
+def encoder_merge(model: SplitClassifier, a: int, b: int, images: torch.Tensor,
+                  labels: torch.Tensor, steps: int = 200, lr: float = 1e-3,
+                  batch_size: int = 64, seed: int = 0) -> tuple[SplitClassifier, Fault]:
+    """Fine-tune the encoder with the head frozen so that class ``a``'s features merge into
+    class ``b``'s: class-``a`` inputs are pulled to ``b``'s mean feature (from the original
+    encoder), the other inputs held at their original features. ``images``: float
+    ``(N, C, H, W)`` in ``[0, 1]`` (a small training subset); BatchNorm statistics frozen."""
+    torch.manual_seed(seed)
+    out = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        z0 = torch.cat([out.features(images[i:i + 256]) for i in range(0, len(images), 256)])
+    if not bool((labels == a).any()) or not bool((labels == b).any()):
+        raise ValueError(f"encoder_merge needs images of classes {a} and {b}")
+    target = z0.clone()
+    target[labels == a] = z0[labels == b].mean(0)
+    for p in out.head.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(out.encoder.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    is_a = (labels == a).nonzero().flatten()
+    others = (labels != a).nonzero().flatten()
+    half = batch_size // 2
+    for _ in range(steps):  # half of each batch from class a, half from the others
+        idx = torch.cat([is_a[torch.randint(len(is_a), (half,), generator=gen)],
+                         others[torch.randint(len(others), (batch_size - half,),
+                                              generator=gen)]])
+        z = out.features(images[idx])
+        loss = ((z - target[idx]) ** 2).sum(1).mean() / z0.pow(2).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out.eval(), Fault("encoder_merge", ENCODER, {"a": a, "b": b, "steps": steps,
+                                                         "lr": lr, "train_n": len(images)},
+                             pair=(a, b))
+
+
+def simulated_oracle(labels: np.ndarray, num_classes: int, p: float, seed: int = 0
+                     ) -> np.ndarray:
+    """An oracle of known accuracy: the true label with probability ``p``, otherwise a
+    uniformly drawn wrong label."""
+    rng = np.random.default_rng(seed)
+    wrong = (labels + rng.integers(1, num_classes, len(labels))) % num_classes
+    return np.where(rng.random(len(labels)) < p, labels, wrong)
+
+
+def localisation_accuracy(verdicts: np.ndarray, component: str) -> dict:
+    """Counts of the verdicts on a fault's injected errors; ``accuracy``: the share
+    attributed to the injected component (ambiguous counts as not attributed);
+    ``decided_accuracy``: the same among the non-ambiguous verdicts (None if none)."""
+    verdicts = np.asarray(verdicts, dtype=object)
+    counts = {k: int((verdicts == k).sum()) for k in (HEAD, ENCODER, "ambiguous")}
+    n = len(verdicts)
+    decided = counts[HEAD] + counts[ENCODER]
+    return {**counts, "n": n,
+            "accuracy": round(counts[component] / n, 5) if n else None,
+            "decided_accuracy": round(counts[component] / decided, 5) if decided else None}

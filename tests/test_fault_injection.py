@@ -1,0 +1,138 @@
+"""Fault injection: the variants change only the component they claim, and localisation with
+a perfect oracle attributes a head swap to the head and an ablated encoder to the encoder
+(the demo classifier on real Fashion-MNIST images; the VLM replaced by class-determined
+embeddings, so the encoder view is a real aligner fitted on real features).
+
+The ablation here leaves one channel of the last stage: with the aligner refitted on the
+faulty encoder, a partial ablation that leaves the class linearly readable in the remaining
+channels is (by the rule) a head fault, and is called one (README, fault injection)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conceptguard.aligner import fit_aligner
+from conceptguard.classifier.inference import predict
+from conceptguard.classifier.io import ClassifierSpec, build_classifier, load_classifier
+from conceptguard.fault_injection import (
+    bias_shift,
+    encoder_ablate,
+    encoder_merge,
+    head_blend,
+    head_swap,
+    localisation_accuracy,
+    simulated_oracle,
+)
+from offline.fault_injection import run_variant, summary_table
+from tests.conftest import DEMO_BANK
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    spec = ClassifierSpec(arch="small_resnet", num_classes=3, in_channels=1, input_size=8,
+                          widths=[4, 8, 8, 8], mean=[0.5], std=[0.25], classes=["a", "b", "c"])
+    model = build_classifier(spec).eval()
+    images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
+    return model, images
+
+
+def test_head_faults_change_only_the_head(tiny) -> None:
+    model, images = tiny
+    logits, z = predict(model, images)
+    swapped, fault = head_swap(model, 0, 2)
+    s_logits, s_z = predict(swapped, images)
+    assert fault.component == "head" and fault.pair == (0, 2)
+    np.testing.assert_array_equal(s_z, z)
+    np.testing.assert_allclose(s_logits, logits[:, [2, 1, 0]], atol=1e-5)
+    np.testing.assert_allclose(predict(model, images)[0], logits)  # original untouched
+    blended, _ = head_blend(model, 0, 1, alpha=0.5)
+    b_logits = predict(blended, images)[0]
+    np.testing.assert_allclose(b_logits[:, 0], b_logits[:, 1], atol=1e-5)
+    shifted, fault = bias_shift(model, 1, 2.5)
+    np.testing.assert_allclose(predict(shifted, images)[0] - logits, [[0, 2.5, 0]] * 64,
+                               atol=1e-5)
+    assert fault.target == 1
+
+
+def test_encoder_faults_change_only_the_encoder(tiny) -> None:
+    model, images = tiny
+    ablated, fault = encoder_ablate(model, "layer4", 0.5, seed=0)
+    z = predict(ablated, images)[1]
+    assert fault.component == "encoder" and fault.params["channels"] == 4
+    assert int((np.abs(z).max(0) == 0).sum()) >= 4  # the ablated feature channels are zero
+    assert torch.equal(ablated.head.weight, model.head.weight)
+    with pytest.raises(ValueError, match="downsample"):
+        encoder_ablate(model, "layer1", 0.5)  # 4 -> 4 channels, stride 1: no projection
+    x = torch.rand(60, 1, 8, 8)
+    y = torch.arange(60) % 3
+    merged, fault = encoder_merge(model, 0, 1, x, y, steps=5)
+    assert fault.component == "encoder" and fault.pair == (0, 1)
+    assert torch.equal(merged.head.weight, model.head.weight)
+    assert not torch.equal(merged.encoder.conv1.weight, model.encoder.conv1.weight)
+
+
+def test_simulated_oracle_has_the_stated_accuracy() -> None:
+    labels = np.random.default_rng(1).integers(0, 10, 20000)
+    for p in (0.0, 0.5, 0.8, 1.0):
+        oracle = simulated_oracle(labels, 10, p, seed=3)
+        assert abs((oracle == labels).mean() - p) < 0.015
+        assert ((oracle >= 0) & (oracle < 10)).all()
+
+
+def test_localisation_accuracy_counts() -> None:
+    res = localisation_accuracy(np.array(["head", "encoder", "ambiguous", "head"]), "head")
+    assert res == {"head": 2, "encoder": 1, "ambiguous": 1, "n": 4, "accuracy": 0.5,
+                   "decided_accuracy": 0.66667}
+
+
+def test_perfect_oracle_localises_head_swap_and_encoder_ablation(fashion_mnist_test) -> None:
+    model, _, _ = load_classifier(DEMO_BANK / "classifier.safetensors")
+    images, labels = fashion_mnist_test.images[:1600], fashion_mnist_test.labels[:1600]
+    fit_images, fit_labels = images[:1000], labels[:1000]
+    test_images, test_labels = images[1000:], labels[1000:]
+    # a "VLM" whose image embedding is its class's prompt vector plus noise
+    rng = np.random.default_rng(0)
+    class_T = np.linalg.qr(rng.normal(size=(32, 10)))[0].T.astype(np.float32)  # (10, 32)
+    v_fit = class_T[fit_labels] + 0.3 * rng.normal(size=(1000, 32)).astype(np.float32)
+    pred0 = predict(model, test_images)[0].argmax(1)
+    oracle = simulated_oracle(test_labels, 10, 1.0)
+    results = {}
+    a0 = fit_aligner(predict(model, fit_images)[1], v_fit)
+    variants = {"head_swap": head_swap(model, 1, 8),
+                "encoder_ablate": encoder_ablate(model, "layer4", 0.99)}
+    results = {name: run_variant(variant, fault, fit_images, v_fit, test_images, test_labels,
+                                 pred0, oracle, class_T, ps=(1.0,),
+                                 original_aligner=(a0.W, a0.b))
+               for name, (variant, fault) in variants.items()}
+    swap, ablate = results["head_swap"], results["encoder_ablate"]
+    assert swap["injected_errors"] >= 80  # trousers and bags of 600 test images
+    assert swap["ambiguous"] == 0
+    assert swap["accuracy"] >= 0.9, swap
+    assert swap["original_aligner"]["accuracy"] >= 0.9  # the encoder did not change
+    assert ablate["injected_errors"] >= 100
+    assert ablate["accuracy"] >= 0.8, ablate  # one channel left: the class is gone
+    assert ablate["original_aligner"]["accuracy"] >= 0.8
+    assert ablate["simulated_oracle"]["1.0"]["accuracy"] == ablate["accuracy"]
+    table = summary_table(results)
+    assert "| head_swap | head |" in table and "encoder_ablate" in table
+
+
+def test_inject_faults_command_is_registered() -> None:
+    from offline.cli import parser
+
+    args = parser().parse_args(["inject-faults", "--bank", "banks/demo", "--dry-run"])
+    assert args.dry_run and str(args.bank) == "banks/demo" and args.save_variants is None
+
+
+def test_demo_bank_ships_fault_injection_figures() -> None:
+    import json
+
+    metrics = json.loads((DEMO_BANK / "report" / "metrics.json").read_text())
+    fi = metrics["fault_injection"]
+    assert {"head_swap", "head_blend", "bias_shift", "encoder_ablate", "encoder_merge"} <= set(fi)
+    for r in fi.values():
+        assert {"head", "encoder", "ambiguous", "accuracy"} <= set(r)
+        assert r["head"] + r["encoder"] + r["ambiguous"] == r["injected_errors"]
