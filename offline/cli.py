@@ -59,6 +59,7 @@ def _build_bank(args: argparse.Namespace) -> int:
         cfg.cache_dir = Path(args.cache_dir)
     t0 = time.perf_counter()
     out = build_bank(cfg, Path(args.out), progress=not args.quiet, use_cache=not args.no_cache)
+    render_report(out)  # the full report: curves and examples from the published bank
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     print(json.dumps(headline(metrics), indent=2))
     print(f"done in {time.perf_counter() - t0:.0f} s; report: {out / 'report' / 'index.html'}",
@@ -100,19 +101,25 @@ def _inject_faults(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
+def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = True,
+                  attacks: bool = True) -> list[Path]:
+    """(Re-)render a bank's report from its metrics.json; with ``evidence``, also the curves
+    and example thumbnails regenerated from the bank's own graph."""
     from conceptguard.bank import load_bank
     from offline.report import write_report
 
-    bank = load_bank(args.bank)
-    metrics_path = bank.path / "report" / "metrics.json"
-    metrics = json.loads(metrics_path.read_text())
-    evidence = None
-    if not args.summary_only:
+    bank = load_bank(bank_dir)
+    metrics = json.loads((bank.path / "report" / "metrics.json").read_text())
+    ev = None
+    if evidence:
         from offline.report_evidence import compute_evidence
-        evidence = compute_evidence(bank, attacks=not args.no_attacks)
-    written = write_report(Path(args.out) if args.out else bank.path / "report",
-                           bank.manifest, bank.tensors, metrics, evidence)
+        ev = compute_evidence(bank, attacks=attacks)
+    return write_report(out or bank.path / "report", bank.manifest, bank.tensors, metrics, ev)
+
+
+def _report(args: argparse.Namespace) -> int:
+    written = render_report(Path(args.bank), Path(args.out) if args.out else None,
+                            evidence=not args.summary_only, attacks=not args.no_attacks)
     for p in written:
         print(p)
     return 0

@@ -140,6 +140,30 @@ def summary_html(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(out)}</tbody></table>"
 
 
+def fault_injection_html(metrics: dict) -> str:
+    """Localisation on injected faults (``conceptguard inject-faults``), when the bank has
+    it: the share of each variant's new errors attributed to the injected component, with
+    the packaged VLM and with simulated oracles of known accuracy."""
+    fi = metrics.get("fault_injection")
+    if not isinstance(fi, dict) or not fi:
+        return ""
+    ps = list(next(iter(fi.values())).get("simulated_oracle", {}))
+    rows = []
+    for name, r in fi.items():
+        rows.append([name, r["component"], r["injected_errors"],
+                     f"{r['head']} / {r['encoder']} / {r['ambiguous']}",
+                     f"{100 * r['accuracy']:.1f}%",
+                     *[f"{100 * r['simulated_oracle'][p]['accuracy']:.1f}%" for p in ps]])
+    return ("<h2>Fault localisation on injected faults</h2><p class=note>variants of the "
+            "classifier with one fault of known location; accuracy = share of the variant's "
+            "new errors attributed to the injected component (ambiguous counts as not "
+            "attributed); oracle p: a simulated VLM that names the true class with "
+            "probability p.</p>"
+            + _table(rows, ["variant", "component", "new errors",
+                            "head / encoder / ambiguous", "accuracy (packaged VLM)",
+                            *[f"accuracy (oracle p={p})" for p in ps]]))
+
+
 def render_html(manifest: Manifest, metrics: dict, images: list[tuple[str, str]],
                 evidence: str | None = None) -> str:
     if evidence is None:
@@ -204,6 +228,7 @@ pair's mean concept profile and the true class's correct heatmap.</p>
 ambiguous: {fl.get('ambiguous', 0)}</p>
 {_table(pair_rows, ["true", "predicted", "n", "head", "encoder", "ambiguous",
                     "responsible concepts (gap to H_ok[true])"])}
+{fault_injection_html(metrics)}
 <h2>Summary</h2>{_table(summary, ["figure", "value"])}
 <h2>Trust against the strongest standard detector, per task</h2>
 <p class=note>AUROC (higher is better) or, for the mixed stream, AURC (lower is better);
