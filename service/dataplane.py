@@ -147,7 +147,8 @@ class DataPlane:
         self.batcher: Batcher[Work, Row] = Batcher(
             self.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s, queue_size=settings.queue_size,
-            observer=metrics.QueueObserver(), run_sync=self._run_inference)
+            observer=metrics.QueueObserver(), run_sync=self._run_inference,
+            adaptive=settings.adaptive_batching)
         self.decode_limiter = anyio.CapacityLimiter(settings.decode_concurrency)
 
     async def _run_inference(self, fn: Callable[..., Any], *args: Any) -> Any:
