@@ -6,6 +6,8 @@ Candidates, timed in interleaved rounds in one run (ms per batch, median round):
 - classify_only: a graph of the classifier alone (images -> logits), exported here;
 - serving: the bank's ``classifier.onnx`` (logits, features, concepts), no monitor;
 - fused: classifier + projection + monitor in one graph (``export_bank_fused_onnx``);
+- fused_scores: ``fused`` then :func:`~conceptguard.scoring.scores_from_graph` (what the
+  service does per batch on a bank with ``monitor.onnx``);
 - fused_knn_1/N: the same with every N-th KNN reference feature (cost of the KNN bank);
 - numpy: ``classifier.onnx`` then ``score()`` (the sidecar path before this graph);
 - monitor_alone(_knn_1/N): the monitor-only graph on precomputed logits/features/concepts.
@@ -34,7 +36,7 @@ from conceptguard.monitor_graph import (
     export_bank_fused_onnx,
     export_monitor_onnx,
 )
-from conceptguard.scoring import score
+from conceptguard.scoring import score, scores_from_graph
 
 GOALS = {1: 0.20, 64: 0.03}
 
@@ -86,6 +88,9 @@ def main() -> None:
             "classify_only": lambda feed=feed: classify.run(["logits"], feed),
             "serving": lambda feed=feed: serving.run(list(MONITOR_INPUTS), feed),
             "fused": lambda feed=feed: fused.run(list(FUSED_OUTPUTS), feed),
+            "fused_scores": lambda feed=feed: scores_from_graph(
+                dict(zip(FUSED_OUTPUTS, fused.run(list(FUSED_OUTPUTS), feed), strict=True)),
+                bank.monitor.threshold),
             f"fused_knn_1/{sub}": lambda feed=feed: fused_sub.run(list(FUSED_OUTPUTS), feed),
             "numpy": numpy_path,
             "monitor_alone": lambda s=served: monitor.run(list(MONITOR_OUTPUTS), s),

@@ -3,7 +3,9 @@
 ``manifest.json`` (this module's :class:`Manifest`), ``tensors.safetensors`` (aligner,
 concept matrix, standardisation, heatmaps, class statistics, heads), ``classifier.onnx``
 (the serving graph), ``classifier.safetensors`` (the classifier's weights, for the torch
-runtime and for the hash check) and ``report/``. Never pickle.
+runtime and for the hash check), optionally ``monitor.onnx`` (the fused graph: the serving
+graph and the monitor, images in, every score out; used only when the manifest lists its
+checksum, so banks written before it existed load as before) and ``report/``. Never pickle.
 
 Loading checks the schema version, every file's sha256, the classifier hash, the shapes and
 that every tensor is finite,
@@ -38,7 +40,9 @@ MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 ONNX = "classifier.onnx"
 CLASSIFIER = "classifier.safetensors"
+FUSED_ONNX = "monitor.onnx"
 CHECKED_FILES = (TENSORS, ONNX, CLASSIFIER)
+OPTIONAL_FILES = (FUSED_ONNX,)  # checked when the manifest lists them
 
 
 class BankError(ValueError):
@@ -137,6 +141,11 @@ class Bank:
     def classifier_path(self) -> Path:
         return self.path / CLASSIFIER
 
+    @property
+    def fused_onnx_path(self) -> Path | None:
+        """The fused graph (``monitor.onnx``) when the manifest lists it, else None."""
+        return self.path / FUSED_ONNX if FUSED_ONNX in self.manifest.files else None
+
     def projection(self) -> dict[str, np.ndarray]:
         """The concept-projection tensors (see :func:`conceptguard.projection.project_features`)."""
         return {k: self.tensors[k] for k in PROJECTION_KEYS}
@@ -195,7 +204,8 @@ def _check_manifest_values(mpath: Path, m: Manifest) -> None:
 
 
 def _check_files(path: Path, manifest: Manifest) -> None:
-    for name in CHECKED_FILES:
+    listed = [n for n in OPTIONAL_FILES if n in manifest.files]
+    for name in (*CHECKED_FILES, *listed):
         f = path / name
         if f.is_symlink():
             raise BankError(f"bank file {f} is a symbolic link; banks hold plain files")
@@ -231,6 +241,18 @@ def _check_finite(tensors: dict[str, np.ndarray]) -> None:
         if t.dtype.kind in "fc" and not np.isfinite(t).all():
             bad = int(t.size - np.count_nonzero(np.isfinite(t)))
             raise BankError(f"tensor {name!r} holds {bad} NaN or infinite value(s)")
+
+
+PROBE_BATCH = 4
+
+
+def probe_images(bank: Bank, n: int = PROBE_BATCH) -> np.ndarray:
+    """A fixed probe batch: black, white, mid-grey and a seeded noise image in [0, 1]."""
+    p = bank.manifest.preprocessing
+    shape = (p.channels, p.input_size, p.input_size)
+    fills = [np.zeros(shape), np.ones(shape), np.full(shape, 0.5),
+             np.random.default_rng(0).random(shape)]
+    return np.stack([fills[i % len(fills)] for i in range(n)]).astype(np.float32)
 
 
 def load_bank(path: Path | str, expected_classifier_hash: str | None = None) -> Bank:
@@ -270,7 +292,8 @@ def write_tensors(folder: Path, tensors: dict[str, np.ndarray]) -> None:
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     """Fill the file checksums, then write ``manifest.json`` atomically."""
-    manifest.files = {name: sha256_file(folder / name) for name in CHECKED_FILES
+    manifest.files = {name: sha256_file(folder / name)
+                      for name in (*CHECKED_FILES, *OPTIONAL_FILES)
                       if (folder / name).is_file()}
     atomic_write_text(folder / MANIFEST, manifest.model_dump_json(indent=2))
 
@@ -310,7 +333,7 @@ def check_bank_quickly(path: Path | str) -> Manifest:
     must fail at once on an obviously wrong bank; the full checks follow."""
     path = Path(path)
     manifest = _read_manifest(path)
-    for name in CHECKED_FILES:
+    for name in (*CHECKED_FILES, *(n for n in OPTIONAL_FILES if n in manifest.files)):
         if not (path / name).is_file():
             raise BankError(f"bank file {path / name} is missing")
     return manifest

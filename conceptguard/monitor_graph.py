@@ -40,19 +40,14 @@ from conceptguard.detectors import (
     ReActEnergy,
     ViM,
 )
-from conceptguard.export import INPUT_NAME, OUTPUT_NAMES, MonitoredClassifier, onnx_export
+from conceptguard.export import MonitoredClassifier, onnx_export
+from conceptguard.graph import FUSED_OUTPUTS, INPUT_NAME, MONITOR_OUTPUTS, OUTPUT_NAMES
 from conceptguard.projection import unit_rows
 from conceptguard.scoring import Monitor
 from conceptguard.trust import CONFIDENCE, HEADS, HINGED, REASON_KINDS
 
 RISK_NAMES: tuple[str, ...] = tuple(DETECTORS)
-MONITOR_OUTPUTS: tuple[str, ...] = (
-    "probabilities", "predictions", "risks", "p_misclassification", "p_anomaly",
-    "p_adversarial", "p_unfamiliar", "trust", "reject", "reason", "paper_rule_reject",
-    "contributions",
-)
 MONITOR_INPUTS: tuple[str, ...] = OUTPUT_NAMES  # logits, features, concepts
-FUSED_OUTPUTS: tuple[str, ...] = OUTPUT_NAMES + MONITOR_OUTPUTS
 
 # MaxSoftmax.feature clips p to 1 - 1e-12: log((1 - p) / p) >= this.
 _MSP_FLOOR = math.log(1e-12 / (1.0 - 1e-12))
@@ -250,3 +245,48 @@ def export_bank_fused_onnx(bank, path: Path, opset: int = 17,  # bank: conceptgu
     model, spec, _ = load_classifier(bank.classifier_path)
     export_fused_onnx(MonitoredClassifier(model, bank.projection()), bank.monitor,
                       spec.input_shape, path, opset, knn_subsample)
+
+
+def add_fused_graph(path: Path | str, opset: int = 17) -> Path:
+    """Export the fused graph of the bank at ``path`` into it as ``monitor.onnx`` and list
+    its sha256 in the manifest (``conceptguard export-graph``), for banks built before
+    build-bank wrote it. The bank is copied beside itself, the graph is exported there and
+    checked against numpy :func:`~conceptguard.scoring.score` on the test-free probe batch,
+    the manifest is rewritten, and the copy is swapped in with renames: readers see the old
+    bank or the new one, never a manifest whose checksums do not match."""
+    import shutil
+
+    from conceptguard import bank as bankio
+
+    path = Path(path)
+    bank = bankio.load_bank(path)
+    staging = bankio.staging_dir(path)
+    try:
+        shutil.copytree(path, staging, dirs_exist_ok=True)
+        export_bank_fused_onnx(bank, staging / bankio.FUSED_ONNX, opset)
+        check_fused_graph(bank.monitor, staging / bankio.FUSED_ONNX,
+                          bankio.probe_images(bank))
+        bankio.write_manifest(staging, bank.manifest.model_copy(deep=True))
+        bankio.load_bank(staging)  # every checksum, before the swap
+        bankio.publish(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path / bankio.FUSED_ONNX
+
+
+def check_fused_graph(monitor: Monitor, onnx_path: Path, images: np.ndarray) -> None:
+    """Raise ``ValueError`` when the fused graph at ``onnx_path`` disagrees with numpy
+    :func:`~conceptguard.scoring.score` of ``monitor`` on float32 ``images``."""
+    from conceptguard.runtime import OnnxRuntime
+    from conceptguard.scoring import graph_disagreement, score, scores_from_graph
+
+    o = OnnxRuntime(onnx_path, device="cpu", threads=1).run(images)
+    if o.monitor is None:
+        raise ValueError(f"{onnx_path} is not a fused graph (no monitor outputs)")
+    with np.errstate(all="ignore"):
+        ref = score(monitor, o.logits, o.features, o.concepts)
+    problem = graph_disagreement(ref, scores_from_graph(o.monitor, monitor.threshold))
+    if problem:
+        raise ValueError(f"{onnx_path} disagrees with score() on the bank's tensors: {problem}")
+

@@ -1,10 +1,12 @@
 """Inference runtimes for the serving graph: ONNX Runtime (default) or torch.
 
 Both take float32 ``(N, C, H, W)`` images in [0, 1] and return logits, features and
-standardised concept scores. CUDA is used when present, the CPU otherwise. ``device`` and
-``provider`` say what a runtime really runs on: for ONNX Runtime they are read from the
-session's providers (not from the list of providers installed), and ``device="cuda"`` fails
-clearly when the session fell back to the CPU.
+standardised concept scores; on the fused graph (``monitor.onnx``) the ONNX runtime also
+returns every monitor output of the same call (:attr:`RuntimeOutputs.monitor`). CUDA is
+used when present, the CPU otherwise. ``device`` and ``provider`` say what a runtime really
+runs on: for ONNX Runtime they are read from the session's providers (not from the list of
+providers installed), and ``device="cuda"`` fails clearly when the session fell back to the
+CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from conceptguard.graph import INPUT_NAME, OUTPUT_NAMES
+from conceptguard.graph import FUSED_OUTPUTS, INPUT_NAME, MONITOR_OUTPUTS, OUTPUT_NAMES
 
 Backend = Literal["onnx", "torch"]
 log = logging.getLogger("conceptguard.runtime")
@@ -27,10 +29,14 @@ class RuntimeOutputs:
     logits: np.ndarray
     features: np.ndarray
     concepts: np.ndarray
+    # the fused graph's MONITOR_OUTPUTS by name (see conceptguard.scoring.scores_from_graph);
+    # None when the runtime runs the classifier graph alone
+    monitor: dict[str, np.ndarray] | None = None
 
 
 class Runtime(Protocol):
     name: str
+    graph: str  # "fused" (monitor.onnx: scores come out of the graph) or "classifier"
     device: str  # "cuda" or "cpu": where the graph actually runs
     provider: str  # e.g. "CUDAExecutionProvider", "CPUExecutionProvider", "torch-cuda"
 
@@ -42,7 +48,8 @@ class Runtime(Protocol):
 
 
 class OnnxRuntime:
-    """An ONNX Runtime session on the bank's ``classifier.onnx``."""
+    """An ONNX Runtime session on the bank's ``classifier.onnx``, or on its fused graph
+    ``monitor.onnx`` (recognised by its outputs: :data:`FUSED_OUTPUTS`)."""
 
     name = "onnx"
 
@@ -76,6 +83,9 @@ class OnnxRuntime:
         if use_cuda and self.device != "cuda":
             log.warning("onnxruntime: the CUDA provider did not load; running on %s",
                         session_providers)
+        outputs = tuple(o.name for o in self.session.get_outputs())
+        self.graph = "fused" if set(FUSED_OUTPUTS) <= set(outputs) else "classifier"
+        self._outputs = list(FUSED_OUTPUTS if self.graph == "fused" else OUTPUT_NAMES)
         if device == "cuda" and self.device != "cuda":
             raise RuntimeError(
                 f"device=cuda asked for, but the ONNX Runtime session runs on "
@@ -85,8 +95,9 @@ class OnnxRuntime:
 
     def run(self, images: np.ndarray) -> RuntimeOutputs:
         x = np.ascontiguousarray(images, dtype=np.float32)
-        logits, features, concepts = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        return RuntimeOutputs(logits, features, concepts)
+        out = self.session.run(self._outputs, {INPUT_NAME: x})
+        monitor = dict(zip(MONITOR_OUTPUTS, out[3:], strict=True)) if out[3:] else None
+        return RuntimeOutputs(out[0], out[1], out[2], monitor)
 
     def classify(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(images, dtype=np.float32)
@@ -97,6 +108,7 @@ class TorchRuntime:
     """The same graph in torch eager (optionally ``torch.compile``)."""
 
     name = "torch"
+    graph = "classifier"  # scores come from numpy score()
 
     def __init__(self, module, device: str = "auto", compile: bool = False):
         import torch

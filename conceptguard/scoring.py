@@ -8,12 +8,14 @@ the concepts behind the decision.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from conceptguard.detectors import Detector, Outputs, PaperRule, detector_risks
-from conceptguard.trust import ReasonKind, TrustModel, evaluate_trust
+from conceptguard.detectors import DETECTORS, Detector, Outputs, PaperRule, detector_risks
+from conceptguard.trust import ReasonKind, TrustModel, evaluate_trust, reasons
 
 RejectReason = ReasonKind  # the name the service has used since v1
 
@@ -94,6 +96,57 @@ def score(monitor: Monitor, logits: np.ndarray, features: np.ndarray,
         paper_rule_reject=risks["paper_rule"] > 0,
         contributions=concept_contributions(out, monitor.heatmaps),
     )
+
+
+def scores_from_graph(outputs: Mapping[str, np.ndarray], threshold: float) -> Scores:
+    """:class:`Scores` from the outputs of the fused graph (``monitor.onnx``, names in
+    :data:`conceptguard.graph.MONITOR_OUTPUTS`), without running :func:`score`.
+
+    The graph computes in float32; the values are cast to the dtypes :func:`score` returns.
+    ``reject`` and ``reason`` are recomputed here from the graph's trust and heads with
+    ``threshold`` (the manifest's, as :func:`score` does), so that the bank's threshold
+    stays the one source of the decision; the graph's own ``reject``/``reason`` outputs
+    hold the threshold it was exported with."""
+    f64 = functools.partial(np.asarray, dtype=np.float64)
+    risks = np.asarray(outputs["risks"])
+    p_adv, p_unf = f64(outputs["p_adversarial"]), f64(outputs["p_unfamiliar"])
+    trust = f64(outputs["trust"])
+    reject = trust < threshold
+    return Scores(
+        probabilities=f64(outputs["probabilities"]),
+        predictions=np.asarray(outputs["predictions"], dtype=np.int64),
+        risks={name: f64(risks[:, i]) for i, name in enumerate(DETECTORS)},
+        p_misclassification=f64(outputs["p_misclassification"]),
+        p_anomaly=f64(outputs["p_anomaly"]),
+        p_adversarial=p_adv,
+        p_unfamiliar=p_unf,
+        trust=trust,
+        reject=reject,
+        reason=reasons(reject, p_adv, p_unf),
+        paper_rule_reject=np.asarray(outputs["paper_rule_reject"], dtype=bool),
+        contributions=np.asarray(outputs["contributions"], dtype=np.float32),
+    )
+
+
+GRAPH_TOLERANCE = 1e-4  # float32 graph vs float64 score(): trust, heads, probabilities
+
+
+def graph_disagreement(ref: Scores, got: Scores, atol: float = GRAPH_TOLERANCE) -> str | None:
+    """None when ``got`` (from the fused graph) matches ``ref`` (:func:`score` on the same
+    inputs): predictions equal, probabilities, trust and the four heads within ``atol``;
+    else what differs. Used on a probe batch when a bank with a fused graph is loaded or
+    written, so a graph exported from other tensors is refused, not served."""
+    if not np.array_equal(ref.predictions, got.predictions):
+        return "predictions differ"
+    for name in ("probabilities", "trust", "p_misclassification", "p_anomaly",
+                 "p_adversarial", "p_unfamiliar"):
+        a, b = np.asarray(getattr(ref, name)), np.asarray(getattr(got, name))
+        if a.shape != b.shape:
+            return f"{name} has shape {b.shape}, expected {a.shape}"
+        err = float(np.max(np.abs(a - b))) if a.size else 0.0
+        if not err <= atol:
+            return f"{name} differs by {err:.3g} (tolerance {atol:g})"
+    return None
 
 
 def top_reasons(contributions: np.ndarray, names: list[str], k: int = 3

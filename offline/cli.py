@@ -1,4 +1,5 @@
-"""The ``conceptguard`` command: train-demo, build-bank, inject-faults, report, serve."""
+"""The ``conceptguard`` command: train-demo, build-bank, export-graph, inject-faults, report,
+serve."""
 
 from __future__ import annotations
 
@@ -125,6 +126,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_graph(args: argparse.Namespace) -> int:
+    from conceptguard.monitor_graph import add_fused_graph
+
+    t0 = time.perf_counter()
+    path = add_fused_graph(args.bank, opset=args.opset)
+    print(f"{path} written and listed in the manifest ({time.perf_counter() - t0:.1f} s)",
+          file=sys.stderr)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -183,6 +194,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--dry-run", action="store_true", help="print, do not write metrics.json")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_inject_faults)
+
+    g = sub.add_parser("export-graph",
+                       help="add the fused graph (monitor.onnx: images -> every score) to a "
+                            "bank built without it, and list its checksum in the manifest")
+    g.add_argument("bank", type=Path)
+    g.add_argument("--opset", type=int, default=17)
+    g.set_defaults(func=_export_graph)
 
     r = sub.add_parser("report", help="re-render a bank's HTML report and PNG heatmaps")
     r.add_argument("bank", type=Path)

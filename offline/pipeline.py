@@ -2,8 +2,8 @@
 
 Stages (each timed, cached where expensive): data, classifier features, VLM embeddings,
 concept matrices, aligner, projection, adversarial, heatmaps, calibration, evaluation,
-fault localisation, export (ONNX), report. The math lives in ``conceptguard``; this module
-only orchestrates and does I/O.
+fault localisation, export (ONNX), fused graph (``monitor.onnx``), report. The math lives in
+``conceptguard``; this module only orchestrates and does I/O.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from conceptguard.data import ArrayDataset, load_source, make_splits
 from conceptguard.export import MonitoredClassifier, export_onnx
 from conceptguard.faults import fault_report
 from conceptguard.heatmaps import Heatmaps, binarise, build_heatmaps
-from conceptguard.monitor_io import monitor_tensors
+from conceptguard.monitor_graph import check_fused_graph, export_fused_onnx
+from conceptguard.monitor_io import monitor_from_tensors, monitor_tensors
 from conceptguard.projection import aligned_embedding, project_features, raw_concept_scores
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Scores, score
@@ -253,6 +254,12 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
     tensors = bank_tensors(projection, class_T, hm_model, hm_vlm, monitor,
                            cfg.heatmaps.delta, o_mu, o_sigma)
     bankio.write_tensors(staging, tensors)
+    with ctx.stage("fused_graph"):  # the monitor as the bank stores it (float32 tensors)
+        stored = monitor_from_tensors(tensors, monitor.threshold)
+        export_fused_onnx(MonitoredClassifier(model, projection), stored, cspec.input_shape,
+                          staging / bankio.FUSED_ONNX)
+        check_fused_graph(stored, staging / bankio.FUSED_ONNX,
+                          to_tensor(ds["test"].images[:64]).numpy())
     metrics["timings_s"] = dict(ctx.timings)
     manifest = make_manifest(cfg, metrics, cs, cspec, chash, splits, hm_model, calib_info,
                              monitor.threshold, classes, T.shape[1], model.feature_dim)

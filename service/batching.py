@@ -8,6 +8,13 @@ request's items would exceed ``queue_size`` pending items, :class:`QueueFull` is
 once. With ``max_batch_size == 1`` there is no queue and no loop: each request's items run
 straight through (one call per item), still bounded by ``queue_size``.
 
+Adaptive (``adaptive=True``, the service's default): the wait for a batch to fill is cut
+short as soon as no other item is on its way, i.e. every admitted item is already queued
+(no request holds places from :meth:`Batcher.reserve` while it decodes its images). A lone
+request is dispatched at once instead of after ``max_wait_s``; concurrent requests still
+merge (their places are reserved before they decode), and while a batch runs the next one
+fills, so under load batches grow as before. ``max_wait_s`` stays the upper bound.
+
 "Pending" counts items admitted and not yet answered (waiting or in the running batch).
 """
 
@@ -86,13 +93,14 @@ class Batcher(Generic[T, R]):
 
     def __init__(self, fn: BatchFunction[T, R], *, max_batch_size: int, max_wait_s: float,
                  queue_size: int, observer: BatchObserver | None = None,
-                 run_sync: ThreadRunner | None = None):
+                 run_sync: ThreadRunner | None = None, adaptive: bool = False):
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
+        self.adaptive = adaptive
         self.observer: BatchObserver = observer or NullObserver()
         self._run_sync: ThreadRunner = run_sync or anyio.to_thread.run_sync
         self._queue: deque[_Item[T, R]] = deque()
@@ -143,6 +151,7 @@ class Batcher(Generic[T, R]):
             if not ticket.used:
                 self._pending -= ticket.places
                 self.observer.depth(self._pending)
+                self._arrived.set()  # an adaptive batch may have been waiting for these
 
     def _admit(self, n: int) -> None:
         if self._closed:
@@ -213,9 +222,12 @@ class Batcher(Generic[T, R]):
                 await self._execute(batch)
 
     async def _fill(self) -> None:
-        """Wait until the batch is full or the oldest item has waited ``max_wait_s``."""
+        """Wait until the batch is full or the oldest item has waited ``max_wait_s``; when
+        adaptive, only while admitted items are still on their way to the queue."""
         deadline = self._queue[0].enqueued + self.max_wait_s
         while len(self._queue) < self.max_batch_size:
+            if self.adaptive and self._pending <= len(self._queue):
+                return  # nothing else admitted: waiting could only add latency
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return

@@ -2,8 +2,11 @@
 
 Both the v1 routes and the Open Inference Protocol v2 routes call this module; it knows
 nothing about HTTP. Image bytes are decoded and resized in the thread pool; images then go
-through the batcher, and each batch is one runtime call plus one call of the core's
-:func:`conceptguard.scoring.score` (the function the offline evaluation uses).
+through the batcher, and each batch is one runtime call: on the bank's fused graph
+(``monitor.onnx``) that call returns every score too (:func:`conceptguard.scoring.
+scores_from_graph`); otherwise it is followed by one call of the core's
+:func:`conceptguard.scoring.score` (the function the offline evaluation uses). The sidecar
+path (features in) always uses :func:`~conceptguard.scoring.score`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import anyio.to_thread
 import numpy as np
 
 from conceptguard.imaging import ImageError, preprocess_bytes, to_model_input
-from conceptguard.scoring import RejectReason, Scores, score, top_reasons
+from conceptguard.runtime import RuntimeOutputs
+from conceptguard.scoring import RejectReason, Scores, score, scores_from_graph, top_reasons
 from service import metrics
 from service.batching import Batcher
 from service.runtime_state import Loaded, RuntimeState
@@ -143,7 +147,8 @@ class DataPlane:
         self.batcher: Batcher[Work, Row] = Batcher(
             self.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s, queue_size=settings.queue_size,
-            observer=metrics.QueueObserver(), run_sync=self._run_inference)
+            observer=metrics.QueueObserver(), run_sync=self._run_inference,
+            adaptive=settings.adaptive_batching)
         self.decode_limiter = anyio.CapacityLimiter(settings.decode_concurrency)
 
     async def _run_inference(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -231,7 +236,7 @@ class DataPlane:
             x = to_model_input(stacked) if is_uint8 else stacked
             t0 = time.perf_counter()
             o = loaded.runtime.run(x)
-            s = score(loaded.bank.monitor, o.logits, o.features, o.concepts)
+            s = scores_of(loaded, o)
             metrics.INFERENCE_DURATION.observe(time.perf_counter() - t0)
             loaded.metrics.record(s, o.concepts)
             scored = Scored(loaded, s)
@@ -267,10 +272,19 @@ class DataPlane:
         decoded = self._decode_all([encode_probe_png(size, channels)], loaded)
         x = to_model_input(np.stack(decoded))
         o = loaded.runtime.run(x)
-        score(loaded.bank.monitor, o.logits, o.features, o.concepts)
+        scores_of(loaded, o)
         features = np.asarray(o.features, dtype=np.float32)
         self._score_features(loaded, features, None, record=False)
         self._score_features(loaded, features, np.asarray(o.logits, np.float32), record=False)
+
+
+def scores_of(loaded: Loaded, o: RuntimeOutputs) -> Scores:
+    """The scores of one runtime call: from the fused graph's outputs when it ran, else
+    numpy :func:`~conceptguard.scoring.score` on the classifier's outputs."""
+    monitor = loaded.bank.monitor
+    if o.monitor is not None:
+        return scores_from_graph(o.monitor, monitor.threshold)
+    return score(monitor, o.logits, o.features, o.concepts)
 
 
 # ---------------------------------------------------------------- validation helpers

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 import numpy as np
 
-from conceptguard.bank import Bank, BankError, Manifest, load_bank
+from conceptguard.bank import Bank, BankError, Manifest, load_bank, probe_images
 from conceptguard.projection import project_features
 from service.metrics import ModelMetrics
 from service.settings import Settings
@@ -168,7 +168,8 @@ def bank_summary(loaded: Loaded, path: str) -> dict[str, Any]:
         "threshold": m.threshold,
         "evaluation": {**m.evaluation, **_report_headline(loaded.bank.path)},
         "runtime": {"backend": loaded.runtime.name, "device": loaded.runtime.device,
-                    "provider": getattr(loaded.runtime, "provider", loaded.runtime.device)},
+                    "provider": getattr(loaded.runtime, "provider", loaded.runtime.device),
+                    "graph": runtime_graph(loaded.runtime)},
     }
 
 
@@ -224,7 +225,9 @@ def make_runtime(bank: Bank, settings: Settings) -> Runtime:
     if settings.backend == "onnx":
         from conceptguard.runtime import OnnxRuntime
 
-        return OnnxRuntime(bank.onnx_path, device=settings.device, threads=settings.threads)
+        # the fused graph when the bank has one: one call per batch gives every score
+        path = bank.fused_onnx_path or bank.onnx_path
+        return OnnxRuntime(path, device=settings.device, threads=settings.threads)
     try:
         import torch
     except ImportError as exc:  # the serving install has no torch
@@ -240,6 +243,12 @@ def make_runtime(bank: Bank, settings: Settings) -> Runtime:
         torch.set_num_threads(settings.threads)
     module = MonitoredClassifier(load_classifier(bank.classifier_path)[0], bank.projection())
     return TorchRuntime(module, device=settings.device)
+
+
+def runtime_graph(runtime: Runtime) -> str:
+    """``fused`` when the scores come out of the runtime's graph (``monitor.onnx``),
+    ``classifier`` when numpy :func:`conceptguard.scoring.score` computes them."""
+    return getattr(runtime, "graph", "classifier")
 
 
 def bank_info(bank: Bank) -> dict[str, str]:
@@ -268,27 +277,18 @@ def load(path: Path, settings: Settings) -> Loaded:
     info = {**bank_info(bank), "backend": runtime.name, "device": runtime.device,
             "provider": provider}
     metrics = ModelMetrics(name, m.classes, m.concept_names, info)
-    log.info("loaded bank %s (%s) from %s: backend %s, device %s, provider %s (asked: %s)",
-             m.bank_id, name, path, runtime.name, runtime.device, provider, settings.device)
+    log.info("loaded bank %s (%s) from %s: backend %s, device %s, provider %s (asked: %s), "
+             "graph %s", m.bank_id, name, path, runtime.name, runtime.device, provider,
+             settings.device, runtime_graph(runtime))
     return Loaded(bank=bank, runtime=runtime, model_name=name, metrics=metrics)
-
-
-PROBE_BATCH = 4
-
-
-def probe_images(bank: Bank, n: int = PROBE_BATCH) -> np.ndarray:
-    """A fixed probe batch: black, white, mid-grey and a seeded noise image in [0, 1]."""
-    p = bank.manifest.preprocessing
-    shape = (p.channels, p.input_size, p.input_size)
-    fills = [np.zeros(shape), np.ones(shape), np.full(shape, 0.5),
-             np.random.default_rng(0).random(shape)]
-    return np.stack([fills[i % len(fills)] for i in range(n)]).astype(np.float32)
 
 
 def _smoke_test(bank: Bank, runtime: Runtime) -> None:
     """A probe batch end to end (runtime, then the core's ``score``): output shapes must
-    match the manifest and every output and score must be finite."""
-    from conceptguard.scoring import score
+    match the manifest and every output and score must be finite; on the fused graph its
+    scores must also agree with ``score`` (a ``monitor.onnx`` exported from other tensors
+    is refused)."""
+    from conceptguard.scoring import graph_disagreement, score, scores_from_graph
 
     d = bank.manifest.dims
     p = bank.manifest.preprocessing
@@ -319,6 +319,16 @@ def _smoke_test(bank: Bank, runtime: Runtime) -> None:
         value = np.asarray(getattr(s, name), dtype=np.float64)
         if not np.isfinite(value).all():
             raise BankError(f"scoring the probe batch gives non-finite {name}")
+    if out.monitor is not None:
+        try:
+            problem = graph_disagreement(s, scores_from_graph(out.monitor,
+                                                              bank.monitor.threshold))
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            raise BankError(f"the fused graph (monitor.onnx) disagrees with scoring on the "
+                            f"probe batch: {problem}; re-export it with `conceptguard "
+                            f"export-graph`")
 
 
 NAME_MAX = 255  # bytes per path component on common file systems

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
                                 description="most images per runtime call; 1 disables batching")
     max_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0,
                                description="longest wait for a batch to fill, in milliseconds")
+    adaptive_batching: bool = Field(
+        True, description="dispatch a batch at once when no other admitted image is on its "
+                          "way (max_wait_ms stays the upper bound); false: always wait up to "
+                          "max_wait_ms for the batch to fill")
     queue_size: int = Field(512, ge=1, description="most images admitted and not yet answered")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1,
                                   description="largest request body (and image) in bytes")

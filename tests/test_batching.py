@@ -231,3 +231,62 @@ def test_cancelled_submission_is_skipped() -> None:
 
     run(main())
     assert [1] not in fn.calls and fn.calls[-1] == [2]
+
+
+def test_adaptive_dispatches_at_once_when_nothing_else_is_on_its_way() -> None:
+    """A lone item runs without waiting for ``max_wait_s`` (30 s here; the test would
+    fail on its 10 s guard, not on a timing bound of its own)."""
+    fn = Recorder()
+
+    async def main() -> list[int]:
+        b = Batcher(fn, max_batch_size=32, max_wait_s=30.0, queue_size=10, adaptive=True)
+        await b.start()
+        try:
+            return await asyncio.wait_for(b.submit([3]), timeout=10.0)
+        finally:
+            await b.close()
+
+    assert run(main()) == [6]
+    assert fn.sizes == [1]
+
+
+def test_adaptive_waits_for_reserved_places_then_batches_them_together() -> None:
+    fn = Recorder()
+
+    async def main() -> tuple[list[int], list[int], bool]:
+        b = Batcher(fn, max_batch_size=32, max_wait_s=30.0, queue_size=10, adaptive=True)
+        await b.start()
+        try:
+            with b.reserve(1) as ticket:  # a request still decoding its image
+                first = asyncio.create_task(b.submit([1]))
+                for _ in range(20):  # let the loop run: it must keep waiting
+                    await asyncio.sleep(0)
+                waited = not first.done()
+                second = await asyncio.wait_for(b.submit([2], ticket=ticket), timeout=10.0)
+            return await asyncio.wait_for(first, timeout=10.0), second, waited
+        finally:
+            await b.close()
+
+    first, second, waited = run(main())
+    assert (first, second, waited) == ([2], [4], True)
+    assert fn.sizes == [2]
+
+
+def test_adaptive_stops_waiting_when_a_reservation_is_given_back() -> None:
+    fn = Recorder()
+
+    async def main() -> list[int]:
+        b = Batcher(fn, max_batch_size=32, max_wait_s=30.0, queue_size=10, adaptive=True)
+        await b.start()
+        try:
+            with b.reserve(1):  # e.g. its image fails to decode: never submitted
+                task = asyncio.create_task(b.submit([5]))
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                assert not task.done()
+            return await asyncio.wait_for(task, timeout=10.0)
+        finally:
+            await b.close()
+
+    assert run(main()) == [10]
+    assert fn.sizes == [1]

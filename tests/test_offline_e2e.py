@@ -71,6 +71,8 @@ def test_end_to_end_run_is_complete(built) -> None:
     bank = load_bank(bank_dir)
     assert bank.manifest.name == "tiny-e2e"
     assert bank.manifest.data["splits"]["test"] == 300
+    assert bank.fused_onnx_path == bank_dir / "monitor.onnx"  # checked against score()
+    assert "fused_graph" in bank.manifest.timings_s
     for png in ("model_ok.png", "model_diff.png", "vlm_ok.png", "auroc.png"):
         assert (bank_dir / "report" / png).stat().st_size > 5000
     html = (bank_dir / "report" / "index.html").read_text()

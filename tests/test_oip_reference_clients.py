@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import grpc
@@ -283,14 +284,23 @@ def test_grpc_on_every_worker_of_a_multiworker_server(server_factory: Any, tmp_p
     mp.mkdir()
     srv = server_factory(workers=2, use_cli=True,
                          extra_env={"PROMETHEUS_MULTIPROC_DIR": str(mp)})
+    # ready over HTTP means one worker is; the other may still be loading its bank and
+    # answer UNAVAILABLE "still loading" (retry shortly), as it should: wait for it
+    deadline = time.monotonic() + 60
     for _ in range(4):
-        c = tritongrpc.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
-        try:
-            inp = tritongrpc.InferInput("image", [1], "BYTES")
-            inp.set_data_from_numpy(png_array(images[:1]))
-            assert c.infer(model, [inp]).as_numpy("label").shape == (1,)
-        finally:
-            c.close()
+        while True:
+            c = tritongrpc.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+            try:
+                inp = tritongrpc.InferInput("image", [1], "BYTES")
+                inp.set_data_from_numpy(png_array(images[:1]))
+                assert c.infer(model, [inp]).as_numpy("label").shape == (1,)
+                break
+            except InferenceServerException as exc:
+                if "still loading" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            finally:
+                c.close()
+            time.sleep(0.2)
 
 
 def test_grpc_port_taken_stops_the_startup(tmp_path: Any) -> None:

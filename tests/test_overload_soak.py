@@ -114,8 +114,9 @@ def _big_png(side: int = 5000) -> bytes:
 
 
 def _status_without_body(srv: ServerProcess) -> bytes:
-    """POST /v1/classify announcing a 5 MB body and sending none of it: the status line
-    (b'' when the server waited for the body instead of answering)."""
+    """POST /v1/classify announcing a 5 MB body and sending none of it: the response, head
+    and body (b'' when the server waited for the body instead of answering). Read until
+    the announced body is in: the server may write head and body in separate segments."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
         sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                      b"Content-Length: 5000000\r\n\r\n")

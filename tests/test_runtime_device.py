@@ -45,4 +45,5 @@ def test_provider_in_bank_info_metric_and_bank_summary(client: httpx.Client) -> 
     assert info and all(lab["provider"] == "CPUExecutionProvider" and lab["device"] == "cpu"
                         and lab["backend"] == "onnx" for lab in info), info
     runtime = client.get("/v1/bank").json()["runtime"]
-    assert runtime == {"backend": "onnx", "device": "cpu", "provider": "CPUExecutionProvider"}
+    assert runtime == {"backend": "onnx", "device": "cpu", "provider": "CPUExecutionProvider",
+                       "graph": "fused"}
