@@ -150,9 +150,9 @@ def bench_stage(parquet: Path, n: int, cpus: int) -> dict:
     out = {"images": n, "single_process_images_per_s": round(single, 1)}
     try:
         for workers in (1, 2):
-            # actors and a read task must fit: fractional CPUs on a small machine
+            # the actors and a read task must fit the logical CPUs at once (else it waits)
             ds = run_stage(read_source(parquet, channels=1, override_num_blocks=8), "served",
-                           workers=workers, batch_size=256, num_cpus=cpus / (workers + 1),
+                           workers=workers, batch_size=256, num_cpus=0.25,
                            bank=str(BANK))
             t0 = time.perf_counter()
             got = collect(ds)

@@ -33,16 +33,20 @@ def as_nhwc(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.astype(np.uint8, copy=False))
 
 
+def to_nchw_float(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW in [0, 1]: ``classifier.inference.to_tensor`` without torch
+    (the same correctly rounded float32 division, so the same bits), so the served-outputs
+    stage needs only the serving set."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(255)
+
+
 def _passthrough(batch: Batch) -> Batch:
     return {k: np.asarray(v) for k, v in batch.items() if k != IMAGE}
 
 
 def served_outputs(rt: OnnxRuntime, batch: Batch) -> Batch:
     """The exported serving graph on a batch: logits, features, concepts (float32)."""
-    from conceptguard.classifier.inference import to_tensor
-
-    images = as_nhwc(batch[IMAGE])
-    o = rt.run(to_tensor(images).numpy())
+    o = rt.run(to_nchw_float(as_nhwc(batch[IMAGE])))
     return {**_passthrough(batch), "logits": o.logits, "features": o.features,
             "concepts": o.concepts}
 
