@@ -149,6 +149,8 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"conceptguard serve: {exc}", file=sys.stderr)
         return 2
+    if args.engine == "ray":
+        return _serve_ray(args)
     made = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         import tempfile
@@ -164,6 +166,37 @@ def _serve(args: argparse.Namespace) -> int:
             import shutil
             shutil.rmtree(made, ignore_errors=True)
     return 0
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    """The same app as the ingress of a Ray Serve deployment (``service.ray_serve``): joins
+    the cluster at ``--ray-address`` (or ``RAY_ADDRESS``), else starts a local Ray."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("conceptguard serve --engine ray: Ray is not installed "
+              "(pip install 'conceptguard[ray]')", file=sys.stderr)
+        return 2
+    from service.ray_serve import build
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=args.ray_num_cpus, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build(), name="conceptguard", route_prefix="/", blocking=False)
+        print(f"conceptguard on Ray Serve: http://{args.host}:{args.port} "
+              "(ready at /v2/health/ready); Ctrl-C stops it", file=sys.stderr)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -219,6 +252,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--backend", choices=["onnx", "torch"], default=None)
     s.add_argument("--log-level", default="info")
+    s.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
+                   help="ray: the same app on Ray Serve (replicas and autoscaling from "
+                        "CONCEPTGUARD_RAY_*; see service/ray_serve.py)")
+    s.add_argument("--ray-address", default=None,
+                   help="with --engine ray: a running cluster (default: RAY_ADDRESS, else a "
+                        "local Ray)")
+    s.add_argument("--ray-num-cpus", type=int, default=None,
+                   help="with --engine ray and a local Ray: CPUs it may use")
     s.set_defaults(func=_serve)
     return p
 

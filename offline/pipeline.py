@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from offline.config import JobConfig
 from offline.evaluate import evaluate
 from offline.progress import stage
 from offline.report import write_report
+from offline.stages import classifier_features, run_batched
 from offline.stream import attacked, evaluation_sets, fitting_stream, served
 
 
@@ -89,7 +91,8 @@ def torch_features(ctx: Context, model, chash: str, ds: ArrayDataset, split: str
     aligner and the standardisation are fitted on them before the graph is exported)."""
     return ctx.cache.get_or_compute(
         "classifier", {"hash": chash, "data": data_key, "split": split},
-        lambda: {"features": predict(model, ds.images, progress=ctx.progress)[1]})["features"]
+        lambda: {"features": run_batched(partial(classifier_features, model),
+                                         ds.images)["features"]})["features"]
 
 
 def vlm_embeddings(ctx: Context, vlm: LazyVLM, images: np.ndarray, key: str) -> np.ndarray:

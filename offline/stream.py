@@ -5,6 +5,7 @@ foreign sets are cheap and seeded, so they are recomputed."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -18,6 +19,7 @@ from conceptguard.foreign import foreign_images
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.shifts import corrupt
 from offline.cache import ArrayCache
+from offline.stages import run_batched, served_outputs
 
 FOREIGN_SOURCE_OFFSET = 10_000_000  # source ids of foreign inputs (folds), past any split
 
@@ -29,13 +31,12 @@ class _Ctx(Protocol):
 
 def served(rt: OnnxRuntime, images: np.ndarray, labels: np.ndarray, batch_size: int = 256
            ) -> Batch:
-    """Outputs of the exported serving graph for uint8 images."""
-    parts = [rt.run(to_tensor(images[i:i + batch_size]).numpy())
-             for i in range(0, len(images), batch_size)]
-    if not parts:
+    """Outputs of the exported serving graph for uint8 images: the served-outputs stage
+    (:func:`offline.stages.served_outputs`, which Ray Data runs too) over slices."""
+    if len(images) == 0:
         raise ValueError("served: no images")
-    return Batch(*(np.concatenate([getattr(p, f) for p in parts])
-                   for f in ("logits", "features", "concepts")), labels.astype(np.int64))
+    out = run_batched(partial(served_outputs, rt), images, batch_size)
+    return Batch(out["logits"], out["features"], out["concepts"], labels.astype(np.int64))
 
 
 def _pick(n_total: int, n: int, seed: int, pool: np.ndarray | None = None) -> np.ndarray:
