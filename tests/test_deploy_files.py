@@ -340,6 +340,7 @@ def test_recording_rules_and_alerts_present() -> None:
     required = {
         "ConceptGuardRejectionRateSpike": "conceptguard:rejection_rate:5m",
         "ConceptGuardAdversarialLikeRejections": "adversarial_like",
+        "ConceptGuardUnfamiliarInputs": "unfamiliar",
         "ConceptGuardHighLatencyP99": "request_duration_seconds:p99",
         "ConceptGuardQueueFull": "conceptguard_queue_full_total",
         "ConceptGuardDown": "up{",
