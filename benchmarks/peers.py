@@ -26,7 +26,7 @@ after each run: CPU ms per request = CPU time / requests answered.
 The peer venvs are created under ``.cache/peers/`` on first use (a few minutes, once; later
 runs reuse them). One command, ~5-6 minutes with the defaults:
 
-    PYTHONPATH=. /work/main/.venv/bin/python benchmarks/peers.py [--seconds 5] [--rounds 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/peers.py [--seconds 5] [--rounds 2]
         [--connections 1 8 64] [--skip mlserver] [--json out.json]
 """
 
