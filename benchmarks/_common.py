@@ -68,3 +68,13 @@ def interleaved(fns: dict[str, Callable[[], object]], items_per_call: int, round
 
 def emit(name: str, payload: dict) -> None:
     print(json.dumps({"benchmark": name, **payload}, indent=2, default=float))
+
+
+WRK_POST_LUA = """
+local f = io.open("{body}", "rb")
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "{ctype}"
+"""
+"""A wrk script that POSTs one file's bytes with a Content-Type (fill ``body``, ``ctype``)."""

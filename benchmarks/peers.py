@@ -51,7 +51,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _common import DEMO_BANK, REPO, machine, test_images
+from _common import DEMO_BANK, REPO, WRK_POST_LUA, machine, test_images
 
 PEERS = REPO / "benchmarks" / "peers"
 CACHE = REPO / ".cache" / "peers"
@@ -64,13 +64,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "ORT_THREADS": "1"}
 
-LUA = """
-local f = io.open("{body}", "rb")
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = "{ctype}"
-"""
 
 
 # ---------------------------------------------------------------- environments
@@ -242,7 +235,7 @@ def bodies(folder: Path, png: bytes) -> dict[str, Path]:
     for kind, (body, ctype) in kinds.items():
         (folder / f"{kind}.body").write_bytes(body)
         lua = folder / f"{kind}.lua"
-        lua.write_text(LUA.format(body=folder / f"{kind}.body", ctype=ctype))
+        lua.write_text(WRK_POST_LUA.format(body=folder / f"{kind}.body", ctype=ctype))
         out[kind] = lua
     return out
 

@@ -25,15 +25,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _common import DEMO_BANK, REPO, emit, machine, test_images
-
-LUA = """
-local f = io.open("{body}", "rb")
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = "multipart/form-data; boundary={boundary}"
-"""
+from _common import DEMO_BANK, REPO, WRK_POST_LUA, emit, machine, test_images
 
 
 def png_body(boundary: str) -> bytes:
@@ -120,7 +112,8 @@ def main() -> None:
         boundary = "conceptguardwrk"
         (folder / "body").write_bytes(png_body(boundary))
         lua = folder / "post.lua"
-        lua.write_text(LUA.format(body=folder / "body", boundary=boundary))
+        lua.write_text(WRK_POST_LUA.format(
+            body=folder / "body", ctype=f"multipart/form-data; boundary={boundary}"))
         banks = {"fused": args.bank.resolve(), "numpy": plain}
         runs: dict[str, dict[int, list[dict]]] = {k: {c: [] for c in args.connections}
                                                   for k in banks}
