@@ -32,6 +32,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RAY_ENV_PREFIX = "CONCEPTGUARD_RAY_"
+REPLICA_HEADER = "x-conceptguard-replica"
 # the variables a replica needs from the process that deploys it
 _FORWARDED_PREFIXES = ("CONCEPTGUARD_", "PROMETHEUS_MULTIPROC_DIR", "HF_", "OMP_",
                        "MKL_", "OPENBLAS_")
@@ -64,6 +65,40 @@ def replica_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+class ReplicaHeader:
+    """ASGI middleware: every response names the Serve replica that answered
+    (``x-conceptguard-replica: <replica id>``, Ray Serve's replica id), so that a client, a
+    test or an operator can tell the replicas behind the one proxy apart."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self._value: bytes | None = None
+
+    def _replica(self) -> bytes:
+        if self._value is None:
+            from ray import serve
+
+            try:
+                self._value = serve.get_replica_context().replica_id.unique_id.encode()
+            except Exception:  # outside a replica (a plain uvicorn run): no header
+                self._value = b""
+        return self._value
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self._replica():
+            await self.app(scope, receive, send)
+            return
+        value = self._replica()
+
+        async def send_with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (REPLICA_HEADER.encode(), value)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
 def build(args: dict[str, Any] | None = None) -> Any:
     """A Serve application (for ``serve.run``; ``serve run`` calls it with the config's
     ``args``). ``args`` may hold ``env`` (extra variables for the replicas) and any
@@ -77,6 +112,7 @@ def build(args: dict[str, Any] | None = None) -> Any:
     env = replica_env({**os.environ, **extra_env})
     rs = RaySettings(**args)
     fastapi_app = create_app()  # settings are read in the replica, at its startup
+    fastapi_app.add_middleware(ReplicaHeader)
 
     @serve.deployment(
         name="conceptguard",
