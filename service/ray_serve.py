@@ -108,6 +108,10 @@ def build(args: dict[str, Any] | None = None) -> Any:
     from service.app import create_app
 
     args = dict(args or {})
+    unknown = sorted(set(args) - set(RaySettings.model_fields) - {"env"})
+    if unknown:  # a misspelt knob would otherwise be ignored silently
+        raise ValueError(f"unknown args {unknown}: expected env and "
+                         f"{sorted(RaySettings.model_fields)}")
     extra_env = {str(k): str(v) for k, v in (args.pop("env", None) or {}).items()}
     env = replica_env({**os.environ, **extra_env})
     rs = RaySettings(**args)
