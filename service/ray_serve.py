@@ -18,9 +18,20 @@ must be). The Ray-only knobs:
 
 Bank reload: with ``CONCEPTGUARD_STATE_DIR`` set to a folder every replica sees (one node:
 any local folder; several nodes: a shared volume), ``POST /v1/bank/reload`` on any replica
-writes the bank pointer and every replica follows it (``service.lifecycle.SharedBank``, the
-same mechanism as ``--workers N``). The gRPC server is off by default here
-(``CONCEPTGUARD_GRPC_PORT=0``): replicas on one node would race for the port.
+writes the bank pointer, every replica follows it, and the reload answers once all of them
+serve the new bank (``service.lifecycle.SharedBank``, the same mechanism as ``--workers N``;
+replicas are named by host and pid, so several nodes sharing the folder stay apart). Every
+response carries ``x-conceptguard-replica`` (Serve's replica id): ``tests/test_ray_serve.py``
+uses it to see that requests reaching each replica serve the reloaded bank.
+
+Metrics: the app's ``/metrics`` answers for the replica the proxy picks; with one
+``PROMETHEUS_MULTIPROC_DIR`` per node (the RayService: an ``emptyDir`` per pod) it answers
+the node's sum. Scrape each worker node's proxy (it prefers its own node's replicas), plus
+Ray's own metrics export; see deploy/README.md, "Ray". The gRPC server is off by default
+here (``CONCEPTGUARD_GRPC_PORT=0``): replicas on one node would race for the port.
+
+``deploy/ray/serve_config.yaml`` (the RayService's ``serveConfigV2`` as well) names no
+paths; ``args`` other than ``env`` and the :class:`RaySettings` fields are refused.
 """
 
 from __future__ import annotations
