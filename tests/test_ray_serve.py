@@ -70,6 +70,47 @@ def _wait_replicas(client: httpx.Client, n: int, timeout: float = READY_S) -> se
     return seen
 
 
+def test_cli_serve_engine_ray(tmp_path: Path) -> None:
+    """``conceptguard serve --engine ray`` starts a local Ray, serves, and Ctrl-C stops it all.
+    First in the module: it runs before the module's own Ray starts, never beside it (two
+    local Rays on two CPUs)."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTGUARD_")}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)  # a local Ray, never a cluster the caller points at
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "offline.cli", "serve", "--engine", "ray", "--bank",
+             str(DEMO_BANK), "--port", str(port), "--ray-num-cpus", "2"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as client:
+            deadline = time.monotonic() + READY_S
+            while True:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    if client.get("/v2/health/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.25)
+            body = client.post("/v1/classify", files=_files()[:2]).json()
+            assert len(body["results"]) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def ray_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A banks root with the demo bank and a second copy of it (another bank_id), one state
@@ -217,42 +258,3 @@ def test_bank_reload_reaches_every_replica(ray_client: httpx.Client,
         assert len(live) >= REPLICAS and set(live.values()) == {want}, live
     pointer = json.loads((ray_env["state"] / "conceptguard-bank.json").read_text())
     assert pointer["path"] == "demo" and pointer["generation"] >= 2
-
-
-def test_cli_serve_engine_ray(tmp_path: Path) -> None:
-    """``conceptguard serve --engine ray`` starts a local Ray, serves, and Ctrl-C stops it all."""
-    import signal
-    import subprocess
-    import sys
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTGUARD_")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    env.pop("RAY_ADDRESS", None)  # a local Ray, never a cluster the caller points at
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "offline.cli", "serve", "--engine", "ray", "--bank",
-             str(DEMO_BANK), "--port", str(port), "--ray-num-cpus", "2"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as client:
-            deadline = time.monotonic() + READY_S
-            while True:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    if client.get("/v2/health/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.25)
-            body = client.post("/v1/classify", files=_files()[:2]).json()
-            assert len(body["results"]) == 2
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
