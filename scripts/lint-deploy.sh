@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Lints the deployment files: Dockerfile, compose, Prometheus config/rules, Grafana dashboard,
-# Kubernetes manifests, nginx config, shell scripts; then runs tests/test_deploy_files.py.
+# Kubernetes manifests, nginx config, shell scripts; then runs tests/test_deploy_files.py and
+# tests/test_ray_deploy.py (the Serve config and the RayService against their schemas).
 # Offline; needs no Docker engine. Every linter found is run; a missing one is reported and
 # skipped, or is a failure with --strict (or LINT_DEPLOY_STRICT=1).
 #
@@ -19,7 +20,7 @@ STRICT=${LINT_DEPLOY_STRICT:-0}
 for arg in "$@"; do
     case "$arg" in
         --strict) STRICT=1 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -150,8 +151,8 @@ fi
 
 # ---- structure checks: metric names, probes, Dockerfile rules, entrypoint behaviour ----------
 if "$PY" -c "import pytest, yaml" >/dev/null 2>&1; then
-    run "pytest tests/test_deploy_files.py" "$PY" -m pytest -q -p no:cacheprovider \
-        tests/test_deploy_files.py
+    run "pytest tests/test_deploy_files.py tests/test_ray_deploy.py" "$PY" -m pytest -q \
+        -p no:cacheprovider tests/test_deploy_files.py tests/test_ray_deploy.py
 else
     missing "pytest tests/test_deploy_files.py" "pytest + pyyaml for $PY"
 fi

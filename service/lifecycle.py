@@ -8,6 +8,11 @@ A reload validates the bank in the worker that received it, then writes the *ban
 loads the bank it names and acknowledges the generation in its own file. The reload answers
 once every live worker serves the new bank (or after ``reload_wait_s`` with the count).
 Workers started later (a restart after a crash) read the pointer first.
+
+The folder may be shared by several hosts (Ray Serve replicas on several nodes, pods with one
+ReadWriteMany volume): a worker is named by host *and* pid (pids of two pods may coincide),
+a worker on this host is live while its pid is, and a worker on another host (whose pid means
+nothing here) while it refreshes its file: every ``HEARTBEAT_S``, stale after ``STALE_S``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +39,8 @@ log = logging.getLogger("conceptguard.service")
 POINTER = "conceptguard-bank.json"
 ACK_PREFIX = "conceptguard-worker-"
 POLL_S = 0.25
+HEARTBEAT_S = 5.0  # a following worker rewrites its acknowledgement this often
+STALE_S = 30.0  # an acknowledgement from another host older than this: a gone worker
 
 
 def bound_heap() -> None:
@@ -97,15 +105,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _safe_name(host: str) -> str:
+    """A host name usable in a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in host)[:64] or "host"
+
+
 class SharedBank:
     """The bank pointer in a folder shared by the workers of one server."""
 
-    def __init__(self, folder: Path, settings: Settings):
+    def __init__(self, folder: Path, settings: Settings, *, host: str | None = None,
+                 pid: int | None = None):
         self.folder = folder
         self.settings = settings
         self.generation = 0
         self._task: asyncio.Task[None] | None = None
-        self.pid = os.getpid()
+        self.pid = os.getpid() if pid is None else pid
+        self.host = _safe_name(socket.gethostname() if host is None else host)
+        self.worker_id = f"{self.host}-{self.pid}"
+        self._ack_state: tuple[bool, str | None] = (True, None)
 
     @classmethod
     def from_env(cls, settings: Settings) -> SharedBank | None:
@@ -127,14 +144,15 @@ class SharedBank:
         return data
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
-        tmp = self.folder / f".{name}.{self.pid}.tmp"
+        tmp = self.folder / f".{name}.{self.worker_id}.tmp"
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.folder / name)
 
     def _ack(self, ok: bool = True, error: str | None = None) -> None:
-        self._write_json(f"{ACK_PREFIX}{self.pid}.json",
-                         {"pid": self.pid, "generation": self.generation, "ok": ok,
-                          "error": error, "time": time.time()})
+        self._ack_state = (ok, error)
+        self._write_json(f"{ACK_PREFIX}{self.worker_id}.json",
+                         {"pid": self.pid, "host": self.host, "generation": self.generation,
+                          "ok": ok, "error": error, "time": time.time()})
 
     def register(self) -> None:
         """Announce this worker while it is still starting (generation -1: not serving
@@ -155,17 +173,26 @@ class SharedBank:
         self._ack()
         return generation
 
-    def workers(self) -> dict[int, dict[str, Any]]:
-        """Acknowledgements of the live workers, by pid (dead workers' files removed)."""
-        out: dict[int, dict[str, Any]] = {}
+    def _alive(self, data: dict[str, Any], pid: int) -> bool:
+        if data.get("host", self.host) == self.host:
+            return _pid_alive(pid)
+        try:
+            return time.time() - float(data["time"]) < STALE_S
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """Acknowledgements of the live workers, by ``host-pid`` (gone workers' files
+        removed)."""
+        out: dict[str, dict[str, Any]] = {}
         for f in self.folder.glob(f"{ACK_PREFIX}*.json"):
             try:
                 data = json.loads(f.read_text())
                 pid = int(data["pid"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if _pid_alive(pid):
-                out[pid] = data
+            if self._alive(data, pid):
+                out[f.name[len(ACK_PREFIX):-len(".json")]] = data
             else:
                 with contextlib.suppress(OSError):
                     f.unlink()
@@ -207,11 +234,17 @@ class SharedBank:
     async def _follow(self, state: RuntimeState) -> None:
         from conceptguard.bank import BankError
 
+        last_ack = time.monotonic()
         while True:
             await asyncio.sleep(POLL_S)
             pointer = self.read_pointer()
             if pointer is None or pointer["generation"] <= self.generation:
+                if time.monotonic() - last_ack >= HEARTBEAT_S:  # still here (other hosts)
+                    with contextlib.suppress(OSError):
+                        self._ack(*self._ack_state)
+                    last_ack = time.monotonic()
                 continue
+            last_ack = time.monotonic()
             generation = pointer["generation"]
             try:
                 if state.bank_ref != pointer["path"] or generation > self.generation:
@@ -234,4 +267,4 @@ class SharedBank:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(OSError):
-            (self.folder / f"{ACK_PREFIX}{self.pid}.json").unlink()
+            (self.folder / f"{ACK_PREFIX}{self.worker_id}.json").unlink()

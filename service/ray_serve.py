@@ -18,9 +18,20 @@ must be). The Ray-only knobs:
 
 Bank reload: with ``CONCEPTGUARD_STATE_DIR`` set to a folder every replica sees (one node:
 any local folder; several nodes: a shared volume), ``POST /v1/bank/reload`` on any replica
-writes the bank pointer and every replica follows it (``service.lifecycle.SharedBank``, the
-same mechanism as ``--workers N``). The gRPC server is off by default here
-(``CONCEPTGUARD_GRPC_PORT=0``): replicas on one node would race for the port.
+writes the bank pointer, every replica follows it, and the reload answers once all of them
+serve the new bank (``service.lifecycle.SharedBank``, the same mechanism as ``--workers N``;
+replicas are named by host and pid, so several nodes sharing the folder stay apart). Every
+response carries ``x-conceptguard-replica`` (Serve's replica id): ``tests/test_ray_serve.py``
+uses it to see that requests reaching each replica serve the reloaded bank.
+
+Metrics: the app's ``/metrics`` answers for the replica the proxy picks; with one
+``PROMETHEUS_MULTIPROC_DIR`` per node (the RayService: an ``emptyDir`` per pod) it answers
+the node's sum. Scrape each worker node's proxy (it prefers its own node's replicas), plus
+Ray's own metrics export; see deploy/README.md, "Ray". The gRPC server is off by default
+here (``CONCEPTGUARD_GRPC_PORT=0``): replicas on one node would race for the port.
+
+``deploy/ray/serve_config.yaml`` (the RayService's ``serveConfigV2`` as well) names no
+paths; ``args`` other than ``env`` and the :class:`RaySettings` fields are refused.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RAY_ENV_PREFIX = "CONCEPTGUARD_RAY_"
+REPLICA_HEADER = "x-conceptguard-replica"
 # the variables a replica needs from the process that deploys it
 _FORWARDED_PREFIXES = ("CONCEPTGUARD_", "PROMETHEUS_MULTIPROC_DIR", "HF_", "OMP_",
                        "MKL_", "OPENBLAS_")
@@ -64,6 +76,40 @@ def replica_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+class ReplicaHeader:
+    """ASGI middleware: every response names the Serve replica that answered
+    (``x-conceptguard-replica: <replica id>``, Ray Serve's replica id), so that a client, a
+    test or an operator can tell the replicas behind the one proxy apart."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self._value: bytes | None = None
+
+    def _replica(self) -> bytes:
+        if self._value is None:
+            from ray import serve
+
+            try:
+                self._value = serve.get_replica_context().replica_id.unique_id.encode()
+            except Exception:  # outside a replica (a plain uvicorn run): no header
+                self._value = b""
+        return self._value
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self._replica():
+            await self.app(scope, receive, send)
+            return
+        value = self._replica()
+
+        async def send_with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (REPLICA_HEADER.encode(), value)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
 def build(args: dict[str, Any] | None = None) -> Any:
     """A Serve application (for ``serve.run``; ``serve run`` calls it with the config's
     ``args``). ``args`` may hold ``env`` (extra variables for the replicas) and any
@@ -73,10 +119,15 @@ def build(args: dict[str, Any] | None = None) -> Any:
     from service.app import create_app
 
     args = dict(args or {})
+    unknown = sorted(set(args) - set(RaySettings.model_fields) - {"env"})
+    if unknown:  # a misspelt knob would otherwise be ignored silently
+        raise ValueError(f"unknown args {unknown}: expected env and "
+                         f"{sorted(RaySettings.model_fields)}")
     extra_env = {str(k): str(v) for k, v in (args.pop("env", None) or {}).items()}
     env = replica_env({**os.environ, **extra_env})
     rs = RaySettings(**args)
     fastapi_app = create_app()  # settings are read in the replica, at its startup
+    fastapi_app.add_middleware(ReplicaHeader)
 
     @serve.deployment(
         name="conceptguard",

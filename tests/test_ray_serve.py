@@ -1,9 +1,14 @@
-"""The demo bank on Ray Serve (local Ray, 2 CPUs, one replica) answers the same predictions
-and trust scores as the in-process app that ``conceptguard serve`` runs."""
+"""The demo bank on Ray Serve (local Ray, 2 CPUs, two replicas of half a CPU each) answers the
+same predictions and trust scores as the in-process app that ``conceptguard serve`` runs; a
+bank reload on one replica reaches the other; the app's metrics, kept in one
+``PROMETHEUS_MULTIPROC_DIR`` for the node, count the requests of both replicas whichever one
+answers the scrape."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,13 +17,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import DEMO_BANK, REPO, free_port
+from service.ray_serve import REPLICA_HEADER
+from tests.conftest import ADMIN_TOKEN, DEMO_BANK, REPO, free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 EXAMPLES = sorted((REPO / "examples").glob("*.png"))
 READY_S = 120.0
+REPLICAS = 2
+SECOND_BANK_ID = "fashion-mnist-demo-second-copy"
 
 
 def _files() -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -44,23 +52,102 @@ def _wait_ready(client: httpx.Client, timeout: float = READY_S) -> None:
     raise AssertionError("the Ray Serve replica never became ready")
 
 
+def _wait_replicas(client: httpx.Client, n: int, timeout: float = READY_S) -> set[str]:
+    """Until ``n`` distinct replicas have answered ``/v2/health/ready`` with 200."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < n:
+        assert time.monotonic() < deadline, f"only {len(seen)} of {n} replicas ready"
+        try:
+            r = client.get("/v2/health/ready")
+        except httpx.HTTPError:
+            time.sleep(0.25)
+            continue
+        if r.status_code == 200 and r.headers.get(REPLICA_HEADER):
+            seen.add(r.headers[REPLICA_HEADER])
+        else:
+            time.sleep(0.1)
+    return seen
+
+
+def test_cli_serve_engine_ray(tmp_path: Path) -> None:
+    """``conceptguard serve --engine ray`` starts a local Ray, serves, and Ctrl-C stops it all.
+    First in the module: it runs before the module's own Ray starts, never beside it (two
+    local Rays on two CPUs)."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTGUARD_")}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)  # a local Ray, never a cluster the caller points at
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "offline.cli", "serve", "--engine", "ray", "--bank",
+             str(DEMO_BANK), "--port", str(port), "--ray-num-cpus", "2"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as client:
+            deadline = time.monotonic() + READY_S
+            while True:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    if client.get("/v2/health/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.25)
+            body = client.post("/v1/classify", files=_files()[:2]).json()
+            assert len(body["results"]) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
-def ray_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def ray_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A banks root with the demo bank and a second copy of it (another bank_id), one state
+    folder and one Prometheus multiprocess folder for the node's replicas."""
+    root = tmp_path_factory.mktemp("ray")
+    banks = root / "banks"
+    shutil.copytree(DEMO_BANK, banks / "demo")
+    shutil.copytree(DEMO_BANK, banks / "second")
+    manifest = json.loads((banks / "second" / "manifest.json").read_text())
+    manifest["bank_id"] = SECOND_BANK_ID
+    (banks / "second" / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("state", "prometheus"):
+        (root / name).mkdir()
+    return {"banks": banks, "state": root / "state", "prometheus": root / "prometheus"}
+
+
+@pytest.fixture(scope="module")
+def ray_client(ray_env: dict[str, Path]) -> Iterator[httpx.Client]:
     from service.ray_serve import build
 
     port = free_port()
-    state = tmp_path_factory.mktemp("ray-state")
     os.environ.setdefault("PYTHONPATH", str(REPO))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"env": {"CONCEPTGUARD_BANK": str(DEMO_BANK),
-                                 "CONCEPTGUARD_STATE_DIR": str(state)},
-                         "num_cpus": 1}),
+        serve.run(build({"env": {"CONCEPTGUARD_BANK": str(ray_env["banks"] / "demo"),
+                                 "CONCEPTGUARD_BANKS_ROOT": str(ray_env["banks"]),
+                                 "CONCEPTGUARD_ADMIN_TOKEN": ADMIN_TOKEN,
+                                 "CONCEPTGUARD_STATE_DIR": str(ray_env["state"]),
+                                 "PROMETHEUS_MULTIPROC_DIR": str(ray_env["prometheus"])},
+                         "min_replicas": REPLICAS, "max_replicas": REPLICAS,
+                         "num_cpus": 0.5}),
                   name="conceptguard", route_prefix="/", blocking=False)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as client:
             _wait_ready(client)
+            _wait_replicas(client, REPLICAS)
             yield client
     finally:
         serve.shutdown()
@@ -107,40 +194,67 @@ def test_ray_serve_serves_v2_and_metrics(ray_client: httpx.Client, local_client:
     assert "conceptguard_" in text
 
 
-def test_cli_serve_engine_ray(tmp_path: Path) -> None:
-    """``conceptguard serve --engine ray`` starts a local Ray, serves, and Ctrl-C stops it all."""
-    import signal
-    import subprocess
-    import sys
+def _by_replica(client: httpx.Client, method: str, url: str, n: int = REPLICAS,
+                tries: int = 200, **kw: Any) -> dict[str, list[httpx.Response]]:
+    """Responses to ``method url``, grouped by the replica that answered, until ``n`` replicas
+    answered (Serve's proxy picks the replica; at most ``tries`` requests)."""
+    out: dict[str, list[httpx.Response]] = {}
+    for _ in range(tries):
+        r = client.request(method, url, **kw)
+        out.setdefault(r.headers[REPLICA_HEADER], []).append(r)
+        if len(out) >= n and sum(map(len, out.values())) >= 4 * n:
+            break
+    assert len(out) == n, f"{len(out)} of {n} replicas answered {tries} requests"
+    return out
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTGUARD_")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    env.pop("RAY_ADDRESS", None)  # a local Ray, never a cluster the caller points at
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "offline.cli", "serve", "--engine", "ray", "--bank",
-             str(DEMO_BANK), "--port", str(port), "--ray-num-cpus", "2"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as client:
-            deadline = time.monotonic() + READY_S
-            while True:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    if client.get("/v2/health/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.25)
-            body = client.post("/v1/classify", files=_files()[:2]).json()
-            assert len(body["results"]) == 2
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(dict(s.labels), s.value) for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == name]
+
+
+def test_metrics_of_both_replicas_in_every_scrape(ray_client: httpx.Client) -> None:
+    """With one PROMETHEUS_MULTIPROC_DIR for the node, whichever replica answers /metrics
+    sums both: the /v1/bank requests both replicas served are all counted."""
+    served = _by_replica(ray_client, "GET", "/v1/bank")
+    assert all(r.status_code == 200 for rs in served.values() for r in rs)
+    total = sum(map(len, served.values()))
+
+    def bank_requests(text: str) -> float:
+        return sum(v for labels, v in _samples(text, "conceptguard_requests_total")
+                   if labels.get("endpoint") == "/v1/bank" and labels.get("status") == "200")
+
+    scrapes = _by_replica(ray_client, "GET", "/metrics")
+    counts = {rid: bank_requests(rs[0].text) for rid, rs in scrapes.items()}
+    # the module's earlier tests may have sent a few more; both replicas' requests count
+    assert all(c >= total for c in counts.values()), (counts, total)
+    assert len(set(counts.values())) == 1, counts  # the same aggregate from both replicas
+
+
+def test_bank_reload_reaches_every_replica(ray_client: httpx.Client,
+                                           ray_env: dict[str, Path]) -> None:
+    """POST /v1/bank/reload reaches one replica; both then serve the new bank (GET /v1/bank
+    and the bank_info gauge of each replica's process), and a reload back does the same."""
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    before = _by_replica(ray_client, "GET", "/v1/bank")
+    assert {r.json()["id"] for rs in before.values() for r in rs} != {SECOND_BANK_ID}
+    demo_id = next(iter(before.values()))[0].json()["id"]
+    for target, want in (("second", SECOND_BANK_ID), ("demo", demo_id)):
+        r = ray_client.post("/v1/bank/reload", json={"path": target}, headers=auth)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["path"] == target
+        assert body["workers"]["workers"] == REPLICAS, body  # both replicas acknowledged
+        assert body["workers"]["all_serving"] is True, body
+        # answered once every replica serves it: no wait needed before asking them
+        after = _by_replica(ray_client, "GET", "/v1/bank")
+        ids = {rid: {x.json()["id"] for x in rs} for rid, rs in after.items()}
+        assert all(v == {want} for v in ids.values()), ids
+        metrics = _by_replica(ray_client, "GET", "/metrics")
+        info = _samples(next(iter(metrics.values()))[0].text, "conceptguard_bank_info")
+        live = {lab["pid"]: lab["bank_id"] for lab, v in info if v == 1 and "pid" in lab}
+        assert len(live) >= REPLICAS and set(live.values()) == {want}, live
+    pointer = json.loads((ray_env["state"] / "conceptguard-bank.json").read_text())
+    assert pointer["path"] == "demo" and pointer["generation"] >= 2
