@@ -186,17 +186,43 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
     of the sum). ``histogram``: a labelled child (or an unlabelled histogram). Works with
     every value class of prometheus_client, multiprocess mode included: it only calls
     ``inc`` on the histogram's own values."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if values.size == 0:
+    observe_rows([histogram], np.asarray(values, dtype=np.float64).reshape(1, -1))
+
+
+def observe_rows(histograms: Sequence[Any], rows: np.ndarray) -> None:
+    """:func:`observe_many` for several histograms with the same buckets at once: row ``h``
+    of ``rows`` (H x N) holds the values observed by ``histograms[h]``."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.size == 0:
         return
-    histogram._raise_if_not_observable()
-    bounds = np.asarray(histogram._upper_bounds, dtype=np.float64)
+    bounds = _bounds(histograms[0])
+    nb = len(bounds)
     # observe() counts a value in the first bucket whose bound is >= it; NaN in none
-    index = np.searchsorted(bounds, values, side="left")
-    counts = np.bincount(index[index < len(bounds)], minlength=len(bounds))
-    histogram._sum.inc(float(values.sum()))
-    for i in np.flatnonzero(counts).tolist():
-        histogram._buckets[i].inc(int(counts[i]))
+    index = np.searchsorted(bounds, rows, side="left")
+    flat = (index + nb * np.arange(len(histograms))[:, None])[index < nb]
+    counts = np.bincount(flat, minlength=nb * len(histograms)).tolist()
+    sums = rows.sum(axis=1).tolist()
+    for h, histogram in enumerate(histograms):
+        if len(histogram._upper_bounds) != nb:
+            raise ValueError("observe_rows needs histograms with the same buckets")
+        histogram._raise_if_not_observable()
+        histogram._sum.inc(sums[h])
+        buckets = histogram._buckets
+        for i in range(nb):
+            c = counts[h * nb + i]
+            if c:
+                buckets[i].inc(c)
+
+
+_BOUNDS: dict[tuple[float, ...], np.ndarray] = {}
+
+
+def _bounds(histogram: Any) -> np.ndarray:
+    key = tuple(histogram._upper_bounds)
+    got = _BOUNDS.get(key)
+    if got is None:
+        got = _BOUNDS[key] = np.asarray(key, dtype=np.float64)
+    return got
 
 
 def observe_summary_many(summary: Any, count: int, total: float) -> None:
@@ -236,6 +262,7 @@ class ModelMetrics:
         self._head_mis = HEAD_SCORE.labels(model, "misclassification")
         self._head_adv = HEAD_SCORE.labels(model, "adversarial")
         self._head_unf = HEAD_SCORE.labels(model, "unfamiliar")
+        self._scored = (self._trust, self._head_mis, self._head_adv, self._head_unf)
         self._concepts = [CONCEPT_SCORE.labels(model, c) for c in concepts]
         self._concept_means = [CONCEPT_SCORE_MEAN.labels(model, c) for c in concepts]
         self._ema: np.ndarray | None = None
@@ -268,10 +295,8 @@ class ModelMetrics:
         n_paper = int(np.count_nonzero(scores.paper_rule_reject))
         if n_paper:
             self._paper.inc(n_paper)
-        observe_many(self._trust, scores.trust)
-        observe_many(self._head_mis, scores.p_misclassification)
-        observe_many(self._head_adv, scores.p_adversarial)
-        observe_many(self._head_unf, scores.p_unfamiliar)
+        observe_rows(self._scored, np.stack([scores.trust, scores.p_misclassification,
+                                             scores.p_adversarial, scores.p_unfamiliar]))
         self._record_concepts(concepts)
 
     def _record_concepts(self, concepts: np.ndarray) -> None:

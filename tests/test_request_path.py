@@ -221,3 +221,38 @@ def test_the_batch_worker_decodes_and_fails_only_the_bad_image(demo_bank_dir: Pa
     assert len(good) == len(same) == 1
     assert np.array_equal(good.predictions, same.predictions)
     assert good.trust == pytest.approx(same.trust, abs=1e-5)  # rows of one batch call
+
+
+def test_model_metrics_record_counts_a_batch_per_input() -> None:
+    """One record() of a batch gives the counts and histograms of one observation per
+    input (the label sets of the exported series do not change)."""
+    from prometheus_client import REGISTRY
+
+    from service.metrics import ModelMetrics
+
+    s = _scores(9)
+    s = Scores(**{**s.__dict__, "reason": ["unfamiliar", "none", "adversarial-like"] * 3})
+    m = ModelMetrics("batch-test", ["a", "b", "c"], ["k0", "k1", "k2", "k3"], {})
+    concepts = np.arange(36, dtype=np.float32).reshape(9, 4)
+    m.record(s, concepts)
+    m.record(s.rows(slice(0, 0)), concepts[:0])  # an empty batch records nothing
+
+    def value(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"model": "batch-test", **labels})
+
+    for c, cls in enumerate("abc"):
+        for decision, flag in (("accept", False), ("reject", True)):
+            want = int(np.sum((s.predictions == c) & (s.reject == flag)))
+            got = value("conceptguard_predictions_total", **{"class": cls,
+                                                             "decision": decision})
+            assert got == want, (cls, decision)
+    assert value("conceptguard_rejections_total", reason="unfamiliar") == 3
+    assert value("conceptguard_rejections_total", reason="adversarial_like") == 3
+    assert value("conceptguard_paper_rule_rejections_total") == s.paper_rule_reject.sum()
+    assert value("conceptguard_trust_score_count") == 9
+    assert value("conceptguard_trust_score_bucket", le="0.5") == np.sum(s.trust <= 0.5)
+    assert value("conceptguard_head_score_bucket", head="adversarial",
+                 le="0.25") == np.sum(s.p_adversarial <= 0.25)
+    assert value("conceptguard_concept_score_count", concept="k1") == 9
+    assert value("conceptguard_concept_score_sum", concept="k1") == pytest.approx(
+        float(concepts[:, 1].sum()))
