@@ -4,9 +4,10 @@ without ``monitor.onnx`` (``classifier.onnx`` then numpy ``score()``, as before)
 loaded by the service's own loader (probe-batch validation included), ONNX Runtime on the
 CPU with one intra-op thread.
 
-Timed per batch of uint8 images (decoded PNGs, as the batcher receives them): the real
+Timed per batch of uint8 images (decoded PNGs): the real
 :meth:`service.dataplane.DataPlane.run_batch` (to model input, runtime, scoring, metric
-recording), then :class:`service.dataplane.Results` for the batch (what the routes read).
+recording, one :class:`conceptguard.scoring.Scores` row per image), then the rows joined
+again (:meth:`~conceptguard.scoring.Scores.concat`, what a request of that many images reads).
 Candidates alternate in short rounds; ms per batch of the median round.
 
     .venv/bin/python benchmarks/service_path.py [--bank banks/demo] [--rounds 5]
@@ -24,7 +25,8 @@ import numpy as np
 import onnxruntime as ort
 from _common import DEMO_BANK, emit, interleaved, machine, test_images
 
-from service.dataplane import DataPlane, Results
+from conceptguard.scoring import Scores
+from service.dataplane import DataPlane, Job
 from service.runtime_state import RuntimeState, load
 from service.settings import load_settings
 
@@ -56,8 +58,8 @@ def main() -> None:
             hwc = [np.ascontiguousarray(im.transpose(1, 2, 0)) for im in images]
 
             def path(loaded, hwc=hwc):
-                rows = plane.run_batch([(loaded, a) for a in hwc])
-                return Results.from_rows(rows)
+                rows = plane.run_batch([Job(loaded, a) for a in hwc])
+                return Scores.concat(rows)
 
             a, b = path(fused), path(numpy_)
             assert np.array_equal(a.predictions, b.predictions)

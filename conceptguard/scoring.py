@@ -9,7 +9,7 @@ the concepts behind the decision.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,44 @@ class Scores:
 
     def __len__(self) -> int:
         return len(self.trust)
+
+    def rows(self, index: slice | Sequence[int] | np.ndarray) -> Scores:
+        """The scores of some inputs: a slice gives views (no copy), indices copy."""
+        if isinstance(index, slice):
+            reason = self.reason[index]
+        else:
+            index = np.asarray(index, dtype=np.intp)
+            reason = [self.reason[i] for i in index.tolist()]
+        return Scores(
+            probabilities=self.probabilities[index], predictions=self.predictions[index],
+            risks={name: r[index] for name, r in self.risks.items()},
+            p_misclassification=self.p_misclassification[index],
+            p_anomaly=self.p_anomaly[index], p_adversarial=self.p_adversarial[index],
+            p_unfamiliar=self.p_unfamiliar[index], trust=self.trust[index],
+            reject=self.reject[index], reason=reason,
+            paper_rule_reject=self.paper_rule_reject[index],
+            contributions=self.contributions[index])
+
+    @staticmethod
+    def concat(parts: Sequence[Scores]) -> Scores:
+        """The scores of several batches (or rows), in order, as one."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            raise ValueError("Scores.concat needs at least one part")
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])
+
+        return Scores(
+            probabilities=cat("probabilities"), predictions=cat("predictions"),
+            risks={name: np.concatenate([p.risks[name] for p in parts])
+                   for name in parts[0].risks},
+            p_misclassification=cat("p_misclassification"), p_anomaly=cat("p_anomaly"),
+            p_adversarial=cat("p_adversarial"), p_unfamiliar=cat("p_unfamiliar"),
+            trust=cat("trust"), reject=cat("reject"),
+            reason=[r for p in parts for r in p.reason],
+            paper_rule_reject=cat("paper_rule_reject"), contributions=cat("contributions"))
 
 
 def concept_contributions(out: Outputs, rule: PaperRule) -> np.ndarray:

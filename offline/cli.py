@@ -159,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
                     log_level=args.log_level, http="service.protocol:GuardedH11Protocol",
+                    access_log=settings.access_log,
                     timeout_keep_alive=settings.keep_alive_timeout_s,
                     timeout_graceful_shutdown=settings.drain_timeout_s)
     finally:

@@ -25,11 +25,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conceptguard.bank import BankError, check_bank_quickly
-from conceptguard.imaging import ImageError
 from conceptguard.threads import single_threaded_blas
 from service import metrics
-from service.batching import BatcherClosed, QueueFull
-from service.dataplane import DataPlane, ServiceError
+from service.dataplane import DataPlane
+from service.errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    ServiceError,
+    as_service_error,
+    error_response,
+)
 from service.jsonguard import json_problem
 from service.lifecycle import SharedBank, bound_heap, drain_on_sigterm, raise_file_limit
 from service.openapi import with_limits
@@ -38,29 +43,11 @@ from service.routes_v1 import START_KEY
 from service.routes_v1 import router as v1_router
 from service.routes_v2 import __version__
 from service.routes_v2 import router as v2_router
-from service.runtime_state import NotReady, RuntimeState
+from service.runtime_state import RuntimeState
 from service.settings import Settings, SettingsError, load_settings
 from service.v2_tensors import ModelStats
 
 log = logging.getLogger("conceptguard.service")
-
-
-class BodyTooLarge(StarletteHTTPException):
-    """Raised from ``receive`` once the request body passes the limit (FastAPI re-raises
-    HTTP exceptions met while reading a body, so it reaches the handlers below)."""
-
-    def __init__(self, limit: int, size: int | None = None):
-        told = f"is {size} bytes" if size is not None else f"exceeds {limit} bytes"
-        super().__init__(413, f"the request body {told}; the limit is {limit} bytes "
-                              "(CONCEPTGUARD_MAX_UPLOAD_BYTES)")
-
-
-class BodyTimeout(StarletteHTTPException):
-    """The client stalled while sending the body (Slowloris on the body)."""
-
-    def __init__(self, seconds: float):
-        super().__init__(408, f"no request body data for {seconds:g} s "
-                              "(CONCEPTGUARD_BODY_TIMEOUT_S)", headers={"Connection": "close"})
 
 
 # the routes whose work is queued: a request is refused with 503 before its body is read
@@ -111,22 +98,20 @@ class ServiceMiddleware:
             dp: DataPlane | None = getattr(app_state, "dataplane", None)
             if dp is not None and dp.saturated():
                 metrics.QUEUE_FULL.inc()
-                await send_error(scope, send, 503, "queue_full",
-                                 "the queue is full; retry later",
-                                 {"Retry-After": str(s.retry_after_s)})
+                await send_error(scope, send, ServiceError("the queue is full; retry later",
+                                                           503, "queue_full"),
+                                 s.retry_after_s)
                 return None
         receive = _limited(receive, scope, s.max_upload_bytes, s.body_timeout_s)
         if scope.get("method") in ("POST", "PUT", "PATCH") and _is_json(scope):
             try:
                 body = await _read_all(receive)
-            except StarletteHTTPException as exc:
-                code = "too_large" if exc.status_code == 413 else "timeout"
-                await send_error(scope, send, exc.status_code, code, str(exc.detail),
-                                 dict(exc.headers or {}))
+            except ServiceError as exc:  # BodyTooLarge, BodyTimeout
+                await send_error(scope, send, exc, s.retry_after_s)
                 return None
             problem = json_problem(body, s.max_json_depth)
             if problem is not None:
-                await send_error(scope, send, 400, "invalid_json", problem)
+                await send_error(scope, send, ServiceError(problem, 400, "invalid_json"))
                 return None
             return _replay(body, receive)
         return receive
@@ -177,15 +162,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def send_error(scope: Scope, send: Send, status: int, code: str, message: str,
-                     headers: dict[str, str] | None = None) -> None:
+async def send_error(scope: Scope, send: Send, err: ServiceError, retry_after_s: int = 1
+                     ) -> None:
     """An error response sent straight from the middleware (v1 or v2 body format)."""
-    if 400 <= status < 500:
-        metrics.bad_request(code)
-    path = scope.get("path", "")
-    body: dict[str, Any] = ({"error": message} if path.startswith("/v2")
-                            else {"error": {"code": code, "message": message}})
-    response = JSONResponse(body, status_code=status, headers=headers)
+    response = error_response(scope.get("path", ""), err, retry_after_s)
     await response(scope, _no_receive, send)
 
 
@@ -228,84 +208,21 @@ def _limited(receive: Receive, scope: Scope, limit: int, timeout_s: float) -> Re
 # ---------------------------------------------------------------- errors
 
 
-def _is_v2(request: Request) -> bool:
-    return request.url.path.startswith("/v2")
-
-
-def error_response(request: Request, status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    if 400 <= status < 500:
-        metrics.bad_request(code)
-    body: dict[str, Any] = ({"error": message} if _is_v2(request)
-                            else {"error": {"code": code, "message": message}})
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _retry_after(request: Request) -> dict[str, str]:
-    settings: Settings | None = getattr(request.app.state, "settings", None)
-    return {"Retry-After": str(settings.retry_after_s if settings else 1)}
-
-
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 408: "timeout", 413: "too_large",
-               415: "unsupported_media_type", 422: "invalid_request"}
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ImageError)
-    async def _image(request: Request, exc: ImageError) -> JSONResponse:
-        return error_response(request, exc.status, exc.code, str(exc))
+    """One handler for every exception: :func:`service.errors.as_service_error`, then
+    :func:`service.errors.error_response` (the v1 or v2 body, Retry-After on a 503)."""
 
-    @app.exception_handler(ServiceError)
-    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(request, exc.status, exc.code, str(exc), exc.headers)
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        err = as_service_error(exc, request.headers.get("content-type", ""))
+        if err.status >= 500 and not isinstance(exc, ServiceError):
+            log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        settings: Settings | None = getattr(request.app.state, "settings", None)
+        return error_response(request.url.path, err,
+                              settings.retry_after_s if settings else 1)
 
-    @app.exception_handler(QueueFull)
-    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
-        return error_response(request, 503, "queue_full", str(exc), _retry_after(request))
-
-    @app.exception_handler(NotReady)
-    async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
-        return error_response(request, 503, "not_ready", str(exc), _retry_after(request))
-
-    @app.exception_handler(BatcherClosed)
-    async def _closed(request: Request, exc: BatcherClosed) -> JSONResponse:
-        return error_response(request, 503, "shutting_down", str(exc), _retry_after(request))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-            return error_response(request, 415, "unsupported_media_type",
-                                  f"unsupported content type {ctype!r}: send "
-                                  "application/json")
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(request, 400, "invalid_json",
-                                  "the request body is not valid JSON")
-        parts = []
-        for e in errors[:5]:
-            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-            parts.append(f"{loc}: {e.get('msg')}")
-        return error_response(request, 422, "invalid_request", "; ".join(parts))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        return error_response(request, 500, "internal", f"internal error: {type(exc).__name__}")
-
-    @app.exception_handler(RecursionError)
-    async def _deep(request: Request, exc: RecursionError) -> JSONResponse:
-        return error_response(request, 400, "invalid_json", "the request JSON is nested too "
-                              "deeply (CONCEPTGUARD_MAX_JSON_DEPTH)")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
-        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
-            code = "invalid_json"  # FastAPI's own JSON parse failure
-        return error_response(request, exc.status_code, code, str(exc.detail),
-                              dict(exc.headers) if exc.headers else None)
+    for kind in (ServiceError, StarletteHTTPException, RequestValidationError,
+                 RecursionError, Exception):
+        app.add_exception_handler(kind, handle)
 
 
 # ---------------------------------------------------------------- the app

@@ -2,17 +2,19 @@
 
 Requests submit their items (images); a single loop task takes up to ``max_batch_size``
 queued items, waiting at most ``max_wait_s`` after the oldest one arrived, runs the batch
-function once in a worker thread and hands each item its own result. An exception from the
-batch function is set on every future of that batch. The queue is bounded: when admitting a
-request's items would exceed ``queue_size`` pending items, :class:`QueueFull` is raised at
-once. With ``max_batch_size == 1`` there is no queue and no loop: each request's items run
-straight through (one call per item), still bounded by ``queue_size``.
+function once in a worker thread and hands each item its own result. A result that is an
+exception instance fails its own item only (e.g. an image that does not decode); an
+exception raised by the batch function is set on every future of that batch. The queue
+is bounded: when admitting a request's items would exceed ``queue_size`` pending items,
+:class:`QueueFull` is raised at once. With ``max_batch_size == 1`` there is no queue and no
+loop: each request's items run straight through (one call per item), still bounded by
+``queue_size``.
 
 Adaptive (``adaptive=True``, the service's default): the wait for a batch to fill is cut
 short as soon as no other item is on its way, i.e. every admitted item is already queued
-(no request holds places from :meth:`Batcher.reserve` while it decodes its images). A lone
-request is dispatched at once instead of after ``max_wait_s``; concurrent requests still
-merge (their places are reserved before they decode), and while a batch runs the next one
+(no request holds places from :meth:`Batcher.reserve` while it reads or decodes its images).
+A lone request is dispatched at once instead of after ``max_wait_s``; concurrent requests
+still merge (their places are reserved before they are queued), and while a batch runs the next one
 fills, so under load batches grow as before. ``max_wait_s`` stays the upper bound.
 
 "Pending" counts items admitted and not yet answered (waiting or in the running batch).
@@ -30,26 +32,16 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import anyio.to_thread
 
+from service.errors import BatcherClosed, QueueFull
+
+__all__ = ["BatchFunction", "BatchObserver", "Batcher", "BatcherClosed", "QueueFull", "Ticket"]
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-BatchFunction = Callable[[list[T]], Sequence[R]]
+# one result per item, in order: a value, or an exception instance that fails that item alone
+BatchFunction = Callable[[list[T]], Sequence[R | BaseException]]
 ThreadRunner = Callable[..., Awaitable[Any]]
-
-
-class QueueFull(RuntimeError):
-    """The bounded queue cannot take the submitted items now; retry later."""
-
-    def __init__(self, pending: int, requested: int, capacity: int):
-        super().__init__(f"the queue is full: {pending} images pending, {requested} more "
-                         f"requested, capacity {capacity}; retry later")
-        self.pending = pending
-        self.requested = requested
-        self.capacity = capacity
-
-
-class BatcherClosed(RuntimeError):
-    """The batcher was shut down before the item ran."""
 
 
 class BatchObserver(Protocol):
@@ -196,13 +188,16 @@ class Batcher(Generic[T, R]):
         results: list[R] = []
         try:
             for value in values:
-                results.extend(await self._run_sync(self._call, [value], [0.0]))
+                (result,) = await self._run_sync(self._call, [value], [0.0])
+                if isinstance(result, BaseException):
+                    raise result
+                results.append(result)
         finally:
             self._pending -= len(values)
             self.observer.depth(self._pending)
         return results
 
-    def _call(self, values: list[T], waits: Sequence[float]) -> Sequence[R]:
+    def _call(self, values: list[T], waits: Sequence[float]) -> Sequence[R | BaseException]:
         self.observer.batch(len(values), waits)
         results = self.fn(values)
         if len(results) != len(values):
@@ -268,7 +263,11 @@ class Batcher(Generic[T, R]):
                     item.future.set_exception(exc)
         else:
             for item, result in zip(batch, results, strict=True):
-                if not item.future.done():
+                if item.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
                     item.future.set_result(result)
         finally:
             self._pending -= len(batch)

@@ -1,155 +1,78 @@
-"""The protocol-agnostic data plane: image bytes, tensors or features in, scored results out.
+"""The protocol-agnostic data plane: image bytes, tensors or features in, scores out.
 
-Both the v1 routes and the Open Inference Protocol v2 routes call this module; it knows
-nothing about HTTP. Image bytes are decoded and resized in the thread pool; images then go
-through the batcher, and each batch is one runtime call: on the bank's fused graph
-(``monitor.onnx``) that call returns every score too (:func:`conceptguard.scoring.
-scores_from_graph`); otherwise it is followed by one call of the core's
-:func:`conceptguard.scoring.score` (the function the offline evaluation uses). The sidecar
-path (features in) always uses :func:`~conceptguard.scoring.score`.
+Both the v1 routes and the Open Inference Protocol v2 routes (REST and gRPC) call this
+module; it knows nothing about HTTP. The request path, one phase per step:
+
+1. admit: the images take their queue places (:meth:`Batcher.reserve`) before any work, so
+   a request the queue cannot take is refused undecoded;
+2. decode (:mod:`service.decoding`): small images are decoded by the batch worker, large
+   ones in the thread pool before they are queued;
+3. batch run (:meth:`DataPlane.run_batch`, on the single inference thread): decode, one
+   runtime call per batch (on the bank's fused graph ``monitor.onnx`` it returns every
+   score too, :func:`conceptguard.scoring.scores_from_graph`; otherwise it is followed by
+   :func:`conceptguard.scoring.score`, the function the offline evaluation uses), the
+   batch's metrics recorded once;
+4. the request gets its rows back as one :class:`conceptguard.scoring.Scores`, which the
+   v1 and v2 encoders (:mod:`service.encode_v1`, :mod:`service.encode_v2`) turn into bodies.
+
+The sidecar path (features in) always uses :func:`~conceptguard.scoring.score`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import anyio.to_thread
 import numpy as np
 
-from conceptguard.imaging import ImageError, preprocess_bytes, to_model_input
+from conceptguard.imaging import to_model_input
 from conceptguard.runtime import RuntimeOutputs
-from conceptguard.scoring import RejectReason, Scores, score, scores_from_graph, top_reasons
+from conceptguard.scoring import Scores, score, scores_from_graph
 from service import metrics
 from service.batching import Batcher
+from service.decoding import Decoder, where
+from service.errors import ServiceError
 from service.runtime_state import Loaded, RuntimeState
 from service.settings import Settings
 
-log = logging.getLogger("conceptguard.service")
-
-Work = tuple[Loaded, np.ndarray]  # an image for a bank: uint8 (H, W, C) or float32 (C, H, W)
-
-
-class ServiceError(Exception):
-    """A client-side problem other than an undecodable image; ``status`` is the HTTP code."""
-
-    def __init__(self, message: str, status: int = 400, code: str = "bad_request",
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.headers = headers
+__all__ = ["DataPlane", "Job", "ServiceError", "as_float_array", "check_finite",
+           "scores_of"]
 
 
-@dataclass(frozen=True, eq=False)
-class Scored:
-    """One runtime batch and its scores."""
+@dataclass(slots=True)
+class Job:
+    """One image of a request for the batcher: encoded bytes (decoded by the batch worker),
+    uint8 ``(H, W, C)`` already decoded, or float32 ``(C, H, W)`` in [0, 1]."""
 
     loaded: Loaded
-    scores: Scores
-
-
-Row = tuple[Scored, int]
-
-
-@dataclass(frozen=True)
-class Results:
-    """Scored inputs of one request, as arrays of length N (``contributions``: N x K)."""
-
-    loaded: Loaded
-    probabilities: np.ndarray
-    predictions: np.ndarray
-    trust: np.ndarray
-    reject: np.ndarray
-    p_misclassification: np.ndarray
-    p_adversarial: np.ndarray
-    p_unfamiliar: np.ndarray
-    paper_rule_reject: np.ndarray
-    contributions: np.ndarray
-    reason: list[RejectReason]
-
-    def __len__(self) -> int:
-        return len(self.predictions)
-
-    @classmethod
-    def from_scores(cls, loaded: Loaded, s: Scores) -> Results:
-        return cls(loaded, s.probabilities, s.predictions, s.trust, s.reject,
-                   s.p_misclassification, s.p_adversarial, s.p_unfamiliar,
-                   s.paper_rule_reject, s.contributions, list(s.reason))
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[Row]) -> Results:
-        first = rows[0][0]
-        if all(scored is first for scored, _ in rows):
-            idx = np.fromiter((i for _, i in rows), dtype=np.intp, count=len(rows))
-            s = first.scores
-            if len(idx) == len(s.trust) and np.array_equal(idx, np.arange(len(idx))):
-                return cls.from_scores(first.loaded, s)
-            return cls(first.loaded, s.probabilities[idx], s.predictions[idx],
-                       s.trust[idx], s.reject[idx], s.p_misclassification[idx],
-                       s.p_adversarial[idx], s.p_unfamiliar[idx], s.paper_rule_reject[idx],
-                       s.contributions[idx], [s.reason[i] for i in idx.tolist()])
-
-        def pick(get: str) -> np.ndarray:
-            return np.stack([_field(scored.scores, get)[i] for scored, i in rows])
-
-        return cls(first.loaded, pick("probabilities"), pick("predictions"), pick("trust"),
-                   pick("reject"), pick("p_misclassification"), pick("p_adversarial"),
-                   pick("p_unfamiliar"), pick("paper_rule_reject"), pick("contributions"),
-                   [scored.scores.reason[i] for scored, i in rows])
-
-    def labels(self) -> list[str]:
-        classes = self.loaded.classes
-        return [classes[p] for p in self.predictions.tolist()]
-
-    def top_probabilities(self, i: int, k: int) -> list[tuple[str, float]]:
-        row = self.probabilities[i]
-        k = min(k, len(row))
-        top = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
-        top = top[np.argsort(-row[top], kind="stable")]
-        classes = self.loaded.classes
-        return [(classes[j], float(row[j])) for j in top.tolist()]
-
-    def top_concepts(self, i: int, k: int) -> list[tuple[str, float]]:
-        if k <= 0:
-            return []
-        return top_reasons(self.contributions[i], self.loaded.concept_names, k)
-
-
-def _field(s: Scores, name: str) -> np.ndarray:
-    if name == "probabilities":
-        return s.probabilities
-    return getattr(s, name)
+    image: bytes | np.ndarray
+    prefix: str = ""  # names the image in an error message ("image 2: ")
 
 
 class DataPlane:
-    """Owns the batcher; turns inputs into :class:`Results` for the bank being served.
+    """Owns the batcher and the decoder; turns inputs into :class:`Scores` for a bank.
 
     Inference (the batch function) runs on its own single thread, apart from the thread
-    pool that decodes images and serves the sync routes; at most
-    ``CONCEPTGUARD_DECODE_CONCURRENCY`` images are decoded at once (memory bound), and
-    images are admitted to the queue before they are decoded (a request that would be shed
-    is refused before any decoding).
+    pool that decodes large images and serves the sync routes.
     """
 
     def __init__(self, state: RuntimeState, settings: Settings):
         self.state = state
         self.settings = settings
+        self.decoder = Decoder(settings)
         self._executor = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix="conceptguard-inference")
-        self.batcher: Batcher[Work, Row] = Batcher(
+        self.batcher: Batcher[Job, Scores] = Batcher(
             self.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s, queue_size=settings.queue_size,
             observer=metrics.QueueObserver(), run_sync=self._run_inference,
             adaptive=settings.adaptive_batching)
-        self.decode_limiter = anyio.CapacityLimiter(settings.decode_concurrency)
 
     async def _run_inference(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -176,76 +99,68 @@ class DataPlane:
             raise ServiceError(f"{n} {what} in one request; the limit is {limit} "
                                f"(CONCEPTGUARD_MAX_IMAGES_PER_REQUEST)", 413, "too_many_images")
 
-    async def classify_images(self, blobs: Sequence[bytes]) -> Results:
-        """Encoded image files -> results, in order. The images take their queue places
+    async def classify_images(self, loaded: Loaded, blobs: Sequence[bytes]) -> Scores:
+        """Encoded image files -> their scores, in order. The images take their queue places
         before they are decoded: a request the queue cannot take is refused undecoded."""
         self.check_count(len(blobs))
-        loaded = self.state.require()
-        with self.batcher.reserve(len(blobs)) as ticket:
-            arrays = await anyio.to_thread.run_sync(self._decode_all, blobs, loaded,
-                                                    limiter=self.decode_limiter)
-            rows = await self.batcher.submit([(loaded, a) for a in arrays], ticket=ticket)
-        return Results.from_rows(rows)
+        n = len(blobs)
+        with self.batcher.reserve(n) as ticket:
+            jobs = []
+            for i, data in enumerate(blobs):
+                image: bytes | np.ndarray = data
+                if not self.decoder.inline(data):
+                    image = await self.decoder.decode_in_pool(data, loaded.input_shape,
+                                                              where(i, n))
+                jobs.append(Job(loaded, image, where(i, n)))
+            rows = await self.batcher.submit(jobs, ticket=ticket)
+        return Scores.concat(rows)
 
-    async def classify_tensor(self, images: np.ndarray) -> Results:
-        """float32 ``(N, C, H, W)`` images in [0, 1] -> results."""
-        loaded = self.state.require()
+    async def classify_tensor(self, loaded: Loaded, images: np.ndarray) -> Scores:
+        """float32 ``(N, C, H, W)`` images in [0, 1] -> their scores."""
         self.check_count(len(images))
         check_image_tensor(images, loaded)
-        rows = await self.batcher.submit([(loaded, x) for x in images])
-        return Results.from_rows(rows)
+        rows = await self.batcher.submit([Job(loaded, x) for x in images])
+        return Scores.concat(rows)
 
-    async def monitor(self, features: np.ndarray, logits: np.ndarray | None) -> Results:
+    async def monitor(self, loaded: Loaded, features: np.ndarray,
+                      logits: np.ndarray | None) -> Scores:
         """Sidecar mode: the classifier ran elsewhere; score its features (and logits)."""
-        loaded = self.state.require()
         check_feature_tensors(features, logits, loaded)
         self.check_count(len(features), "rows")
-        results = await anyio.to_thread.run_sync(self._score_features, loaded, features, logits)
-        return results
+        return await anyio.to_thread.run_sync(self._score_features, loaded, features, logits)
 
-    # ------------------------------------------------------------ worker-thread parts
+    # ------------------------------------------------------------ the batch worker
 
-    def _decode_all(self, blobs: Sequence[bytes], loaded: Loaded) -> list[np.ndarray]:
-        channels, size, _ = loaded.input_shape
-        out = []
-        for i, data in enumerate(blobs):
-            try:
-                out.append(preprocess_bytes(data, input_size=size, channels=channels,
-                                            max_bytes=self.settings.max_upload_bytes,
-                                            max_pixels=self.settings.max_image_pixels))
-            except ImageError as exc:
-                if len(blobs) == 1:
-                    raise
-                raise ImageError(f"image {i}: {exc}", exc.status, exc.code) from exc
-            except Exception as exc:  # a decoder bug on hostile bytes is still bad input
-                log.warning("image decoder failed: %r", exc)
-                prefix = f"image {i}: " if len(blobs) > 1 else ""
-                raise ImageError(f"{prefix}could not decode the image: {exc}", 400,
-                                 "corrupt") from exc
-        return out
-
-    def run_batch(self, items: list[Work]) -> list[Row]:
-        """The batch function: one runtime call and one scoring call per bank in the batch."""
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for i, (loaded, array) in enumerate(items):
-            groups.setdefault((id(loaded), array.dtype == np.uint8), []).append(i)
-        out: list[Row | None] = [None] * len(items)
-        for (_, is_uint8), idxs in groups.items():
-            loaded = items[idxs[0]][0]
-            stacked = np.stack([items[i][1] for i in idxs])
+    def run_batch(self, jobs: list[Job]) -> list[Scores | ServiceError]:
+        """The batch function: decode what is still encoded, then one runtime call and one
+        scoring per bank in the batch; each job gets its own row (an image that does not
+        decode gets its error, and fails only its request)."""
+        out: list[Scores | ServiceError | None] = [None] * len(jobs)
+        groups: dict[tuple[int, bool], list[tuple[int, np.ndarray]]] = {}
+        for i, job in enumerate(jobs):
+            image = job.image
+            if isinstance(image, bytes):
+                try:
+                    image = self.decoder.decode(image, job.loaded.input_shape, job.prefix)
+                except ServiceError as exc:
+                    out[i] = exc
+                    continue
+            groups.setdefault((id(job.loaded), image.dtype == np.uint8), []).append((i, image))
+        for (_, is_uint8), members in groups.items():
+            loaded = jobs[members[0][0]].loaded
+            stacked = np.stack([image for _, image in members])
             x = to_model_input(stacked) if is_uint8 else stacked
             t0 = time.perf_counter()
             o = loaded.runtime.run(x)
             s = scores_of(loaded, o)
             metrics.INFERENCE_DURATION.observe(time.perf_counter() - t0)
             loaded.metrics.record(s, o.concepts)
-            scored = Scored(loaded, s)
-            for j, i in enumerate(idxs):
-                out[i] = (scored, j)
+            for j, (i, _) in enumerate(members):
+                out[i] = s.rows(slice(j, j + 1))
         return out  # type: ignore[return-value]
 
     def _score_features(self, loaded: Loaded, features: np.ndarray,
-                        logits: np.ndarray | None, record: bool = True) -> Results:
+                        logits: np.ndarray | None, record: bool = True) -> Scores:
         with np.errstate(all="ignore"):  # overflow is checked below, not warned about
             if logits is None:
                 logits = loaded.head_logits(features)
@@ -258,7 +173,7 @@ class DataPlane:
         check_finite("probabilities computed from these inputs", s.probabilities)
         if record:
             loaded.metrics.record(s, concepts)
-        return Results.from_scores(loaded, s)
+        return s
 
     # ------------------------------------------------------------ warm-up
 
@@ -269,8 +184,8 @@ class DataPlane:
         from conceptguard.imaging import encode_probe_png
 
         channels, size, _ = loaded.input_shape
-        decoded = self._decode_all([encode_probe_png(size, channels)], loaded)
-        x = to_model_input(np.stack(decoded))
+        decoded = self.decoder.decode(encode_probe_png(size, channels), loaded.input_shape)
+        x = to_model_input(decoded[None])
         o = loaded.runtime.run(x)
         scores_of(loaded, o)
         features = np.asarray(o.features, dtype=np.float32)

@@ -24,21 +24,19 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from conceptguard.imaging import ImageError
 from service import metrics
-from service.batching import BatcherClosed, QueueFull
-from service.dataplane import DataPlane, ServiceError
+from service.dataplane import DataPlane
+from service.encode_v2 import output_array, raw_bytes
+from service.errors import ServiceError, as_service_error
 from service.proto import grpc_service_pb2 as pb
 from service.proto import grpc_service_pb2_grpc as pb_grpc
-from service.runtime_state import NotReady, RuntimeState
+from service.runtime_state import RuntimeState
 from service.settings import Settings
 from service.v2_tensors import (
     EXTENSIONS,
     InputTensor,
     ModelStats,
     model_metadata,
-    output_array,
-    raw_bytes,
     requested_outputs,
     resolve_model,
 )
@@ -79,18 +77,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await fn()
             status = 200
             return result
-        except (ServiceError, ImageError) as exc:
-            status, code = exc.status, exc.code
-            message = str(exc)
-        except QueueFull as exc:
-            status, code, message = 503, "queue_full", str(exc)
-        except NotReady as exc:
-            status, code, message = 503, "not_ready", str(exc)
-        except BatcherClosed as exc:
-            status, code, message = 503, "shutting_down", str(exc)
         except Exception as exc:
-            log.exception("unhandled error in gRPC %s", method, exc_info=exc)
-            code, message = "internal", f"internal error: {type(exc).__name__}"
+            err = as_service_error(exc)
+            if not isinstance(exc, ServiceError):
+                log.exception("unhandled error in gRPC %s", method, exc_info=exc)
+            status, code, message = err.status, err.code, err.message
         finally:
             metrics.observe_request(f"/{SERVICE_NAME}/{method}", status,
                                     time.perf_counter() - start)
@@ -151,11 +142,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     tensor.data = _contents_values(t.datatype, t.contents)
                 inputs.append(tensor)
             names = requested_outputs([o.name for o in request.outputs])
-            results = await infer_tensors(self.dataplane, loaded, inputs, self.stats)
+            scores = await infer_tensors(self.dataplane, loaded, inputs, self.stats)
             response = pb.ModelInferResponse(model_name=loaded.model_name,
                                              model_version=loaded.bank_id, id=request.id)
             for name in names:
-                datatype, shape, values = output_array(name, results)
+                datatype, shape, values = output_array(name, loaded, scores)
                 response.outputs.add(name=name, datatype=datatype, shape=shape)
                 response.raw_output_contents.append(raw_bytes(datatype, values))
             return response

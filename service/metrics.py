@@ -9,6 +9,7 @@ Label values come from the bank (model name, classes, concepts) and from fixed s
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from collections.abc import Sequence
@@ -175,6 +176,62 @@ def reload_result(ok: bool) -> None:
     BANK_RELOADS.labels("success" if ok else "failure").inc()
 
 
+# ---------------------------------------------------------------- per-batch observations
+
+
+def observe_many(histogram: Any, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, done once per batch: the bucket counts are
+    computed with numpy and each non-empty bucket is incremented once, the sum once (the
+    exported series and values are those of one ``observe`` per value, up to the rounding
+    of the sum). ``histogram``: a labelled child (or an unlabelled histogram). Works with
+    every value class of prometheus_client, multiprocess mode included: it only calls
+    ``inc`` on the histogram's own values."""
+    observe_rows([histogram], np.asarray(values, dtype=np.float64).reshape(1, -1))
+
+
+def observe_rows(histograms: Sequence[Any], rows: np.ndarray) -> None:
+    """:func:`observe_many` for several histograms with the same buckets at once: row ``h``
+    of ``rows`` (H x N) holds the values observed by ``histograms[h]``."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.size == 0:
+        return
+    bounds = _bounds(histograms[0])
+    nb = len(bounds)
+    # observe() counts a value in the first bucket whose bound is >= it; NaN in none
+    index = np.searchsorted(bounds, rows, side="left")
+    flat = (index + nb * np.arange(len(histograms))[:, None])[index < nb]
+    counts = np.bincount(flat, minlength=nb * len(histograms)).tolist()
+    sums = rows.sum(axis=1).tolist()
+    for h, histogram in enumerate(histograms):
+        if len(histogram._upper_bounds) != nb:
+            raise ValueError("observe_rows needs histograms with the same buckets")
+        histogram._raise_if_not_observable()
+        histogram._sum.inc(sums[h])
+        buckets = histogram._buckets
+        for i in range(nb):
+            c = counts[h * nb + i]
+            if c:
+                buckets[i].inc(c)
+
+
+_BOUNDS: dict[tuple[float, ...], np.ndarray] = {}
+
+
+def _bounds(histogram: Any) -> np.ndarray:
+    key = tuple(histogram._upper_bounds)
+    got = _BOUNDS.get(key)
+    if got is None:
+        got = _BOUNDS[key] = np.asarray(key, dtype=np.float64)
+    return got
+
+
+def observe_summary_many(summary: Any, count: int, total: float) -> None:
+    """``count`` observations summing to ``total`` on a Summary child, in two increments."""
+    if count:
+        summary._count.inc(count)
+        summary._sum.inc(total)
+
+
 class QueueObserver:
     """Batcher hooks -> queue depth, queue wait, batch size, queue-full counter."""
 
@@ -183,8 +240,7 @@ class QueueObserver:
 
     def batch(self, size: int, waits_s: Sequence[float]) -> None:
         BATCH_SIZE.observe(size)
-        for w in waits_s:
-            QUEUE_WAIT.observe(w)
+        observe_many(QUEUE_WAIT, np.asarray(waits_s, dtype=np.float64))
 
     def queue_full(self) -> None:
         QUEUE_FULL.inc()
@@ -206,6 +262,7 @@ class ModelMetrics:
         self._head_mis = HEAD_SCORE.labels(model, "misclassification")
         self._head_adv = HEAD_SCORE.labels(model, "adversarial")
         self._head_unf = HEAD_SCORE.labels(model, "unfamiliar")
+        self._scored = (self._trust, self._head_mis, self._head_adv, self._head_unf)
         self._concepts = [CONCEPT_SCORE.labels(model, c) for c in concepts]
         self._concept_means = [CONCEPT_SCORE_MEAN.labels(model, c) for c in concepts]
         self._ema: np.ndarray | None = None
@@ -223,37 +280,33 @@ class ModelMetrics:
                 i.get("backend", ""), i.get("device", ""), i.get("provider", ""))
 
     def record(self, scores: Scores, concepts: np.ndarray) -> None:
-        """Count and observe one scored batch (called from the inference thread)."""
-        preds = scores.predictions.tolist()
-        rejects = scores.reject.tolist()
-        for pred, rej in zip(preds, rejects, strict=True):
-            self._predictions[pred][1 if rej else 0].inc()
-        for reason in scores.reason:
+        """Count and observe one scored batch (called from the inference thread): one
+        increment per label set and bucket touched, not per input."""
+        n_classes = len(self._predictions)
+        preds = np.asarray(scores.predictions, dtype=np.intp)
+        rejects = np.asarray(scores.reject, dtype=bool)
+        decisions = np.bincount(preds * 2 + rejects, minlength=2 * n_classes)
+        for k in np.flatnonzero(decisions).tolist():
+            self._predictions[k // 2][k % 2].inc(int(decisions[k]))
+        for reason, count in collections.Counter(scores.reason).items():
             child = self._rejections.get(reason)
             if child is not None:
-                child.inc()
+                child.inc(count)
         n_paper = int(np.count_nonzero(scores.paper_rule_reject))
         if n_paper:
             self._paper.inc(n_paper)
-        for t in scores.trust.tolist():
-            self._trust.observe(t)
-        for p in scores.p_misclassification.tolist():
-            self._head_mis.observe(p)
-        for p in scores.p_adversarial.tolist():
-            self._head_adv.observe(p)
-        for p in scores.p_unfamiliar.tolist():
-            self._head_unf.observe(p)
+        observe_rows(self._scored, np.stack([scores.trust, scores.p_misclassification,
+                                             scores.p_adversarial, scores.p_unfamiliar]))
         self._record_concepts(concepts)
 
     def _record_concepts(self, concepts: np.ndarray) -> None:
         if concepts.size == 0:
             return
         values = np.asarray(concepts, dtype=np.float64)
-        for child, column in zip(self._concepts, values.T.tolist(), strict=True):
-            for v in column:
-                child.observe(v)
-        # EMA over the batch in one step: ema_n = (1-a)^n ema_0 + sum_i a (1-a)^(n-i) x_i
         n = len(values)
+        for child, total in zip(self._concepts, values.sum(axis=0).tolist(), strict=True):
+            observe_summary_many(child, n, total)
+        # EMA over the batch in one step: ema_n = (1-a)^n ema_0 + sum_i a (1-a)^(n-i) x_i
         decay = (1.0 - EMA_ALPHA) ** np.arange(n - 1, -1, -1, dtype=np.float64)
         with self._lock:
             if self._ema is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse
 
-from service.dataplane import ServiceError
+from service.errors import ServiceError
 from service.runtime_state import RuntimeState
 from service.schemas import ErrorResponse
 

@@ -16,8 +16,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conceptguard.bank import BankError
-from service import metrics
-from service.dataplane import DataPlane, Results, ServiceError, as_float_array, check_finite
+from service import encode_v1, metrics
+from service.dataplane import DataPlane, as_float_array
+from service.errors import ServiceError
 from service.jsonguard import json_problem
 from service.lifecycle import SharedBank
 from service.runtime_state import RuntimeState
@@ -190,60 +191,6 @@ def _first_error(exc: ValidationError) -> str:
     return f"{loc}: {err['msg']}"
 
 
-# ---------------------------------------------------------------- response building
-
-
-def _summary(label: str, concepts: list[tuple[str, float]]) -> str:
-    against = [f"{c} ({v:+.2f})" for c, v in concepts if v < 0]
-    support = [f"{c} ({v:+.2f})" for c, v in concepts if v >= 0]
-    parts = [f"predicted {label}"]
-    if against:
-        parts.append("evidence against: " + ", ".join(against))
-    if support:
-        parts.append("evidence for: " + ", ".join(support))
-    return "; ".join(parts)
-
-
-def format_results(results: Results, settings: Settings) -> list[dict[str, Any]]:
-    """Per-input v1 dicts (plain Python types, ready for JSON)."""
-    labels = results.labels()
-    preds = results.predictions.tolist()
-    trust = results.trust.tolist()
-    reject = results.reject.tolist()
-    p_mis = results.p_misclassification.tolist()
-    p_adv = results.p_adversarial.tolist()
-    p_unf = results.p_unfamiliar.tolist()
-    paper = results.paper_rule_reject.tolist()
-    out = []
-    for i, label in enumerate(labels):
-        concepts = results.top_concepts(i, settings.reason_concepts)
-        out.append({
-            "label": label,
-            "class_index": preds[i],
-            "probabilities": [{"label": lab, "probability": p}
-                              for lab, p in results.top_probabilities(i, settings.top_k)],
-            "trust": trust[i],
-            "reject": reject[i],
-            "reason": {"kind": results.reason[i], "summary": _summary(label, concepts),
-                       "concepts": [{"concept": c, "contribution": v} for c, v in concepts]},
-            "heads": {"misclassification": p_mis[i], "adversarial": p_adv[i],
-                      "unfamiliar": p_unf[i]},
-            "paper_rule_reject": paper[i],
-        })
-    return out
-
-
-def _respond(request: Request, results: Results, single: bool) -> JSONResponse:
-    for name in ("trust", "p_misclassification", "p_adversarial", "probabilities"):
-        check_finite(name, getattr(results, name))
-    settings = _dataplane(request).settings
-    rows = format_results(results, settings)
-    bank = results.loaded.bank_ref()
-    if single:
-        return JSONResponse({**rows[0], "bank": bank, "latency_ms": latency_ms(request)})
-    return JSONResponse({"results": rows, "bank": bank, "latency_ms": latency_ms(request)})
-
-
 # ---------------------------------------------------------------- routes
 
 
@@ -256,10 +203,11 @@ async def classify(request: Request) -> JSONResponse:
     ``image/*`` body. Returns the prediction, top-k probabilities, the calibrated trust,
     the reject decision with its reason and concepts, and both defect-head scores."""
     dp = _dataplane(request)
-    dp.state.require()  # not ready: 503 before the body is read
-    blobs, single = await read_images(request, dp.settings)
-    results = await dp.classify_images(blobs)
-    return _respond(request, results, single)
+    loaded = dp.state.require()  # not ready: 503 before the body is read
+    blobs, single = await read_images(request, dp.settings)  # admitted by the middleware
+    scores = await dp.classify_images(loaded, blobs)  # decode, batch run (runtime + scores)
+    return JSONResponse(encode_v1.encode(loaded, scores, dp.settings, single=single,
+                                         latency_ms=latency_ms(request)))
 
 
 @router.post("/v1/monitor", response_model=BatchResponse, responses=_ERRORS,
@@ -267,10 +215,13 @@ async def classify(request: Request) -> JSONResponse:
 async def monitor(request: Request, body: MonitorRequest) -> JSONResponse:
     """The classifier ran elsewhere: send its penultimate-layer ``features`` [N, d] and,
     optionally, its ``logits`` [N, C] (computed with the bank's classifier head if absent)."""
+    dp = _dataplane(request)
+    loaded = dp.state.require()
     features = as_float_array(body.features, "features")
     logits = None if body.logits is None else as_float_array(body.logits, "logits")
-    results = await _dataplane(request).monitor(features, logits)
-    return _respond(request, results, single=False)
+    scores = await dp.monitor(loaded, features, logits)
+    return JSONResponse(encode_v1.encode(loaded, scores, dp.settings, single=False,
+                                         latency_ms=latency_ms(request)))
 
 
 @router.get("/v1/bank", response_model=BankSummary, summary="The bank being served")

@@ -12,8 +12,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from service import v2_binary
+from service import encode_v2, v2_binary
 from service.dataplane import DataPlane
+from service.encode_v2 import OUTPUTS
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import (
     InferenceRequest,
@@ -28,7 +29,6 @@ from service.schemas import (
 from service.v2_tensors import (
     EXTENSIONS,
     IMAGE_INPUT,
-    OUTPUTS,
     TENSOR_INPUT,
     ModelStats,
     model_metadata,
@@ -180,11 +180,13 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
 
 
 async def _infer(request: Request, loaded: Loaded) -> Response:
+    """Read body -> decode, batch run (runtime + scores) -> encode (admitted by the
+    middleware, ``loaded`` resolved from the path)."""
     req, tensors = v2_binary.parse_request(await request.body(), request.headers)
     plan = v2_binary.output_plan(req)
     requested_outputs([name for name, _ in plan])
-    results = await infer_tensors(_dataplane(request), loaded, tensors, model_stats(request))
-    return v2_binary.response(req, plan, results)
+    scores = await infer_tensors(_dataplane(request), loaded, tensors, model_stats(request))
+    return encode_v2.rest_response(req, plan, loaded, scores)
 
 
 # ---------------------------------------------------------------- statistics

@@ -22,6 +22,7 @@ import numpy as np
 
 from conceptguard.bank import Bank, BankError, Manifest, load_bank, probe_images
 from conceptguard.projection import project_features
+from service.errors import NotReady
 from service.metrics import ModelMetrics
 from service.settings import Settings
 
@@ -29,10 +30,6 @@ if TYPE_CHECKING:  # the runtimes import torch / onnxruntime: load them at start
     from conceptguard.runtime import Runtime
 
 log = logging.getLogger("conceptguard.service")
-
-
-class NotReady(RuntimeError):
-    """No bank is loaded (starting up or shutting down)."""
 
 
 @dataclass(frozen=True, eq=False)

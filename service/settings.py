@@ -27,7 +27,8 @@ class Settings(BaseSettings):
         "onnx", description="inference runtime: ONNX Runtime or torch eager")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the classifier runs; auto = CUDA when available")
-    threads: int = Field(0, ge=0, description="intra-op threads; 0 = the runtime's default")
+    threads: int = Field(1, ge=0, description="intra-op threads of the runtime per worker; "
+                                               "0 = the runtime's default (one per core)")
     max_batch_size: int = Field(32, ge=1, le=4096,
                                 description="most images per runtime call; 1 disables batching")
     max_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0,
@@ -59,6 +60,12 @@ class Settings(BaseSettings):
     decode_concurrency: int = Field(
         2, ge=1, le=64, description="images decoded at the same time per worker (bounds the "
                                     "decode memory: about 5 bytes x max_image_pixels each)")
+    inline_decode_bytes: int = Field(
+        128 * 1024, ge=0, description="images up to this many bytes are decoded by the batch "
+                                      "worker (one thread hop); larger ones in the thread pool "
+                                      "before they are queued; 0 = always the thread pool")
+    access_log: bool = Field(False, description="log one line per request (uvicorn's access "
+                                                "log); off by default")
     max_json_depth: int = Field(32, ge=2, le=512,
                                 description="deepest nesting of arrays/objects in a JSON body")
     header_timeout_s: float = Field(

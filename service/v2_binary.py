@@ -1,5 +1,5 @@
-"""REST v2 request and response bodies: JSON, with or without the binary tensor data
-extension.
+"""REST v2 request bodies: JSON, with or without the binary tensor data extension (the
+response side is :func:`service.encode_v2.rest_response`).
 
 A request body is JSON, whatever its ``Content-Type`` (none, ``application/json`` or
 ``application/octet-stream``). With an ``Inference-Header-Content-Length: L`` header, the
@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from service.dataplane import Results, ServiceError
+from service.encode_v2 import OUTPUTS
+from service.errors import ServiceError
 from service.schemas import InferenceRequest
-from service.v2_tensors import OUTPUTS, InputTensor, json_values, output_array, raw_bytes
+from service.v2_tensors import InputTensor
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -103,29 +103,3 @@ def _flag(value: Any, name: str) -> bool:
         raise ServiceError(f"parameter {name} must be a boolean, got {value!r}", 400,
                            "invalid_request")
     return value
-
-
-def response(req: InferenceRequest, plan: list[tuple[str, bool]], results: Results
-             ) -> Response:
-    header: dict[str, Any] = {"model_name": results.loaded.model_name,
-                              "model_version": results.loaded.bank_id}
-    if req.id is not None:
-        header["id"] = req.id
-    outputs = []
-    blobs = []
-    for name, binary in plan:
-        datatype, shape, values = output_array(name, results)
-        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
-        if binary:
-            blob = raw_bytes(datatype, values)
-            out["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            out["data"] = json_values(datatype, values)
-        outputs.append(out)
-    header["outputs"] = outputs
-    if not blobs:
-        return JSONResponse(header)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return Response(head + b"".join(blobs), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(head))})

@@ -1,11 +1,10 @@
-"""Open Inference Protocol tensors, shared by every v2 transport (REST JSON, REST binary
-data, gRPC): input tensors -> the data plane -> output arrays, and the byte encodings.
+"""Open Inference Protocol input tensors, shared by every v2 transport (REST JSON, REST
+binary data, gRPC): input tensors -> the data plane -> :class:`~conceptguard.scoring.Scores`.
 
 The transports only move bytes: REST reads JSON values or the binary tensor data extension's
 blobs, gRPC reads ``contents`` or ``raw_input_contents``; all of them build an
 :class:`InputTensor` and call :func:`infer`, which calls :class:`service.dataplane.DataPlane`
-(its decoding, batcher and scoring). Outputs come back as numpy arrays from
-:func:`output_array`, which each transport encodes (:func:`raw_bytes` for binary data).
+(its decoding, batcher and scoring). The scores are encoded by :mod:`service.encode_v2`.
 """
 
 from __future__ import annotations
@@ -20,19 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from service.dataplane import DataPlane, Results, ServiceError, as_float_array
+from conceptguard.scoring import Scores
+from service.dataplane import DataPlane, as_float_array
+from service.encode_v2 import OUTPUT_DATATYPES, OUTPUTS
+from service.errors import ServiceError
 from service.routes_v1 import decode_base64
 from service.runtime_state import Loaded
 
 IMAGE_INPUT = "image"  # BYTES [N]: encoded image files (base64 in JSON, raw in binary data)
 TENSOR_INPUT = "input"  # FP32 [N, C, H, W] in [0, 1]
-OUTPUT_DATATYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
-                    "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
-                    "p_adversarial": "FP32", "p_unfamiliar": "FP32"}
-OUTPUTS = tuple(OUTPUT_DATATYPES)
 # the protocol extensions served (GET /v2, gRPC ServerMetadata)
 EXTENSIONS = ["binary_tensor_data", "statistics"]
-_LITTLE = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "BOOL": "|b1"}
 
 
 @dataclass
@@ -92,7 +89,7 @@ def requested_outputs(names: Sequence[str] | None) -> list[str]:
 
 
 async def infer(dp: DataPlane, loaded: Loaded, inputs: Sequence[InputTensor],
-                stats: ModelStats | None = None) -> Results:
+                stats: ModelStats | None = None) -> Scores:
     """Score one request's input through the data plane (decoding, batcher, scoring)."""
     t0 = time.perf_counter_ns()
     try:
@@ -106,7 +103,7 @@ async def infer(dp: DataPlane, loaded: Loaded, inputs: Sequence[InputTensor],
     return results
 
 
-async def _infer(dp: DataPlane, loaded: Loaded, inputs: Sequence[InputTensor]) -> Results:
+async def _infer(dp: DataPlane, loaded: Loaded, inputs: Sequence[InputTensor]) -> Scores:
     if len(inputs) != 1:
         raise ServiceError(f"expected exactly one input ('{IMAGE_INPUT}' BYTES [N] or "
                            f"'{TENSOR_INPUT}' FP32 [N, C, H, W]), got {len(inputs)}", 400,
@@ -117,10 +114,10 @@ async def _infer(dp: DataPlane, loaded: Loaded, inputs: Sequence[InputTensor]) -
                            "invalid_tensor")
     if inp.name == IMAGE_INPUT:
         _expect_datatype(inp, "BYTES")
-        return await dp.classify_images(image_blobs(inp, dp))
+        return await dp.classify_images(loaded, image_blobs(inp, dp))
     if inp.name == TENSOR_INPUT:
         _expect_datatype(inp, "FP32")
-        return await dp.classify_tensor(image_tensor(inp, loaded, dp))
+        return await dp.classify_tensor(loaded, image_tensor(inp, loaded, dp))
     raise ServiceError(f"unknown input '{inp.name}'; inputs: '{IMAGE_INPUT}' (BYTES) or "
                        f"'{TENSOR_INPUT}' (FP32)", 400, "invalid_request")
 
@@ -182,45 +179,7 @@ def image_tensor(inp: InputTensor, loaded: Loaded, dp: DataPlane) -> np.ndarray:
     return arr.reshape(shape)
 
 
-# ---------------------------------------------------------------- outputs
-
-
-def output_array(name: str, r: Results) -> tuple[str, list[int], np.ndarray]:
-    """``(datatype, shape, values)`` of one output; BYTES values are an object array of
-    ``bytes`` (UTF-8 labels)."""
-    n = len(r)
-    if name == "probabilities":
-        p = np.asarray(r.probabilities, dtype=np.float32)
-        return "FP32", [n, p.shape[1]], p
-    if name == "label":
-        return "BYTES", [n], np.array([s.encode() for s in r.labels()], dtype=object)
-    if name == "class_index":
-        return "INT64", [n], np.asarray(r.predictions, dtype=np.int64)
-    if name == "reject":
-        return "BOOL", [n], np.asarray(r.reject, dtype=bool)
-    array = {"trust": r.trust, "p_misclassification": r.p_misclassification,
-             "p_adversarial": r.p_adversarial, "p_unfamiliar": r.p_unfamiliar}[name]
-    return "FP32", [n], np.asarray(array, dtype=np.float32)
-
-
-def json_values(datatype: str, values: np.ndarray) -> list[Any]:
-    """Flat JSON values of an output (row-major)."""
-    if datatype == "BYTES":
-        return [v.decode() for v in values.ravel().tolist()]
-    if datatype == "FP32":  # float64 repr of the float32 values, as before
-        return values.astype(np.float64).ravel().tolist()
-    return values.ravel().tolist()
-
-
-def raw_bytes(datatype: str, values: np.ndarray) -> bytes:
-    """The protocol's binary form: little-endian row-major; BYTES length-prefixed."""
-    if datatype == "BYTES":
-        return serialize_bytes(values.ravel().tolist())
-    return np.ascontiguousarray(values, dtype=_LITTLE[datatype]).tobytes()
-
-
-def serialize_bytes(items: Sequence[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+# ---------------------------------------------------------------- inputs
 
 
 def deserialize_bytes(raw: bytes, what: str) -> list[bytes]:

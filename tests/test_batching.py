@@ -290,3 +290,28 @@ def test_adaptive_stops_waiting_when_a_reservation_is_given_back() -> None:
 
     assert run(main()) == [10]
     assert fn.sizes == [1]
+
+
+def test_an_exception_result_fails_only_its_own_item() -> None:
+    """A batch function may return an exception for one item (an image that does not
+    decode): that item's request fails with it, the others of the batch get their results,
+    with and without batching."""
+
+    def fn(items: list[int]) -> list[int | BaseException]:
+        return [ValueError(f"bad {i}") if i < 0 else 2 * i for i in items]
+
+    async def main(max_batch_size: int) -> list[object]:
+        b = Batcher(fn, max_batch_size=max_batch_size, max_wait_s=0.05, queue_size=100)
+        await b.start()
+        try:
+            outcomes = await asyncio.gather(b.submit([1]), b.submit([2, -3, 4]),
+                                            b.submit([5]), return_exceptions=True)
+            return [*outcomes, b.pending]
+        finally:
+            await b.close()
+
+    for size in (8, 1):
+        first, bad, last, pending = run(main(size))
+        assert first == [2] and last == [10]
+        assert isinstance(bad, ValueError) and str(bad) == "bad -3"
+        assert pending == 0  # the failed request's places were given back

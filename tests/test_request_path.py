@@ -1,0 +1,258 @@
+"""The service's request path in parts: per-batch Prometheus observations equal one
+observation per value (single- and multi-process), Scores row selection and concatenation,
+the one error base and its rendering, and where images are decoded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, Summary, generate_latest
+
+from conceptguard.scoring import Scores
+from service.decoding import Decoder, where
+from service.errors import (
+    BatcherClosed,
+    BodyTimeout,
+    NotReady,
+    QueueFull,
+    ServiceError,
+    as_service_error,
+    error_response,
+)
+from service.metrics import SCORE_BUCKETS, observe_many, observe_summary_many
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+# bounds exactly, between them, below and above every bound, negative, repeated
+VALUES = np.array([0.05, 0.049999, 0.050001, 0.0, -0.2, 1.0, 1.2, 0.35, 0.35, 0.999, 7.0,
+                   *np.linspace(0, 1, 57)])
+
+
+def _samples(registry: CollectorRegistry) -> dict[str, float]:
+    out = {}
+    for metric in registry.collect():
+        for s in metric.samples:
+            key = s.name + json.dumps(s.labels, sort_keys=True)
+            out[key] = s.value
+    return out
+
+
+def _same(a: dict[str, float], b: dict[str, float]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.endswith("{}") and "_sum" in key:  # the sum: one addition, not one per value
+            assert b[key] == pytest.approx(a[key], rel=1e-12, abs=1e-12)
+        else:
+            assert b[key] == a[key], key
+
+
+def test_observe_many_equals_one_observe_per_value() -> None:
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("t_score", "x", buckets=SCORE_BUCKETS, registry=one)
+    h2 = Histogram("t_score", "x", buckets=SCORE_BUCKETS, registry=many)
+    s1 = Summary("t_concept", "x", registry=one)
+    s2 = Summary("t_concept", "x", registry=many)
+    for v in VALUES:
+        h1.observe(float(v))
+        s1.observe(float(v))
+    observe_many(h2, VALUES[:10])
+    observe_many(h2, VALUES[10:])  # two batches add up
+    observe_many(h2, np.array([]))
+    observe_summary_many(s2, len(VALUES), float(VALUES.sum()))
+    _same(_samples(one), _samples(many))
+
+
+def test_labelled_children_and_the_exposition_text() -> None:
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("t_head", "x", ["model", "head"], buckets=SCORE_BUCKETS, registry=one)
+    h2 = Histogram("t_head", "x", ["model", "head"], buckets=SCORE_BUCKETS, registry=many)
+    values = np.round(VALUES, 3)  # sums equal to the last digit printed
+    for v in values:
+        h1.labels("demo", "adversarial").observe(float(v))
+    observe_many(h2.labels("demo", "adversarial"), values)
+    assert (generate_latest(one).decode().splitlines()[:-2]
+            == generate_latest(many).decode().splitlines()[:-2])  # all but the sum lines
+
+
+_MULTIPROCESS = """
+import json, sys
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram, Summary, multiprocess
+from service.metrics import SCORE_BUCKETS, observe_many, observe_summary_many
+values = np.array(json.loads(sys.argv[1]))
+h1 = Histogram("mp_one", "x", ["model"], buckets=SCORE_BUCKETS)
+h2 = Histogram("mp_many", "x", ["model"], buckets=SCORE_BUCKETS)
+s1 = Summary("mp_s_one", "x", ["model"])
+s2 = Summary("mp_s_many", "x", ["model"])
+for v in values:
+    h1.labels("m").observe(float(v)); s1.labels("m").observe(float(v))
+observe_many(h2.labels("m"), values)
+observe_summary_many(s2.labels("m"), len(values), float(values.sum()))
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)
+out = {}
+for metric in registry.collect():
+    for s in metric.samples:
+        out[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
+print(json.dumps(out))
+"""
+
+
+def test_observe_many_in_multiprocess_mode(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", _MULTIPROCESS, json.dumps(VALUES.tolist())],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    samples = json.loads(out.stdout)
+    one = {k.replace("mp_s_one", "S").replace("mp_one", "H"): v for k, v in samples.items()
+           if k.startswith(("mp_one", "mp_s_one"))}
+    many = {k.replace("mp_s_many", "S").replace("mp_many", "H"): v
+            for k, v in samples.items() if k.startswith(("mp_many", "mp_s_many"))}
+    assert len(one) == len(SCORE_BUCKETS) + 1 + 2 + 2  # buckets incl. +Inf, count, sum, S
+    for key in one:
+        if "_sum" in key:
+            assert many[key] == pytest.approx(one[key], rel=1e-12)
+        else:
+            assert many[key] == one[key], key
+
+
+def _scores(n: int, offset: float = 0.0) -> Scores:
+    rng = np.random.default_rng(int(offset * 10))
+    trust = rng.random(n) + offset
+    return Scores(probabilities=rng.random((n, 3)), predictions=np.arange(n) % 3,
+                  risks={"msp": rng.random(n), "knn": rng.random(n)},
+                  p_misclassification=rng.random(n), p_anomaly=rng.random(n),
+                  p_adversarial=rng.random(n), p_unfamiliar=rng.random(n), trust=trust,
+                  reject=trust < 0.5, reason=[f"r{i}" for i in range(n)],
+                  paper_rule_reject=trust < 0.3, contributions=rng.random((n, 4)))
+
+
+def _equal(a: Scores, b: Scores) -> bool:
+    return (a.reason == b.reason and a.risks.keys() == b.risks.keys()
+            and all(np.array_equal(a.risks[k], b.risks[k]) for k in a.risks)
+            and all(np.array_equal(getattr(a, f), getattr(b, f)) for f in
+                    ("probabilities", "predictions", "p_misclassification", "p_anomaly",
+                     "p_adversarial", "p_unfamiliar", "trust", "reject",
+                     "paper_rule_reject", "contributions")))
+
+
+def test_scores_rows_and_concat_round_trip() -> None:
+    s = _scores(6)
+    parts = [s.rows(slice(i, i + 1)) for i in range(6)]
+    assert all(len(p) == 1 for p in parts)
+    assert parts[2].reason == ["r2"] and parts[2].trust[0] == s.trust[2]
+    assert np.shares_memory(parts[2].trust, s.trust)  # a slice is a view
+    assert _equal(Scores.concat(parts), s)
+    picked = s.rows([4, 1])
+    assert picked.reason == ["r4", "r1"]
+    assert np.array_equal(picked.contributions, s.contributions[[4, 1]])
+    other = _scores(2, 1.0)
+    both = Scores.concat([s, other])
+    assert len(both) == 8 and _equal(both.rows(slice(6, 8)), other)
+    assert Scores.concat([s]) is s
+    with pytest.raises(ValueError):
+        Scores.concat([])
+
+
+def test_every_error_is_one_base_with_status_and_code() -> None:
+    cases = [(QueueFull(3, 2, 4), 503, "queue_full"), (BatcherClosed(), 503, "shutting_down"),
+             (NotReady(), 503, "not_ready"), (BodyTimeout(2.0), 408, "timeout")]
+    for err, status, code in cases:
+        assert isinstance(err, ServiceError)
+        assert (err.status, err.code) == (status, code)
+        assert as_service_error(err) is err
+    assert as_service_error(RecursionError()).code == "invalid_json"
+    internal = as_service_error(KeyError("x"))
+    assert (internal.status, internal.code) == (500, "internal")
+    assert "KeyError" in internal.message
+
+
+def test_error_bodies_v1_and_v2_and_retry_after() -> None:
+    err = ServiceError("no such thing", 404, "not_found")
+    v1 = error_response("/v1/classify", err)
+    v2 = error_response("/v2/models/demo/infer", err)
+    assert json.loads(v1.body) == {"error": {"code": "not_found", "message": "no such thing"}}
+    assert json.loads(v2.body) == {"error": "no such thing"}
+    assert v1.status_code == v2.status_code == 404
+    assert "retry-after" not in v1.headers
+    busy = error_response("/v1/classify", QueueFull(1, 1, 1), retry_after_s=7)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "7"
+    closing = error_response("/v2/models/demo/infer", BodyTimeout(1.0))
+    assert closing.headers["connection"] == "close"
+
+
+def test_decoder_names_the_image_and_routes_by_size(sample_png: bytes) -> None:
+    d = Decoder(Settings(inline_decode_bytes=1000, decode_concurrency=2))
+    assert d.inline(b"x" * 1000) and not d.inline(b"x" * 1001)
+    arr = d.decode(sample_png, (1, 28, 28))
+    assert arr.shape[:2] == (28, 28) and arr.dtype == np.uint8
+    with pytest.raises(ServiceError) as info:
+        d.decode(b"not an image at all", (1, 28, 28), where(1, 3))
+    assert info.value.message.startswith("image 1: ")
+    assert (info.value.status, info.value.code) == (400, "not_an_image")
+    assert where(0, 1) == ""
+
+
+def test_the_batch_worker_decodes_and_fails_only_the_bad_image(demo_bank_dir: Path,
+                                                               sample_png: bytes) -> None:
+    """run_batch gets encoded bytes (decoded there: one hop), decoded arrays and a bad
+    image in one batch: one runtime call, the bad image gets its own error."""
+    from service.dataplane import DataPlane, Job
+    from service.runtime_state import RuntimeState, load
+
+    settings = Settings(bank=demo_bank_dir, backend="onnx", device="cpu", threads=1)
+    loaded = load(demo_bank_dir, settings)
+    plane = DataPlane(RuntimeState(settings), settings)
+    try:
+        decoded = plane.decoder.decode(sample_png, loaded.input_shape)
+        out = plane.run_batch([Job(loaded, sample_png), Job(loaded, b"junk", "image 1: "),
+                               Job(loaded, decoded)])
+    finally:
+        plane._executor.shutdown(wait=False)
+    good, bad, same = out
+    assert isinstance(bad, ServiceError) and bad.message.startswith("image 1: ")
+    assert isinstance(good, Scores) and isinstance(same, Scores)
+    assert len(good) == len(same) == 1
+    assert np.array_equal(good.predictions, same.predictions)
+    assert good.trust == pytest.approx(same.trust, abs=1e-5)  # rows of one batch call
+
+
+def test_model_metrics_record_counts_a_batch_per_input() -> None:
+    """One record() of a batch gives the counts and histograms of one observation per
+    input (the label sets of the exported series do not change)."""
+    from prometheus_client import REGISTRY
+
+    from service.metrics import ModelMetrics
+
+    s = _scores(9)
+    s = Scores(**{**s.__dict__, "reason": ["unfamiliar", "none", "adversarial-like"] * 3})
+    m = ModelMetrics("batch-test", ["a", "b", "c"], ["k0", "k1", "k2", "k3"], {})
+    concepts = np.arange(36, dtype=np.float32).reshape(9, 4)
+    m.record(s, concepts)
+    m.record(s.rows(slice(0, 0)), concepts[:0])  # an empty batch records nothing
+
+    def value(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"model": "batch-test", **labels})
+
+    for c, cls in enumerate("abc"):
+        for decision, flag in (("accept", False), ("reject", True)):
+            want = int(np.sum((s.predictions == c) & (s.reject == flag)))
+            got = value("conceptguard_predictions_total", **{"class": cls,
+                                                             "decision": decision})
+            assert got == want, (cls, decision)
+    assert value("conceptguard_rejections_total", reason="unfamiliar") == 3
+    assert value("conceptguard_rejections_total", reason="adversarial_like") == 3
+    assert value("conceptguard_paper_rule_rejections_total") == s.paper_rule_reject.sum()
+    assert value("conceptguard_trust_score_count") == 9
+    assert value("conceptguard_trust_score_bucket", le="0.5") == np.sum(s.trust <= 0.5)
+    assert value("conceptguard_head_score_bucket", head="adversarial",
+                 le="0.25") == np.sum(s.p_adversarial <= 0.25)
+    assert value("conceptguard_concept_score_count", concept="k1") == 9
+    assert value("conceptguard_concept_score_sum", concept="k1") == pytest.approx(
+        float(concepts[:, 1].sum()))
