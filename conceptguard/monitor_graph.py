@@ -5,10 +5,9 @@ call per batch returns the classifier's outputs, every detector's risk, the four
 trust, reject, the reason code and the concept contributions, on CPU or CUDA.
 
 numpy :func:`~conceptguard.scoring.score` stays the reference (float64); this graph computes
-in float32 and is tested against it on the demo bank (``tests/test_monitor_graph.py``).
-Functions of the core that use only Python operators are reused as they are
-(:func:`conceptguard.projection.unit_rows`); the rest is the same formula once more in
-torch ops, rearranged only where float32 would lose what float64 keeps:
+in float32 and is tested against it on the demo bank (``tests/test_monitor_graph.py``). It is
+the same formulas in torch ops, arranged for few graph nodes (:class:`MonitorGraph`) and
+rearranged where float32 would lose what float64 keeps:
 
 - the confidence features of confident inputs: with ``r = sum_{c != argmax} exp(l_c - l_max)``
   (the softmax's mass off the top class, relative to it), ``log((1 - p_max) / p_max) =
@@ -16,7 +15,8 @@ torch ops, rearranged only where float32 would lose what float64 keeps:
   and DOCTOR ``(1 - g) / g = (2 r + r^2 - q) / (1 + q)`` with ``q = sum_{c != argmax}
   exp(2 (l_c - l_max))``. These are identities; they avoid ``1 - p`` for ``p`` near 1,
   which float32 rounds to 0 where float64 still resolves it.
-- ``log1p`` as ``x log(u) / (u - 1)``, ``u = 1 + x`` (ONNX has no Log1p).
+- ``log1p(r)`` as ``softplus(log r)`` (ONNX has no Log1p; ONNX Runtime's Softplus is
+  accurate for very negative inputs).
 
 Outputs (:data:`MONITOR_OUTPUTS`): ``risks`` is ``(N, len(DETECTORS))`` in registry order
 (:data:`RISK_NAMES`); ``reason`` indexes :data:`conceptguard.trust.REASON_KINDS`.
@@ -42,7 +42,6 @@ from conceptguard.detectors import (
 )
 from conceptguard.export import MonitoredClassifier, onnx_export
 from conceptguard.graph import FUSED_OUTPUTS, INPUT_NAME, MONITOR_OUTPUTS, OUTPUT_NAMES
-from conceptguard.projection import unit_rows
 from conceptguard.scoring import Monitor
 from conceptguard.trust import CONFIDENCE, HEADS, HINGED, REASON_KINDS
 
@@ -60,21 +59,21 @@ def _f32(a: np.ndarray | float) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, np.float32))
 
 
-def log1p(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 + x)`` accurate for small ``x`` in float32 (Goldberg's trick)."""
-    u = 1.0 + x
-    d = u - 1.0
-    return torch.where(d == 0, x, x * torch.log(u) / torch.where(d == 0, 1.0, d))
-
-
 class MonitorGraph(nn.Module):
     """``(logits, features, concepts) -> MONITOR_OUTPUTS``, built from a loaded monitor.
 
-    ``knn_subsample``: keep every ``n``-th reference feature of the KNN detector (a cost
-    knob for benchmarks; it changes the KNN risk, so the bank's calibration no longer holds
-    exactly). None: all of them, as the numpy path."""
+    At batch 1 the graph's cost is mostly its node count (ONNX Runtime dispatches each node
+    in ~1-2 us, whatever its size), so the formulas are arranged into few, wide operations:
+    one ``Gemm`` for the linear maps of ``[features, concepts]`` (both whitenings, the
+    Mahalanobis cross terms, the ViM residual, the squared norms' inputs), one ``MatMul``
+    for the KNN dot products, one ``Gemm`` for every squared norm (on the squares), one for
+    every risk (from a few per-input quantities), one for the hinges and one for the heads.
+    The Mahalanobis distances use ``|y|^2 - 2 y m_c + |m_c|^2`` with ``y = x L - c`` and
+    ``m_c = mu_c L - c``, centred on the mean ``c`` of the whitened class means; in float32
+    this loses ~1e-6 of the distances (relative), within the test tolerance
+    (``tests/test_monitor_graph.py``)."""
 
-    def __init__(self, monitor: Monitor, knn_subsample: int | None = None):
+    def __init__(self, monitor: Monitor):
         super().__init__()
         unknown = [n for n in DETECTORS if n not in _GRAPH_DETECTORS]
         if unknown:
@@ -90,118 +89,231 @@ class MonitorGraph(nn.Module):
                    for a in ("h_ok", "h_bad", "h_adv")):
             raise NotImplementedError("heatmap_cosine and paper_rule use different heatmaps")
         buf = self.register_buffer
-        buf("maha_whiten", _f32(maha.gaussians.whiten))
-        buf("maha_means", _f32(maha.gaussians.whitened_means))
-        buf("cmaha_whiten", _f32(cmaha.gaussians.whiten))
-        buf("cmaha_means", _f32(cmaha.gaussians.whitened_means))
-        bank = knn.bank if knn_subsample is None else knn.bank[::knn_subsample]
-        self.knn_k = int(min(knn.k, len(bank)))
-        buf("knn_bank_t", _f32(np.ascontiguousarray(bank.T)))
-        buf("vim_origin", _f32(vim.origin))
-        buf("vim_basis", _f32(vim.residual_basis))
-        self.vim_alpha = float(vim.alpha)
+        c = monitor.num_classes
+        self.knn_k = int(min(knn.k, len(knn.bank)))
+        self._build_linear(maha, cmaha, knn, vim, c)
         buf("react_weight_t", _f32(np.ascontiguousarray(react.weight.T)))
         buf("react_bias", _f32(react.bias))
         self.react_clip = float(react.clip)
-        buf("heatmap_units", _f32(np.stack(rule.units)))  # (3, C, K): ok, bad, adv
-        buf("class_index", torch.arange(monitor.num_classes)[None, :])
+        # (C, 2K): per class, the unit rows H_ok - H_bad and H_adv - H_bad
+        ok, bad, adv = rule.units
+        buf("heatmap_diffs", _f32(np.hstack([ok - bad, adv - bad])))
+        buf("is_class", torch.eye(c, dtype=torch.bool))  # one-hot rows of the prediction
+        # [e_off, e_off^2, e_off * d] (N, 3C) -> [r, q, t]
+        buf("conf_sums", _f32(np.kron(np.eye(3), np.ones((c, 1)))))
+        # [r, q, t, r^2, q^2, t^2] -> numerators, denominators of msp, t / (1 + r), DOCTOR; r
+        num_den = np.zeros((6, 7))  # msp's numerator -1 is all bias
+        num_den[2, 1] = 1.0  # t / (1 + r)
+        num_den[[0, 3, 1], 2] = (2.0, 1.0, -1.0)  # DOCTOR: (2 r + r^2 - q) / (1 + q)
+        num_den[0, 3] = num_den[0, 4] = num_den[1, 5] = 1.0
+        num_den[0, 6] = 1.0
+        buf("num_den_w", _f32(num_den))
+        buf("num_den_b", _f32([-1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]))
+        self._build_risks(vim.alpha, self.knn_k, rule.h_ok.shape[1])
+        self._build_trust(monitor)
+        self.threshold = float(monitor.threshold)
+
+    def _build_linear(self, maha: Mahalanobis, cmaha: ConceptMahalanobis, knn: KNN,
+                      vim: ViM, c: int) -> None:
+        """One ``Gemm`` on ``u = [z, s]``: ``Y = [z L - c, s L' - c', z, s, (z - o) R]`` (whose
+        squares, summed by blocks, give ``|z L|^2``, ``|s L'|^2``, ``|z|^2``, ``|s|^2``,
+        the ViM residual``^2``), the cross terms ``-2 x L (mu L)^T + |mu L|^2`` of both
+        Mahalanobis detectors, and ``[s, s]`` (the factor of the heatmap terms)."""
+        lm, lc = maha.gaussians.whiten64, cmaha.gaussians.whiten64
+        mm, mc = maha.gaussians.whitened_means, cmaha.gaussians.whitened_means
+        basis = vim.residual_basis.astype(np.float64)
+        origin = vim.origin.astype(np.float64)
+        d, k = lm.shape[0], lc.shape[0]
+        blocks = [(lm, 0), (lc, 1), (np.eye(d), 0), (np.eye(k), 1), (basis, 0)]
+        concepts_twice = np.hstack([np.eye(k), np.eye(k)])  # s, s: the heatmap terms' factor
+        y_cols = sum(b.shape[1] for b, _ in blocks)
+        cross = 2 * c + 3  # both distances (C each), then |z|^2, |s|^2, residual^2
+        w = np.zeros((d + k, y_cols + cross + 2 * k))
+        b = np.zeros(y_cols + cross + 2 * k)
+        w[d:, y_cols + cross:] = concepts_twice
+        sums = np.zeros((y_cols, cross))
+        col = 0
+        for i, (m, side) in enumerate(blocks):
+            rows = slice(0, d) if side == 0 else slice(d, d + k)
+            w[rows, col:col + m.shape[1]] = m
+            out = [slice(0, c), slice(c, 2 * c), 2 * c, 2 * c + 1, 2 * c + 2][i]
+            sums[col:col + m.shape[1], out] = 1.0
+            col += m.shape[1]
+        b[col - basis.shape[1]:col] = -origin @ basis
+        # unit_rows divides by |x| + 1e-12: here by sqrt(|x|^2 + 1e-24), the same in float32
+        b[y_cols + 2 * c:y_cols + 2 * c + 2] = 1e-24
+        # whitened coordinates centred on the mean of the class means (smaller squares,
+        # less cancellation): y = x L - m, distances |y|^2 - 2 y (mu_c L - m) + |mu_c L - m|^2
+        for i, (whiten, means) in enumerate(((lm, mm), (lc, mc))):
+            centre = means.mean(0)
+            rel = means - centre
+            rows = slice(0, d) if i == 0 else slice(d, d + k)
+            first = 0 if i == 0 else lm.shape[1]
+            b[first:first + whiten.shape[1]] = -centre
+            out = slice(y_cols + i * c, y_cols + (i + 1) * c)
+            w[rows, out] = -2.0 * whiten @ rel.T
+            b[out] = 2.0 * centre @ rel.T + (rel * rel).sum(1)
+        # the KNN dot products z . b: a MatMul of their own (no zero rows for s to read)
+        self.register_buffer("knn_bank_t", _f32(np.ascontiguousarray(knn.bank.T)))
+        self.register_buffer("lin_w", _f32(w))
+        self.register_buffer("lin_b", _f32(b))
+        self.register_buffer("square_sums", _f32(sums))
+        self.split_linear = [y_cols, cross, 2 * k]
+        self.num_classes, self.num_concepts = c, k
+
+    def _build_risks(self, vim_alpha: float, knn_k: int, k: int) -> None:
+        """``risks`` from the per-input quantities (forward's ``quantities``) by one
+        ``Gemm``, then ``max(., lo) ** power`` (the KNN column: ``sqrt(max(2 - 2 cos, 0))``);
+        and ``Detector.feature`` of every column as ``log(max(x, lo) + eps)`` or ``x``.
+        The concept terms enter as they are: ``cos(s, H_bad) - cos(s, H_ok)`` is minus the
+        sum of ``ok_bad``, the paper rule ``max(bad, adv) - ok`` minus the sum of the
+        contributions."""
+        sizes = {"l_max": 1, "log1p_r": 1, "msp": 1, "t_ratio": 1, "doctor": 1, "maha": 1,
+                 "cmaha": 1, "residual": 1, "nearest": knn_k, "react_lse": 1, "ok_bad": k,
+                 "contributions": k}
+        starts = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
+        combos = {
+            "msp": {"msp": 1.0}, "max_logit": {"l_max": -1.0},
+            "energy": {"l_max": -1.0, "log1p_r": -1.0},
+            "entropy": {"log1p_r": 1.0, "t_ratio": -1.0}, "doctor": {"doctor": 1.0},
+            "mahalanobis": {"maha": 1.0}, "knn": {"nearest": -2.0},
+            "vim": {"residual": vim_alpha, "l_max": -1.0, "log1p_r": -1.0},
+            "react_energy": {"react_lse": -1.0}, "concept_mahalanobis": {"cmaha": 1.0},
+            "heatmap_cosine": {"ok_bad": -1.0},
+            "paper_rule": {"contributions": -1.0},
+        }
+        a = np.zeros((sum(sizes.values()), len(RISK_NAMES)))
+        for j, name in enumerate(RISK_NAMES):
+            for t, v in combos[name].items():
+                rows = slice(starts[t], starts[t] + sizes[t])
+                if t == "nearest":  # the k-th nearest only
+                    rows = slice(starts[t] + knn_k - 1, starts[t] + knn_k)
+                a[rows, j] = v
+        knn = RISK_NAMES.index("knn")
+        a0 = np.zeros(len(RISK_NAMES))
+        a0[knn] = 2.0
+        lo = np.full((1, len(RISK_NAMES)), np.finfo(np.float32).min, np.float64)
+        lo[0, knn] = 0.0
+        power = np.ones((1, len(RISK_NAMES)))
+        power[0, knn] = 0.5
+        buf = self.register_buffer
+        buf("risk_w", _f32(a))
+        buf("risk_b", _f32(a0))
+        buf("risk_lo", _f32(lo))
+        buf("risk_power", _f32(power))
         # Detector.feature of every column at once: log(max(x, lo) + eps) or x itself
         # (the msp column holds r, see forward; log r >= _MSP_FLOOR is MaxSoftmax's clip)
         log_cols = {"msp": (math.exp(_MSP_FLOOR), 0.0), "entropy": (0.0, 1e-9),
                     "doctor": (0.0, 1e-9), "mahalanobis": (0.0, 1.0), "knn": (0.0, 1e-6),
                     "concept_mahalanobis": (0.0, 1.0)}
+        buf("feature_is_msp", torch.tensor([[n == "msp" for n in RISK_NAMES]]))
         buf("feature_is_log", torch.tensor([[n in log_cols for n in RISK_NAMES]]))
         buf("feature_lo", _f32([[log_cols.get(n, (1.0, 0.0))[0] for n in RISK_NAMES]]))
         buf("feature_eps", _f32([[log_cols.get(n, (1.0, 0.0))[1] for n in RISK_NAMES]]))
+
+    def _build_trust(self, monitor: Monitor) -> None:
+        """The hinges as one ``Gemm`` (a 0/1 selection minus the knots) and a ``Relu``; the
+        heads as one ``Gemm`` on the design row (each head's centring folded into its bias:
+        float32 keeps trust within ~1e-6 of float64 on the demo bank). Its columns: the four heads'
+        logits ``a``, then ``-a_mis``, ``-a_anom`` (their sigmoids are the factors of
+        trust), ``a_unf - a_adv`` and a constant 1: the signs of ``a_adv``, ``a_unf``,
+        ``a_unf - a_adv`` and that 1, weighted 9, 3, 1, 13, index the reason table."""
         design_order = list(CONFIDENCE) + [n for n in DETECTORS if n not in CONFIDENCE]
-        self.design_order = None if design_order == list(RISK_NAMES) else \
-            [RISK_NAMES.index(n) for n in design_order]
-        buf("hinged_index", torch.tensor([design_order.index(n) for n in HINGED]))
+        if design_order != list(RISK_NAMES):
+            raise NotImplementedError("the trust model's design order is not the registry's")
         tm = monitor.trust_model
-        buf("knots", _f32(tm.knots[None]))  # (1, len(HINGED), len(HINGE_QUANTILES))
+        q = tm.knots.shape[1]
+        sel = np.zeros((len(RISK_NAMES), len(HINGED) * q))
+        for i, name in enumerate(HINGED):
+            sel[design_order.index(name), i * q:(i + 1) * q] = 1.0
+        buf = self.register_buffer
+        buf("hinge_select", _f32(sel))
+        buf("hinge_knots", _f32(-tm.knots.reshape(-1)))
         n_cols = len(tm.mis_columns)
-        mean, w = np.zeros((len(HEADS), n_cols)), np.zeros((len(HEADS), n_cols))
+        w = np.zeros((n_cols, len(HEADS)))
+        b = np.zeros(len(HEADS))
         for i, h in enumerate(HEADS):
             cols = tm.mis_columns if h == "misclassification" else slice(None)
             head = tm.heads[h]
-            mean[i, cols], w[i, cols] = head.mean, head.w / head.scale
-        buf("head_mean", _f32(mean))
-        buf("head_w", _f32(w))  # w / scale: ((x - mean) / scale) w = (x - mean) (w / scale)
-        buf("head_b", _f32([tm.heads[h].b for h in HEADS]))
-        self.threshold = float(monitor.threshold)
+            wi = np.asarray(head.w, np.float64) / np.asarray(head.scale, np.float64)
+            w[cols, i] = wi
+            b[i] = head.b - np.asarray(head.mean, np.float64) @ wi  # (x - mean) w = x w - mean w
+        mis, anom = HEADS.index("misclassification"), HEADS.index("anomaly")
+        adv, unf = HEADS.index("adversarial"), HEADS.index("unfamiliar")
+        extra_w = np.stack([-w[:, mis], -w[:, anom], w[:, unf] - w[:, adv],
+                            np.zeros(n_cols)], 1)
+        extra_b = np.array([-b[mis], -b[anom], b[unf] - b[adv], 1.0])
+        buf("head_w", _f32(np.hstack([w, extra_w])))
+        buf("head_b", _f32(np.r_[b, extra_b]))
+        n_out = len(HEADS) + 4
+        code = np.zeros(n_out)
+        code[[adv, unf, n_out - 2, n_out - 1]] = (9.0, 3.0, 1.0, 13.0)
+        buf("reason_code", _f32(code))
+        table = np.zeros(27, np.int64)
+        for sa in (-1, 0, 1):
+            for su in (-1, 0, 1):
+                for sd in (-1, 0, 1):
+                    if sa <= 0 and su <= 0:  # max(p_adv, p_unf) <= 1/2
+                        kind = "misclassification-like"
+                    else:  # adversarial when p_adv >= p_unf
+                        kind = "adversarial-like" if sd <= 0 else "unfamiliar"
+                    table[9 * sa + 3 * su + sd + 13] = REASON_KINDS.index(kind)
+        buf("reason_table", torch.as_tensor(table))
+        self.trust_columns = (len(HEADS), len(HEADS) + 2)
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor, concepts: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
         z, s = features, concepts
-        # Columns are kept (N, 1) (keepdim) and joined once: fewer graph nodes, which is
-        # most of the cost at batch 1.
+        c = self.num_classes
         # --- confidence detectors (stable forms, see the module docstring)
-        pred = logits.argmax(1, keepdim=True)
+        pred = logits.argmax(1)
         l_max = logits.max(1, keepdim=True).values
         d = logits - l_max
-        e = torch.exp(d)
-        e_off = torch.where(self.class_index == pred, 0.0, e)
-        r = e_off.sum(1, keepdim=True)
-        q = (e_off * e_off).sum(1, keepdim=True)
-        total = 1.0 + r
-        p = e / total
-        log_total = log1p(r)
-        logsumexp = l_max + log_total
-        entropy = log_total - (p * d).sum(1, keepdim=True)
-        doctor = (2.0 * r + r * r - q) / (1.0 + q)
-        # --- density detectors
-        maha = self._sq_mahalanobis(z, self.maha_whiten, self.maha_means)
-        sim = unit_rows(z) @ self.knn_bank_t
-        kth = torch.topk(sim, self.knn_k, dim=1).values[:, self.knn_k - 1:]
-        knn = torch.sqrt(torch.clamp(2.0 - 2.0 * kth, min=0.0))
-        residual = (((z - self.vim_origin) @ self.vim_basis) ** 2).sum(1, keepdim=True) ** 0.5
-        vim = self.vim_alpha * residual - logsumexp
-        rl = torch.clamp(z, max=self.react_clip) @ self.react_weight_t + self.react_bias
-        rl_max = rl.max(1, keepdim=True).values
-        react = -(rl_max + torch.log(torch.exp(rl - rl_max).sum(1, keepdim=True)))
-        # --- concept detectors
-        cmaha = self._sq_mahalanobis(s, self.cmaha_whiten, self.cmaha_means)
-        su = unit_rows(s)
-        rows = self.heatmap_units[:, pred[:, 0]]  # (3, N, K)
-        sims = (su * rows).sum(-1, keepdim=True)  # (3, N, 1)
-        ok, bad, adv = sims[0], sims[1], sims[2]
-        cols = {
-            "max_logit": -l_max, "energy": -logsumexp, "entropy": entropy,
-            "doctor": doctor, "mahalanobis": maha, "knn": knn, "vim": vim,
-            "react_energy": react, "concept_mahalanobis": cmaha,
-            "heatmap_cosine": bad - ok, "paper_rule": torch.maximum(bad, adv) - ok,
-        }
-        risks = torch.cat([-1.0 / total if n == "msp" else cols[n] for n in RISK_NAMES], 1)
-        # --- trust model: Detector.feature of each risk, hinges, four logistic heads
-        x = torch.cat([r if n == "msp" else cols[n] for n in RISK_NAMES], 1)
+        e_off = torch.where(self.is_class[pred], 0.0, torch.exp(d))
+        rqt = torch.cat([e_off, e_off * e_off, e_off * d], 1) @ self.conf_sums  # r, q, t
+        nd = torch.addmm(self.num_den_b, torch.cat([rqt, rqt * rqt], 1), self.num_den_w)
+        num, den, r = nd.split([3, 3, 1], 1)
+        ratios = num / den  # -1 / (1 + r), t / (1 + r), DOCTOR
+        log1p_r = nn.functional.softplus(torch.log(r))  # log(1 + r), exact for small r
+        # --- linear maps of [z, s], then sums of squares by block
+        y, lin, s2 = torch.addmm(self.lin_b, torch.cat([z, s], 1), self.lin_w
+                                   ).split(self.split_linear, 1)
+        sq = torch.addmm(lin, y * y, self.square_sums)
+        dist, norms2 = sq.split([2 * c, 3], 1)
+        maha = dist.reshape(-1, 2, c).min(2).values  # feature and concept Mahalanobis
+        z_norm, s_norm, residual = (norms2 ** 0.5).split(1, 1)  # |z|, |s|: + 1e-24 inside
+        # every k nearest; the risk reads the k-th (the others have weight 0)
+        nearest = torch.topk(z @ self.knn_bank_t, self.knn_k, dim=1).values / z_norm
+        react_lse = torch.logsumexp(
+            torch.clamp(z, max=self.react_clip) @ self.react_weight_t + self.react_bias, 1,
+            keepdim=True)
+        # --- concept detectors: with u = s / |s| and the predicted class's unit heatmap
+        # rows, ok_bad = u (H_ok - H_bad), adv_bad = u (H_adv - H_bad) per concept; the
+        # contributions are ok_bad where cos(s, H_adv) <= cos(s, H_bad), else
+        # ok_bad - adv_bad (= u (H_ok - H_adv))
+        ok_bad, adv_bad = (self.heatmap_diffs[pred] * (s2 / s_norm)).split(self.num_concepts, 1)
+        adv_wins = adv_bad.sum(1, keepdim=True) > 0
+        contributions = ok_bad - torch.where(adv_wins, adv_bad, 0.0)
+        # --- every risk from the per-input quantities (_build_risks)
+        quantities = torch.cat([l_max, log1p_r, ratios, maha, residual, nearest, react_lse,
+                                ok_bad, contributions], 1)
+        risks = torch.addmm(self.risk_b, quantities, self.risk_w)
+        risks = torch.maximum(risks, self.risk_lo) ** self.risk_power
+        # --- trust model: Detector.feature of each risk, hinges, the heads
+        x = torch.where(self.feature_is_msp, r, risks)
         x = torch.where(self.feature_is_log,
                         torch.log(torch.maximum(x, self.feature_lo) + self.feature_eps), x)
-        if self.design_order is not None:
-            x = x[:, self.design_order]
-        hinges = torch.relu(x[:, self.hinged_index, None] - self.knots).flatten(1)
-        x = torch.cat([x, hinges], 1)
-        head_logits = ((x[:, None, :] - self.head_mean) * self.head_w).sum(-1) + self.head_b
-        ph = torch.sigmoid(head_logits)  # (N, len(HEADS))
+        hinges = torch.relu(torch.addmm(self.hinge_knots, x, self.hinge_select))
+        head_logits = torch.addmm(self.head_b, torch.cat([x, hinges], 1), self.head_w)
+        ph = torch.sigmoid(head_logits)
         p_mis, p_anom, p_adv, p_unf = (ph[:, HEADS.index(h)] for h in HEADS)
-        trust = (1.0 - p_mis) * (1.0 - p_anom)
+        lo, hi = self.trust_columns
+        trust = ph[:, lo:hi].prod(1)  # (1 - p_mis) (1 - p_anom)
         reject = trust < self.threshold
-        reason = torch.where(
-            ~reject, REASON_KINDS.index("accepted"),
-            torch.where(torch.maximum(p_adv, p_unf) <= 0.5,
-                        REASON_KINDS.index("misclassification-like"),
-                        torch.where(p_adv >= p_unf, REASON_KINDS.index("adversarial-like"),
-                                    REASON_KINDS.index("unfamiliar"))))
-        # --- concept contributions (conceptguard.scoring.concept_contributions)
-        contributions = su * (rows[0] - torch.where(adv > bad, rows[2], rows[1]))
-        return (p, pred[:, 0], risks, p_mis, p_anom, p_adv, p_unf, trust, reject, reason,
-                risks[:, RISK_NAMES.index("paper_rule")] > 0, contributions)
-
-    @staticmethod
-    def _sq_mahalanobis(x: torch.Tensor, whiten: torch.Tensor, whitened_means: torch.Tensor
-                        ) -> torch.Tensor:
-        """``min_c |x L - mu_c L|^2`` from explicit differences, as ``ClassGaussians``."""
-        diff = (x @ whiten)[:, None, :] - whitened_means[None]
-        return (diff * diff).sum(-1).min(1, keepdim=True).values
+        code = (torch.sign(head_logits) @ self.reason_code).long()
+        reason = torch.where(reject, self.reason_table[code], 0)
+        return (torch.softmax(logits, 1), pred, risks, p_mis, p_anom, p_adv, p_unf, trust,
+                reject, reason, risks[:, RISK_NAMES.index("paper_rule")] > 0, contributions)
 
 
 class FusedMonitoredClassifier(nn.Module):
@@ -219,32 +331,31 @@ class FusedMonitoredClassifier(nn.Module):
 
 
 def export_monitor_onnx(monitor: Monitor, dims: tuple[int, int, int], path: Path,
-                        opset: int = 17, knn_subsample: int | None = None) -> None:
+                        opset: int = 17) -> None:
     """The monitor alone: ``(logits, features, concepts) -> MONITOR_OUTPUTS`` (the sidecar
     path). ``dims``: ``(classes, features, concepts)``."""
     c, f, k = dims
     dummies = tuple(torch.randn(2, n) for n in (c, f, k))
-    onnx_export(MonitorGraph(monitor, knn_subsample).eval(), dummies, MONITOR_INPUTS,
+    onnx_export(MonitorGraph(monitor).eval(), dummies, MONITOR_INPUTS,
                 MONITOR_OUTPUTS, path, opset)
 
 
 def export_fused_onnx(classifier: MonitoredClassifier, monitor: Monitor,
-                      input_shape: tuple[int, int, int], path: Path, opset: int = 17,
-                      knn_subsample: int | None = None) -> None:
+                      input_shape: tuple[int, int, int], path: Path, opset: int = 17) -> None:
     """One graph: ``images -> (logits, features, concepts, *MONITOR_OUTPUTS)``."""
-    module = FusedMonitoredClassifier(classifier, MonitorGraph(monitor, knn_subsample)).eval()
+    module = FusedMonitoredClassifier(classifier, MonitorGraph(monitor)).eval()
     dummy = torch.rand((2, *input_shape), dtype=torch.float32)
     onnx_export(module, (dummy,), (INPUT_NAME,), FUSED_OUTPUTS, path, opset)
 
 
-def export_bank_fused_onnx(bank, path: Path, opset: int = 17,  # bank: conceptguard.bank.Bank
-                           knn_subsample: int | None = None) -> None:
+def export_bank_fused_onnx(bank, path: Path, opset: int = 17  # bank: conceptguard.bank.Bank
+                           ) -> None:
     """:func:`export_fused_onnx` for a loaded bank (its classifier weights and projection)."""
     from conceptguard.classifier.io import load_classifier
 
     model, spec, _ = load_classifier(bank.classifier_path)
     export_fused_onnx(MonitoredClassifier(model, bank.projection()), bank.monitor,
-                      spec.input_shape, path, opset, knn_subsample)
+                      spec.input_shape, path, opset)
 
 
 def add_fused_graph(path: Path | str, opset: int = 17) -> Path:

@@ -11,18 +11,23 @@ import pytest
 import torch
 
 from conceptguard.bank import load_bank
-from conceptguard.calibration import Batch
+from conceptguard.calibration import Batch, DetectorConfig
 from conceptguard.classifier.inference import to_tensor
 from conceptguard.classifier.io import load_classifier
 from conceptguard.data import load_source, make_splits
 from conceptguard.detectors import (
     BASELINES,
     DETECTORS,
+    KNN,
+    DetectorSettings,
+    FitData,
     Outputs,
     detector_risks,
     detectors_from_state,
     detectors_state,
+    stratified_subset,
 )
+from conceptguard.projection import unit_rows
 from conceptguard.runtime import OnnxRuntime
 from offline.config import load_config
 
@@ -50,13 +55,19 @@ def demo(demo_bank_path: Path):
     return bank, ref, tst, model
 
 
+def _knn_rows(bank, labels: np.ndarray) -> np.ndarray:
+    """The reference rows the bank's KNN was fitted on, from the settings it was built with."""
+    cfg = DetectorConfig(**bank.manifest.calibration["spec"]["detectors"])
+    return stratified_subset(labels, cfg.knn_reference, cfg.knn_seed)
+
+
 def _t(a: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, np.float32))
 
 
 def test_every_baseline_matches_pytorch_ood(demo) -> None:
+    from pytorch_ood.detector import KNN as OodKNN
     from pytorch_ood.detector import (
-        KNN,
         EnergyBased,
         Entropy,
         Mahalanobis,
@@ -73,13 +84,15 @@ def test_every_baseline_matches_pytorch_ood(demo) -> None:
     head = model.head
     w, b = head.weight.detach(), head.bias.detach()
     d = bank.monitor.detectors
+    knn_rows = torch.as_tensor(_knn_rows(bank, ref.labels))
     theirs = {
         "msp": MaxSoftmax.score(logits),
         "max_logit": MaxLogit.score(logits),
         "energy": EnergyBased.score(logits),
         "entropy": Entropy.score(logits),
         "mahalanobis": Mahalanobis(None).fit_features(zr, yr).predict_features(z),
-        "knn": KNN(None, k=d["knn"].k).fit_features(zr, yr).predict_features(z),
+        "knn": OodKNN(None, k=d["knn"].k).fit_features(zr[knn_rows], yr[knn_rows])
+        .predict_features(z),
         "vim": ViM(None, d=d["vim"].residual_basis.shape[0] - d["vim"].residual_basis.shape[1],
                    w=w, b=b).fit_features(zr, yr).predict_features(z),
     }
@@ -128,3 +141,60 @@ def test_risks_rise_on_foreign_inputs(demo) -> None:
     near = detector_risks(bank.monitor.detectors, tst.outputs)
     for name in ("mahalanobis", "knn", "vim"):
         assert np.median(far[name]) > np.quantile(near[name], 0.9), name
+
+
+def test_knn_reference_subset_is_class_stratified_and_seeded() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.choice(4, size=1003, p=[0.4, 0.3, 0.2, 0.1])
+    rows = stratified_subset(labels, 250, seed=0)
+    assert len(rows) == 250 and len(np.unique(rows)) == 250
+    assert np.all(np.diff(rows) > 0)  # sorted, in the reference split's order
+    counts, kept = np.bincount(labels, minlength=4), np.bincount(labels[rows], minlength=4)
+    np.testing.assert_array_less(np.abs(kept - counts * 250 / len(labels)), 1.0)
+    np.testing.assert_array_equal(stratified_subset(labels, 250, seed=0), rows)
+    assert not np.array_equal(stratified_subset(labels, 250, seed=1), rows)
+    np.testing.assert_array_equal(stratified_subset(labels, None, seed=0),
+                                  np.arange(len(labels)))
+    np.testing.assert_array_equal(stratified_subset(labels, 5000, seed=0),
+                                  np.arange(len(labels)))
+
+
+def test_knn_fit_keeps_the_seeded_subset(demo) -> None:
+    bank, ref, _, _ = demo
+    heat = bank.monitor.heatmaps
+
+    def fit(size: int | None, seed: int = 0) -> KNN:
+        data = FitData(ref.outputs, ref.labels, bank.monitor.num_classes, heat.h_ok,
+                       heat.h_bad, heat.h_adv, DetectorSettings(knn_reference=size,
+                                                                knn_seed=seed))
+        knn = KNN.fit(data)
+        assert isinstance(knn, KNN)
+        return knn
+
+    a, b = fit(300), fit(300)
+    np.testing.assert_array_equal(a.bank, b.bank)  # the same fit twice: the same subset
+    assert not np.array_equal(fit(300, seed=1).bank, a.bank)
+    rows = stratified_subset(ref.labels, 300, 0)
+    np.testing.assert_array_equal(a.bank, unit_rows(ref.features.astype(np.float64))[rows]
+                                  .astype(np.float32))
+    assert len(fit(None).bank) == len(ref.labels)
+
+
+def test_shipped_bank_knn_holds_its_stratified_subset(demo) -> None:
+    """The bank's KNN reference set is the subset its settings name (rows of the reference
+    split's unit features, every class in proportion), and it round-trips through the bank's
+    tensors unchanged."""
+    bank, ref, _, _ = demo
+    knn = bank.monitor.detectors["knn"]
+    assert isinstance(knn, KNN)
+    rows = _knn_rows(bank, ref.labels)
+    assert knn.bank.shape == (len(rows), ref.features.shape[1])
+    np.testing.assert_allclose(knn.bank, unit_rows(ref.features.astype(np.float64))[rows],
+                               rtol=0, atol=1e-5)
+    counts = np.bincount(ref.labels[rows], minlength=bank.monitor.num_classes)
+    assert counts.max() - counts.min() <= np.ptp(np.bincount(ref.labels)) * len(rows) / \
+        len(ref.labels) + 1
+    again = detectors_from_state(detectors_state(bank.monitor.detectors))["knn"]
+    assert isinstance(again, KNN)
+    np.testing.assert_array_equal(again.bank, knn.bank)
+    assert again.k == knn.k
