@@ -15,6 +15,7 @@ consecutive slices of ``batch_size`` and call the same stage function on each:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,6 +87,7 @@ class RayEngine:
 
     def __init__(self, workers: int = 2, address: str | None = None) -> None:
         import ray
+        import ray.data
 
         self.workers = max(1, workers)
         self._local = LocalEngine()  # empty inputs: nothing to distribute
@@ -101,7 +103,9 @@ class RayEngine:
                 ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
                          runtime_env=env)
             self._started = True
-            ray.data.DataContext.get_current().enable_progress_bars = False
+        # the build prints one line per stage; Ray Data's per-dataset lines would drown them
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     def map(self, stage: str, columns: Batch, *, batch_size: int = 256, **spec: Any
             ) -> Batch:
