@@ -104,9 +104,10 @@ class Context:
     def map(self, stage_name: str, columns: dict[str, np.ndarray], *,
             cache: tuple[str, dict[str, Any]] | None = None, keep: tuple[str, ...] = (),
             **spec: Any) -> dict[str, np.ndarray]:
-        """A per-image stage of :mod:`offline.stages` over ``columns`` on the engine; with
-        ``cache`` ``(name, inputs)``, its ``keep`` outputs are cached (``keep`` renames
-        ``output=stored`` pairs written as ``"output:stored"``)."""
+        """A per-image stage of :mod:`offline.stages` over ``columns`` on the engine
+        (``spec``: the stage's model, as ``build_stage_fn`` takes it, and ``batch_size``).
+        ``keep``: return only these outputs, each ``"name"`` or ``"name:stored"`` (returned
+        and cached as ``stored``); ``cache`` ``(name, inputs)``: cache them under that key."""
         def run() -> dict[str, np.ndarray]:
             out = self.engine.map(stage_name, columns, **spec)
             if not keep:
@@ -123,10 +124,6 @@ class Models:
     ctx: Context
     classifier: Path
     onnx: Path
-
-    @property
-    def progress(self) -> bool:
-        return self.ctx.progress
 
     def served(self, images: np.ndarray, labels: np.ndarray) -> Batch:
         """Outputs of the exported serving graph (the served-outputs stage)."""
