@@ -5,7 +5,9 @@ scaled down so the whole run fits in a few minutes on 2 cores) in a temporary ca
 output folder, then prints the stage timings, the share of each stage and the slowest one.
 
     .venv/bin/python benchmarks/offline.py [--config configs/fashion-mnist-demo.yaml]
-                                           [--scale 0.25]
+                                           [--scale 0.25] [--engine local|ray] [--workers 2]
+
+``--engine ray`` runs the per-image stages on Ray Data (``build-bank --engine ray``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if p != str(_HERE)), str
 from _common import REPO, emit, machine  # noqa: E402
 
 from offline.config import load_config  # noqa: E402
+from offline.engine import make_engine  # noqa: E402
 from offline.pipeline import build_bank  # noqa: E402
 
 
@@ -30,6 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "fashion-mnist-demo.yaml")
     ap.add_argument("--scale", type=float, default=0.25)
+    ap.add_argument("--engine", choices=["local", "ray"], default="local")
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     cfg = load_config(args.config)
     if not cfg.classifier.path.is_absolute():
@@ -42,14 +47,19 @@ def main() -> None:
     cfg.evaluation.vlm_test_images = max(100, int(cfg.evaluation.vlm_test_images * args.scale))
     with tempfile.TemporaryDirectory() as tmp:
         cfg.cache_dir = Path(tmp) / "cache"
-        out = build_bank(cfg, Path(tmp) / "bank", progress=False)
+        engine = make_engine(args.engine, workers=args.workers)
+        try:
+            out = build_bank(cfg, Path(tmp) / "bank", progress=False, engine=engine)
+        finally:
+            engine.close()
         metrics = json.loads((out / "report" / "metrics.json").read_text())
     timings = metrics["timings_s"]
     total = sum(timings.values())
     n_vlm = sp.fit + sp.reference + min(cfg.evaluation.vlm_test_images, sp.test) \
         + metrics["misclassification"]["n_wrong"]
     emit("offline", {
-        **machine(), "scale": args.scale,
+        **machine(), "scale": args.scale, "engine": args.engine,
+        "workers": args.workers if args.engine == "ray" else 1,
         "splits": {"fit": sp.fit, "reference": sp.reference, "calibration": sp.calibration,
                    "test": sp.test, "adversarial_per_split": cfg.adversarial.per_split},
         "vlm": cfg.vlm.model_dump(),

@@ -88,8 +88,19 @@ def run_attack(model: nn.Module, images: torch.Tensor, labels: np.ndarray, spec:
     for i, start in enumerate(tqdm(range(0, len(images), batch_size),
                                    desc=f"attack {spec.name}", disable=not progress,
                                    leave=False)):
-        torch.manual_seed(seed * 100_003 + i)  # random starts: seeded per batch
-        x = images[start:start + batch_size]
-        y = y_all[start:start + batch_size]
-        out.append(attack(x, y).detach().clamp(0.0, 1.0))
+        out.append(attack_batch(attack, images[start:start + batch_size],
+                                y_all[start:start + batch_size], batch_seed(seed, i)))
     return torch.cat(out) if out else images.clone()
+
+
+def batch_seed(seed: int, i: int) -> int:
+    """The torch seed of batch ``i`` of an attack run seeded ``seed`` (random starts)."""
+    return seed * 100_003 + i
+
+
+def attack_batch(attack, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    """One batch through a built attack (:func:`build_attack`), its random draws seeded:
+    the result depends on the batch's rows and ``seed`` only, so any engine that gives the
+    attack the same batches gets the same images."""
+    torch.manual_seed(seed)
+    return attack(x, y).detach().clamp(0.0, 1.0)

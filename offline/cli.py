@@ -53,13 +53,19 @@ def _train_demo(args: argparse.Namespace) -> int:
 
 def _build_bank(args: argparse.Namespace) -> int:
     from offline.config import load_config
+    from offline.engine import make_engine
     from offline.pipeline import build_bank
 
     cfg = load_config(args.config)
     if args.cache_dir:
         cfg.cache_dir = Path(args.cache_dir)
     t0 = time.perf_counter()
-    out = build_bank(cfg, Path(args.out), progress=not args.quiet, use_cache=not args.no_cache)
+    engine = make_engine(args.engine, workers=args.workers, address=args.ray_address)
+    try:
+        out = build_bank(cfg, Path(args.out), progress=not args.quiet,
+                         use_cache=not args.no_cache, engine=engine)
+    finally:
+        engine.close()
     render_report(out)  # the full report: curves and examples from the published bank
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     print(json.dumps(headline(metrics), indent=2))
@@ -216,6 +222,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-dir", type=Path, default=None)
     b.add_argument("--no-cache", action="store_true", help="recompute every stage")
     b.add_argument("--quiet", action="store_true")
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="where the per-image stages (classifier features, VLM embeddings, "
+                        "attacks, served outputs, scoring) run: this process, or Ray Data "
+                        "map_batches with the same stage functions (pip install "
+                        "'conceptguard[ray]'); the rest runs in this process either way")
+    b.add_argument("--workers", type=int, default=2,
+                   help="with --engine ray: stage tasks at once (one CPU each; a local Ray "
+                        "gets this many CPUs)")
+    b.add_argument("--ray-address", default=None,
+                   help="with --engine ray: a running cluster (default: RAY_ADDRESS, else a "
+                        "local Ray)")
     b.set_defaults(func=_build_bank)
 
     f = sub.add_parser("inject-faults",

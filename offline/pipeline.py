@@ -1,9 +1,19 @@
 """build-bank: from a dataset and a classifier to a validated bank and its report.
 
-Stages (each timed, cached where expensive): data, classifier features, VLM embeddings,
-concept matrices, aligner, projection, adversarial, heatmaps, calibration, evaluation,
-fault localisation, export (ONNX), fused graph (``monitor.onnx``), report. The math lives in
-``conceptguard``; this module only orchestrates and does I/O.
+The job is a list of named stages (:data:`STAGES`) over a typed build state
+(:class:`BuildState`): each stage is a function ``(ctx, state) -> output`` that reads the
+outputs of earlier stages from ``state`` and returns its own (a small frozen dataclass, or an
+array batch), which the runner (:func:`run_stages`) stores under the stage's name, timing it
+and printing progress. Stages: data, classifier (features), vlm (texts and image
+embeddings), aligner, projection, export (ONNX), served_outputs, adversarial, stream,
+heatmaps, calibration, evaluation_sets, evaluation, vlm (the test images), fault
+localisation, tensors, fused graph (``monitor.onnx``), report.
+
+The per-image work (classifier features, VLM embeddings, attacks, served outputs, scoring)
+goes through one call, :meth:`Context.map`: the engine (:mod:`offline.engine`: this process,
+or Ray Data) runs the stage function of :mod:`offline.stages`, and the expensive ones are
+cached (``offline.cache``) under a key of every input that determines them. The math lives
+in ``conceptguard``; this module only orchestrates and does I/O.
 """
 
 from __future__ import annotations
@@ -12,20 +22,23 @@ import datetime as dt
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from conceptguard import bank as bankio
-from conceptguard.aligner import fit_aligner, mean_cosine, r2_score
-from conceptguard.calibration import fit_monitor
+from conceptguard.aligner import Aligner, fit_aligner, mean_cosine, r2_score
+from conceptguard.attacks import AttackSpec
+from conceptguard.calibration import Batch, FittedMonitor, fit_monitor
 from conceptguard.classifier.inference import predict, to_tensor
 from conceptguard.classifier.io import load_classifier
 from conceptguard.concepts import ConceptSet, class_matrix, concept_matrix, load_concept_set
 from conceptguard.data import ArrayDataset, load_source, make_splits
+from conceptguard.data.splits import Splits
 from conceptguard.export import MonitoredClassifier, export_onnx
 from conceptguard.faults import fault_report
 from conceptguard.heatmaps import Heatmaps, binarise, build_heatmaps
@@ -33,17 +46,18 @@ from conceptguard.monitor_graph import check_fused_graph, export_fused_onnx
 from conceptguard.monitor_io import monitor_from_tensors, monitor_tensors
 from conceptguard.projection import aligned_embedding, project_features, raw_concept_scores
 from conceptguard.runtime import OnnxRuntime
-from conceptguard.scoring import Scores, score
+from conceptguard.scoring import Scores
 from conceptguard.threads import single_threaded_blas
 from conceptguard.trust import feature_names
 from conceptguard.vlm import VLMBackend, create_vlm
 from offline.cache import ArrayCache
 from offline.config import JobConfig
+from offline.engine import Engine, LocalEngine
 from offline.evaluate import evaluate
 from offline.progress import stage
 from offline.report import write_report
-from offline.stages import classifier_features, run_batched
-from offline.stream import attacked, evaluation_sets, fitting_stream, served
+from offline.stages import IMAGE, attack_columns, scores_from_columns
+from offline.stream import attacked, evaluation_sets, fitting_stream
 
 
 class LazyVLM:
@@ -65,13 +79,69 @@ class LazyVLM:
 
 @dataclass
 class Context:
+    """What every stage may use: the config, the cache, the engine of the per-image stages,
+    the staging folder being written, and the timings the runner records."""
+
     cfg: JobConfig
     cache: ArrayCache
     progress: bool
     timings: dict[str, float] = field(default_factory=dict)
+    engine: Engine = field(default_factory=LocalEngine)
+    staging: Path = Path(".")
+    vlm: LazyVLM = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vlm = LazyVLM(self.cfg)
 
     def stage(self, name: str):
         return stage(name, self.timings, quiet=not self.progress)
+
+    def cached(self, name: str, inputs: dict[str, Any] | None,
+               compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """``compute()``, or its cached arrays under ``name`` + ``inputs`` (None: uncached)."""
+        return compute() if inputs is None else self.cache.get_or_compute(name, inputs, compute)
+
+    def map(self, stage_name: str, columns: dict[str, np.ndarray], *,
+            cache: tuple[str, dict[str, Any]] | None = None, keep: tuple[str, ...] = (),
+            **spec: Any) -> dict[str, np.ndarray]:
+        """A per-image stage of :mod:`offline.stages` over ``columns`` on the engine
+        (``spec``: the stage's model, as ``build_stage_fn`` takes it, and ``batch_size``).
+        ``keep``: return only these outputs, each ``"name"`` or ``"name:stored"`` (returned
+        and cached as ``stored``); ``cache`` ``(name, inputs)``: cache them under that key."""
+        def run() -> dict[str, np.ndarray]:
+            out = self.engine.map(stage_name, columns, **spec)
+            if not keep:
+                return out
+            pairs = [k.split(":") if ":" in k else (k, k) for k in keep]
+            return {stored: out[name] for name, stored in pairs}
+        return self.cached(*cache, run) if cache else run()
+
+
+@dataclass(frozen=True)
+class Models:
+    """The per-image stages bound to this build's files (what :mod:`offline.stream` calls)."""
+
+    ctx: Context
+    classifier: Path
+    onnx: Path
+
+    def served(self, images: np.ndarray, labels: np.ndarray) -> Batch:
+        """Outputs of the exported serving graph (the served-outputs stage)."""
+        if len(images) == 0:
+            raise ValueError("served: no images")
+        out = self.ctx.map("served", {IMAGE: images}, onnx=str(self.onnx))
+        return Batch(out["logits"], out["features"], out["concepts"],
+                     np.asarray(labels).astype(np.int64))
+
+    def attack(self, key: dict, images: np.ndarray, labels: np.ndarray, spec: AttackSpec,
+               seed: int) -> np.ndarray:
+        """Adversarial uint8 images of ``images`` (one run seeded ``seed``; cached)."""
+        columns = {IMAGE: images, "label": np.asarray(labels, np.int64),
+                   **attack_columns(len(images), seed)}
+        return self.ctx.map("attack", columns, keep=("adversarial:images",),
+                            cache=("adversarial-images", {**key, "seed": seed}),
+                            classifier=str(self.classifier),
+                            attack=spec.model_dump())["images"]
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -85,28 +155,393 @@ def _concept_set_digest(cs: ConceptSet) -> str:
     return hashlib.sha256(cs.model_dump_json().encode()).hexdigest()[:20]
 
 
-def torch_features(ctx: Context, model, chash: str, ds: ArrayDataset, split: str,
+def torch_features(ctx: Context, classifier: Path, chash: str, images: np.ndarray, split: str,
                    data_key: str) -> np.ndarray:
     """Penultimate features from the torch classifier (fit and reference splits: the
     aligner and the standardisation are fitted on them before the graph is exported)."""
-    return ctx.cache.get_or_compute(
-        "classifier", {"hash": chash, "data": data_key, "split": split},
-        lambda: {"features": run_batched(partial(classifier_features, model),
-                                         ds.images)["features"]})["features"]
+    return ctx.map("classifier", {IMAGE: images}, keep=("features",),
+                   cache=("classifier", {"hash": chash, "data": data_key, "split": split}),
+                   classifier=str(classifier))["features"]
 
 
 def vlm_embeddings(ctx: Context, vlm: LazyVLM, images: np.ndarray, key: str) -> np.ndarray:
-    return ctx.cache.get_or_compute(
-        "vlm-images", {"vlm": vlm.id, "images": key},
-        lambda: {"v": vlm.get().encode_images(images, progress=ctx.progress)})["v"]
+    """The VLM's image embeddings (cached under the VLM spec and ``key``)."""
+    return ctx.map("vlm", {IMAGE: images}, keep=("embedding:v",),
+                   cache=("vlm-images", {"vlm": vlm.id, "images": key}),
+                   vlm=ctx.cfg.vlm.model_dump())["v"]
 
 
-def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: bool = True
-               ) -> Path:
-    """Run every stage and publish the bank folder at ``out`` (atomically)."""
+# ------------------------------------------------------------------ stage outputs
+
+
+@dataclass(frozen=True)
+class DataOut:
+    ds: dict[str, ArrayDataset]  # fit, reference, calibration, test
+    splits: Splits
+    key: str  # the data spec and split digest: the data part of every cache key
+    classes: list[str]
+
+
+@dataclass(frozen=True)
+class ClassifierOut:
+    model: torch.nn.Module
+    spec: Any  # ClassifierSpec
+    hash: str
+    path: Path
+    z_fit: np.ndarray
+    z_ref: np.ndarray
+
+
+@dataclass(frozen=True)
+class VLMOut:
+    concept_set: ConceptSet
+    T: np.ndarray  # concept text embeddings (K, m)
+    class_T: np.ndarray  # class prompt embeddings (C, m)
+    v_fit: np.ndarray
+    v_ref: np.ndarray
+
+
+@dataclass(frozen=True)
+class AlignerOut:
+    aligner: Aligner
+    info: dict
+
+
+@dataclass(frozen=True)
+class ProjectionOut:
+    tensors: dict[str, np.ndarray]  # aligner, concepts and standardisation tensors
+    o_mu: np.ndarray  # the VLM's own concept scores on the reference split: mean, std
+    o_sigma: np.ndarray
+    o_ref: np.ndarray
+
+
+@dataclass(frozen=True)
+class ExportOut:
+    onnx: Path
+    models: Models
+
+
+@dataclass(frozen=True)
+class ServedOut:
+    outs: dict[str, Batch]  # reference, calibration, test
+    test_accuracy: float
+
+
+@dataclass(frozen=True)
+class HeatmapsOut:
+    model: Heatmaps
+    vlm: Heatmaps
+
+
+@dataclass(frozen=True)
+class EvalSetsOut:
+    sets: dict[str, dict[str, Batch]]
+    attempted: dict[str, int]
+
+
+@dataclass(frozen=True)
+class EvaluationOut:
+    clean: Scores
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class VLMTestOut:
+    idx: np.ndarray  # test rows the VLM embedded
+    first_n: int  # the first ``first_n`` of them: the zero-shot sample
+    v: np.ndarray
+
+
+@dataclass
+class BuildState:
+    """Each stage's output under the stage's name; a field is unset until its stage ran
+    (reading it earlier raises AttributeError), so a stage can be run alone on a state
+    holding just what it reads."""
+
+    data: DataOut = field(init=False)
+    classifier: ClassifierOut = field(init=False)
+    vlm: VLMOut = field(init=False)
+    aligner: AlignerOut = field(init=False)
+    projection: ProjectionOut = field(init=False)
+    export: ExportOut = field(init=False)
+    served_outputs: ServedOut = field(init=False)
+    adversarial: Batch = field(init=False)
+    stream: Batch = field(init=False)
+    heatmaps: HeatmapsOut = field(init=False)
+    calibration: FittedMonitor = field(init=False)
+    evaluation_sets: EvalSetsOut = field(init=False)
+    evaluation: EvaluationOut = field(init=False)
+    vlm_test: VLMTestOut = field(init=False)
+    fault_localisation: dict = field(init=False)
+    tensors: dict = field(init=False)
+    fused_graph: Path = field(init=False)
+    report: bankio.Manifest = field(init=False)
+
+
+# ------------------------------------------------------------------ stages
+
+
+def data_stage(ctx: Context, state: BuildState) -> DataOut:
+    cfg = ctx.cfg
+    train, test = load_source(cfg.data)
+    splits = make_splits(len(train), len(test), cfg.splits)
+    ds = {"fit": train.subset(splits.fit), "reference": train.subset(splits.reference),
+          "calibration": train.subset(splits.calibration), "test": test.subset(splits.test)}
+    return DataOut(ds, splits, f"{cfg.data.model_dump_json()}|{splits.digest()}",
+                   train.classes)
+
+
+def classifier_stage(ctx: Context, state: BuildState) -> ClassifierOut:
+    d = state.data
+    path = Path(ctx.cfg.classifier.path)
+    model, cspec, chash = load_classifier(path)
+    if cspec.num_classes != len(d.classes):
+        raise ValueError(f"classifier has {cspec.num_classes} classes, the dataset "
+                         f"{len(d.classes)}")
+    z = {s: torch_features(ctx, path, chash, d.ds[s].images, s, d.key)
+         for s in ("fit", "reference")}
+    return ClassifierOut(model, cspec, chash, path, z["fit"], z["reference"])
+
+
+def vlm_stage(ctx: Context, state: BuildState) -> VLMOut:
+    cfg, d, vlm = ctx.cfg, state.data, ctx.vlm
+    cs = load_concept_set(cfg.concepts)
+    names = cfg.class_prompts or d.classes
+    texts = ctx.cached(
+        "vlm-texts", {"vlm": vlm.id, "concepts": _concept_set_digest(cs), "classes": names},
+        lambda: {"T": concept_matrix(vlm.get(), cs),
+                 "C": class_matrix(vlm.get(), names, cs.class_templates, cs.class_aliases)})
+    v = {s: vlm_embeddings(ctx, vlm, d.ds[s].images, f"{d.key}|{s}")
+         for s in ("fit", "reference")}
+    return VLMOut(cs, texts["T"], texts["C"], v["fit"], v["reference"])
+
+
+def aligner_stage(ctx: Context, state: BuildState) -> AlignerOut:
+    c, v = state.classifier, state.vlm
+    aligner = fit_aligner(c.z_fit, v.v_fit, seed=ctx.cfg.seed)
+    pred_ref = aligner.transform(c.z_ref)
+    return AlignerOut(aligner, {
+        "heldout_r2": round(r2_score(pred_ref, v.v_ref), 5),
+        "heldout_cosine": round(mean_cosine(pred_ref, v.v_ref), 5),
+        "lambda": aligner.lam, "fit_n": len(v.v_fit), "heldout_n": len(v.v_ref),
+        "heldout_split": "reference"})
+
+
+def projection_stage(ctx: Context, state: BuildState) -> ProjectionOut:
+    a, T, v_ref = state.aligner.aligner, state.vlm.T, state.vlm.v_ref
+    raw_ref = raw_concept_scores(state.classifier.z_ref.astype(np.float64),
+                                 a.W.astype(np.float64), a.b.astype(np.float64),
+                                 T.astype(np.float64))
+    mu, sigma = raw_ref.mean(0), np.maximum(raw_ref.std(0), 1e-6)
+    projection = {"aligner.W": a.W, "aligner.b": a.b, "concepts.T": T,
+                  "projection.mu": mu.astype(np.float32),
+                  "projection.sigma": sigma.astype(np.float32)}
+    o_ref_raw = v_ref @ T.T
+    o_mu, o_sigma = o_ref_raw.mean(0), np.maximum(o_ref_raw.std(0), 1e-6)
+    return ProjectionOut(projection, o_mu, o_sigma, (o_ref_raw - o_mu) / o_sigma)
+
+
+def export_stage(ctx: Context, state: BuildState) -> ExportOut:
+    c, staging = state.classifier, ctx.staging
+    shutil.copyfile(c.path, staging / bankio.CLASSIFIER)
+    onnx = staging / bankio.ONNX
+    export_onnx(MonitoredClassifier(c.model, state.projection.tensors), c.spec.input_shape,
+                onnx)
+    rt = OnnxRuntime(onnx, device="cpu")
+    check_onnx_matches(rt, c.model, state.data.ds["test"].images[:64],
+                       state.projection.tensors)
+    return ExportOut(onnx, Models(ctx, c.path, onnx))
+
+
+def served_outputs_stage(ctx: Context, state: BuildState) -> ServedOut:
+    ds, m = state.data.ds, state.export.models
+    outs = {name: m.served(ds[name].images, ds[name].labels)
+            for name in ("reference", "calibration", "test")}
+    t = outs["test"]
+    return ServedOut(outs, float((t.predictions == t.labels).mean()))
+
+
+def _attack_key(state: BuildState) -> dict:
+    return {"hash": state.classifier.hash, "data": state.data.key}
+
+
+def adversarial_stage(ctx: Context, state: BuildState) -> Batch:
+    """The heatmap attack on the reference split; its successful inputs (for H_adv)."""
+    cfg = ctx.cfg
+    adv, _ = attacked(state.export.models, {**_attack_key(state), "split": "reference"},
+                      state.data.ds["reference"], state.served_outputs.outs["reference"],
+                      cfg.adversarial.heatmap_attack, cfg.adversarial.per_split, cfg.seed + 1)
+    return adv.select(adv.wrong)
+
+
+def stream_stage(ctx: Context, state: BuildState) -> Batch:
+    return fitting_stream(state.export.models, ctx.cfg, _attack_key(state),
+                          state.data.ds["calibration"],
+                          state.served_outputs.outs["calibration"], ctx.cfg.seed)
+
+
+def heatmaps_stage(ctx: Context, state: BuildState) -> HeatmapsOut:
+    r, adv, k = state.served_outputs.outs["reference"], state.adversarial, ctx.cfg.heatmaps
+    n = len(state.data.classes)
+    return HeatmapsOut(
+        build_heatmaps(r.concepts, r.labels, r.predictions, n, adv_scores=adv.concepts,
+                       adv_predictions=adv.predictions, min_count=k.min_count),
+        build_heatmaps(state.projection.o_ref, r.labels, r.predictions, n,
+                       min_count=k.min_count))
+
+
+def calibration_stage(ctx: Context, state: BuildState) -> FittedMonitor:
+    return fit_monitor(state.served_outputs.outs["reference"], state.heatmaps.model,
+                       state.stream, ctx.cfg.calibration, ctx.cfg.seed)
+
+
+def evaluation_sets_stage(ctx: Context, state: BuildState) -> EvalSetsOut:
+    sets, attempted = evaluation_sets(state.export.models, ctx.cfg, _attack_key(state),
+                                      state.data.ds["test"], state.served_outputs.outs["test"],
+                                      ctx.cfg.seed)
+    return EvalSetsOut(sets, attempted)
+
+
+def evaluation_stage(ctx: Context, state: BuildState) -> EvaluationOut:
+    cfg, fitted, t = ctx.cfg, state.calibration, state.served_outputs.outs["test"]
+    clean = scores_from_columns(ctx.map(
+        "scoring", {"logits": t.logits, "features": t.features, "concepts": t.concepts},
+        batch_size=4096, monitor=fitted.monitor))
+    e = state.evaluation_sets
+    metrics: dict = {
+        "bank": cfg.name,
+        "classifier": {"test_accuracy": round(state.served_outputs.test_accuracy, 5),
+                       "hash": state.classifier.hash, "n_test": len(t)},
+        "aligner": state.aligner.info,
+        **evaluate(cfg, fitted, state.stream, clean, t.labels, e.sets, e.attempted, cfg.seed),
+        "calibration": fitted.info,
+    }
+    return EvaluationOut(clean, metrics)
+
+
+def vlm_test_stage(ctx: Context, state: BuildState) -> VLMTestOut:
+    """The oracle on test images: the first ``vlm_test_images`` and every misclassified."""
+    t, d = state.served_outputs.outs["test"], state.data
+    first = np.zeros(len(t), bool)
+    first[: ctx.cfg.evaluation.vlm_test_images] = True
+    idx = np.flatnonzero(first | (t.predictions != t.labels))
+    v = vlm_embeddings(ctx, ctx.vlm, d.ds["test"].images[idx],
+                       f"{d.key}|test|{_digest(idx)}")
+    return VLMTestOut(idx, int(first.sum()), v)
+
+
+def fault_localisation_stage(ctx: Context, state: BuildState) -> dict:
+    """metrics.json's ``vlm`` and ``fault_localisation`` sections."""
+    cfg, t, vt, class_T = (ctx.cfg, state.served_outputs.outs["test"], state.vlm_test,
+                           state.vlm.class_T)
+    a = state.aligner.aligner
+    oracle = (vt.v @ class_T.T).argmax(1)
+    enc = (aligned_embedding(t.features[vt.idx], a.W, a.b) @ class_T.T).argmax(1)
+    labels_sub, n = t.labels[vt.idx], vt.first_n
+    out: dict = {"vlm": {
+        "id": ctx.vlm.get().id,
+        "backend": cfg.vlm.backend,
+        "zero_shot_accuracy": round(float((oracle[:n] == labels_sub[:n]).mean()), 5),
+        "zero_shot_n": n,
+        "encoder_view_zero_shot_accuracy": round(float((enc[:n] == labels_sub[:n]).mean()),
+                                                 5),
+        "note": ("ConSE-style (EfficientNet-Lite0 ImageNet probabilities mixed over "
+                 "MiniLM text embeddings); not CLIP" if cfg.vlm.backend == "conse"
+                 else "open_clip"),
+    }}
+    faults = fault_report(labels_sub, t.predictions[vt.idx], oracle, enc,
+                          t.concepts[vt.idx], state.heatmaps.model.ok, state.data.classes,
+                          state.vlm.concept_set.names, cfg.evaluation.top_concepts)
+    out["fault_localisation"] = {**faults.counts, "misclassified": int(len(faults.verdicts)),
+                                 "pairs": faults.pairs[:15]}
+    return out
+
+
+def tensors_stage(ctx: Context, state: BuildState) -> dict[str, np.ndarray]:
+    p, hm = state.projection, state.heatmaps
+    tensors = bank_tensors(p.tensors, state.vlm.class_T, hm.model, hm.vlm,
+                           state.calibration.monitor, ctx.cfg.heatmaps.delta, p.o_mu,
+                           p.o_sigma)
+    bankio.write_tensors(ctx.staging, tensors)
+    return tensors
+
+
+def fused_graph_stage(ctx: Context, state: BuildState) -> Path:
+    """The monitor as the bank stores it (float32 tensors) in one graph with the model."""
+    c, path = state.classifier, ctx.staging / bankio.FUSED_ONNX
+    stored = monitor_from_tensors(state.tensors, state.calibration.monitor.threshold)
+    export_fused_onnx(MonitoredClassifier(c.model, state.projection.tensors), stored,
+                      c.spec.input_shape, path)
+    check_fused_graph(stored, path, to_tensor(state.data.ds["test"].images[:64]).numpy())
+    return path
+
+
+def build_metrics(ctx: Context, state: BuildState) -> dict:
+    return {**state.evaluation.metrics, **state.fault_localisation,
+            "timings_s": dict(ctx.timings)}
+
+
+def report_stage(ctx: Context, state: BuildState) -> bankio.Manifest:
+    """The manifest (with the timings so far) and the report."""
+    metrics = build_metrics(ctx, state)
+    c, fitted = state.classifier, state.calibration
+    manifest = make_manifest(ctx.cfg, metrics, state.vlm.concept_set, c.spec, c.hash,
+                             state.data.splits, state.heatmaps.model, fitted.info,
+                             fitted.monitor.threshold, state.data.classes,
+                             state.vlm.T.shape[1], c.model.feature_dim)
+    write_report(ctx.staging / "report", manifest, state.tensors, metrics)
+    return manifest
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named step of the job: ``run(ctx, state)``'s output is stored as ``state.<name>``;
+    its wall time is added to ``timings_s[timing or name]``."""
+
+    name: str
+    run: Callable[[Context, BuildState], Any]
+    timing: str | None = None
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", data_stage),
+    Stage("classifier", classifier_stage),
+    Stage("vlm", vlm_stage),
+    Stage("aligner", aligner_stage),
+    Stage("projection", projection_stage),
+    Stage("export", export_stage),
+    Stage("served_outputs", served_outputs_stage),
+    Stage("adversarial", adversarial_stage),
+    Stage("stream", stream_stage),
+    Stage("heatmaps", heatmaps_stage),
+    Stage("calibration", calibration_stage),
+    Stage("evaluation_sets", evaluation_sets_stage),
+    Stage("evaluation", evaluation_stage),
+    Stage("vlm_test", vlm_test_stage, timing="vlm"),
+    Stage("fault_localisation", fault_localisation_stage),
+    Stage("tensors", tensors_stage),
+    Stage("fused_graph", fused_graph_stage),
+    Stage("report", report_stage),
+)
+
+
+def run_stages(ctx: Context, state: BuildState, stages: tuple[Stage, ...] = STAGES
+               ) -> BuildState:
+    """The one runner: each stage timed (progress lines unless quiet), its output stored."""
+    for st in stages:
+        with ctx.stage(st.timing or st.name):
+            setattr(state, st.name, st.run(ctx, state))
+    return state
+
+
+def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: bool = True,
+               engine: Engine | None = None) -> Path:
+    """Run every stage and publish the bank folder at ``out`` (atomically). ``engine``:
+    where the per-image stages run (default: this process)."""
     staging = bankio.staging_dir(out)
     try:
-        _build(cfg, staging, progress=progress, use_cache=use_cache)
+        _build(cfg, staging, progress=progress, use_cache=use_cache,
+               engine=engine or LocalEngine())
         bankio.load_bank(staging)  # validate before publishing
         bankio.publish(staging, out)
     finally:
@@ -115,168 +550,23 @@ def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: b
     return out
 
 
-def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) -> None:
-    ctx = Context(cfg, ArrayCache(cfg.cache_dir, enabled=use_cache), progress)
+def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool,
+           engine: Engine) -> None:
+    ctx = Context(cfg, ArrayCache(cfg.cache_dir, enabled=use_cache), progress, engine=engine,
+                  staging=staging)
     single_threaded_blas()
-    seed = cfg.seed
-    torch.manual_seed(seed)
-
-    with ctx.stage("data"):
-        train, test = load_source(cfg.data)
-        splits = make_splits(len(train), len(test), cfg.splits)
-        ds = {"fit": train.subset(splits.fit), "reference": train.subset(splits.reference),
-              "calibration": train.subset(splits.calibration), "test": test.subset(splits.test)}
-        data_key = f"{cfg.data.model_dump_json()}|{splits.digest()}"
-        classes = train.classes
-
-    with ctx.stage("classifier"):
-        model, cspec, chash = load_classifier(cfg.classifier.path)
-        if cspec.num_classes != len(classes):
-            raise ValueError(f"classifier has {cspec.num_classes} classes, the dataset "
-                             f"{len(classes)}")
-        z_fit = torch_features(ctx, model, chash, ds["fit"], "fit", data_key)
-        z_ref = torch_features(ctx, model, chash, ds["reference"], "reference", data_key)
-
-    vlm = LazyVLM(cfg)
-    cs = load_concept_set(cfg.concepts)
-    concept_names = cs.names
-    class_prompt_names = cfg.class_prompts or classes
-    with ctx.stage("vlm"):
-        texts = ctx.cache.get_or_compute(
-            "vlm-texts", {"vlm": vlm.id, "concepts": _concept_set_digest(cs),
-                          "classes": class_prompt_names},
-            lambda: {"T": concept_matrix(vlm.get(), cs),
-                     "C": class_matrix(vlm.get(), class_prompt_names, cs.class_templates,
-                                       cs.class_aliases)})
-        T, class_T = texts["T"], texts["C"]
-        v_fit = vlm_embeddings(ctx, vlm, ds["fit"].images, data_key + "|fit")
-        v_ref = vlm_embeddings(ctx, vlm, ds["reference"].images, data_key + "|reference")
-
-    with ctx.stage("aligner"):
-        aligner = fit_aligner(z_fit, v_fit, seed=seed)
-        pred_ref = aligner.transform(z_ref)
-        aligner_info = {"heldout_r2": round(r2_score(pred_ref, v_ref), 5),
-                        "heldout_cosine": round(mean_cosine(pred_ref, v_ref), 5),
-                        "lambda": aligner.lam, "fit_n": len(v_fit), "heldout_n": len(v_ref),
-                        "heldout_split": "reference"}
-
-    with ctx.stage("projection"):
-        raw_ref = raw_concept_scores(z_ref.astype(np.float64), aligner.W.astype(np.float64),
-                                     aligner.b.astype(np.float64), T.astype(np.float64))
-        mu, sigma = raw_ref.mean(0), np.maximum(raw_ref.std(0), 1e-6)
-        projection = {"aligner.W": aligner.W, "aligner.b": aligner.b, "concepts.T": T,
-                      "projection.mu": mu.astype(np.float32),
-                      "projection.sigma": sigma.astype(np.float32)}
-        o_ref_raw = v_ref @ T.T
-        o_mu, o_sigma = o_ref_raw.mean(0), np.maximum(o_ref_raw.std(0), 1e-6)
-        o_ref = (o_ref_raw - o_mu) / o_sigma
-
-    with ctx.stage("export"):
-        shutil.copyfile(cfg.classifier.path, staging / bankio.CLASSIFIER)
-        export_onnx(MonitoredClassifier(model, projection), cspec.input_shape,
-                    staging / bankio.ONNX)
-        rt = OnnxRuntime(staging / bankio.ONNX, device="cpu")
-        check_onnx_matches(rt, model, ds["test"].images[:64], projection)
-
-    with ctx.stage("served_outputs"):
-        outs = {name: served(rt, ds[name].images, ds[name].labels)
-                for name in ("reference", "calibration", "test")}
-        test_accuracy = float((outs["test"].predictions == outs["test"].labels).mean())
-
-    with ctx.stage("adversarial"):
-        akey = {"hash": chash, "data": data_key}
-        hm_attack = cfg.adversarial.heatmap_attack
-        adv_ref, _ = attacked(ctx, rt, model, {**akey, "split": "reference"},
-                              ds["reference"], outs["reference"], hm_attack,
-                              cfg.adversarial.per_split, seed + 1)
-        adv_ref = adv_ref.select(adv_ref.wrong)
-
-    with ctx.stage("stream"):
-        stream = fitting_stream(ctx, cfg, rt, model, akey, ds["calibration"], outs["calibration"],
-                                seed)
-
-    with ctx.stage("heatmaps"):
-        r = outs["reference"]
-        hm_model = build_heatmaps(r.concepts, r.labels, r.predictions, len(classes),
-                                  adv_scores=adv_ref.concepts,
-                                  adv_predictions=adv_ref.predictions,
-                                  min_count=cfg.heatmaps.min_count)
-        hm_vlm = build_heatmaps(o_ref, r.labels, r.predictions, len(classes),
-                                min_count=cfg.heatmaps.min_count)
-
-    with ctx.stage("calibration"):
-        fitted = fit_monitor(outs["reference"], hm_model, stream, cfg.calibration, seed)
-        monitor, calib_info = fitted.monitor, fitted.info
-
-    with ctx.stage("evaluation_sets"):
-        t = outs["test"]
-        sets, attempted = evaluation_sets(ctx, cfg, rt, model, akey, ds["test"], t, seed)
-
-    with ctx.stage("evaluation"):
-        clean = score(monitor, t.logits, t.features, t.concepts)
-        metrics: dict = {
-            "bank": cfg.name,
-            "classifier": {"test_accuracy": round(test_accuracy, 5), "hash": chash,
-                           "n_test": len(t)},
-            "aligner": aligner_info,
-            **evaluate(cfg, fitted, stream, clean, t.labels, sets, attempted, seed),
-            "calibration": calib_info,
-        }
-    with ctx.stage("vlm"):  # the oracle on test images: zero-shot accuracy and faults
-        first = np.zeros(len(t), bool)
-        first[: cfg.evaluation.vlm_test_images] = True
-        vlm_test_idx = np.flatnonzero(first | (t.predictions != t.labels))
-        v_test = vlm_embeddings(ctx, vlm, ds["test"].images[vlm_test_idx],
-                                data_key + "|test|" + _digest(vlm_test_idx))
-
-    with ctx.stage("fault_localisation"):
-        oracle = (v_test @ class_T.T).argmax(1)
-        enc = (aligned_embedding(t.features[vlm_test_idx], aligner.W, aligner.b)
-               @ class_T.T).argmax(1)
-        labels_sub = t.labels[vlm_test_idx]
-        first_n = int(first.sum())
-        metrics["vlm"] = {
-            "id": vlm.get().id,
-            "backend": cfg.vlm.backend,
-            "zero_shot_accuracy": round(float((oracle[:first_n] == labels_sub[:first_n])
-                                              .mean()), 5),
-            "zero_shot_n": first_n,
-            "encoder_view_zero_shot_accuracy": round(float(
-                (enc[:first_n] == labels_sub[:first_n]).mean()), 5),
-            "note": ("ConSE-style (EfficientNet-Lite0 ImageNet probabilities mixed over "
-                     "MiniLM text embeddings); not CLIP" if cfg.vlm.backend == "conse"
-                     else "open_clip"),
-        }
-        faults = fault_report(labels_sub, t.predictions[vlm_test_idx], oracle, enc,
-                              t.concepts[vlm_test_idx], hm_model.ok, classes, concept_names,
-                              cfg.evaluation.top_concepts)
-        metrics["fault_localisation"] = {**faults.counts,
-                                         "misclassified": int(len(faults.verdicts)),
-                                         "pairs": faults.pairs[:15]}
-
-    tensors = bank_tensors(projection, class_T, hm_model, hm_vlm, monitor,
-                           cfg.heatmaps.delta, o_mu, o_sigma)
-    bankio.write_tensors(staging, tensors)
-    with ctx.stage("fused_graph"):  # the monitor as the bank stores it (float32 tensors)
-        stored = monitor_from_tensors(tensors, monitor.threshold)
-        export_fused_onnx(MonitoredClassifier(model, projection), stored, cspec.input_shape,
-                          staging / bankio.FUSED_ONNX)
-        check_fused_graph(stored, staging / bankio.FUSED_ONNX,
-                          to_tensor(ds["test"].images[:64]).numpy())
-    metrics["timings_s"] = dict(ctx.timings)
-    manifest = make_manifest(cfg, metrics, cs, cspec, chash, splits, hm_model, calib_info,
-                             monitor.threshold, classes, T.shape[1], model.feature_dim)
-    with ctx.stage("report"):
-        write_report(staging / "report", manifest, tensors, metrics)
-    metrics["timings_s"] = dict(ctx.timings)
+    torch.manual_seed(cfg.seed)
+    state = run_stages(ctx, BuildState())
+    metrics = build_metrics(ctx, state)  # the final timings, the report's included
+    manifest = state.report
     manifest.timings_s = dict(ctx.timings)
     bankio.atomic_write_text(staging / "report" / "metrics.json", json.dumps(metrics, indent=2))
-    bankio.atomic_write_text(staging / "report" / SAMPLE_FILE,
-                             json.dumps(score_sample(clean, splits.test, 64), indent=2))
+    bankio.atomic_write_text(staging / "report" / SAMPLE_FILE, json.dumps(
+        score_sample(state.evaluation.clean, state.data.splits.test, 64), indent=2))
     bankio.write_manifest(staging, manifest)
     if progress:
         print(f"bank built (cache: {len(ctx.cache.hits)} hits, {len(ctx.cache.misses)} "
-              "misses)", flush=True)
+              f"misses; engine: {engine.name})", flush=True)
 
 
 SAMPLE_FILE = "test_scores_sample.json"

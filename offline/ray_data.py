@@ -14,6 +14,8 @@ decoded and scored as they flow, so memory is bounded by the blocks in flight.
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 
 from offline import sources, stages
 
-STAGES = ("served", "classifier", "scoring")
+STAGES = stages.STAGES
 
 
 def read_source(path: Path | str, channels: int, classes: Sequence[str] | None = None,
@@ -56,36 +58,38 @@ def _index_rows(index: dict[str, tuple[int, int]], batch: dict[str, np.ndarray]
 
 class StageActor:
     """A ``map_batches`` callable: loads a stage's model once, then runs the stage function
-    of :mod:`offline.stages` on every batch (exactly what the single process calls)."""
+    of :mod:`offline.stages` on every batch (exactly what the single process calls).
+    Keyword arguments: those of :func:`offline.stages.build_stage_fn`."""
 
-    def __init__(self, stage: str, bank: str | Path | None = None,
-                 classifier: str | Path | None = None):
+    def __init__(self, stage: str, **kwargs: Any):
+        import torch
+
         from conceptguard.threads import single_threaded_blas
 
         single_threaded_blas()
-        if stage == "served":
-            from conceptguard.bank import ONNX
-            from conceptguard.runtime import OnnxRuntime
-
-            self.fn = partial(stages.served_outputs,
-                              OnnxRuntime(Path(bank) / ONNX, device="cpu", threads=1))
-        elif stage == "classifier":
-            import torch
-
-            from conceptguard.classifier.io import load_classifier
-
-            torch.set_num_threads(1)
-            model, _, _ = load_classifier(Path(classifier))
-            self.fn = partial(stages.classifier_features, model)
-        elif stage == "scoring":
-            from conceptguard.bank import load_bank
-
-            self.fn = partial(stages.scoring, load_bank(Path(bank)).monitor)
-        else:
-            raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+        torch.set_num_threads(1)  # one CPU per actor
+        self.fn = stages.build_stage_fn(stage, threads=1, **kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.fn(batch)
+
+
+_BUILT: OrderedDict[str, StageActor] = OrderedDict()  # per worker process, most recent last
+_KEEP = 8
+
+
+def stage_task(batch: dict[str, np.ndarray], stage: str, spec: dict[str, Any]
+               ) -> dict[str, np.ndarray]:
+    """A ``map_batches`` task function: the stage's :class:`StageActor`, built once per
+    worker process and spec (Ray reuses worker processes across tasks and datasets, so a
+    build of many short stage runs loads each model once per worker, not once per run)."""
+    key = stage + json.dumps(spec, sort_keys=True, default=lambda o: f"@{id(o)}")
+    if key not in _BUILT:
+        _BUILT[key] = StageActor(stage, **spec)
+        while len(_BUILT) > _KEEP:
+            _BUILT.popitem(last=False)
+    _BUILT.move_to_end(key)
+    return _BUILT[key](batch)
 
 
 def run_stage(ds: Any, stage: str, *, workers: int = 1, batch_size: int = 256,
