@@ -25,7 +25,7 @@ from conceptguard.calibration import fit_monitor
 from conceptguard.classifier.inference import predict, to_tensor
 from conceptguard.classifier.io import load_classifier
 from conceptguard.concepts import ConceptSet, class_matrix, concept_matrix, load_concept_set
-from conceptguard.data import ArrayDataset, load_source, make_splits
+from conceptguard.data import ArrayDataset, make_splits, open_source
 from conceptguard.export import MonitoredClassifier, export_onnx
 from conceptguard.faults import fault_report
 from conceptguard.heatmaps import Heatmaps, binarise, build_heatmaps
@@ -33,7 +33,7 @@ from conceptguard.monitor_graph import check_fused_graph, export_fused_onnx
 from conceptguard.monitor_io import monitor_from_tensors, monitor_tensors
 from conceptguard.projection import aligned_embedding, project_features, raw_concept_scores
 from conceptguard.runtime import OnnxRuntime
-from conceptguard.scoring import Scores, score
+from conceptguard.scoring import Scores
 from conceptguard.threads import single_threaded_blas
 from conceptguard.trust import feature_names
 from conceptguard.vlm import VLMBackend, create_vlm
@@ -44,6 +44,7 @@ from offline.progress import stage
 from offline.report import write_report
 from offline.stages import classifier_features, run_batched
 from offline.stream import attacked, evaluation_sets, fitting_stream, served
+from offline.streaming import oracle_indices, score_streamed, served_streamed, split_datasets
 
 
 class LazyVLM:
@@ -122,10 +123,9 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
     torch.manual_seed(seed)
 
     with ctx.stage("data"):
-        train, test = load_source(cfg.data)
+        train, test = open_source(cfg.data)  # a folder source: an index, decoded on demand
         splits = make_splits(len(train), len(test), cfg.splits)
-        ds = {"fit": train.subset(splits.fit), "reference": train.subset(splits.reference),
-              "calibration": train.subset(splits.calibration), "test": test.subset(splits.test)}
+        ds = split_datasets(train, test, splits)  # test stays lazy: streamed below
         data_key = f"{cfg.data.model_dump_json()}|{splits.digest()}"
         classes = train.classes
 
@@ -180,7 +180,8 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
 
     with ctx.stage("served_outputs"):
         outs = {name: served(rt, ds[name].images, ds[name].labels)
-                for name in ("reference", "calibration", "test")}
+                for name in ("reference", "calibration")}
+        outs["test"] = served_streamed(rt, ds["test"], cfg.cache_dir / "tmp")  # on disk
         test_accuracy = float((outs["test"].predictions == outs["test"].labels).mean())
 
     with ctx.stage("adversarial"):
@@ -213,7 +214,7 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
         sets, attempted = evaluation_sets(ctx, cfg, rt, model, akey, ds["test"], t, seed)
 
     with ctx.stage("evaluation"):
-        clean = score(monitor, t.logits, t.features, t.concepts)
+        clean = score_streamed(monitor, t)  # batch by batch; per-image scalars kept
         metrics: dict = {
             "bank": cfg.name,
             "classifier": {"test_accuracy": round(test_accuracy, 5), "hash": chash,
@@ -223,18 +224,16 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
             "calibration": calib_info,
         }
     with ctx.stage("vlm"):  # the oracle on test images: zero-shot accuracy and faults
-        first = np.zeros(len(t), bool)
-        first[: cfg.evaluation.vlm_test_images] = True
-        vlm_test_idx = np.flatnonzero(first | (t.predictions != t.labels))
+        vlm_test_idx, first_n = oracle_indices(t, cfg.evaluation.vlm_test_images,
+                                               cfg.evaluation.vlm_misclassified_max, seed + 7)
+        t_sub = t.take(vlm_test_idx)
         v_test = vlm_embeddings(ctx, vlm, ds["test"].images[vlm_test_idx],
                                 data_key + "|test|" + _digest(vlm_test_idx))
 
     with ctx.stage("fault_localisation"):
         oracle = (v_test @ class_T.T).argmax(1)
-        enc = (aligned_embedding(t.features[vlm_test_idx], aligner.W, aligner.b)
-               @ class_T.T).argmax(1)
-        labels_sub = t.labels[vlm_test_idx]
-        first_n = int(first.sum())
+        enc = (aligned_embedding(t_sub.features, aligner.W, aligner.b) @ class_T.T).argmax(1)
+        labels_sub = t_sub.labels
         metrics["vlm"] = {
             "id": vlm.get().id,
             "backend": cfg.vlm.backend,
@@ -247,8 +246,8 @@ def _build(cfg: JobConfig, staging: Path, *, progress: bool, use_cache: bool) ->
                      "MiniLM text embeddings); not CLIP" if cfg.vlm.backend == "conse"
                      else "open_clip"),
         }
-        faults = fault_report(labels_sub, t.predictions[vlm_test_idx], oracle, enc,
-                              t.concepts[vlm_test_idx], hm_model.ok, classes, concept_names,
+        faults = fault_report(labels_sub, t_sub.predictions, oracle, enc,
+                              t_sub.concepts, hm_model.ok, classes, concept_names,
                               cfg.evaluation.top_concepts)
         metrics["fault_localisation"] = {**faults.counts,
                                          "misclassified": int(len(faults.verdicts)),
