@@ -14,7 +14,7 @@ import numpy as np
 
 from conceptguard.detectors import BASELINES
 from conceptguard.metrics import (
-    bootstrap_counts,
+    bootstrap_blocks,
     fpr_at_tpr,
     interval,
     risk_at_coverage,
@@ -50,7 +50,8 @@ class EvalSet:
 
 
 def concat_scores(parts: list[Scores]) -> Scores:
-    """One :class:`Scores` from several (same monitor layout)."""
+    """One :class:`Scores` from several (same monitor layout). A per-row matrix some parts
+    hold slimmed (zero columns: ``offline.streaming.slim``) is slimmed in the result."""
     first = parts[0]
     kw = {}
     for f in first.__dataclass_fields__:
@@ -59,6 +60,8 @@ def concat_scores(parts: list[Scores]) -> Scores:
             kw[f] = {k: np.concatenate([v[k] for v in vals]) for k in first.risks}
         elif f == "reason":
             kw[f] = [r for v in vals for r in v]
+        elif vals[0].ndim == 2 and len({v.shape[1] for v in vals}) > 1:
+            kw[f] = np.empty((sum(len(v) for v in vals), 0), vals[0].dtype)
         else:
             kw[f] = np.concatenate(vals)
     return Scores(**kw)
@@ -68,17 +71,23 @@ def compare(risks: dict[str, np.ndarray], positive: np.ndarray, *, resamples: in
             aurc_error: np.ndarray | None = None) -> dict:
     """AUROC (and AURC against ``aurc_error`` when given) of every method, each with its
     interval, plus the best standard peer and trust's paired margin over it."""
-    counts = bootstrap_counts(len(positive), resamples, seed)
     full = np.ones((1, len(positive)))
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in risks}
+    aurc_parts: dict[str, list[np.ndarray]] = {m: [] for m in risks}
+    # resamples in blocks of bounded size (the same draws as one (resamples, n) matrix)
+    for counts in bootstrap_blocks(len(positive), resamples, seed):
+        for m, s in risks.items():
+            parts[m].append(weighted_auroc(s, positive, counts))
+            if aurc_error is not None:
+                aurc_parts[m].append(weighted_aurc(s, aurc_error, counts))
     out: dict = {}
-    boot: dict[str, np.ndarray] = {}
+    boot: dict[str, np.ndarray] = {m: np.concatenate(p) for m, p in parts.items()}
     for m, s in risks.items():
         point = float(weighted_auroc(s, positive, full)[0])
-        boot[m] = weighted_auroc(s, positive, counts)
         entry = {"auroc": _r(point), "ci95": _ci(boot[m])}
         if aurc_error is not None:
             entry["aurc"] = _r(weighted_aurc(s, aurc_error, full)[0])
-            entry["aurc_ci95"] = _ci(weighted_aurc(s, aurc_error, counts))
+            entry["aurc_ci95"] = _ci(np.concatenate(aurc_parts[m]))
         out[m] = entry
     peers = [m for m in BASELINES if m in out and np.isfinite(out[m]["auroc"])]
     if peers and "trust" in out:

@@ -3,6 +3,8 @@ likely defective; ``positive`` marks the defective inputs (wrong or adversarial)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 
@@ -82,6 +84,21 @@ def bootstrap_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     """``(resamples, n)`` multiplicities of a nonparametric bootstrap over ``n`` inputs."""
     rng = np.random.default_rng(seed)
     return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+BOOTSTRAP_BLOCK_ELEMENTS = 1 << 20  # counts per block: 8 MiB of float64, whatever n is
+
+
+def bootstrap_blocks(n: int, resamples: int, seed: int,
+                     max_elements: int = BOOTSTRAP_BLOCK_ELEMENTS) -> Iterator[np.ndarray]:
+    """The rows of :func:`bootstrap_counts` (the same values), a block of at most
+    ``max(1, max_elements // n)`` rows at a time, so memory does not grow with ``n``."""
+    rng = np.random.default_rng(seed)
+    rows = max(1, max_elements // max(n, 1))
+    p = np.full(n, 1.0 / n)
+    for start in range(0, resamples, rows):
+        size = min(rows, resamples - start)
+        yield rng.multinomial(n, p, size=size).astype(np.float64)
 
 
 def weighted_auroc(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray

@@ -91,7 +91,11 @@ class HeatmapConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    vlm_test_images: int = 2000  # test images the VLM embeds (plus every misclassified one)
+    vlm_test_images: int = 2000  # test images the VLM embeds (plus misclassified ones)
+    # misclassified test images after the first vlm_test_images that the VLM also embeds
+    # (fault localisation); more: a seeded sample of this many, so it does not grow with
+    # the test set. None: all of them
+    vlm_misclassified_max: int | None = Field(2000, ge=0)
     top_concepts: int = 3
     bootstrap: int = Field(200, ge=20)  # resamples behind every ci95
     mixed: dict[str, int] = Field(  # inputs per kind in the mixed evaluation stream

@@ -152,7 +152,7 @@ def inject_faults(cfg: JobConfig, bank: Path, *, variants: list[dict] | None = N
         splits = make_splits(len(train), len(test), cfg.splits)
         fit, calib, tst = (train.subset(splits.fit), train.subset(splits.calibration),
                            test.subset(splits.test))
-        data_key = f"{cfg.data.model_dump_json()}|{splits.digest()}"
+        data_key = f"{cfg.data.cache_key()}|{splits.digest()}"
         classes = train.classes
     model, cspec, chash = load_classifier(bank / bankio.CLASSIFIER)
     vlm = LazyVLM(cfg)

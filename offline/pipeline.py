@@ -24,6 +24,7 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from conceptguard.calibration import Batch, FittedMonitor, fit_monitor
 from conceptguard.classifier.inference import predict, to_tensor
 from conceptguard.classifier.io import load_classifier
 from conceptguard.concepts import ConceptSet, class_matrix, concept_matrix, load_concept_set
-from conceptguard.data import ArrayDataset, load_source, make_splits
+from conceptguard.data import Dataset, make_splits, open_source
 from conceptguard.data.splits import Splits
 from conceptguard.export import MonitoredClassifier, export_onnx
 from conceptguard.faults import fault_report
@@ -46,7 +47,7 @@ from conceptguard.monitor_graph import check_fused_graph, export_fused_onnx
 from conceptguard.monitor_io import monitor_from_tensors, monitor_tensors
 from conceptguard.projection import aligned_embedding, project_features, raw_concept_scores
 from conceptguard.runtime import OnnxRuntime
-from conceptguard.scoring import Scores
+from conceptguard.scoring import Monitor, Scores
 from conceptguard.threads import single_threaded_blas
 from conceptguard.trust import feature_names
 from conceptguard.vlm import VLMBackend, create_vlm
@@ -58,7 +59,16 @@ from offline.progress import stage
 from offline.report import write_report
 from offline.stages import IMAGE, attack_columns, scores_from_columns
 from offline.stream import attacked, evaluation_sets, fitting_stream
+from offline.streaming import (
+    StreamedOutputs,
+    oracle_indices,
+    score_streamed,
+    served_streamed,
+    split_datasets,
+)
 
+SERVE_CHUNK = 2048  # test-split rows per engine call (decoded, served, appended to disk)
+SCORE_CHUNK = 4096  # test-split rows scored per engine call
 
 class LazyVLM:
     """Builds the VLM only when a cache miss needs it (loading takes seconds)."""
@@ -133,6 +143,16 @@ class Models:
         return Batch(out["logits"], out["features"], out["concepts"],
                      np.asarray(labels).astype(np.int64))
 
+    def served_columns(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The served-outputs stage's columns of ``images`` (one chunk of a streamed split)."""
+        return self.ctx.map("served", {IMAGE: images}, onnx=str(self.onnx))
+
+    def scores(self, monitor: Monitor, b: Batch) -> Scores:
+        """The scoring stage on served outputs (one chunk of a streamed split)."""
+        return scores_from_columns(self.ctx.map(
+            "scoring", {"logits": b.logits, "features": b.features, "concepts": b.concepts},
+            batch_size=SCORE_CHUNK, monitor=monitor))
+
     def attack(self, key: dict, images: np.ndarray, labels: np.ndarray, spec: AttackSpec,
                seed: int) -> np.ndarray:
         """Adversarial uint8 images of ``images`` (one run seeded ``seed``; cached)."""
@@ -176,7 +196,7 @@ def vlm_embeddings(ctx: Context, vlm: LazyVLM, images: np.ndarray, key: str) -> 
 
 @dataclass(frozen=True)
 class DataOut:
-    ds: dict[str, ArrayDataset]  # fit, reference, calibration, test
+    ds: dict[str, Dataset]  # fit, reference, calibration in memory; test maybe lazy
     splits: Splits
     key: str  # the data spec and split digest: the data part of every cache key
     classes: list[str]
@@ -223,7 +243,8 @@ class ExportOut:
 
 @dataclass(frozen=True)
 class ServedOut:
-    outs: dict[str, Batch]  # reference, calibration, test
+    outs: dict[str, Batch]  # reference, calibration (in memory)
+    test: StreamedOutputs  # the test split grows with the dataset: its outputs are on disk
     test_accuracy: float
 
 
@@ -250,6 +271,7 @@ class VLMTestOut:
     idx: np.ndarray  # test rows the VLM embedded
     first_n: int  # the first ``first_n`` of them: the zero-shot sample
     v: np.ndarray
+    outs: Batch  # the served outputs of those rows
 
 
 @dataclass
@@ -283,11 +305,10 @@ class BuildState:
 
 def data_stage(ctx: Context, state: BuildState) -> DataOut:
     cfg = ctx.cfg
-    train, test = load_source(cfg.data)
+    train, test = open_source(cfg.data)  # a folder source: an index, decoded on demand
     splits = make_splits(len(train), len(test), cfg.splits)
-    ds = {"fit": train.subset(splits.fit), "reference": train.subset(splits.reference),
-          "calibration": train.subset(splits.calibration), "test": test.subset(splits.test)}
-    return DataOut(ds, splits, f"{cfg.data.model_dump_json()}|{splits.digest()}",
+    ds = split_datasets(train, test, splits)  # test stays lazy: streamed by served_outputs
+    return DataOut(ds, splits, f"{cfg.data.cache_key()}|{splits.digest()}",
                    train.classes)
 
 
@@ -356,9 +377,10 @@ def export_stage(ctx: Context, state: BuildState) -> ExportOut:
 def served_outputs_stage(ctx: Context, state: BuildState) -> ServedOut:
     ds, m = state.data.ds, state.export.models
     outs = {name: m.served(ds[name].images, ds[name].labels)
-            for name in ("reference", "calibration", "test")}
-    t = outs["test"]
-    return ServedOut(outs, float((t.predictions == t.labels).mean()))
+            for name in ("reference", "calibration")}
+    t = served_streamed(m.served_columns, ds["test"], ctx.cfg.cache_dir / "tmp",
+                        batch_size=SERVE_CHUNK)
+    return ServedOut(outs, t, float((t.predictions == t.labels).mean()))
 
 
 def _attack_key(state: BuildState) -> dict:
@@ -397,16 +419,16 @@ def calibration_stage(ctx: Context, state: BuildState) -> FittedMonitor:
 
 def evaluation_sets_stage(ctx: Context, state: BuildState) -> EvalSetsOut:
     sets, attempted = evaluation_sets(state.export.models, ctx.cfg, _attack_key(state),
-                                      state.data.ds["test"], state.served_outputs.outs["test"],
+                                      state.data.ds["test"], state.served_outputs.test,
                                       ctx.cfg.seed)
     return EvalSetsOut(sets, attempted)
 
 
 def evaluation_stage(ctx: Context, state: BuildState) -> EvaluationOut:
-    cfg, fitted, t = ctx.cfg, state.calibration, state.served_outputs.outs["test"]
-    clean = scores_from_columns(ctx.map(
-        "scoring", {"logits": t.logits, "features": t.features, "concepts": t.concepts},
-        batch_size=4096, monitor=fitted.monitor))
+    cfg, fitted, t = ctx.cfg, state.calibration, state.served_outputs.test
+    models = state.export.models
+    clean = score_streamed(partial(models.scores, fitted.monitor), t,
+                           batch_size=SCORE_CHUNK)  # per-image scalars kept
     e = state.evaluation_sets
     metrics: dict = {
         "bank": cfg.name,
@@ -420,24 +442,23 @@ def evaluation_stage(ctx: Context, state: BuildState) -> EvaluationOut:
 
 
 def vlm_test_stage(ctx: Context, state: BuildState) -> VLMTestOut:
-    """The oracle on test images: the first ``vlm_test_images`` and every misclassified."""
-    t, d = state.served_outputs.outs["test"], state.data
-    first = np.zeros(len(t), bool)
-    first[: ctx.cfg.evaluation.vlm_test_images] = True
-    idx = np.flatnonzero(first | (t.predictions != t.labels))
+    """The oracle on test images: the first ``vlm_test_images`` and the misclassified ones
+    after them (at most ``vlm_misclassified_max``: a seeded sample)."""
+    t, d, e = state.served_outputs.test, state.data, ctx.cfg.evaluation
+    idx, first_n = oracle_indices(t, e.vlm_test_images, e.vlm_misclassified_max,
+                                  ctx.cfg.seed + 7)
     v = vlm_embeddings(ctx, ctx.vlm, d.ds["test"].images[idx],
                        f"{d.key}|test|{_digest(idx)}")
-    return VLMTestOut(idx, int(first.sum()), v)
+    return VLMTestOut(idx, first_n, v, t.take(idx))
 
 
 def fault_localisation_stage(ctx: Context, state: BuildState) -> dict:
     """metrics.json's ``vlm`` and ``fault_localisation`` sections."""
-    cfg, t, vt, class_T = (ctx.cfg, state.served_outputs.outs["test"], state.vlm_test,
-                           state.vlm.class_T)
-    a = state.aligner.aligner
+    cfg, vt, class_T = ctx.cfg, state.vlm_test, state.vlm.class_T
+    a, t = state.aligner.aligner, vt.outs
     oracle = (vt.v @ class_T.T).argmax(1)
-    enc = (aligned_embedding(t.features[vt.idx], a.W, a.b) @ class_T.T).argmax(1)
-    labels_sub, n = t.labels[vt.idx], vt.first_n
+    enc = (aligned_embedding(t.features, a.W, a.b) @ class_T.T).argmax(1)
+    labels_sub, n = t.labels, vt.first_n
     out: dict = {"vlm": {
         "id": ctx.vlm.get().id,
         "backend": cfg.vlm.backend,
@@ -449,8 +470,8 @@ def fault_localisation_stage(ctx: Context, state: BuildState) -> dict:
                  "MiniLM text embeddings); not CLIP" if cfg.vlm.backend == "conse"
                  else "open_clip"),
     }}
-    faults = fault_report(labels_sub, t.predictions[vt.idx], oracle, enc,
-                          t.concepts[vt.idx], state.heatmaps.model.ok, state.data.classes,
+    faults = fault_report(labels_sub, t.predictions, oracle, enc,
+                          t.concepts, state.heatmaps.model.ok, state.data.classes,
                           state.vlm.concept_set.names, cfg.evaluation.top_concepts)
     out["fault_localisation"] = {**faults.counts, "misclassified": int(len(faults.verdicts)),
                                  "pairs": faults.pairs[:15]}

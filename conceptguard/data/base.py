@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -43,6 +44,10 @@ class ArrayDataset:
         return ArrayDataset(self.name, self.images[indices], self.labels[indices],
                             self.classes, attrs, self.attribute_names)
 
+    def load(self) -> ArrayDataset:
+        """Already in memory (the interface of :class:`conceptguard.data.lazy.LazyDataset`)."""
+        return self
+
 
 class DataSpec(BaseModel):
     """Which dataset to load. ``root`` is the source's folder (None: the source's default)."""
@@ -54,10 +59,17 @@ class DataSpec(BaseModel):
     # folder sources (image_folder, rival10) resize to this square size, None: 64;
     # fashion_mnist and cifar10 always keep their native size
     image_size: int | None = Field(None, gt=0)
+    # image_folder: 1 = greyscale, 3 = RGB (None: 3); the classifier's input channels
+    channels: Literal[1, 3] | None = None
     download: bool = False  # allow torchvision's download as a fallback (needs internet)
     # image_folder without train/ and test/ sub-folders: seeded per-class train/test split
     holdout_seed: int = 0
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+    def cache_key(self) -> str:
+        """The spec as JSON for cache keys: ``channels`` (added later) is left out while
+        unset, so caches written before it existed stay valid."""
+        return self.model_dump_json(exclude={"channels"} if self.channels is None else None)
 
     @field_validator("source")
     @classmethod

@@ -1,10 +1,16 @@
-"""Images in a torchvision-style ImageFolder tree.
+"""Images in a torchvision-style ImageFolder tree, indexed without decoding.
 
 ``root/{train,test}/<class>/<image files>``, or without train/test subfolders
 ``root/<class>/<image files>``, which is then split per class into train/test by a seeded,
 deterministic shuffle (default 80/20). Classes are the sorted sub-folder names; files whose
 suffix is not an image suffix are skipped (class folders are searched recursively). Images are
-converted to RGB and resized to a square ``image_size`` (default 64) with bilinear filtering.
+converted to RGB (``channels=1``: greyscale) and resized to a square ``image_size`` (default
+64) with bilinear filtering.
+
+:func:`index_image_folder` returns :class:`~conceptguard.data.lazy.LazyDataset` pairs: the
+index is the root plus one UTF-8 relative path (``bytes``) and one int64 label per image,
+about ``len(path) + 8`` bytes an image; pixels are decoded only for the rows a stage asks for.
+:func:`load_image_folder` decodes everything (small folders, tests).
 """
 
 from __future__ import annotations
@@ -19,33 +25,56 @@ from PIL import Image
 from tqdm import tqdm
 
 from conceptguard.data.base import ArrayDataset
+from conceptguard.data.lazy import LazyDataset, LazyImages
 
 DEFAULT_IMAGE_SIZE = 64
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
                               ".webp", ".ppm", ".pgm", ".pbm"})
 SPLITS = ("train", "test")
+MODES = {1: "L", 3: "RGB"}
+DECODE_THREADS = 8
 
 
-def load_image_folder(root: Path, image_size: int | None = None, seed: int = 0,
-                      test_fraction: float = 0.2) -> tuple[ArrayDataset, ArrayDataset]:
-    """Return (train, test) with images ``(N, S, S, 3)`` uint8, S = image_size or 64."""
+def index_image_folder(root: Path, image_size: int | None = None, seed: int = 0,
+                       test_fraction: float = 0.2, channels: int = 3
+                       ) -> tuple[LazyDataset, LazyDataset]:
+    """(train, test) indexes of images ``(N, S, S, channels)`` uint8, S = image_size or 64."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder root {root} does not exist or is not a folder")
+    if channels not in MODES:
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
     size = image_size or DEFAULT_IMAGE_SIZE
     has_train, has_test = ((root / split).is_dir() for split in SPLITS)
     if has_train != has_test:
         raise ValueError(f"{root}: has only one of the train/ and test/ sub-folders")
     if has_train:
-        train_files, test_files, classes = _split_layout(root)
+        classes = list_classes(root / "train")
+        extra = sorted(set(_subfolders(root / "test")) - set(classes))
+        if extra:
+            raise ValueError(f"{root / 'test'}: classes {extra} do not exist in {root / 'train'}")
+        train_paths, train_labels = index_files(root, "train", classes)
+        test_paths, test_labels = index_files(root, "test", classes)
     else:
         classes = list_classes(root)
-        files = _labelled_files(root, classes)
-        train_files, test_files = holdout_split(files, seed, test_fraction)
-    if not train_files:
+        paths, labels = index_files(root, "", classes)
+        train_idx, test_idx = holdout_indices(labels, seed, test_fraction)
+        train_paths, train_labels = paths[train_idx], labels[train_idx]
+        test_paths, test_labels = paths[test_idx], labels[test_idx]
+    if not len(train_paths):
         raise ValueError(f"{root}: no image files found")
-    return (_build(f"image_folder/{root.name}/train", train_files, classes, size),
-            _build(f"image_folder/{root.name}/test", test_files, classes, size))
+    return (_lazy(f"image_folder/{root.name}/train", root, train_paths, train_labels, classes,
+                  size, channels),
+            _lazy(f"image_folder/{root.name}/test", root, test_paths, test_labels, classes,
+                  size, channels))
+
+
+def load_image_folder(root: Path, image_size: int | None = None, seed: int = 0,
+                      test_fraction: float = 0.2, channels: int = 3
+                      ) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, test) decoded into memory: :func:`index_image_folder` then ``load()``."""
+    train, test = index_image_folder(root, image_size, seed, test_fraction, channels)
+    return train.load(), test.load()
 
 
 def list_classes(folder: Path) -> list[str]:
@@ -58,73 +87,120 @@ def list_classes(folder: Path) -> list[str]:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted, hidden files skipped)."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+    return [folder / rel for rel in _relative_images(str(folder))]
+
+
+def index_files(root: Path, split: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Relative paths (``bytes``, from ``root``) and labels of every image of ``split``
+    (``""``: no split folder), class by class in sorted path order. Built one class at a time,
+    so listing a large folder never holds more than one class's names as Python strings."""
+    base = os.path.join(str(root), split) if split else str(root)
+    paths: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for label, name in enumerate(classes):
+        folder = os.path.join(base, name)
+        if not os.path.isdir(folder):
+            continue
+        prefix = os.path.join(split, name) if split else name
+        rel = [os.fsencode(os.path.join(prefix, r)) for r in _relative_images(folder)]
+        paths.append(np.array(rel, dtype=bytes) if rel else np.empty(0, "S1"))
+        labels.append(np.full(len(rel), label, np.int64))
+    if not paths:
+        return np.empty(0, "S1"), np.empty(0, np.int64)
+    width = max(p.dtype.itemsize for p in paths)
+    return (np.concatenate([p.astype(f"S{width}") for p in paths]),
+            np.concatenate(labels))
+
+
+def holdout_indices(labels: np.ndarray, seed: int, test_fraction: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class seeded split of positions: ``round(test_fraction * n_class)`` of each class
+    (classes in increasing label order, members in index order) go to test."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        order = rng.permutation(len(members))
+        test[members[order[:round(test_fraction * len(members))]]] = True
+    return np.flatnonzero(~test), np.flatnonzero(test)
 
 
 def holdout_split(files: Sequence[tuple[Path, int]], seed: int,
                   test_fraction: float) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
-    """Per-class seeded split: ``round(test_fraction * n_class)`` files of each class to test."""
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    rng = np.random.default_rng(seed)
-    train: list[tuple[Path, int]] = []
-    test: list[tuple[Path, int]] = []
-    for label in sorted({label for _, label in files}):
-        members = [item for item in files if item[1] == label]
-        order = rng.permutation(len(members))
-        n_test = round(test_fraction * len(members))
-        test_idx = set(order[:n_test].tolist())
-        for i, item in enumerate(members):
-            (test if i in test_idx else train).append(item)
-    return train, test
+    """:func:`holdout_indices` on a list of ``(path, label)`` sorted by label."""
+    train, test = holdout_indices(np.array([label for _, label in files], np.int64), seed,
+                                  test_fraction)
+    return [files[i] for i in train], [files[i] for i in test]
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """One image as RGB uint8 ``(size, size, 3)``; ``ValueError`` naming the file if unreadable."""
+def load_image(path: Path | str | bytes, size: int, channels: int = 3) -> np.ndarray:
+    """One image as uint8 ``(size, size, channels)``; ``ValueError`` naming the file if
+    unreadable."""
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            converted = image.convert(MODES[channels])
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+        shown = os.fsdecode(path) if isinstance(path, bytes) else path
+        raise ValueError(f"cannot read image {shown}: {error}") from error
+    if converted.size != (size, size):
+        converted = converted.resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(converted, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
 
 
-def load_images(paths: Sequence[Path], size: int, desc: str) -> np.ndarray:
-    """Decode ``paths`` in a thread pool into one ``(N, size, size, 3)`` uint8 array."""
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    workers = min(8, os.cpu_count() or 1)
+def load_images(paths: Sequence[Path | str | bytes], size: int, desc: str | None = None,
+                channels: int = 3) -> np.ndarray:
+    """Decode ``paths`` in a thread pool into one ``(N, size, size, channels)`` uint8 array
+    (a progress bar when ``desc`` is given)."""
+    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+    if not len(paths):
+        return out
+    workers = min(DECODE_THREADS, os.cpu_count() or 1, len(paths))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = pool.map(lambda p: load_image(p, size), paths)
+        decoded = pool.map(lambda p: load_image(p, size, channels), paths)
         for i, array in enumerate(tqdm(decoded, total=len(paths), desc=desc, unit="img",
-                                       disable=None, leave=False)):
+                                       disable=None if desc else True, leave=False)):
             out[i] = array
     return out
 
 
-def _split_layout(root: Path) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]], list[str]]:
-    classes = list_classes(root / "train")
-    extra = sorted(set(_subfolders(root / "test")) - set(classes))
-    if extra:
-        raise ValueError(f"{root / 'test'}: classes {extra} do not exist in {root / 'train'}")
-    return (_labelled_files(root / "train", classes),
-            _labelled_files(root / "test", classes), classes)
+class FolderReader:
+    """Decodes rows of a folder index: ``reader(indices)`` -> uint8 NHWC."""
+
+    def __init__(self, root: Path, paths: np.ndarray, size: int, channels: int):
+        self.root = os.fsencode(str(root))
+        self.paths = paths
+        self.size = size
+        self.channels = channels
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        files = [os.path.join(self.root, p) for p in self.paths[indices].tolist()]
+        return load_images(files, self.size, channels=self.channels)
+
+
+def _lazy(name: str, root: Path, paths: np.ndarray, labels: np.ndarray, classes: list[str],
+          size: int, channels: int) -> LazyDataset:
+    reader = FolderReader(root, paths, size, channels)
+    return LazyDataset(name, LazyImages(reader, (len(paths), size, size, channels)), labels,
+                       classes)
+
+
+def _relative_images(folder: str) -> list[str]:
+    """Image files under ``folder`` relative to it, sorted as paths (part by part)."""
+    found: list[str] = []
+    for current, dirs, files in os.walk(folder):
+        dirs.sort()
+        rel_dir = os.path.relpath(current, folder)
+        for name in files:
+            if (name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS
+                    or not os.path.isfile(os.path.join(current, name))):
+                continue
+            found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
+    found.sort(key=lambda r: r.split(os.sep))
+    return found
 
 
 def _subfolders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _labelled_files(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    return [(path, label) for label, name in enumerate(classes)
-            if (folder / name).is_dir() for path in list_images(folder / name)]
-
-
-def _build(name: str, files: list[tuple[Path, int]], classes: list[str],
-           size: int) -> ArrayDataset:
-    images = load_images([path for path, _ in files], size, desc=name)
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    return ArrayDataset(name, images, labels, classes)

@@ -1,4 +1,9 @@
-"""``load_source``: one entry point from a :class:`DataSpec` to a (train, test) pair."""
+"""One entry point from a :class:`DataSpec` to a (train, test) pair.
+
+``open_source`` returns what the source gives: images in memory (:class:`ArrayDataset`:
+Fashion-MNIST, CIFAR-10, RIVAL10, bounded by their files) or an index decoded on demand
+(:class:`LazyDataset`: image folders of any size). ``load_source`` decodes both into memory.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ from pathlib import Path
 from conceptguard.data.base import ArrayDataset, DataSpec
 from conceptguard.data.cifar10 import load_cifar10
 from conceptguard.data.fashion_mnist import load_fashion_mnist
-from conceptguard.data.image_folder import load_image_folder
+from conceptguard.data.image_folder import index_image_folder
+from conceptguard.data.lazy import Dataset
 from conceptguard.data.rival10 import load_rival10
 
-Loader = Callable[[DataSpec], tuple[ArrayDataset, ArrayDataset]]
+Loader = Callable[[DataSpec], tuple[Dataset, Dataset]]
 
 
 def _fashion_mnist(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
@@ -22,9 +28,9 @@ def _cifar10(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
     return load_cifar10(spec.root, spec.download)
 
 
-def _image_folder(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
-    return load_image_folder(_required_root(spec), spec.image_size, spec.holdout_seed,
-                             spec.holdout_fraction)
+def _image_folder(spec: DataSpec) -> tuple[Dataset, Dataset]:
+    return index_image_folder(_required_root(spec), spec.image_size, spec.holdout_seed,
+                              spec.holdout_fraction, spec.channels or 3)
 
 
 def _rival10(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
@@ -55,7 +61,13 @@ def register_source(name: str, loader: Loader, *, downloadable: bool = False,
 
 
 def load_source(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
-    """Load the (train, test) pair that ``spec`` names."""
+    """The (train, test) pair that ``spec`` names, decoded into memory."""
+    train, test = open_source(spec)
+    return train.load(), test.load()
+
+
+def open_source(spec: DataSpec) -> tuple[Dataset, Dataset]:
+    """The (train, test) pair that ``spec`` names, as the source gives it (lazy or not)."""
     loader = LOADERS.get(spec.source)
     if loader is None:
         raise ValueError(f"unknown data source {spec.source!r}; known: {sorted(LOADERS)}")
