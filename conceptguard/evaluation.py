@@ -49,22 +49,6 @@ class EvalSet:
         return self.scores.predictions != self.labels
 
 
-def concat_scores(parts: list[Scores]) -> Scores:
-    """One :class:`Scores` from several (same monitor layout). A per-row matrix some parts
-    hold slimmed (zero columns: ``offline.streaming.slim``) is slimmed in the result."""
-    first = parts[0]
-    kw = {}
-    for f in first.__dataclass_fields__:
-        vals = [getattr(p, f) for p in parts]
-        if f == "risks":
-            kw[f] = {k: np.concatenate([v[k] for v in vals]) for k in first.risks}
-        elif f == "reason":
-            kw[f] = [r for v in vals for r in v]
-        elif vals[0].ndim == 2 and len({v.shape[1] for v in vals}) > 1:
-            kw[f] = np.empty((sum(len(v) for v in vals), 0), vals[0].dtype)
-        else:
-            kw[f] = np.concatenate(vals)
-    return Scores(**kw)
 
 
 def compare(risks: dict[str, np.ndarray], positive: np.ndarray, *, resamples: int, seed: int,
@@ -197,10 +181,10 @@ def mixed_section(sets: list[EvalSet], shares: dict[str, int], *, resamples: int
         for e in members:
             pick = np.sort(rng.choice(len(e.scores), size=min(per, len(e.scores)),
                                       replace=False))
-            parts.append(select_scores(e.scores, pick))
+            parts.append(e.scores.rows(pick))
             errors.append(e.wrong[pick])
             kinds += [group] * len(pick)
-    s = concat_scores(parts)
+    s = Scores.concat(parts)
     error = np.concatenate(errors)
     kind = np.array(kinds)
     risks = method_risks(s)
@@ -241,17 +225,6 @@ def reason_precision(reason: np.ndarray, kind: np.ndarray, error: np.ndarray) ->
     return out
 
 
-def select_scores(s: Scores, idx: np.ndarray) -> Scores:
-    kw = {}
-    for f in s.__dataclass_fields__:
-        v = getattr(s, f)
-        if f == "risks":
-            kw[f] = {k: a[idx] for k, a in v.items()}
-        elif f == "reason":
-            kw[f] = [v[i] for i in idx.tolist()]
-        else:
-            kw[f] = v[idx]
-    return Scores(**kw)
 
 
 def summary_table(metrics: dict) -> list[dict]:

@@ -82,14 +82,20 @@ class Scores:
 
     @staticmethod
     def concat(parts: Sequence[Scores]) -> Scores:
-        """The scores of several batches (or rows), in order, as one."""
+        """The scores of several batches (or rows), in order, as one. A per-row matrix
+        (probabilities, contributions) that some parts hold with zero columns (dropped to
+        save memory, as the offline job's streamed test split does) has zero columns in
+        the result."""
         if len(parts) == 1:
             return parts[0]
         if not parts:
             raise ValueError("Scores.concat needs at least one part")
 
         def cat(name: str) -> np.ndarray:
-            return np.concatenate([getattr(p, name) for p in parts])
+            arrays = [getattr(p, name) for p in parts]
+            if arrays[0].ndim == 2 and len({a.shape[1] for a in arrays}) > 1:
+                return np.empty((sum(len(a) for a in arrays), 0), arrays[0].dtype)
+            return np.concatenate(arrays)
 
         return Scores(
             probabilities=cat("probabilities"), predictions=cat("predictions"),

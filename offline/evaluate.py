@@ -12,7 +12,6 @@ from conceptguard.evaluation import (
     foreign_section,
     misclassification_section,
     mixed_section,
-    select_scores,
     shift_section,
     summary_table,
     threshold_section,
@@ -78,4 +77,4 @@ def evaluate(cfg, fitted: FittedMonitor, stream: Batch, clean: Scores, labels: n
 
 
 def _subset(s: Scores, n: int) -> Scores:
-    return select_scores(s, np.arange(n))
+    return s.rows(np.arange(n))

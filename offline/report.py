@@ -484,20 +484,20 @@ def examples_html(folder: Path, ev, manifest: Manifest, per_kind: int = 8
             kinds.append((g.name, what, g, pick))
     for kind, what, g, pick in kinds:
         cards = []
+        sc = g.row_scores(pick)  # full scores (concept contributions) of the picked rows
         for j, i in enumerate(pick.tolist()):
             name = f"ex_{kind}_{j}.png"
             thumbnail_png(g.images[i], folder / name)
             written.append(folder / name)
-            sc = g.scores
-            pred = classes[int(sc.predictions[i])]
+            pred = classes[int(sc.predictions[j])]
             true = classes[int(g.labels[i])] if g.labels[i] >= 0 else "(foreign)"
             reasons = ", ".join(f"{c} {v:+.2f}"
-                                for c, v in top_reasons(sc.contributions[i], names, 3))
-            verdict = f"rejected: {sc.reason[i]}" if sc.reject[i] else "accepted"
+                                for c, v in top_reasons(sc.contributions[j], names, 3))
+            verdict = f"rejected: {sc.reason[j]}" if sc.reject[j] else "accepted"
             cards.append(
                 f"<figure class=thumb><img src='{name}' alt='{html.escape(kind)} example'>"
                 f"<figcaption>predicted <b>{html.escape(pred)}</b><br>true "
-                f"{html.escape(true)}<br>trust {sc.trust[i]:.2f}, "
+                f"{html.escape(true)}<br>trust {sc.trust[j]:.2f}, "
                 f"{html.escape(verdict)}<br><span class=note>concepts: "
                 f"{html.escape(reasons)}</span></figcaption></figure>")
         blocks.append(f"<h3>{html.escape(kind)}</h3><p class=note>{html.escape(what)}</p>"

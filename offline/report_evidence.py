@@ -5,16 +5,23 @@ and the example thumbnails need per-input scores, which this module regenerates 
 from the bank itself: the bank's ONNX graph on the data source's official test split,
 scored by :func:`conceptguard.scoring.score` exactly as the service scores a request, plus
 a small seeded set of foreign images, corruptions and PGD attacks (seconds on a CPU).
+
+The test split streams (:mod:`offline.streaming`): its images are decoded a batch at a time
+from the data source, the served outputs go to a temporary file, and only per-image scalars
+stay in memory; the few rows shown as examples are read back and rescored in full
+(:meth:`Group.row_scores`). Memory does not grow with the size of the test split.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from conceptguard.bank import Bank
-from conceptguard.scoring import Scores, method_risks, score
+from conceptguard.scoring import Monitor, Scores, method_risks, score
+from offline.streaming import StreamedOutputs, score_streamed, served_streamed
 
 FOREIGN_PER_SET = 100
 CORRUPTIONS_PER_KIND = 100
@@ -25,18 +32,30 @@ SEED = 0
 
 @dataclass
 class Group:
-    """One set of inputs: uint8 images ``(N,H,W,C)``, labels (``-1`` for foreign inputs),
-    the scores, and whether each input is a defect (wrong, attacked or foreign)."""
+    """One set of inputs: uint8 images ``(N,H,W,C)`` (an array, or a lazy one that decodes
+    the rows asked for), labels (``-1`` for foreign inputs), the scores, and whether each
+    input is a defect (wrong, attacked or foreign). ``outputs`` and ``monitor``: where the
+    full scores of a row come from when ``scores`` holds per-image scalars only."""
 
     name: str
     images: np.ndarray
     labels: np.ndarray
     scores: Scores
     defect: np.ndarray
+    outputs: StreamedOutputs | None = None
+    monitor: Monitor | None = None
 
     @property
     def risks(self) -> dict[str, np.ndarray]:
         return method_risks(self.scores)
+
+    def row_scores(self, rows: np.ndarray) -> Scores:
+        """Full scores (concept contributions, probabilities) of ``rows``."""
+        rows = np.asarray(rows, np.int64)
+        if self.outputs is None or self.monitor is None:
+            return self.scores.rows(rows)
+        b = self.outputs.take(rows)
+        return score(self.monitor, b.logits, b.features, b.concepts)
 
 
 @dataclass
@@ -48,10 +67,14 @@ class Evidence:
     notes: list[str] = field(default_factory=list)
 
 
-def _run(bank: Bank, images: np.ndarray, batch: int = 1000) -> Scores:
+def _runtime(bank: Bank):
     from conceptguard.runtime import OnnxRuntime
 
-    rt = OnnxRuntime(bank.onnx_path, device="cpu")
+    return OnnxRuntime(bank.onnx_path, device="cpu")
+
+
+def _run(bank: Bank, images: np.ndarray, batch: int = 1000) -> Scores:
+    rt = _runtime(bank)
     x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     outs = [rt.run(x[i:i + batch]) for i in range(0, len(x), batch)]
     return score(bank.monitor, np.concatenate([o.logits for o in outs]),
@@ -73,14 +96,18 @@ def _attack(bank: Bank, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def compute_evidence(bank: Bank, *, attacks: bool = True) -> Evidence:
     """Score the test split, foreign sets, corruptions and (optionally) PGD attacks."""
+    import tempfile
+
     from conceptguard.data.base import DataSpec
-    from conceptguard.data.registry import load_source
+    from conceptguard.data.registry import open_source
     from conceptguard.foreign import FOREIGN_SETS, foreign_images
     from conceptguard.shifts import CORRUPTIONS, corrupt
 
-    _, test = load_source(DataSpec(**bank.manifest.data["spec"]))
-    s = _run(bank, test.images)
-    ev = Evidence(Group("clean test", test.images, test.labels, s, s.predictions != test.labels))
+    _, test = open_source(DataSpec(**bank.manifest.data["spec"]))
+    outputs = served_streamed(_runtime(bank), test, Path(tempfile.gettempdir()))
+    s = score_streamed(bank.monitor, outputs)
+    ev = Evidence(Group("clean test", test.images, test.labels, s, s.predictions != test.labels,
+                        outputs, bank.monitor))
     ev.notes.append(f"clean: the whole official test split ({len(test)} inputs)")
     size, channels = test.images.shape[1], test.images.shape[3]
     rng = np.random.default_rng(SEED)
@@ -110,10 +137,8 @@ def compute_evidence(bank: Bank, *, attacks: bool = True) -> Evidence:
         a = _run(bank, aimg)
         ok = a.predictions != test.labels[idx]  # successful attacks only
         keep = np.flatnonzero(ok)
-        from conceptguard.evaluation import select_scores
-
         ev.adversarial = Group("adversarial", aimg[keep], test.labels[idx][keep],
-                               select_scores(a, keep), np.ones(len(keep), bool))
+                               a.rows(keep), np.ones(len(keep), bool))
         ev.notes.append(f"adversarial: PGD (L-inf, eps {ATTACK['eps']}, {ATTACK['steps']} "
                         f"steps) on {len(idx)} correctly classified test inputs; "
                         f"{len(keep)} successful attacks kept")

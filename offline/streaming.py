@@ -26,7 +26,6 @@ import numpy as np
 from conceptguard.calibration import Batch
 from conceptguard.data import Dataset
 from conceptguard.data.splits import Splits
-from conceptguard.evaluation import concat_scores
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Monitor, Scores, score
 from offline.stages import IMAGE, served_outputs
@@ -168,7 +167,7 @@ def score_streamed(scorer: Monitor | Scorer, outs: StreamedOutputs | Batch,
         batches: Iterator[Batch] = outs.batches(batch_size)
     else:
         batches = (outs.select(slice(i, i + batch_size)) for i in range(0, len(outs), batch_size))
-    return concat_scores([slim(scorer(b)) for b in batches])
+    return Scores.concat([slim(scorer(b)) for b in batches])
 
 
 def _serve_with(rt: OnnxRuntime, images: np.ndarray) -> Mapping[str, np.ndarray]:
