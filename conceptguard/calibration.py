@@ -49,14 +49,14 @@ class StreamShares(BaseModel):
 
 class DetectorConfig(BaseModel):
     """``knn_reference``: the size of KNN's reference set, a class-stratified subset of the
-    reference split drawn with ``knn_seed`` (None: the whole split). The default, 1000
-    (a quarter of the demo's 4000, 100 per class), is what keeps the fused graph's KNN cheap
-    (a cosine product and a top-k over 1000 columns instead of 4000); see docs/trust.md."""
+    reference split drawn with ``knn_seed`` (None, the default: the whole split, the
+    standard detector). A subset makes the fused graph's KNN cheaper (a cosine product and
+    a top-k over fewer columns) at a measured detection cost; see docs/trust.md."""
 
     model_config = ConfigDict(extra="forbid")
 
     knn_k: int = Field(10, ge=1)
-    knn_reference: int | None = Field(1000, ge=1)
+    knn_reference: int | None = Field(None, ge=1)
     knn_seed: int = 0
     vim_dim: int | None = Field(None, ge=1)
     react_percentile: float = Field(0.9, gt=0, lt=1)

@@ -89,7 +89,7 @@ class DetectorSettings:
     shrinkage: float = 1e-3
     # KNN's reference set: a seeded, class-stratified subset of this many reference
     # features (None: all of them); see KNN
-    knn_reference: int | None = 1000
+    knn_reference: int | None = None
     knn_seed: int = 0
 
 
