@@ -5,6 +5,12 @@ module is imported), every process writes its values to files there and ``/metri
 aggregates them with :class:`prometheus_client.multiprocess.MultiProcessCollector`.
 Label values come from the bank (model name, classes, concepts) and from fixed sets
 (endpoint templates, status codes, error codes), never from request contents.
+
+Recording is per batch (one increment per label set and bucket touched). The per-concept
+series (a count, a sum and a moving average for each of the bank's concepts: over a hundred
+values) are accumulated in numpy and flushed to Prometheus at most every
+:data:`CONCEPT_FLUSH_S` seconds, by a daemon thread, on every scrape of this process and at
+shutdown: at batch 1 writing them per batch cost ~0.15 ms, a tenth of a request.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -149,6 +157,7 @@ def _forget_dead_workers(folder: str) -> None:
 
 def render() -> tuple[bytes, str]:
     """The exposition text for ``/metrics`` (aggregated over workers in multiprocess mode)."""
+    flush_all()
     if folder := multiprocess_dir():
         _forget_dead_workers(folder)
         registry = CollectorRegistry()
@@ -159,6 +168,7 @@ def render() -> tuple[bytes, str]:
 
 def mark_process_dead() -> None:
     """Drop this worker's live gauges (queue depth, bank info) at shutdown."""
+    flush_all()
     if multiprocess_dir():
         multiprocess.mark_process_dead(os.getpid())
 
@@ -266,7 +276,11 @@ class ModelMetrics:
         self._concepts = [CONCEPT_SCORE.labels(model, c) for c in concepts]
         self._concept_means = [CONCEPT_SCORE_MEAN.labels(model, c) for c in concepts]
         self._ema: np.ndarray | None = None
+        self._pending_n = 0  # concept observations not yet flushed, and their sums
+        self._pending_sums = np.zeros(len(concepts), dtype=np.float64)
         self._lock = threading.Lock()
+        _LIVE.add(self)
+        _start_flusher()
 
     def activate(self) -> None:
         BANK_INFO.labels(self.model, *self._info_values()).set(1)
@@ -304,14 +318,53 @@ class ModelMetrics:
             return
         values = np.asarray(concepts, dtype=np.float64)
         n = len(values)
-        for child, total in zip(self._concepts, values.sum(axis=0).tolist(), strict=True):
-            observe_summary_many(child, n, total)
         # EMA over the batch in one step: ema_n = (1-a)^n ema_0 + sum_i a (1-a)^(n-i) x_i
         decay = (1.0 - EMA_ALPHA) ** np.arange(n - 1, -1, -1, dtype=np.float64)
         with self._lock:
             if self._ema is None:
                 self._ema = values[0].copy()
             self._ema = (1.0 - EMA_ALPHA) ** n * self._ema + EMA_ALPHA * (decay @ values)
-            means = self._ema.tolist()
+            self._pending_n += n
+            self._pending_sums += values.sum(axis=0)
+
+    def flush(self) -> None:
+        """Write the concept observations accumulated since the last flush (and the moving
+        averages) to their Prometheus series."""
+        with self._lock:
+            n, sums = self._pending_n, self._pending_sums
+            if not n:
+                return
+            self._pending_n, self._pending_sums = 0, np.zeros_like(sums)
+            means = self._ema.tolist() if self._ema is not None else []
+        for child, total in zip(self._concepts, sums.tolist(), strict=True):
+            observe_summary_many(child, n, total)
         for child, m in zip(self._concept_means, means, strict=True):
             child.set(m)
+
+
+CONCEPT_FLUSH_S = 1.0  # the per-concept series lag the served inputs by at most this
+_LIVE: weakref.WeakSet[ModelMetrics] = weakref.WeakSet()
+_FLUSHER: list[threading.Thread] = []
+_FLUSHER_LOCK = threading.Lock()
+
+
+def flush_all() -> None:
+    """Flush every live bank's accumulated concept observations (see the module docstring)."""
+    for m in list(_LIVE):
+        m.flush()
+
+
+def _flush_forever() -> None:
+    while True:
+        time.sleep(CONCEPT_FLUSH_S)
+        flush_all()
+
+
+def _start_flusher() -> None:
+    """One daemon thread per process that flushes every CONCEPT_FLUSH_S (it sleeps between)."""
+    with _FLUSHER_LOCK:
+        if not _FLUSHER or not _FLUSHER[0].is_alive():
+            t = threading.Thread(target=_flush_forever, name="conceptguard-metrics-flush",
+                                 daemon=True)
+            t.start()
+            _FLUSHER[:] = [t]

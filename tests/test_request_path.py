@@ -253,6 +253,7 @@ def test_model_metrics_record_counts_a_batch_per_input() -> None:
     assert value("conceptguard_trust_score_bucket", le="0.5") == np.sum(s.trust <= 0.5)
     assert value("conceptguard_head_score_bucket", head="adversarial",
                  le="0.25") == np.sum(s.p_adversarial <= 0.25)
+    m.flush()  # the concept series are flushed at most every CONCEPT_FLUSH_S, and on scrape
     assert value("conceptguard_concept_score_count", concept="k1") == 9
     assert value("conceptguard_concept_score_sum", concept="k1") == pytest.approx(
         float(concepts[:, 1].sum()))
