@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.schema_checks import errors, with_value
+
 ROOT = Path(__file__).resolve().parents[1]
 ISVC = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 SCHEMA = ROOT / "deploy" / "kserve" / "inferenceservice.schema.json"
@@ -41,10 +43,6 @@ def isvc() -> dict[str, Any]:
     return yaml.safe_load(ISVC.read_text())
 
 
-def errors(validator: Any, doc: dict[str, Any]) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in validator.iter_errors(doc)]
-
 
 def test_inferenceservice_validates(validator: Any, isvc: dict[str, Any]) -> None:
     assert errors(validator, isvc) == []
@@ -62,11 +60,7 @@ def test_inferenceservice_validates(validator: Any, isvc: dict[str, Any]) -> Non
 def test_schema_rejects_broken_services(validator: Any, isvc: dict[str, Any],
                                         path: tuple[Any, ...], value: Any,
                                         mentions: str) -> None:
-    doc = copy.deepcopy(isvc)
-    node = doc
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = value
+    doc = with_value(isvc, path, value)
     found = errors(validator, doc)
     assert found and any(mentions in e for e in found), found
     del doc["spec"]

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.schema_checks import errors, with_value
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = ROOT / "deploy" / "ray"
 SERVE_CONFIG = RAY / "serve_config.yaml"
@@ -53,10 +55,6 @@ def validator() -> Any:
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema, registry=registry)
 
-
-def errors(validator: Any, doc: dict[str, Any]) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in validator.iter_errors(doc)]
 
 
 def _serve_schema() -> Any:
@@ -146,11 +144,7 @@ def test_rayservice_validates(validator: Any, rayservice: dict[str, Any]) -> Non
 def test_schema_rejects_broken_services(validator: Any, rayservice: dict[str, Any],
                                         path: tuple[Any, ...], value: Any,
                                         mentions: str) -> None:
-    doc = copy.deepcopy(rayservice)
-    node = doc
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = value
+    doc = with_value(rayservice, path, value)
     found = errors(validator, doc)
     assert found and any(mentions in e for e in found), found
 

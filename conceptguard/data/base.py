@@ -10,6 +10,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+def check_labels(name: str, labels: np.ndarray, n_images: int, n_classes: int) -> None:
+    """One label per image, each a class index."""
+    if labels.shape != (n_images,):
+        raise ValueError(f"{name}: {len(labels)} labels for {n_images} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"{name}: labels outside 0..{n_classes - 1}")
+
 @dataclass(frozen=True)
 class ArrayDataset:
     """Images as uint8 ``(N, H, W, C)`` (C = 1 or 3), integer labels, class names.
@@ -30,11 +37,7 @@ class ArrayDataset:
                              f"{self.images.dtype} {self.images.shape}")
         if self.images.shape[-1] not in (1, 3):
             raise ValueError(f"{self.name}: images must have 1 or 3 channels")
-        if self.labels.shape != (len(self.images),):
-            raise ValueError(f"{self.name}: {len(self.labels)} labels for "
-                             f"{len(self.images)} images")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise ValueError(f"{self.name}: labels outside 0..{len(self.classes) - 1}")
+        check_labels(self.name, self.labels, len(self.images), len(self.classes))
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from conceptguard.data.base import ArrayDataset
+from conceptguard.data.base import ArrayDataset, check_labels
 
 #: ``read(indices)`` -> uint8 ``(len(indices), H, W, C)``, rows in the order asked for.
 RowReader = Callable[[np.ndarray], np.ndarray]
@@ -113,11 +113,7 @@ class LazyDataset:
     attribute_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.labels.shape != (len(self.images),):
-            raise ValueError(f"{self.name}: {len(self.labels)} labels for "
-                             f"{len(self.images)} images")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise ValueError(f"{self.name}: labels outside 0..{len(self.classes) - 1}")
+        check_labels(self.name, self.labels, len(self.images), len(self.classes))
 
     def __len__(self) -> int:
         return len(self.labels)
