@@ -11,14 +11,13 @@ kubernetes-validate ships."""
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.schema_checks import errors, with_value
+from tests.schema_checks import errors, k8s_validator, with_value
 
 ROOT = Path(__file__).resolve().parents[1]
 ISVC = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
@@ -27,15 +26,7 @@ SCHEMA = ROOT / "deploy" / "kserve" / "inferenceservice.schema.json"
 
 @pytest.fixture(scope="module")
 def validator() -> Any:
-    kv = pytest.importorskip("kubernetes_validate")
-    from jsonschema import Draft202012Validator
-    from referencing import Registry, Resource
-
-    root = Path(kv.__file__).parent / "kubernetes-json-schema"
-    k8s = json.loads((root / f"v{kv.latest_version()}-local-strict" /
-                      "_definitions.json").read_text())
-    registry = Registry().with_resource(k8s["$id"], Resource.from_contents(k8s))
-    return Draft202012Validator(json.loads(SCHEMA.read_text()), registry=registry)
+    return k8s_validator(SCHEMA)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,13 @@ it is not the operator's own validation."""
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.schema_checks import errors, with_value
+from tests.schema_checks import errors, k8s_validator, with_value
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = ROOT / "deploy" / "ray"
@@ -43,17 +42,7 @@ def rayservice() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def validator() -> Any:
-    kv = pytest.importorskip("kubernetes_validate")
-    from jsonschema import Draft202012Validator
-    from referencing import Registry, Resource
-
-    root = Path(kv.__file__).parent / "kubernetes-json-schema"
-    k8s = json.loads((root / f"v{kv.latest_version()}-local-strict" /
-                      "_definitions.json").read_text())
-    registry = Registry().with_resource(k8s["$id"], Resource.from_contents(k8s))
-    schema = json.loads(SCHEMA.read_text())
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, registry=registry)
+    return k8s_validator(SCHEMA)
 
 
 
