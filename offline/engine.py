@@ -9,7 +9,8 @@ consecutive slices of ``batch_size`` and call the same stage function on each:
 - :class:`LocalEngine`: in this process (``run_batched``), each stage function built once;
 - :class:`RayEngine`: Ray Data, one block per slice, ``map_batches`` tasks (one CPU each)
   that run :class:`offline.ray_data.StageActor`, built once per worker process and model;
-  the results put back in row order.
+  the results put back in row order. Images that live in files (an image-folder source's
+  undecoded rows) travel as paths: the workers read and decode them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from offline.stages import IMAGE, Batch, BatchFn, build_stage_fn, run_batched
 
 ROW = "_row"  # the Ray engine's row-order column
+FILE = "_file"  # the Ray engine's column of image paths, decoded by the workers
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -117,12 +119,13 @@ class RayEngine:
         n = rows(columns)
         if n == 0:
             return self._local.map(stage, columns, batch_size=batch_size, **spec)
+        columns, decoder = _files_for_workers(columns)
         blocks = [BlockAccessor.batch_to_block(
             {ROW: np.arange(i, min(i + batch_size, n), dtype=np.int64),
              **{k: np.ascontiguousarray(v[i:i + batch_size]) for k, v in columns.items()}})
             for i in range(0, n, batch_size)]
         ds = ray.data.from_blocks(blocks).map_batches(
-            stage_task, fn_kwargs={"stage": stage, "spec": spec},
+            stage_task, fn_kwargs={"stage": stage, "spec": spec, "decoder": decoder},
             compute=ray.data.TaskPoolStrategy(size=self.workers),
             batch_size=None, num_cpus=1, batch_format="numpy")  # a batch = one block
         # (stage functions pass every column but the image through, the row column too)
@@ -137,6 +140,24 @@ class RayEngine:
 
             ray.shutdown()
             self._started = False
+
+
+def _files_for_workers(columns: Batch) -> tuple[Batch, Any]:
+    """An image column of undecoded rows (:class:`~conceptguard.data.lazy.LazyImages`) that
+    live in files becomes a column of their paths and a decoder, so that the Ray workers
+    read and decode the files themselves (the driver holds paths, never the pixels); other
+    lazy rows are decoded here. Arrays pass unchanged (decoder None)."""
+    from conceptguard.data.lazy import LazyImages
+
+    images = columns.get(IMAGE)
+    if not isinstance(images, LazyImages):
+        return columns, None
+    rest = {k: v for k, v in columns.items() if k != IMAGE}
+    located = images.files()
+    if located is None:
+        return {**rest, IMAGE: images.load()}, None
+    paths, decoder = located
+    return {**rest, FILE: paths}, decoder
 
 
 def make_engine(name: str, workers: int = 2, address: str | None = None) -> Engine:

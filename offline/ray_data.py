@@ -78,11 +78,16 @@ _BUILT: OrderedDict[str, StageActor] = OrderedDict()  # per worker process, most
 _KEEP = 8
 
 
-def stage_task(batch: dict[str, np.ndarray], stage: str, spec: dict[str, Any]
-               ) -> dict[str, np.ndarray]:
+def stage_task(batch: dict[str, np.ndarray], stage: str, spec: dict[str, Any],
+               decoder: Any = None) -> dict[str, np.ndarray]:
     """A ``map_batches`` task function: the stage's :class:`StageActor`, built once per
     worker process and spec (Ray reuses worker processes across tasks and datasets, so a
-    build of many short stage runs loads each model once per worker, not once per run)."""
+    build of many short stage runs loads each model once per worker, not once per run).
+    With ``decoder``, the batch carries image paths (``_file``, see
+    :mod:`offline.engine`) that this task reads and decodes first."""
+    if decoder is not None:
+        batch = dict(batch)
+        batch[stages.IMAGE] = decoder([bytes(p) for p in batch.pop("_file")])
     key = stage + json.dumps(spec, sort_keys=True, default=lambda o: f"@{id(o)}")
     if key not in _BUILT:
         _BUILT[key] = StageActor(stage, **spec)

@@ -20,11 +20,13 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from conceptguard.calibration import Batch
 from conceptguard.data import Dataset
+from conceptguard.data.lazy import LazyImages
 from conceptguard.data.splits import Splits
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Monitor, Scores, score
@@ -34,7 +36,7 @@ SERVE_BATCH = 256  # images decoded and run through the graph at a time
 SCORE_BATCH = 4096  # served outputs scored at a time
 READ_CHUNK = 4096  # rows per file read
 RECORD = ("logits", "features", "concepts")
-Serve = Callable[[np.ndarray], Mapping[str, np.ndarray]]  # uint8 NHWC -> served outputs
+Serve = Callable[[Any], Mapping[str, np.ndarray]]  # uint8 NHWC or lazy rows -> outputs
 Scorer = Callable[[Batch], Scores]  # served outputs -> scores
 
 
@@ -124,8 +126,9 @@ def served_streamed(serve: OnnxRuntime | Serve, ds: Dataset, folder: Path,
                     batch_size: int = SERVE_BATCH) -> StreamedOutputs:
     """The exported serving graph over ``ds``, decoded ``batch_size`` images at a time; the
     outputs go to a file in a new temporary folder under ``folder``. ``serve``: the graph's
-    runtime, or a function of uint8 images returning the served-outputs columns (the build
-    passes its engine's ``served`` stage, so Ray runs it too, one chunk at a time)."""
+    runtime, or a function of images returning the served-outputs columns (the build passes
+    its engine's ``served`` stage, so Ray runs it too, one chunk at a time). Lazy rows are
+    passed undecoded, so an engine can have its workers read the files."""
     if isinstance(serve, OnnxRuntime):
         serve = partial(_serve_with, serve)
     if len(ds) == 0:
@@ -137,7 +140,7 @@ def served_streamed(serve: OnnxRuntime | Serve, ds: Dataset, folder: Path,
     widths: tuple[int, int, int] | None = None
     with open(path, "wb") as f:
         for start in range(0, len(ds), batch_size):
-            out = serve(ds.images[start:start + batch_size])
+            out = serve(_view(ds.images, start, start + batch_size))
             parts = [np.asarray(out[k], np.float32) for k in RECORD]
             widths = widths or tuple(p.shape[1] for p in parts)  # type: ignore[assignment]
             np.concatenate(parts, axis=1).tofile(f)
@@ -171,7 +174,15 @@ def score_streamed(scorer: Monitor | Scorer, outs: StreamedOutputs | Batch,
 
 
 def _serve_with(rt: OnnxRuntime, images: np.ndarray) -> Mapping[str, np.ndarray]:
-    return served_outputs(rt, {IMAGE: images})
+    return served_outputs(rt, {IMAGE: np.asarray(images)})
+
+
+def _view(images: np.ndarray | LazyImages, start: int, stop: int) -> np.ndarray | LazyImages:
+    """Rows ``start:stop``: still undecoded for lazy images (the engine decides where they
+    are decoded: here, or by a Ray worker that reads the files), a slice of an array."""
+    if isinstance(images, LazyImages):
+        return images.subset(np.arange(start, min(stop, len(images))))
+    return images[start:stop]
 
 
 def _score_with(monitor: Monitor, b: Batch) -> Scores:

@@ -129,3 +129,24 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     batches = list(iter_parquet(path, channels=3, batch_size=2))
     assert [len(b["id"]) for b in batches] == [2, 2, 1]
     assert np.array_equal(np.concatenate([b["image"] for b in batches]), images)
+
+
+def test_ray_engine_workers_read_the_image_files(local_ray: None,
+                                                 fixture_set: dict[str, Any]) -> None:
+    """build-bank's Ray engine on undecoded image-folder rows: the workers read and decode
+    the files (the driver decodes none) and the served outputs equal the local engine's."""
+    from conceptguard.data.image_folder import index_image_folder
+    from offline.engine import LocalEngine, RayEngine
+
+    _, test = index_image_folder(fixture_set["folder"], image_size=28, seed=0,
+                                 test_fraction=0.5, channels=1)
+    view = test.images.subset(np.arange(3, len(test)))  # a view: rows of a larger index
+    onnx = str(DEMO_BANK / "classifier.onnx")
+    got = RayEngine(workers=2).map("served", {"image": view, "label": test.labels[3:]},
+                                   batch_size=8, onnx=onnx)
+    assert test.images.decoded == 0  # nothing decoded in this process
+    want = LocalEngine().map("served", {"image": view.load(), "label": test.labels[3:]},
+                             batch_size=8, onnx=onnx)
+    assert sorted(got) == sorted(want)
+    for key in ("logits", "features", "concepts", "label"):
+        np.testing.assert_array_equal(got[key], want[key])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -175,9 +176,18 @@ class FolderReader:
         self.size = size
         self.channels = channels
 
+    def locate(self, indices: np.ndarray) -> np.ndarray:
+        """The files of rows ``indices`` (absolute paths, bytes)."""
+        return np.array([os.path.join(self.root, p) for p in self.paths[indices].tolist()],
+                        dtype=object)
+
+    @property
+    def decoder(self) -> partial:
+        """Decodes a list of :meth:`locate` paths (picklable, without the index)."""
+        return partial(load_images, size=self.size, channels=self.channels)
+
     def __call__(self, indices: np.ndarray) -> np.ndarray:
-        files = [os.path.join(self.root, p) for p in self.paths[indices].tolist()]
-        return load_images(files, self.size, channels=self.channels)
+        return self.decoder(self.locate(indices).tolist())
 
 
 def _lazy(name: str, root: Path, paths: np.ndarray, labels: np.ndarray, classes: list[str],

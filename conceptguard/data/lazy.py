@@ -10,7 +10,7 @@ the same interface (``load`` returns itself), so every source goes through one c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +19,8 @@ from conceptguard.data.base import ArrayDataset, check_labels
 
 #: ``read(indices)`` -> uint8 ``(len(indices), H, W, C)``, rows in the order asked for.
 RowReader = Callable[[np.ndarray], np.ndarray]
+#: ``decode(paths)`` -> uint8 ``(len(paths), H, W, C)`` (see :meth:`LazyImages.files`).
+FileDecoder = Callable[[Sequence[bytes]], np.ndarray]
 
 LOAD_CHUNK = 1024  # rows decoded per call while loading a split into memory
 
@@ -47,6 +49,15 @@ class LazyImages:
     @property
     def decoded(self) -> int:
         return self._counter[0]
+
+    def files(self) -> tuple[np.ndarray, FileDecoder] | None:
+        """Where this view's rows are stored, when the reader reads files: one path per row
+        and the small picklable function that decodes a list of such paths, so another
+        process (a Ray worker) can read and decode them itself. None for other readers."""
+        locate = getattr(self._read, "locate", None)
+        if locate is None:
+            return None
+        return locate(self._source_rows(np.arange(self._n))), self._read.decoder
 
     def __len__(self) -> int:
         return self._n
