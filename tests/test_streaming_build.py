@@ -111,7 +111,7 @@ def test_oracle_rows_cap_the_misclassified(demo_bank) -> None:
 TINY = {
     "name": "tiny-folder",
     "splits": {"seed": 0, "fit": 120, "reference": 120, "calibration": 150, "test": None},
-    "classifier": {"path": "models/demo-resnet.safetensors"},
+    "classifier": {"path": "banks/demo/classifier.safetensors"},  # tracked: the demo ResNet
     "vlm": {"backend": "conse", "image_size": 32, "top_k": 5},
     "class_prompts": list(FASHION_MNIST_CLASSES),
     "adversarial": {"attacks": [{"kind": "fgsm", "eps": 0.05, "steps": 1}],
@@ -135,8 +135,6 @@ def test_build_over_a_folder_equals_the_build_over_the_images_in_memory(
     from offline.pipeline import build_bank
 
     repo = Path(__file__).resolve().parents[1]
-    if not (repo / TINY["classifier"]["path"]).is_file():
-        pytest.skip("the demo classifier is not built")
     register_source("image_folder_in_memory",
                     lambda spec: load_image_folder(spec.root, spec.image_size,
                                                    channels=spec.channels or 3))
