@@ -44,8 +44,9 @@ def rows(columns: Batch) -> int:
     return len(columns[IMAGE] if IMAGE in columns else next(iter(columns.values())))
 
 
-def _spec_key(stage: str, spec: dict[str, Any]) -> str:
-    # objects (a monitor) by identity: the build holds them while the engine lives
+def spec_key(stage: str, spec: dict[str, Any]) -> str:
+    """The identity of a built stage function (objects, such as a monitor, by identity:
+    the build holds them while the engine lives)."""
     return stage + json.dumps(spec, sort_keys=True, default=lambda o: f"@{id(o)}")
 
 
@@ -58,7 +59,7 @@ class LocalEngine:
         self._fns: dict[str, BatchFn] = {}
 
     def fn(self, stage: str, **spec: Any) -> BatchFn:
-        key = _spec_key(stage, spec)
+        key = spec_key(stage, spec)
         if key not in self._fns:
             self._fns[key] = build_stage_fn(stage, **spec)
         return self._fns[key]

@@ -14,7 +14,6 @@ decoded and scored as they flow, so memory is bounded by the blocks in flight.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from offline import sources, stages
+from offline.engine import spec_key
 
 STAGES = stages.STAGES
 
@@ -88,7 +88,7 @@ def stage_task(batch: dict[str, np.ndarray], stage: str, spec: dict[str, Any],
     if decoder is not None:
         batch = dict(batch)
         batch[stages.IMAGE] = decoder([bytes(p) for p in batch.pop("_file")])
-    key = stage + json.dumps(spec, sort_keys=True, default=lambda o: f"@{id(o)}")
+    key = spec_key(stage, spec)
     if key not in _BUILT:
         _BUILT[key] = StageActor(stage, **spec)
         while len(_BUILT) > _KEEP:
