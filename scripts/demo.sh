@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up .venv, then serve the shipped demo bank
-# (Fashion-MNIST, demo ResNet, ConSE VLM). With --rebuild, first retrain the demo classifier
-# and rebuild banks/demo with the offline job (~20 minutes on 2 cores).
+# The main job on the embedded default: set up .venv with the serving set alone (ONNX Runtime,
+# no torch) and serve the shipped demo bank (Fashion-MNIST, demo ResNet, ConSE VLM).
+# With --rebuild, first install the offline set (torch, the VLM, the attack library), retrain
+# the demo classifier and rebuild banks/demo with the offline job.
 # Usage: scripts/demo.sh [--rebuild] [--port 8000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,17 +11,18 @@ while (($#)); do
   case "$1" in
     --rebuild) rebuild=1 ;;
     --port) port="$2"; shift ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
+    *) echo "scripts/demo.sh: unknown option '$1' (use --rebuild, --port N)" >&2; exit 2 ;;
   esac
   shift
 done
 
-scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-cg=.venv/bin/conceptguard
 if ((rebuild)) || [[ ! -f banks/demo/manifest.json ]]; then
-  $cg train-demo --config configs/fashion-mnist-demo.yaml
-  $cg build-bank --config configs/fashion-mnist-demo.yaml --out banks/demo
+  scripts/setup.sh --offline
+  .venv/bin/conceptguard train-demo --config configs/fashion-mnist-demo.yaml
+  .venv/bin/conceptguard build-bank --config configs/fashion-mnist-demo.yaml --out banks/demo
+else
+  scripts/setup.sh --serve
 fi
 
 cat <<MSG
@@ -34,4 +36,4 @@ conceptguard is starting on http://127.0.0.1:${port} (bank: banks/demo). Try:
 API docs: http://127.0.0.1:${port}/docs   report: banks/demo/report/index.html
 
 MSG
-exec $cg serve --bank banks/demo --host 127.0.0.1 --port "$port"
+exec .venv/bin/conceptguard serve --bank banks/demo --host 127.0.0.1 --port "$port"

@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Creates .venv/ in the repo root with conceptguard and its dependencies, and installs the
-# Debian packages the project uses (Fashion-MNIST data; Prometheus, docker-compose and headless
-# Chromium for the tests). Idempotent: a second run only checks. Usage: scripts/setup.sh [--dev]
+# Creates .venv/ in the repo root with conceptguard and the locked dependencies of one set:
+#   scripts/setup.sh [--serve]   the serving set (ONNX Runtime, no torch): scripts/demo.sh
+#   scripts/setup.sh --offline   + torch and the offline job, and Debian's Fashion-MNIST
+#   scripts/setup.sh --dev       + Ray and the test tools, and the Debian packages the tests
+#                                run (Prometheus, docker-compose, yamllint, shellcheck, Chromium)
+# The versions and sha256 hashes come from requirements/*.lock (scripts/lock.sh regenerates
+# them from pyproject.toml). Idempotent: a second run only checks; a set includes the smaller
+# ones, so --dev after --serve adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# the offline job (demo.sh --rebuild) needs the offline extra; the tests need dev
-extras="[offline]"
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+set_name=serve
+case "${1:---serve}" in
+  --serve) set_name=serve ;;
+  --offline) set_name=offline ;;
+  --dev) set_name=dev ;;
+  *) echo "scripts/setup.sh: unknown option '$1' (use --serve, --offline or --dev)" >&2; exit 2 ;;
+esac
 
-apt_packages=(dataset-fashion-mnist)
-[[ "$extras" == "[dev]" ]] && apt_packages+=(prometheus docker-compose yamllint shellcheck chromium)
+apt_packages=()
+[[ $set_name != serve ]] && apt_packages+=(dataset-fashion-mnist)
+[[ $set_name == dev ]] && apt_packages+=(prometheus docker-compose yamllint shellcheck chromium wrk)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -18,23 +28,33 @@ done
 if ((${#missing[@]})); then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
   echo "installing Debian packages: ${missing[*]}" >&2
-  $sudo apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-    $sudo apt-get update -qq && $sudo apt-get install -y --no-install-recommends "${missing[@]}"; }
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null; }
 fi
 
-if [[ ! -x .venv/bin/python ]]; then
-  python3 -m venv .venv
-fi
-stamp=".venv/.conceptguard-installed${extras}"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-  echo "installing Python dependencies into .venv (first run: a few minutes)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/python -m pip install -q -e ".${extras}"
-  # the attack library (offline job) and the OOD-detection library (tests) pin ancient
-  # requests/urllib3; their code runs with current ones, so they go in without their pins
-  no_deps=("torchattacks==3.5.1")
-  [[ "$extras" == "[dev]" ]] && no_deps+=("pytorch-ood==0.4.0")
-  .venv/bin/python -m pip install -q --no-deps "${no_deps[@]}"
-  touch "$stamp"
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+lock="requirements/${set_name}.lock"
+want=$(cat "$lock" requirements/no-deps.lock pyproject.toml | sha256sum | cut -c1-16)
+stamp=".venv/.conceptguard-${set_name}"
+installed=0  # this set, or a larger one (the locks agree on every version), is in place
+for s in serve offline dev; do
+  [[ $s == "$set_name" ]] && found=1
+  [[ ${found:-0} == 1 && -f .venv/.conceptguard-$s ]] && \
+    [[ "$(cat ".venv/.conceptguard-$s")" == "$(cat "requirements/$s.lock" requirements/no-deps.lock \
+       pyproject.toml | sha256sum | cut -c1-16)" ]] && installed=1
+done
+if ((!installed)); then
+  echo "installing the ${set_name} set into .venv from ${lock}" >&2
+  pip=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-warn-conflicts)
+  "${pip[@]}" --require-hashes -r "$lock"
+  if [[ $set_name != serve ]]; then
+    # torchattacks (offline attacks) and pytorch-ood (the tests' reference detectors) pin
+    # requests/urllib3 of 2020 in their metadata; their code runs on the locked ones, so they
+    # go in without their dependency metadata (requirements/no-deps.lock; scripts/lock.sh)
+    "${pip[@]}" --require-hashes --no-deps -r requirements/no-deps.lock
+  fi
+  # the package itself, editable; its dependencies are the lock's
+  "${pip[@]}" --no-deps -e .
+  echo "$want" > "$stamp"
 fi
