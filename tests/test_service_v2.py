@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import encode_png
+from tests.tolerance import assert_f32_close
 
 OUTPUT_TYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
                 "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
@@ -105,11 +106,11 @@ def test_infer_bytes_and_fp32_agree_with_v1(client: httpx.Client, model: str,
         assert out["label"]["data"] == [r["label"] for r in v1]
         assert out["class_index"]["data"] == [r["class_index"] for r in v1]
         assert out["reject"]["data"] == [r["reject"] for r in v1]
-        np.testing.assert_allclose(out["trust"]["data"], [r["trust"] for r in v1], atol=1e-6)
-        np.testing.assert_allclose(out["p_adversarial"]["data"],
-                                   [r["heads"]["adversarial"] for r in v1], atol=1e-6)
-        np.testing.assert_allclose(out["p_unfamiliar"]["data"],
-                                   [r["heads"]["unfamiliar"] for r in v1], atol=1e-6)
+        assert_f32_close(out["trust"]["data"], [r["trust"] for r in v1], terms=1)
+        assert_f32_close(out["p_adversarial"]["data"],
+                         [r["heads"]["adversarial"] for r in v1], terms=1)
+        assert_f32_close(out["p_unfamiliar"]["data"],
+                         [r["heads"]["unfamiliar"] for r in v1], terms=1)
 
 
 def test_outputs_filter(client: httpx.Client, model: str, images: np.ndarray) -> None:
