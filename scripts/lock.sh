@@ -5,6 +5,7 @@
 #   serve.lock    the serving set (scripts/demo.sh, the default Docker image)
 #   offline.lock  + torch and the offline job (demo.sh --rebuild, setup.sh --offline)
 #   dev.lock      + Ray and the test tools (scripts/test.sh, CI)
+#   bootstrap.lock  uv, the installer setup.sh uses for the rest (fast, parallel)
 #   no-deps.lock  torchattacks and pytorch-ood: their metadata pins requests/urllib3 of 2020,
 #                 which the rest needs newer; their code runs with current ones, so they are
 #                 installed with --no-deps (their real imports, torch/scipy/numpy, are in
@@ -29,5 +30,8 @@ sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\)\( ;\(.*\)\)\{0,1\} \\$/\1\2/p' requirement
 compile offline.lock --extra offline --constraint "$pins"
 compile serve.lock --constraint "$pins"
 printf 'torchattacks==3.5.1\npytorch-ood==0.4.0\n' > requirements/no-deps.in
+# the installer that setup.sh bootstraps with pip, then installs every lock with
+printf 'uv==0.13.9\n' > requirements/bootstrap.in
+"$uv" pip compile requirements/bootstrap.in "${opts[@]}" -o requirements/bootstrap.lock
 "$uv" pip compile requirements/no-deps.in "${opts[@]}" --no-deps -o requirements/no-deps.lock
 echo "requirements/*.lock regenerated" >&2

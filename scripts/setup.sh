@@ -35,26 +35,32 @@ fi
 
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 lock="requirements/${set_name}.lock"
-want=$(cat "$lock" requirements/no-deps.lock pyproject.toml | sha256sum | cut -c1-16)
+lock_hash() { cat "requirements/$1.lock" requirements/no-deps.lock requirements/bootstrap.lock \
+  pyproject.toml | sha256sum | cut -c1-16; }
+want=$(lock_hash "$set_name")
 stamp=".venv/.conceptguard-${set_name}"
 installed=0  # this set, or a larger one (the locks agree on every version), is in place
 for s in serve offline dev; do
   [[ $s == "$set_name" ]] && found=1
   [[ ${found:-0} == 1 && -f .venv/.conceptguard-$s ]] && \
-    [[ "$(cat ".venv/.conceptguard-$s")" == "$(cat "requirements/$s.lock" requirements/no-deps.lock \
-       pyproject.toml | sha256sum | cut -c1-16)" ]] && installed=1
+    [[ "$(cat ".venv/.conceptguard-$s")" == "$(lock_hash "$s")" ]] && installed=1
 done
 if ((!installed)); then
   echo "installing the ${set_name} set into .venv from ${lock}" >&2
-  pip=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-warn-conflicts)
-  "${pip[@]}" --require-hashes -r "$lock"
+  log=$(mktemp); trap 'rm -f "$log"' EXIT
+  quiet() { "$@" >"$log" 2>&1 || { cat "$log" >&2; echo "scripts/setup.sh: failed: $*" >&2; exit 1; }; }
+  # uv installs the locks (parallel downloads: the serving set in seconds); pip only brings uv
+  [[ -x .venv/bin/uv ]] || quiet .venv/bin/python -m pip install -q --disable-pip-version-check \
+    --require-hashes -r requirements/bootstrap.lock
+  uv=(.venv/bin/uv pip install -q --python .venv/bin/python)
+  quiet "${uv[@]}" --require-hashes -r "$lock"
   if [[ $set_name != serve ]]; then
     # torchattacks (offline attacks) and pytorch-ood (the tests' reference detectors) pin
     # requests/urllib3 of 2020 in their metadata; their code runs on the locked ones, so they
     # go in without their dependency metadata (requirements/no-deps.lock; scripts/lock.sh)
-    "${pip[@]}" --require-hashes --no-deps -r requirements/no-deps.lock
+    quiet "${uv[@]}" --require-hashes --no-deps -r requirements/no-deps.lock
   fi
   # the package itself, editable; its dependencies are the lock's
-  "${pip[@]}" --no-deps -e .
+  quiet "${uv[@]}" --no-deps -e .
   echo "$want" > "$stamp"
 fi
