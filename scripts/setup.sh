@@ -33,7 +33,13 @@ if ((${#missing[@]})); then
       "${missing[@]}" >/dev/null; }
 fi
 
-[[ -x .venv/bin/python ]] || python3 -m venv .venv
+# a system pip that can install into another interpreter (pip >= 22.3: --python) spares the
+# venv its own pip (ensurepip alone takes longer than installing the whole serving set)
+sys_pip=0
+python3 -m pip --python "$(command -v python3)" --version >/dev/null 2>&1 && sys_pip=1
+if [[ ! -x .venv/bin/python ]]; then
+  if ((sys_pip)); then python3 -m venv --without-pip .venv; else python3 -m venv .venv; fi
+fi
 lock="requirements/${set_name}.lock"
 lock_hash() { cat "requirements/$1.lock" requirements/no-deps.lock requirements/bootstrap.lock \
   pyproject.toml | sha256sum | cut -c1-16; }
@@ -50,8 +56,12 @@ if ((!installed)); then
   log=$(mktemp); trap 'rm -f "$log"' EXIT
   quiet() { "$@" >"$log" 2>&1 || { cat "$log" >&2; echo "scripts/setup.sh: failed: $*" >&2; exit 1; }; }
   # uv installs the locks (parallel downloads: the serving set in seconds); pip only brings uv
-  [[ -x .venv/bin/uv ]] || quiet .venv/bin/python -m pip install -q --disable-pip-version-check \
-    --require-hashes -r requirements/bootstrap.lock
+  if [[ ! -x .venv/bin/uv ]]; then
+    pip=(.venv/bin/python -m pip)
+    .venv/bin/python -m pip --version >/dev/null 2>&1 || pip=(python3 -m pip --python .venv/bin/python)
+    quiet "${pip[@]}" install -q --disable-pip-version-check --require-hashes \
+      -r requirements/bootstrap.lock
+  fi
   uv=(.venv/bin/uv pip install -q --python .venv/bin/python)
   quiet "${uv[@]}" --require-hashes -r "$lock"
   if [[ $set_name != serve ]]; then
