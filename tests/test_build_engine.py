@@ -25,6 +25,8 @@ import yaml
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # builds two banks, one on a local Ray
+
 pytest.importorskip("ray")
 
 SMALL = {

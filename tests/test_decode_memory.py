@@ -16,6 +16,8 @@ from PIL import Image
 
 from tests.conftest import launch_server, wait_ready
 
+pytestmark = pytest.mark.slow  # measures the RSS of real servers under large uploads
+
 SIDE = 6000
 CONCURRENT = 16
 DECODE_CONCURRENCY = 2

@@ -25,6 +25,8 @@ from PIL import Image
 from service.schemas import BatchResponse, ClassifyResponse
 from tests.conftest import ADMIN_TOKEN, REPO, ServerProcess, launch_server, wait_ready
 
+pytestmark = pytest.mark.slow  # schemathesis fuzzes a real server
+
 EXAMPLES_PER_OPERATION = 15
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,negative_data_rejection")

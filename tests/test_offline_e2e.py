@@ -15,6 +15,8 @@ import yaml
 from conceptguard.bank import load_bank
 from tests.metrics_keys import missing_keys
 
+pytestmark = pytest.mark.slow  # trains a classifier and builds three banks through the CLI
+
 TINY = {
     "name": "tiny-e2e",
     "data": {"source": "fashion_mnist"},

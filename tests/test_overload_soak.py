@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import ServerProcess, encode_png, launch_server, metric_sum, wait_ready
 
+pytestmark = pytest.mark.slow  # load and soak runs against real servers
+
 MIB = 1 << 20
 
 

@@ -30,6 +30,8 @@ from tests.conftest import (
     metric_sum,
 )
 
+pytestmark = pytest.mark.slow  # a real Prometheus scrapes real servers
+
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 REJECT_RATIO = ('sum(conceptguard_predictions_total{decision="reject"}) '
                 '/ sum(conceptguard_predictions_total)')

@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import DEMO_BANK, REPO, encode_png
 from tests.tolerance import assert_f32_close
 
+pytestmark = pytest.mark.slow  # starts a local Ray
+
 ray = pytest.importorskip("ray")
 
 N = 60

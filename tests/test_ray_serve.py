@@ -20,6 +20,8 @@ import pytest
 from service.ray_serve import REPLICA_HEADER
 from tests.conftest import ADMIN_TOKEN, DEMO_BANK, REPO, free_port
 
+pytestmark = pytest.mark.slow  # starts a local Ray and Ray Serve replicas
+
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 

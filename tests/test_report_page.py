@@ -84,6 +84,7 @@ def test_report_rejects_links_and_folders(tmp_path: Path) -> None:
         assert exc.value.status == 404
 
 
+@pytest.mark.slow  # a headless browser
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_report_opens_in_headless_chromium_with_every_image(
         report_server: ServerProcess, tmp_path: Path) -> None:

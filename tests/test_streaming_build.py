@@ -23,6 +23,8 @@ from offline.stream import served
 from offline.streaming import oracle_indices, score_streamed, served_streamed
 from tests.tolerance import assert_f32_close
 
+pytestmark = pytest.mark.slow  # builds banks from a folder and from memory
+
 FOLDERS = [f"{i}_{name.split('/')[0].lower().replace(' ', '_')}"
            for i, name in enumerate(FASHION_MNIST_CLASSES)]
 N_TRAIN, N_TEST = 400, 300

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.conftest import (
     ADMIN_TOKEN,
@@ -25,6 +26,8 @@ from tests.conftest import (
     metric_sum,
     wait_ready,
 )
+
+pytestmark = pytest.mark.slow  # multi-worker servers, a worker killed
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
