@@ -124,7 +124,8 @@ def examples() -> dict[str, str]:
             "id": "42",
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                         "data": [base64.b64encode(_png("bag.png")).decode()]}],
-            "outputs": [{"name": "label"}, {"name": "trust"}, {"name": "reject"}]}))
+            "outputs": [{"name": "label"}, {"name": "trust"}, {"name": "reject"},
+                        {"name": "reason_kind"}, {"name": "reason_concepts"}]}))
     return out
 
 

@@ -191,7 +191,9 @@ async def _infer(request: Request, loaded: Loaded) -> Response:
     plan = v2_binary.output_plan(req)
     requested_outputs([name for name, _ in plan])
     scores = await infer_tensors(_dataplane(request), loaded, tensors, model_stats(request))
-    return encode_v2.rest_response(req, plan, loaded, scores)
+    settings = getattr(request.app.state, "settings", None)
+    k = settings.reason_concepts if settings is not None else 3
+    return encode_v2.rest_response(req, plan, loaded, scores, k)
 
 
 # ---------------------------------------------------------------- statistics
