@@ -66,7 +66,12 @@ def result(name: str) -> dict[str, Any]:
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         raise SystemExit(f"no benchmark result file {path.relative_to(REPO)}")
-    return json.loads(path.read_text())
+    r = json.loads(path.read_text())
+    missing = [k for k in ("command", "date") if not r.get(k)]
+    if missing:  # a figure must say what produced it and when
+        raise SystemExit(f"{path.relative_to(REPO)} has no {' or '.join(missing)}: rerun it "
+                         "with BENCH_RESULT set (benchmarks/_common.py)")
+    return r
 
 
 @cache
@@ -135,6 +140,17 @@ def _trailing_margins() -> str:
     return f"{min(gaps):.3f}–{max(gaps):.3f}"
 
 
+def _ahead_tasks() -> str:
+    """The tasks where trust beats the strongest peer (AURC: lower), with the margin."""
+    out = []
+    for r in metrics()["summary"]:
+        gain = -r["margin"] if r["metric"] == "aurc" else r["margin"]
+        if gain > 0:
+            out.append(f"{r['task']} ({'AURC' if r['metric'] == 'aurc' else 'AUROC'} "
+                       f"{gain:+.3f})")
+    return ", ".join(out) if out else "no task"
+
+
 def _hard_shift_accuracy() -> str:
     acc = [metrics()["shift"][k]["accuracy"] for k in ("contrast", "brightness", "inversion")]
     return _pct_range(min(acc), max(acc))
@@ -150,6 +166,7 @@ CALC: dict[str, Callable[[], Any]] = {
     "mixed_aurc_trust": lambda: _mixed_row()["trust"],
     "mixed_aurc_peer_value": lambda: _mixed_row()["peer"],
     "trailing_margin_range": _trailing_margins,
+    "trust_ahead_tasks": _ahead_tasks,
     "hard_shift_accuracy_range": _hard_shift_accuracy,
     "build_seconds": lambda: sum(metrics()["timings_s"].values()),
     "trust_reject_rate_clean": lambda: 1.0 - metrics()["threshold"]["coverage"],
