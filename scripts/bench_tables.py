@@ -96,7 +96,7 @@ def backends(r: dict[str, Any]) -> str:
     names = list(r["results"][batches[0]])
     rows = [[name, *(f"{r['results'][b][name]['images_per_s']:.0f} "
                      f"({r['results'][b][name]['ratio_to_onnx']:.2f}x)" for b in batches),
-             max(r["results"][b][name]["max_abs_diff_vs_onnx"] for b in batches)]
+             f'{max(r["results"][b][name]["max_abs_diff_vs_onnx"] for b in batches):.1e}']
             for name in names]
     note = (f"\ntorch.compile: {r['torch_compile_error']}\n" if r.get("torch_compile_error")
             else "")

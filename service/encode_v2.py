@@ -19,8 +19,8 @@ from service.schemas import InferenceRequest
 OUTPUT_DATATYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
                     "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
                     "p_adversarial": "FP32", "p_unfamiliar": "FP32",
-                    # the "why", as v1's reason: its kind, its top concepts (most negative
-                    # contribution first, as v1 lists them) and their contributions
+                    # the "why", as v1's reason: its kind, its top concepts (in v1's
+                    # order) and their signed contributions
                     "reason_kind": "BYTES", "reason_concepts": "BYTES",
                     "reason_contributions": "FP32", "paper_rule_reject": "BOOL"}
 OUTPUTS = tuple(OUTPUT_DATATYPES)
