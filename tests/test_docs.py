@@ -144,3 +144,16 @@ def test_the_reason_tie_rule_in_docs_is_the_code_s() -> None:
     trust_doc = (REPO / "docs" / "trust.md").read_text()
     assert "`p_adversarial` >= `p_unfamiliar` (a tie is adversarial-like)" in trust_doc
     assert "`p_unfamiliar` > `p_adversarial`" in trust_doc
+
+
+def test_every_service_setting_is_in_both_settings_tables() -> None:
+    from service.settings import Settings
+
+    for doc in (REPO / "README.md", REPO / "docs" / "service.md"):
+        text = doc.read_text()
+        missing = [name for name in Settings.model_fields
+                   if f"| `{name}` | `CONCEPTGUARD_{name.upper()}` |" not in text]
+        assert not missing, f"{doc.name}'s settings table lacks {missing}"
+    grpc_host = Settings.model_fields["grpc_host"].default
+    assert f"| `grpc_host` | `CONCEPTGUARD_GRPC_HOST` | `{grpc_host}` |" in (
+        REPO / "README.md").read_text()
