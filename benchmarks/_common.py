@@ -78,7 +78,21 @@ def provenance() -> dict:
     prefix = "PYTHONPATH=. " if os.environ.get("PYTHONPATH") else ""
     command = " ".join([f"{prefix}.venv/bin/python {shown}", *map(shlex.quote, sys.argv[1:])])
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return {"command": command, "date": date}
+    return {"command": command, "date": date, "commit": _commit()}
+
+
+def _commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def emit(name: str, payload: dict) -> None:

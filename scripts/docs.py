@@ -246,7 +246,9 @@ def bench_block(name: str) -> str:
 
     r = result(name)
     head = (f"Command: `{r.get('command', '(not recorded)')}`; date: "
-            f"{r.get('date', '(not recorded)')}; machine: {r.get('cpus', '?')} CPUs "
+            f"{r.get('date', '(not recorded)')}"
+            + (f"; commit: `{r['commit']}`" if r.get("commit") else "")
+            + f"; machine: {r.get('cpus', '?')} CPUs "
             f"({r.get('machine', '?')}, Python {r.get('python', '?')}); "
             f"file: `benchmarks/results/{name}.json`.\n\n")
     return head + bench_tables.table(r)
