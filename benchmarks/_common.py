@@ -82,13 +82,15 @@ def provenance() -> dict:
 
 
 def _commit() -> str | None:
-    """The checkout's commit (``+dirty`` with uncommitted changes), or None outside git."""
+    """The checkout's commit (``+dirty`` with uncommitted changes to anything but the result
+    files), or None outside git."""
     import subprocess
 
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
                               capture_output=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!benchmarks/results"],  # results are not the code
                                cwd=REPO, text=True, capture_output=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return None
