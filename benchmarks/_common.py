@@ -66,8 +66,52 @@ def interleaved(fns: dict[str, Callable[[], object]], items_per_call: int, round
     return {k: {"items_per_s": float(np.median(v)), "rounds": v} for k, v in per.items()}
 
 
+def provenance() -> dict:
+    """The command that is running (as typed from the repo root) and the UTC date."""
+    import datetime
+    import os
+    import shlex
+    import sys
+
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
+    prefix = "PYTHONPATH=. " if os.environ.get("PYTHONPATH") else ""
+    command = " ".join([f"{prefix}.venv/bin/python {shown}", *map(shlex.quote, sys.argv[1:])])
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return {"command": command, "date": date, "commit": _commit()}
+
+
+def _commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes to anything but the result
+    files), or None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!benchmarks/results"],  # results are not the code
+                               cwd=REPO, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def emit(name: str, payload: dict) -> None:
-    print(json.dumps({"benchmark": name, **payload}, indent=2, default=float))
+    """Print the result as JSON, with the command and date that produced it; with
+    ``BENCH_RESULT=benchmarks/results/NAME.json`` also write it there (scripts/docs.py
+    fills docs/benchmarks.md's tables from those files)."""
+    import os
+
+    text = json.dumps({"benchmark": name, **provenance(), **payload}, indent=2, default=float)
+    print(text)
+    out = os.environ.get("BENCH_RESULT")
+    if out:
+        from conceptguard.bank import atomic_write_text
+
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text + "\n")
 
 
 WRK_POST_LUA = """

@@ -39,6 +39,12 @@ def main() -> None:
     cfg = load_config(args.config)
     if not cfg.classifier.path.is_absolute():
         cfg.classifier.path = REPO / cfg.classifier.path
+    if not cfg.classifier.path.is_file():  # a fresh clone: train-demo has not run
+        shipped = REPO / "banks" / "demo" / "classifier.safetensors"
+        print(f"{cfg.classifier.path} does not exist (conceptguard train-demo writes it); "
+              f"timing the shipped demo bank's classifier, {shipped.relative_to(REPO)}",
+              file=sys.stderr)
+        cfg.classifier.path = shipped
     sp = cfg.splits
     for name in ("fit", "reference", "calibration"):
         setattr(sp, name, max(100, int(getattr(sp, name) * args.scale)))

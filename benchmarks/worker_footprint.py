@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import emit, machine
+
 from tests.conftest import launch_server, wait_ready  # real servers, no mocks
 
 
@@ -53,10 +54,9 @@ def main() -> None:
                              "libtorch_mapped": "libtorch" in maps})
             finally:
                 srv.stop()
-    print(json.dumps({"backend": args.backend, "runs": rows,
-                      "median_ready_s": statistics.median(r["ready_s"] for r in rows),
-                      "median_rss_mib": statistics.median(r["rss_mib"] for r in rows)},
-                     indent=2))
+    emit("worker_footprint", {**machine(), "backend": args.backend, "runs": rows,
+                              "median_ready_s": statistics.median(r["ready_s"] for r in rows),
+                              "median_rss_mib": statistics.median(r["rss_mib"] for r in rows)})
 
 
 if __name__ == "__main__":

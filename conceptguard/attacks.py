@@ -54,8 +54,25 @@ class AttackSpec(BaseModel):
         return f"{self.kind}_eps{self.eps:g}"
 
 
+TORCHATTACKS_INSTALL = "pip install --no-deps torchattacks==3.5.1"
+MISSING_TORCHATTACKS = (
+    "the offline job's attacks need torchattacks, which is not installed: run "
+    f"`{TORCHATTACKS_INSTALL}` (--no-deps: its metadata pins old requests/urllib3; the "
+    "offline extra already brings what it really uses, torch and scipy)")
+
+
+def require_torchattacks() -> None:
+    """Fail at once, naming the install command, when torchattacks is missing (it cannot
+    be in the ``offline`` extra: its pinned dependencies would downgrade requests)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchattacks") is None:
+        raise ModuleNotFoundError(MISSING_TORCHATTACKS, name="torchattacks")
+
+
 def build_attack(model: nn.Module, spec: AttackSpec):
     """The torchattacks object for ``spec`` (imported here: an offline-only dependency)."""
+    require_torchattacks()
     import torchattacks
 
     step = spec.step_size or 2.5 * spec.eps / spec.steps

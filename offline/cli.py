@@ -59,6 +59,10 @@ def _build_bank(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.cache_dir:
         cfg.cache_dir = Path(args.cache_dir)
+    problem = _missing_offline_input(cfg.classifier.path, args.config)
+    if problem:
+        print(f"conceptguard build-bank: {problem}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     engine = make_engine(args.engine, workers=args.workers, address=args.ray_address)
     try:
@@ -72,6 +76,22 @@ def _build_bank(args: argparse.Namespace) -> int:
     print(f"done in {time.perf_counter() - t0:.0f} s; report: {out / 'report' / 'index.html'}",
           file=sys.stderr)
     return 0
+
+
+def _missing_offline_input(classifier: Path, config: Path) -> str | None:
+    """Why build-bank cannot start (checked before any stage runs), or None."""
+    from conceptguard.attacks import MISSING_TORCHATTACKS, require_torchattacks
+
+    if not classifier.is_file():
+        return (f"the classifier {classifier} (classifier.path in {config}) does not exist: "
+                f"run `conceptguard train-demo --config {config}` first, or point "
+                "classifier.path at an existing classifier, e.g. "
+                "banks/demo/classifier.safetensors (the shipped demo bank's own)")
+    try:
+        require_torchattacks()
+    except ModuleNotFoundError:
+        return MISSING_TORCHATTACKS
+    return None
 
 
 def headline(metrics: dict) -> dict:
@@ -145,9 +165,11 @@ def _export_graph(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    os.environ["CONCEPTGUARD_BANK"] = str(args.bank)
+    if args.bank is not None:  # else CONCEPTGUARD_BANK, else the settings' default
+        os.environ["CONCEPTGUARD_BANK"] = str(args.bank)
     if args.backend:
         os.environ["CONCEPTGUARD_BACKEND"] = args.backend
+    os.environ["CONCEPTGUARD_LOG_LEVEL"] = args.log_level  # the service's own log lines too
     from service.settings import SettingsError, load_settings
 
     try:
@@ -269,7 +291,8 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_report)
 
     s = sub.add_parser("serve", help="start the HTTP service on a bank")
-    s.add_argument("--bank", type=Path, default=Path("banks/demo"))
+    s.add_argument("--bank", type=Path, default=None,
+                   help="bank folder (default: CONCEPTGUARD_BANK, else banks/demo)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, default=1)
@@ -293,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, FileNotFoundError, OSError, ModuleNotFoundError) as exc:
         print(f"conceptguard {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

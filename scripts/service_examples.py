@@ -70,8 +70,18 @@ def _png(name: str) -> bytes:
     return (REPO / "examples" / name).read_bytes()
 
 
+def block(obj: Any) -> str:
+    """One answer as the docs show it: a fenced JSON block, tidied as described above."""
+    return _block(obj)
+
+
 def examples() -> dict[str, str]:
     """Every example, name -> fenced JSON block."""
+    return {name: _block(obj) for name, obj in answers().items()}
+
+
+def answers() -> dict[str, Any]:
+    """Every example, name -> the service's answer (parsed JSON, untidied)."""
     os.chdir(REPO)
     for k in [k for k in os.environ if k.startswith("CONCEPTGUARD_")]:
         del os.environ[k]
@@ -85,7 +95,7 @@ def examples() -> dict[str, str]:
     from conceptguard.runtime import OnnxRuntime
     from service.app import create_app
 
-    out: dict[str, str] = {}
+    out: dict[str, Any] = {}
     with TestClient(create_app()) as c:
         deadline = time.monotonic() + 120  # the bank loads and warms after startup
         while c.get("/v2/health/ready").status_code != 200:
@@ -103,9 +113,9 @@ def examples() -> dict[str, str]:
             r.raise_for_status()
             return r.json()
 
-        out["classify"] = _block(post("/v1/classify", files={"file": (
+        out["classify"] = (post("/v1/classify", files={"file": (
             "coat.png", _png("coat.png"), "image/png")}))
-        out["classify_rejected"] = _block(post("/v1/classify", files={"file": (
+        out["classify_rejected"] = (post("/v1/classify", files={"file": (
             "noise.png", _png("noise.png"), "image/png")}))
 
         bank = load_bank(BANK)
@@ -114,17 +124,18 @@ def examples() -> dict[str, str]:
                                channels=pre.channels, max_bytes=1 << 24, max_pixels=1 << 24)
         x = to_model_input(img[None])
         o = OnnxRuntime(bank.onnx_path, device="cpu").run(x)
-        out["monitor"] = _block(post("/v1/monitor", json={
+        out["monitor"] = (post("/v1/monitor", json={
             "features": o.features.tolist(), "logits": o.logits.tolist()}))
 
-        out["bank"] = _block(get("/v1/bank"))
+        out["bank"] = (get("/v1/bank"))
         name = bank.manifest.name
-        out["v2_model"] = _block(get(f"/v2/models/{name}"))
-        out["v2_infer"] = _block(post(f"/v2/models/{name}/infer", json={
+        out["v2_model"] = (get(f"/v2/models/{name}"))
+        out["v2_infer"] = (post(f"/v2/models/{name}/infer", json={
             "id": "42",
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                         "data": [base64.b64encode(_png("bag.png")).decode()]}],
-            "outputs": [{"name": "label"}, {"name": "trust"}, {"name": "reject"}]}))
+            "outputs": [{"name": "label"}, {"name": "trust"}, {"name": "reject"},
+                        {"name": "reason_kind"}, {"name": "reason_concepts"}]}))
     return out
 
 

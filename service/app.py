@@ -28,6 +28,7 @@ from conceptguard.bank import BankError, check_bank_quickly
 from conceptguard.threads import single_threaded_blas
 from service import metrics
 from service.dataplane import DataPlane
+from service.docs_route import router as docs_router
 from service.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -37,6 +38,7 @@ from service.errors import (
 )
 from service.jsonguard import json_problem
 from service.lifecycle import SharedBank, bound_heap, drain_on_sigterm, raise_file_limit
+from service.logs import ensure_log_handler
 from service.openapi import with_limits
 from service.report_route import router as report_router
 from service.routes_v1 import START_KEY
@@ -103,6 +105,12 @@ class ServiceMiddleware:
                                  s.retry_after_s)
                 return None
         receive = _limited(receive, scope, s.max_upload_bytes, s.body_timeout_s)
+        encoding = _content_encoding(scope)
+        if scope.get("method") in ("POST", "PUT", "PATCH") and encoding is not None:
+            await send_error(scope, send, ServiceError(
+                f"Content-Encoding {encoding!r} is not supported (send the body uncompressed)",
+                415, "unsupported_media_type"))
+            return None
         if scope.get("method") in ("POST", "PUT", "PATCH") and _is_json(scope):
             try:
                 body = await _read_all(receive)
@@ -127,6 +135,16 @@ def _endpoint_guess(scope: Scope) -> str | None:
                 else "/v2/models/{name}/infer")
     known = {"/v1/monitor", "/v1/bank/reload"}
     return path if path in known else None
+
+
+def _content_encoding(scope: Scope) -> str | None:
+    """The request's Content-Encoding when it is not the identity (no body is decoded, so
+    a compressed one is refused before any parser reads it)."""
+    for key, value in scope.get("headers", ()):
+        if key == b"content-encoding":
+            encoding = value.decode("latin-1").strip().lower()
+            return None if encoding in ("", "identity") else encoding
+    return None
 
 
 def _is_json(scope: Scope) -> bool:
@@ -251,6 +269,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ensure_log_handler()
         single_threaded_blas()
         bound_heap()
         try:
@@ -301,6 +320,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Runtime monitor for image classifiers: a calibrated trust score and a "
                 "reject decision per prediction, with the concepts behind it.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their assets from a CDN: service.docs_route
+        redoc_url=None,  # serves both with the assets on this server
     )
 
     def current_settings() -> Settings | None:
@@ -319,6 +340,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1_router)
     app.include_router(v2_router)
     app.include_router(report_router)
+    app.include_router(docs_router)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text format)",
              response_class=Response)

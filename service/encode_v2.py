@@ -12,21 +12,41 @@ from typing import Any
 import numpy as np
 from fastapi.responses import JSONResponse, Response
 
-from conceptguard.scoring import Scores
+from conceptguard.scoring import Scores, top_reasons
 from service.runtime_state import Loaded
 from service.schemas import InferenceRequest
 
 OUTPUT_DATATYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
                     "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
-                    "p_adversarial": "FP32", "p_unfamiliar": "FP32"}
+                    "p_adversarial": "FP32", "p_unfamiliar": "FP32",
+                    # the "why", as v1's reason: its kind, its top concepts (in v1's
+                    # order) and their signed contributions
+                    "reason_kind": "BYTES", "reason_concepts": "BYTES",
+                    "reason_contributions": "FP32", "paper_rule_reject": "BOOL"}
 OUTPUTS = tuple(OUTPUT_DATATYPES)
+# [N, k] outputs, k = CONCEPTGUARD_REASON_CONCEPTS (a setting, so -1 in the metadata)
+PER_CONCEPT_OUTPUTS = frozenset({"reason_concepts", "reason_contributions"})
 _LITTLE = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "BOOL": "|b1"}
 
 
-def output_array(name: str, loaded: Loaded, r: Scores) -> tuple[str, list[int], np.ndarray]:
+def output_array(name: str, loaded: Loaded, r: Scores, reason_concepts: int = 3
+                 ) -> tuple[str, list[int], np.ndarray]:
     """``(datatype, shape, values)`` of one output; BYTES values are an object array of
-    ``bytes`` (UTF-8 labels)."""
+    ``bytes`` (UTF-8 labels); ``reason_concepts`` concepts per input in the reason outputs."""
     n = len(r)
+    if name == "reason_kind":
+        return "BYTES", [n], np.array([k.encode() for k in r.reason], dtype=object)
+    if name == "paper_rule_reject":
+        return "BOOL", [n], np.asarray(r.paper_rule_reject, dtype=bool)
+    if name in PER_CONCEPT_OUTPUTS:
+        tops = [top_reasons(r.contributions[i], loaded.concept_names, reason_concepts)
+                if reason_concepts > 0 else [] for i in range(n)]
+        k = min(reason_concepts, len(loaded.concept_names))
+        if name == "reason_concepts":
+            names = [c.encode() for top in tops for c, _ in top]
+            return "BYTES", [n, k], np.array(names, dtype=object).reshape(n, k)
+        values = [v for top in tops for _, v in top]
+        return "FP32", [n, k], np.asarray(values, dtype=np.float32).reshape(n, k)
     if name == "probabilities":
         p = np.asarray(r.probabilities, dtype=np.float32)
         return "FP32", [n, p.shape[1]], p
@@ -64,7 +84,7 @@ def serialize_bytes(items: Sequence[bytes]) -> bytes:
 
 
 def rest_response(req: InferenceRequest, plan: list[tuple[str, bool]], loaded: Loaded,
-                  scores: Scores) -> Response:
+                  scores: Scores, reason_concepts: int = 3) -> Response:
     """The REST v2 response: JSON, or JSON header + binary data when an output asks for it
     (``plan``: :func:`service.v2_binary.output_plan`)."""
     header: dict[str, Any] = {"model_name": loaded.model_name,
@@ -74,7 +94,7 @@ def rest_response(req: InferenceRequest, plan: list[tuple[str, bool]], loaded: L
     outputs = []
     blobs = []
     for name, binary in plan:
-        datatype, shape, values = output_array(name, loaded, scores)
+        datatype, shape, values = output_array(name, loaded, scores, reason_concepts)
         out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
         if binary:
             blob = raw_bytes(datatype, values)

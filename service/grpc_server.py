@@ -63,11 +63,12 @@ def _contents_values(datatype: str, contents: pb.InferTensorContents) -> Any:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: RuntimeState, dataplane: DataPlane, stats: ModelStats,
-                 version: str):
+                 version: str, reason_concepts: int = 3):
         self.state = state
         self.dataplane = dataplane
         self.stats = stats
         self.version = version
+        self.reason_concepts = reason_concepts  # concepts per input in the reason outputs
 
     async def _call(self, method: str, context: grpc.aio.ServicerContext,
                     fn: Callable[[], Awaitable[T]]) -> T:
@@ -146,7 +147,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = pb.ModelInferResponse(model_name=loaded.model_name,
                                              model_version=loaded.bank_id, id=request.id)
             for name in names:
-                datatype, shape, values = output_array(name, loaded, scores)
+                datatype, shape, values = output_array(name, loaded, scores,
+                                                       self.reason_concepts)
                 response.outputs.add(name=name, datatype=datatype, shape=shape)
                 response.raw_output_contents.append(raw_bytes(datatype, values))
             return response
@@ -167,7 +169,8 @@ class GrpcServer:
             ("grpc.so_reuseport", 1),
         ])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(state, dataplane, stats, version), self.server)
+            InferenceServicer(state, dataplane, stats, version, settings.reason_concepts),
+            self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 

@@ -130,7 +130,12 @@ async def live() -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     state: RuntimeState | None = getattr(request.app.state, "runtime_state", None)
     ok = state is not None and state.ready  # loaded and warmed
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    if ok:
+        return JSONResponse({"ready": True})
+    settings = getattr(request.app.state, "settings", None)
+    retry = settings.retry_after_s if settings is not None else 1
+    return JSONResponse({"ready": False}, status_code=503,
+                        headers={"Retry-After": str(retry)})
 
 
 @router.get("/v2/models/{name}", response_model=ModelMetadata, responses=_ERRORS,
@@ -186,7 +191,9 @@ async def _infer(request: Request, loaded: Loaded) -> Response:
     plan = v2_binary.output_plan(req)
     requested_outputs([name for name, _ in plan])
     scores = await infer_tensors(_dataplane(request), loaded, tensors, model_stats(request))
-    return encode_v2.rest_response(req, plan, loaded, scores)
+    settings = getattr(request.app.state, "settings", None)
+    k = settings.reason_concepts if settings is not None else 3
+    return encode_v2.rest_response(req, plan, loaded, scores, k)
 
 
 # ---------------------------------------------------------------- statistics

@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds on a 503")
     grpc_port: int = Field(8001, ge=0, le=65535,
                            description="Open Inference Protocol gRPC port; 0 = no gRPC server")
-    grpc_host: str = Field("0.0.0.0", min_length=1, description="address gRPC listens on")
+    grpc_host: str = Field("127.0.0.1", min_length=1,
+                           description="address gRPC listens on (0.0.0.0: every interface)")
     banks_root: Path | None = Field(
         None, description="folder that every bank served or reloaded must lie under; "
                           "default: the parent folder of CONCEPTGUARD_BANK")

@@ -21,7 +21,7 @@ import numpy as np
 
 from conceptguard.scoring import Scores
 from service.dataplane import DataPlane, as_float_array
-from service.encode_v2 import OUTPUT_DATATYPES, OUTPUTS
+from service.encode_v2 import OUTPUT_DATATYPES, OUTPUTS, PER_CONCEPT_OUTPUTS
 from service.errors import ServiceError
 from service.routes_v1 import decode_base64
 from service.runtime_state import Loaded
@@ -51,8 +51,9 @@ def platform(loaded: Loaded) -> str:
 def model_metadata(loaded: Loaded) -> dict[str, Any]:
     c, h, w = loaded.input_shape
     k = loaded.num_classes
-    outputs = [{"name": name, "datatype": dt, "shape": [-1, k] if name == "probabilities"
-                else [-1]} for name, dt in OUTPUT_DATATYPES.items()]
+    shapes = {"probabilities": [-1, k], **{n: [-1, -1] for n in PER_CONCEPT_OUTPUTS}}
+    outputs = [{"name": name, "datatype": dt, "shape": shapes.get(name, [-1])}
+               for name, dt in OUTPUT_DATATYPES.items()]
     return {
         "name": loaded.model_name,
         "versions": [loaded.bank_id],

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "deploy" / "README.md"]
@@ -46,3 +49,111 @@ def test_service_examples_are_current() -> None:
         assert f'"{field}"' in doc, field
     for kind in ("accepted", "unfamiliar"):
         assert f'"kind": "{kind}"' in doc, kind
+
+
+# ---------------------------------------------------------------- generated figures
+
+
+def _docs_script():  # scripts/docs.py as a module (it is a script, not a package)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_script", REPO / "scripts" / "docs.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_figure_that_drifts_from_metrics_json_is_caught() -> None:
+    docs = _docs_script()
+    acc = docs.metrics()["classifier"]["test_accuracy"]
+    stale = "accuracy <!-- value: metrics:classifier.test_accuracy .1% -->12.3%<!-- /value -->."
+    fresh = docs.render(stale)
+    assert fresh == f"accuracy <!-- value: metrics:classifier.test_accuracy .1% -->{acc:.1%}" \
+                    "<!-- /value -->."
+    assert docs.stale_parts(stale, fresh) and not docs.stale_parts(fresh, fresh)
+    table = "<!-- generated: results-reasons -->\n| old |\n<!-- /generated -->\n"
+    assert "| old |" not in docs.render(table)
+    assert "reject reason (mixed stream)" in docs.render(table)
+
+
+def test_a_marker_without_a_source_fails_loudly() -> None:
+    docs = _docs_script()
+    for text in ("<!-- value: metrics:no.such.key -->1<!-- /value -->",
+                 "<!-- value: calc:no_such_value -->1<!-- /value -->",
+                 "<!-- generated: no-such-block -->\n<!-- /generated -->",
+                 "<!-- generated: bench:no-such-file -->\n<!-- /generated -->"):
+        with pytest.raises(SystemExit):
+            docs.render(text)
+
+
+def test_every_benchmark_result_the_docs_cite_says_how_and_when_it_was_made() -> None:
+    docs = _docs_script()
+    cited = set()
+    for path in docs.doc_files():
+        text = path.read_text()
+        cited |= {m.group("name").removeprefix("bench:") for m in docs.BLOCK.finditer(text)
+                  if m.group("name").startswith("bench:")}
+        cited |= {m.group("key").split(":")[0] for m in docs.VALUE.finditer(text)
+                  if m.group("key").split(":")[0] not in ("metrics", "manifest", "calc")}
+    assert cited, "no benchmark figure is generated"
+    for name in cited:
+        r = json.loads((REPO / "benchmarks" / "results" / f"{name}.json").read_text())
+        assert r.get("command") and r.get("date"), name
+
+
+@pytest.mark.slow
+def test_generated_doc_parts_are_current() -> None:
+    """README.md and docs/*.md hold what scripts/docs.py writes from metrics.json, the
+    manifest, the benchmark result files and the shipped bank served in-process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "docs.py"), "--check"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_every_offline_config_key_is_in_the_readme_table() -> None:
+    from pydantic import BaseModel
+
+    from offline.config import JobConfig
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Offline job configuration"):]
+    table = table[:table.index("\n### ")]
+    missing = []
+    for name, field in JobConfig.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel) and name != "concepts":
+            for sub in kind.model_fields:
+                if not re.search(rf"`{name}\.(\{{[^}}]*\b{sub}\b[^}}]*\}}|{sub}\b)", table):
+                    missing.append(f"{name}.{sub}")
+        elif f"`{name}`" not in table and f"`{name}`," not in table:
+            missing.append(name)
+    assert not missing, f"README's offline configuration table lacks {missing}"
+
+
+def test_the_reason_tie_rule_in_docs_is_the_code_s() -> None:
+    import numpy as np
+
+    from conceptguard.trust import reasons
+
+    tie = reasons(np.array([True]), np.array([0.7]), np.array([0.7]))
+    assert tie == ["adversarial-like"]
+    assert reasons(np.array([True]), np.array([0.6]), np.array([0.7])) == ["unfamiliar"]
+    trust_doc = (REPO / "docs" / "trust.md").read_text()
+    assert "`p_adversarial` >= `p_unfamiliar` (a tie is adversarial-like)" in trust_doc
+    assert "`p_unfamiliar` > `p_adversarial`" in trust_doc
+
+
+def test_every_service_setting_is_in_both_settings_tables() -> None:
+    from service.settings import Settings
+
+    for doc in (REPO / "README.md", REPO / "docs" / "service.md"):
+        text = doc.read_text()
+        missing = [name for name in Settings.model_fields
+                   if f"| `{name}` | `CONCEPTGUARD_{name.upper()}` |" not in text]
+        assert not missing, f"{doc.name}'s settings table lacks {missing}"
+    grpc_host = Settings.model_fields["grpc_host"].default
+    assert f"| `grpc_host` | `CONCEPTGUARD_GRPC_HOST` | `{grpc_host}` |" in (
+        REPO / "README.md").read_text()

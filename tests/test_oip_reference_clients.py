@@ -27,7 +27,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from tests.tolerance import assert_f32_close  # noqa: E402
 
 OUTPUTS = ("probabilities", "label", "class_index", "trust", "reject", "p_misclassification",
-           "p_adversarial", "p_unfamiliar")
+           "p_adversarial", "p_unfamiliar", "reason_kind", "reason_concepts",
+           "reason_contributions", "paper_rule_reject")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,12 @@ def v1(client: httpx.Client, images: np.ndarray) -> dict[str, np.ndarray]:
             "trust": np.array([r["trust"] for r in res]),
             "p_misclassification": np.array([r["heads"]["misclassification"] for r in res]),
             "p_adversarial": np.array([r["heads"]["adversarial"] for r in res]),
-            "p_unfamiliar": np.array([r["heads"]["unfamiliar"] for r in res])}
+            "p_unfamiliar": np.array([r["heads"]["unfamiliar"] for r in res]),
+            "reason_kind": [r["reason"]["kind"] for r in res],
+            "reason_concepts": [[c["concept"] for c in r["reason"]["concepts"]] for r in res],
+            "reason_contributions": np.array([[c["contribution"] for c in r["reason"]["concepts"]]
+                                              for r in res]),
+            "paper_rule_reject": [r["paper_rule_reject"] for r in res]}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +92,20 @@ def assert_matches_v1(result: Any, v1: dict[str, np.ndarray], n: int, k: int) ->
     assert result.as_numpy("reject").astype(bool).tolist() == v1["reject"].tolist()
     for name in ("trust", "p_misclassification", "p_adversarial", "p_unfamiliar"):
         assert_f32_close(result.as_numpy(name), v1[name], terms=1, err_msg=name)
+
+    def text(values: np.ndarray) -> list[Any]:
+        return np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else str(b),
+                            otypes=[object])(values).tolist()
+
+    # the "why" travels too: v1's reason kind, concepts and contributions, the paper's rule
+    assert text(result.as_numpy("reason_kind")) == v1["reason_kind"]
+    assert text(result.as_numpy("reason_concepts")) == v1["reason_concepts"]
+    contributions = result.as_numpy("reason_contributions")
+    assert contributions.dtype == np.float32
+    scale = float(np.abs(v1["reason_contributions"]).max())
+    np.testing.assert_allclose(contributions, v1["reason_contributions"], rtol=0,
+                               atol=8 * np.finfo(np.float32).eps * max(scale, 1e-3))
+    assert result.as_numpy("paper_rule_reject").astype(bool).tolist() == v1["paper_rule_reject"]
 
 
 # ---------------------------------------------------------------- REST (tritonclient.http)

@@ -15,7 +15,9 @@ from tests.tolerance import assert_f32_close
 
 OUTPUT_TYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
                 "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
-                "p_adversarial": "FP32", "p_unfamiliar": "FP32"}
+                "p_adversarial": "FP32", "p_unfamiliar": "FP32", "reason_kind": "BYTES",
+                "reason_concepts": "BYTES", "reason_contributions": "FP32",
+                "paper_rule_reject": "BOOL"}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,17 @@ def test_infer_bytes_and_fp32_agree_with_v1(client: httpx.Client, model: str,
                          [r["heads"]["adversarial"] for r in v1], terms=1)
         assert_f32_close(out["p_unfamiliar"]["data"],
                          [r["heads"]["unfamiliar"] for r in v1], terms=1)
+        # the "why", as v1 gives it: reason kind, top concepts, their contributions
+        assert out["reason_kind"]["data"] == [r["reason"]["kind"] for r in v1]
+        concepts = [[c["concept"] for c in r["reason"]["concepts"]] for r in v1]
+        per_input = len(concepts[0])
+        assert per_input > 0 and out["reason_concepts"]["shape"] == [n, per_input]
+        assert np.array(out["reason_concepts"]["data"]).reshape(n, -1).tolist() == concepts
+        want = np.array([[c["contribution"] for c in r["reason"]["concepts"]] for r in v1])
+        got = np.array(out["reason_contributions"]["data"]).reshape(n, -1)
+        tol = 8 * np.finfo(np.float32).eps * max(float(np.abs(want).max()), 1e-3)
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+        assert out["paper_rule_reject"]["data"] == [r["paper_rule_reject"] for r in v1]
 
 
 def test_outputs_filter(client: httpx.Client, model: str, images: np.ndarray) -> None:
