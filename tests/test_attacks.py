@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +23,7 @@ def _setup(demo_bank_path):
     return model, x[keep], y[keep]
 
 
+@pytest.mark.slow  # a 10-step attack on the demo classifier
 def test_pgd_raises_loss_and_flips_predictions(demo_bank_path) -> None:
     model, x, y = _setup(demo_bank_path)
     yt = torch.as_tensor(y)

@@ -306,6 +306,7 @@ def _train_tiny(seed: int) -> tuple[SplitClassifier, float, float]:
     return model, stats.train_accuracy, accuracy(logits, test_labels)
 
 
+@pytest.mark.slow  # trains twice
 def test_training_learns_and_is_deterministic() -> None:
     model_a, train_acc, test_acc = _train_tiny(seed=7)
     assert train_acc > 0.9

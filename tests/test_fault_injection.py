@@ -88,6 +88,7 @@ def test_localisation_accuracy_counts() -> None:
                    "decided_accuracy": 0.66667}
 
 
+@pytest.mark.slow  # localises every error of two variants
 def test_perfect_oracle_localises_head_swap_and_encoder_ablation(fashion_mnist_test) -> None:
     model, _, _ = load_classifier(DEMO_BANK / "classifier.safetensors")
     images, labels = fashion_mnist_test.images[:1600], fashion_mnist_test.labels[:1600]

@@ -153,6 +153,7 @@ def test_heatmaps_stage_reads_only_its_inputs(tiny: Context) -> None:
                                    atol=1e-5)
 
 
+@pytest.mark.slow  # attacks in two batch layouts
 @pytest.mark.parametrize("engine_batch", [256, 7])
 def test_attack_stage_equals_run_attack(tiny: Context, engine_batch: int) -> None:
     """The attack stage function, fed by the engine in any slicing that keeps attack batches

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conceptguard.scoring import score
 from offline.report import _method_table, verdict_html, write_report
@@ -45,6 +46,7 @@ def _group(bank, name: str, n: int, rng: np.random.Generator, foreign: bool = Fa
     return Group(name, images, labels, s, defect)
 
 
+@pytest.mark.slow  # renders every figure of a report
 def test_write_report_with_evidence(demo_bank, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     ev = Evidence(clean=_group(demo_bank, "clean test", 300, rng),
@@ -67,6 +69,7 @@ def test_write_report_with_evidence(demo_bank, tmp_path: Path) -> None:
     assert "concepts:" in page
 
 
+@pytest.mark.slow  # renders every figure of a report
 def test_write_report_without_evidence_still_works(demo_bank, tmp_path: Path) -> None:
     metrics = json.loads((demo_bank.path / "report" / "metrics.json").read_text())
     write_report(tmp_path, demo_bank.manifest, demo_bank.tensors, metrics)
