@@ -170,6 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.backend:
         os.environ["CONCEPTGUARD_BACKEND"] = args.backend
     os.environ["CONCEPTGUARD_LOG_LEVEL"] = args.log_level  # the service's own log lines too
+    from service.protocol import PROTOCOLS
     from service.settings import SettingsError, load_settings
 
     try:
@@ -186,7 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
     try:
         uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
-                    log_level=args.log_level, http="service.protocol:GuardedH11Protocol",
+                    log_level=args.log_level, http=PROTOCOLS[settings.http_parser],
                     access_log=settings.access_log,
                     timeout_keep_alive=settings.keep_alive_timeout_s,
                     timeout_graceful_shutdown=settings.drain_timeout_s)

@@ -1,8 +1,10 @@
 """HTTP/1.1 connection hygiene for uvicorn: header timeout, connection cap.
 
-``conceptguard serve`` runs uvicorn with this protocol class (``--http
-service.protocol:GuardedH11Protocol`` when starting uvicorn by hand). On top of uvicorn's
-h11 protocol:
+``conceptguard serve`` runs uvicorn with one of these protocol classes, chosen by
+``CONCEPTGUARD_HTTP_PARSER``: ``GuardedHttpToolsProtocol`` (the default: uvicorn's
+httptools parser, a C parser, less CPU per request) or ``GuardedH11Protocol`` (the pure-Python
+h11 parser). Starting uvicorn by hand, pass ``--http service.protocol:GuardedHttpToolsProtocol``.
+On top of uvicorn's protocol, both:
 
 * a connection must deliver a complete request head within
   ``CONCEPTGUARD_HEADER_TIMEOUT_S`` of connecting or of its previous response (idle and
@@ -10,7 +12,9 @@ h11 protocol:
   connections sooner);
 * at most ``CONCEPTGUARD_MAX_CONNECTIONS`` connections per worker: a new connection over
   the cap closes the longest-idle one (no request in flight), or itself when every
-  connection is busy, so idle sockets cannot lock clients out.
+  connection is busy, so idle sockets cannot lock clients out;
+* on SIGTERM, a connection whose request head is still arriving may finish that request
+  (answered, then closed) instead of being cut.
 
 The body read timeout (``CONCEPTGUARD_BODY_TIMEOUT_S``) is enforced in the ASGI middleware.
 """
@@ -23,6 +27,7 @@ import time
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.settings import Settings, SettingsError, load_settings
 
@@ -35,13 +40,23 @@ def _settings() -> Settings:
         return Settings.model_construct()  # the app's startup reports the bad setting
 
 
-class GuardedH11Protocol(H11Protocol):
+class _ConnectionGuard:
+    """The guard, written once for both parsers (a mixin before uvicorn's protocol class:
+    it uses the protocol's ``cycle``, ``connections``, ``transport``, ``loop``, ``logger``)."""
+
+    cycle: Any
+    connections: set[Any]
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    logger: Any
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         s = _settings()
         self.header_timeout = float(s.header_timeout_s)
         self.max_connections = int(s.max_connections)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._draining = False
         self.last_active = time.monotonic()
 
     # a request is in flight from its head to the end of its response
@@ -49,14 +64,14 @@ class GuardedH11Protocol(H11Protocol):
         return self.cycle is not None and not self.cycle.response_complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         self._arm_header_timer()
         if len(self.connections) > self.max_connections:
             self._make_room()
 
     def _make_room(self) -> None:
         idle = [c for c in self.connections
-                if c is not self and isinstance(c, GuardedH11Protocol) and not c.busy()]
+                if c is not self and isinstance(c, _ConnectionGuard) and not c.busy()]
         if idle:
             victim = min(idle, key=lambda c: c.last_active)
             victim._close("connection cap reached")
@@ -85,33 +100,57 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         waiting = not self.busy()
-        super().data_received(data)
+        super().data_received(data)  # type: ignore[misc]
         if self.busy():
             self._cancel_header_timer()  # the head arrived; the body has its own timeout
+            if self._draining:
+                self.cycle.keep_alive = False  # answer this request, then close
         elif waiting and self._header_timer is None:
             self._arm_header_timer()
 
     def on_response_complete(self) -> None:
         self.last_active = time.monotonic()
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         if not self.busy() and not self.transport.is_closing():
             self._arm_header_timer()
 
+    def _head_arriving(self) -> bool:
+        """Part of a request head has arrived, and no whole head yet (parser-specific)."""
+        raise NotImplementedError
+
     def shutdown(self) -> None:
         """Graceful shutdown (SIGTERM): a connection whose request head is still arriving is
-        let finish that request (answered with ``Connection: close``) instead of being cut;
+        let finish that request (answered, then closed) instead of being cut;
         idle connections close at once, busy ones after their response (uvicorn)."""
-        partial = not self.busy() and bool(self.conn.trailing_data[0])
-        if partial and not self.transport.is_closing():
+        if not self.busy() and self._head_arriving() and not self.transport.is_closing():
             self._draining = True
             return
-        super().shutdown()
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        if getattr(self, "_draining", False) and self.busy():
-            self.cycle.keep_alive = False  # answer this request, then close
+        super().shutdown()  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class GuardedH11Protocol(_ConnectionGuard, H11Protocol):
+    def _head_arriving(self) -> bool:
+        return bool(self.conn.trailing_data[0])
+
+
+class GuardedHttpToolsProtocol(_ConnectionGuard, HttpToolsProtocol):
+    _head_started = False
+
+    def on_message_begin(self) -> None:
+        self._head_started = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._head_started = False
+        super().on_headers_complete()
+
+    def _head_arriving(self) -> bool:
+        return self._head_started
+
+
+PROTOCOLS = {"httptools": "service.protocol:GuardedHttpToolsProtocol",
+             "h11": "service.protocol:GuardedH11Protocol"}

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         512, ge=1, le=1_000_000,
         description="open connections per worker; at the cap the longest-idle one is closed")
+    http_parser: Literal["httptools", "h11"] = Field(
+        "httptools", description="HTTP/1.1 parser of `conceptguard serve`: httptools (C, less "
+                                 "CPU per request) or h11 (pure Python); both run the "
+                                 "connection guard")
     drain_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="on SIGTERM, longest wait for in-flight requests")
 

@@ -5,6 +5,8 @@ closed, and a crowd of idle sockets cannot lock clients out. A real server start
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -21,11 +23,14 @@ MAX_CONNECTIONS = 40
 IDLE_SOCKETS = 150  # well over the cap
 
 
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def guarded(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The same guard on either HTTP parser (``CONCEPTGUARD_HTTP_PARSER``)."""
     srv = launch_server(tmp_path_factory.mktemp("guarded"), use_cli=True, settings={
         "header_timeout_s": HEADER_TIMEOUT_S, "body_timeout_s": BODY_TIMEOUT_S,
-        "keep_alive_timeout_s": 1, "max_connections": MAX_CONNECTIONS})
+        "keep_alive_timeout_s": 1, "max_connections": MAX_CONNECTIONS,
+        "http_parser": request.param})
     try:
         yield wait_ready(srv)
     finally:
@@ -105,5 +110,29 @@ def test_settings_are_documented() -> None:
     for name in ("CONCEPTGUARD_HEADER_TIMEOUT_S", "CONCEPTGUARD_BODY_TIMEOUT_S",
                  "CONCEPTGUARD_KEEP_ALIVE_TIMEOUT_S", "CONCEPTGUARD_MAX_CONNECTIONS",
                  "CONCEPTGUARD_DECODE_CONCURRENCY", "CONCEPTGUARD_MAX_JSON_DEPTH",
-                 "CONCEPTGUARD_BANKS_ROOT", "CONCEPTGUARD_DRAIN_TIMEOUT_S"):
+                 "CONCEPTGUARD_BANKS_ROOT", "CONCEPTGUARD_DRAIN_TIMEOUT_S",
+                 "CONCEPTGUARD_HTTP_PARSER"):
         assert name in doc, name
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_sigterm_lets_a_request_head_in_progress_finish(parser: str, tmp_path: Path) -> None:
+    """A SIGTERM while a request head is half sent: the request is still answered, the
+    connection is closed after the answer (``_closed_by_server`` returns only on a close),
+    then the server exits; an idle connection is closed at once."""
+    srv = wait_ready(launch_server(tmp_path, use_cli=True, settings={"http_parser": parser}))
+    try:
+        with _connect(srv) as partial, _connect(srv) as idle:
+            partial.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.3)
+            os.killpg(srv.process.pid, signal.SIGTERM)
+            assert _closed_by_server(idle, 15.0) == b""
+            time.sleep(0.3)
+            partial.sendall(b"\r\n")
+            got = _closed_by_server(partial, 15.0)
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+        assert got.endswith(b'{"live":true}'), got[-200:]
+        # uvicorn re-raises the signal it handled once it has shut down
+        assert srv.process.wait(timeout=30) in (0, -signal.SIGTERM), srv.log_tail()
+    finally:
+        srv.stop()
