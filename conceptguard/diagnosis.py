@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 ENCODER, HEAD, BOTH, NONE, ABSTAIN = "encoder", "head", "both", "none", "abstain"
@@ -111,30 +110,24 @@ def _balanced_accuracy(pred_is_a: np.ndarray, is_a: np.ndarray) -> float:
     return 0.5 * (float(pred_is_a[is_a].mean()) + float((~pred_is_a[~is_a]).mean()))
 
 
-def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mean = x.mean(0)
-    scale = x.std(0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
-    return (x - mean) / scale, mean, scale
-
-
 def pair_probe(x: np.ndarray, is_a: np.ndarray, folds: int = 5, seed: int = 0,
-               C: float = 1.0) -> tuple[float, np.ndarray, float]:
-    """A linear probe for ``a`` vs. ``b`` on frozen rows ``x``: the ``folds``-fold
+               l2: float = 1e-3) -> tuple[float, np.ndarray, float]:
+    """A linear probe for ``a`` vs. ``b`` on frozen rows ``x`` (class-balanced logistic
+    regression, :func:`conceptguard.repair.fit_logistic`): the ``folds``-fold
     cross-validated balanced accuracy, and the discriminant ``(w, c)`` (``w . x + c > 0``
     means ``a``) fitted on all rows, in ``x``'s own coordinates."""
-    xs, mean, scale = _standardise(np.asarray(x, np.float64))
-    y = is_a.astype(int)
+    from conceptguard.repair import fit_logistic
+
+    x = np.asarray(x, np.float64)
+    y = is_a.astype(np.int64)
     folds = max(2, min(folds, int(y.sum()), int((1 - y).sum())))
     hits = np.zeros(len(y), bool)
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(xs, y):
-        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
-        clf.fit(xs[train], y[train])
-        hits[test] = clf.predict(xs[test]) == y[test]
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        W, b = fit_logistic(x[train], y[train], 2, l2)
+        hits[test] = (x[test] @ W.T + b).argmax(1) == y[test]
     acc = 0.5 * (float(hits[y == 1].mean()) + float(hits[y == 0].mean()))
-    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(xs, y)
-    w = clf.coef_[0] / scale
-    return acc, w, float(clf.intercept_[0] - w @ mean)
+    W, b = fit_logistic(x, y, 2, l2)
+    return acc, W[1] - W[0], float(b[1] - b[0])
 
 
 def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarray,

@@ -338,6 +338,7 @@ def inject_faults(cfg: JobConfig, bank: Path, *, kinds: list[str] | None = None,
     t0 = time.perf_counter()
     ctx = Context(cfg, ArrayCache(cfg.cache_dir), progress)
     single_threaded_blas()
+    torch.set_num_threads(1)  # many small forward passes: one thread each wastes least
     torch.manual_seed(cfg.seed)
     b = bankio.load_bank(bank)
     model, cspec, chash = load_classifier(b.classifier_path)
