@@ -243,7 +243,7 @@ def score_variant(variant, fault: Fault, d: FaultData, ref_head, whiten: np.ndar
     swap = swap_predictions(d.z_test0, z_test1, ref_head, cand_head)
     shares = swap_shares(y, swap, np.ones(len(y), bool))
     changed = changed_verdict(shares, min_new_errors)
-    W_r, b_r = fit_head(z_ref1, d.y_ref, len(ref_head[1]), seed=seed)
+    W_r, b_r = fit_head(z_ref1, d.y_ref, len(ref_head[1]))
     pred_r = head_logits(z_test1, W_r, b_r).argmax(1)
     new = new_errors(y, swap)
     pairs = []

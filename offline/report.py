@@ -320,7 +320,14 @@ def write_report(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray
     images.insert(0, ("auroc.png", "detection AUROC per method and task"))
     written.append(folder / "auroc.png")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (folder / "index.html").write_text(render_html(manifest, metrics, images, ev_html))
+    page = render_html(manifest, metrics, images, ev_html)
+    if (folder / "diagnosis" / "diagnosis.html").is_file():  # conceptguard diagnose --out
+        page = page.replace("<h2>Debugging measured on injected faults</h2>",
+                            "<p>The bank classifier's own confusions: "
+                            "<a href='diagnosis/diagnosis.html'>diagnosis</a> "
+                            "(<code>conceptguard diagnose</code>).</p>"
+                            "<h2>Debugging measured on injected faults</h2>", 1)
+    (folder / "index.html").write_text(page)
     return [*written, folder / "metrics.json", folder / "index.html"]
 
 
