@@ -28,6 +28,7 @@ from conceptguard.concepts import ConceptSet, load_concept_set
 from conceptguard.data import load_source, make_splits
 from conceptguard.projection import project_features
 from conceptguard.repair import linear_head
+from conceptguard.threads import single_threaded_blas
 from offline.cache import ArrayCache
 from offline.config import JobConfig
 from offline.pipeline import Context, torch_features, vlm_embeddings
@@ -100,6 +101,7 @@ def check_concepts(cfg: JobConfig, bank_dir: Path, *, threshold: float = THRESHO
                    progress: bool = True) -> dict:
     """Run :func:`concept_check` for an existing bank and store it (manifest + metrics)."""
     ctx = Context(cfg, ArrayCache(cfg.cache_dir), progress)
+    single_threaded_blas()  # many small fits: BLAS threads only spin-wait on busy cores
     bank = bankio.load_bank(bank_dir)
     m = bank.manifest
     cs = load_concept_set(cfg.concepts)

@@ -44,6 +44,7 @@ from conceptguard.diagnosis import (
     swap_shares,
 )
 from conceptguard.repair import fit_head, linear_head, with_head
+from conceptguard.threads import single_threaded_blas
 from offline.cache import ArrayCache
 from offline.config import JobConfig
 from offline.pipeline import Context, torch_features
@@ -135,6 +136,7 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
     into ``out_dir`` (and the repaired classifier with ``opts.repair_out``)."""
     t0 = time.perf_counter()
     ctx = Context(cfg, ArrayCache(cfg.cache_dir), opts.progress)
+    single_threaded_blas()  # many small fits: BLAS threads only spin-wait on busy cores
     bank = bankio.load_bank(bank_dir)
     m = bank.manifest
     ref_model, _, ref_hash = _load_model(bank.classifier_path)
@@ -281,7 +283,7 @@ def figure_png(result: dict, path: Path) -> None:
     pairs = result["pairs"]
     names = [f"{p['true']} → {p['predicted']}" for p in pairs] or ["(no confused pair)"]
     x = np.arange(len(names))
-    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.3 * len(names) * 2), 4.4), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.5 * len(names)), 4.6), dpi=110)
     g = [p["evidence"]["geometry"] for p in pairs]
     axes[0].bar(x - 0.2, [e["probe_accuracy"] for e in g], 0.4, label="linear probe (5-fold)")
     axes[0].bar(x + 0.2, [e["head_accuracy"] for e in g], 0.4, label="the head, a vs b")
@@ -290,9 +292,12 @@ def figure_png(result: dict, path: Path) -> None:
     axes[1].bar(x - 0.2, [e["before"] for e in r], 0.4, label="candidate")
     axes[1].bar(x + 0.2, [e["after"] for e in r], 0.4, label="head retrained")
     axes[1].set_title("pair accuracy (test split)")
+    values = [e[k] for e in g for k in ("probe_accuracy", "head_accuracy")] + \
+        [e[k] for e in r for k in ("before", "after")]
+    low = min([0.5, *[v - 0.05 for v in values]])
     for ax in axes:
         ax.set_xticks(x, labels=names, rotation=35, ha="right", fontsize=8)
-        ax.set_ylim(0, 1.02)
+        ax.set_ylim(max(low, 0.0), 1.02)
         ax.legend(fontsize=8, loc="lower left")
     for i, p in enumerate(pairs):
         axes[0].text(i, 1.0, p["limit"], ha="center", va="bottom", fontsize=7)
