@@ -83,3 +83,41 @@ def test_v1_names_concepts_only_for_competent_classes() -> None:
     assert len(bag["concepts"]) == 3 and "concepts_unavailable" not in bag
     assert coat["concepts"] == [] and "Coat" in coat["concepts_unavailable"]
     assert "0.60" in coat["concepts_unavailable"] and "no concepts named" in coat["summary"]
+
+
+@pytest.mark.slow
+def test_build_bank_stage_returns_the_check_and_its_metrics() -> None:
+    """The build-bank stage on a state holding just what it reads (synthetic concept scores
+    of two views, the demo classifier's head and the demo bank's aligner)."""
+    from types import SimpleNamespace
+
+    from conceptguard.classifier.io import load_classifier
+    from offline.pipeline import concept_check_stage
+
+    bank = load_bank(DEMO_BANK)
+    model, _, _ = load_classifier(DEMO_BANK / "classifier.safetensors")
+    cs = load_concept_set("clothing")
+    classes = bank.manifest.classes
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 30)
+    k = len(cs.names)
+    o = rng.normal(size=(300, k))
+    o[np.arange(300), y] += 4.0  # concept c marks class c in both views
+    s = o + 0.1 * rng.normal(size=(300, k))
+    feats = rng.normal(size=(300, bank.manifest.dims.features)).astype(np.float32)
+    batch = SimpleNamespace
+    state = SimpleNamespace(
+        served_outputs=SimpleNamespace(outs={
+            "reference": batch(concepts=s, labels=y),
+            "calibration": batch(features=feats, labels=y)}),
+        projection=SimpleNamespace(o_ref=o), classifier=SimpleNamespace(model=model),
+        aligner=SimpleNamespace(aligner=SimpleNamespace(W=bank.tensors["aligner.W"])),
+        vlm=SimpleNamespace(T=bank.tensors["concepts.T"], concept_set=cs),
+        data=SimpleNamespace(classes=classes))
+    ctx = SimpleNamespace(cfg=SimpleNamespace(seed=0))
+    comp, metrics = concept_check_stage(ctx, state)
+    assert metrics["competent_pairs"] == metrics["pairs"] == 45
+    assert set(comp["classes"]) == set(classes)
+    first = comp["pairs"][f"{classes[0]}|{classes[1]}"]
+    assert {c["concept"] for c in first["concepts"]} >= {cs.names[0], cs.names[1]}
+    assert metrics["faithfulness_ratio"] > 0 and 0 <= metrics["plausibility"] <= 1
