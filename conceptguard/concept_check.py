@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conceptguard.diagnosis import pair_probe
+from conceptguard.diagnosis import pair_probe  # numpy only at import (the service uses this)
 
 
 def _balanced_ovr(x: np.ndarray, labels: np.ndarray, c: int, folds: int, seed: int,

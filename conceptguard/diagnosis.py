@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 ENCODER, HEAD, BOTH, NONE, ABSTAIN = "encoder", "head", "both", "none", "abstain"
 
@@ -116,7 +115,9 @@ def pair_probe(x: np.ndarray, is_a: np.ndarray, folds: int = 5, seed: int = 0,
     regression, :func:`conceptguard.repair.fit_logistic`): the ``folds``-fold
     cross-validated balanced accuracy, and the discriminant ``(w, c)`` (``w . x + c > 0``
     means ``a``) fitted on all rows, in ``x``'s own coordinates."""
-    from conceptguard.repair import fit_logistic
+    from sklearn.model_selection import StratifiedKFold  # the offline extra
+
+    from conceptguard.repair import fit_logistic  # torch
 
     x = np.asarray(x, np.float64)
     y = is_a.astype(np.int64)
