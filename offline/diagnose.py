@@ -244,18 +244,20 @@ def _add_paper_rule(ctx: Context, bank: bankio.Bank, images: np.ndarray, labels:
     """The paper's per-input rule on each pair's errors (a reported mode): the VLM's
     zero-shot label (oracle) and the bank's aligner on the candidate's features (encoder
     view) against the bank's class prompts."""
+    import hashlib
+
     from conceptguard.faults import localise
     from conceptguard.projection import aligned_embedding
-    from offline.pipeline import _digest, vlm_embeddings
+    from offline.pipeline import vlm_embeddings
 
     classes = bank.manifest.classes
-    idx = np.flatnonzero(pred != labels)
     index = {classes[i]: i for i in range(len(classes))}
     wanted = np.zeros(len(labels), bool)
     for p in pairs:
         wanted |= (labels == index[p["true"]]) & (pred == index[p["predicted"]])
     idx = np.flatnonzero(wanted)
-    v = vlm_embeddings(ctx, ctx.vlm, images[idx], f"{data_key}|{split}|{_digest(idx)}")
+    digest = hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest()[:20]
+    v = vlm_embeddings(ctx, ctx.vlm, images[idx], f"{data_key}|{split}|{digest}")
     class_T = bank.tensors["classes.T"]
     oracle = (v @ class_T.T).argmax(1)
     W, b = bank.tensors["aligner.W"], bank.tensors["aligner.b"]
