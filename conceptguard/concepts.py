@@ -61,7 +61,9 @@ class ConceptSet(BaseModel):
     """Concepts with the templates that embed them, plus templates for class names.
 
     ``class_aliases`` optionally maps a dataset class name to the phrasings used for it
-    (e.g. ``"T-shirt/top": ["t-shirt", "top"]``).
+    (e.g. ``"T-shirt/top": ["t-shirt", "top"]``). ``class_concepts`` optionally maps a class
+    name to the concepts a person expects on it (the table that plausibility is judged
+    against); every name in it must be one of the set's concepts.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -72,6 +74,7 @@ class ConceptSet(BaseModel):
     concepts: list[Concept]
     class_templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."])
     class_aliases: dict[str, list[str]] = Field(default_factory=dict)
+    class_concepts: dict[str, list[str]] = Field(default_factory=dict)
 
     @field_validator("templates")
     @classmethod
@@ -99,6 +102,12 @@ class ConceptSet(BaseModel):
         dupes = sorted(n for n, k in counts.items() if k > 1)
         if dupes:
             raise ValueError(f"concept set {self.name!r}: duplicate concept names {dupes}")
+        known = set(counts)
+        for cls_name, names in self.class_concepts.items():
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ValueError(f"concept set {self.name!r}: class_concepts[{cls_name!r}] "
+                                 f"names unknown concepts {unknown}")
         return self
 
     @property

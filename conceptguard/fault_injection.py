@@ -1,9 +1,10 @@
 """Fault injection: variants of a ``SplitClassifier`` with a fault of known location.
 
-Head faults change only ``head`` (an ``nn.Linear``): two class rows swapped or blended, one
-class bias shifted. Encoder faults change only ``encoder``: a share of a block's output
-channels ablated (zeroed), or the encoder fine-tuned with the head frozen so that one class's
-features move onto another class's mean. Every function returns a new model (the input is
+Head faults change only ``head`` (an ``nn.Linear``): class rows swapped or blended, one
+class bias shifted, one class row scaled. Encoder faults change only ``encoder``: a share of
+a block's output channels ablated (zeroed), the encoder fine-tuned with the head frozen so
+that one class's features move onto another class's mean, BatchNorm running statistics
+drifted, or Gaussian noise added to the weights. Every function returns a new model (the input is
 not modified) and a :class:`Fault` saying which component was changed and which errors the
 fault is expected to cause; ``localisation_accuracy`` then scores fault localisation on them.
 """
@@ -53,15 +54,72 @@ def _linear_head(model: SplitClassifier) -> nn.Linear:
     return model.head
 
 
-def head_swap(model: SplitClassifier, a: int, b: int) -> tuple[SplitClassifier, Fault]:
-    """Swap the head's rows (weights and bias) of classes ``a`` and ``b``."""
+def head_swap(model: SplitClassifier, a: int, b: int,
+              more: tuple[tuple[int, int], ...] = ()) -> tuple[SplitClassifier, Fault]:
+    """Swap the head's rows (weights and bias) of classes ``a`` and ``b`` (and of each
+    further pair in ``more``: a more severe fault; ``pair`` names the first)."""
     out = copy.deepcopy(model)
     head = _linear_head(out)
     with torch.no_grad():
-        for p in (head.weight, head.bias):
-            if p is not None:
-                p[[a, b]] = p[[b, a]].clone()
-    return out, Fault("head_swap", HEAD, {"a": a, "b": b}, pair=(a, b))
+        for x, y in ((a, b), *more):
+            for p in (head.weight, head.bias):
+                if p is not None:
+                    p[[x, y]] = p[[y, x]].clone()
+    params = {"a": a, "b": b, **({"more": [list(m) for m in more]} if more else {})}
+    return out, Fault("head_swap", HEAD, params, pair=(a, b))
+
+
+def head_scale(model: SplitClassifier, c: int, factor: float) -> tuple[SplitClassifier, Fault]:
+    """Multiply class ``c``'s head row (weights and bias) by ``factor``: above 1, inputs
+    with a positive ``c`` logit move to ``c``."""
+    out = copy.deepcopy(model)
+    head = _linear_head(out)
+    with torch.no_grad():
+        head.weight[c] *= factor
+        if head.bias is not None:
+            head.bias[c] *= factor
+    return out, Fault("head_scale", HEAD, {"c": c, "factor": factor}, target=c)
+
+
+def _batchnorms(module: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def encoder_bn_drift(model: SplitClassifier, severity: float, seed: int = 0
+                     ) -> tuple[SplitClassifier, Fault]:
+    """Drift every encoder BatchNorm's running statistics, as a stale or mismatched
+    normalisation would: ``mean += severity * N(0, 1) * sqrt(var)`` and
+    ``var *= exp(severity * N(0, 1))`` per channel (seeded)."""
+    out = copy.deepcopy(model)
+    bns = _batchnorms(out.encoder)
+    if not bns:
+        raise ValueError("encoder_bn_drift needs an encoder with BatchNorm2d layers")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in bns:
+            n = bn.num_features
+            std = bn.running_var.clamp_min(0).sqrt()
+            bn.running_mean += severity * torch.randn(n, generator=gen) * std
+            bn.running_var *= torch.exp(severity * torch.randn(n, generator=gen))
+    return out, Fault("encoder_bn_drift", ENCODER, {"severity": severity, "seed": seed,
+                                                    "layers": len(bns)})
+
+
+def encoder_noise(model: SplitClassifier, sigma: float, seed: int = 0
+                  ) -> tuple[SplitClassifier, Fault]:
+    """Add Gaussian noise to every encoder convolution's weights, ``sigma`` times each
+    tensor's own standard deviation (seeded)."""
+    out = copy.deepcopy(model)
+    convs = [m for m in out.encoder.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("encoder_noise needs an encoder with Conv2d layers")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in convs:
+            w = conv.weight
+            w += sigma * float(w.std()) * torch.randn(w.shape, generator=gen)
+    return out, Fault("encoder_noise", ENCODER, {"sigma": sigma, "seed": seed,
+                                                 "layers": len(convs)})
 
 
 def head_blend(model: SplitClassifier, a: int, b: int, alpha: float = 0.6

@@ -1,5 +1,5 @@
-"""The ``conceptguard`` command: train-demo, build-bank, export-graph, inject-faults, report,
-serve."""
+"""The ``conceptguard`` command: train-demo, build-bank, export-graph, inject-faults, diagnose,
+report, serve."""
 
 from __future__ import annotations
 
@@ -119,12 +119,63 @@ def _inject_faults(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.cache_dir:
         cfg.cache_dir = Path(args.cache_dir)
-    out = inject_faults(cfg, Path(args.bank), save_dir=args.save_variants,
+    seeds = tuple(range(args.seeds))
+    out = inject_faults(cfg, Path(args.bank), kinds=args.kinds, seeds=seeds,
+                        test_n=args.test_n, save_dir=args.save_variants,
                         progress=not args.quiet, write=not args.dry_run)
-    print(summary_table(out["variants"]))
+    print(summary_table(out))
     if not args.dry_run:
-        print(f"written: {Path(args.bank) / 'report' / 'metrics.json'} (fault_injection)",
-              file=sys.stderr)
+        print(f"written: {Path(args.bank) / 'report' / 'metrics.json'} (fault_injection) "
+              f"in {out['info']['timings_s']['total']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from offline.config import load_config
+    from offline.diagnose import DiagnoseOptions, diagnose
+
+    cfg = load_config(args.config)
+    if args.cache_dir:
+        cfg.cache_dir = Path(args.cache_dir)
+    if args.repair is not None and args.repair.suffix != ".safetensors":
+        raise ValueError(f"--repair {args.repair}: the repaired classifier is written as "
+                         "safetensors; name it *.safetensors")
+    opts = DiagnoseOptions(classifier=args.classifier, repair_out=args.repair,
+                           top_pairs=args.top_pairs, min_errors=args.min_errors,
+                           test_limit=args.test_limit, paper_rule=not args.no_paper_rule,
+                           progress=not args.quiet)
+    result = diagnose(cfg, Path(args.bank), Path(args.out), opts)
+    c = result["classifier"]
+    print(json.dumps({"changed": c["changed"], "new_errors": c["new_errors"],
+                      "pairs": [{k: p[k] for k in ("true", "predicted", "errors", "changed",
+                                                   "limit")} | {"repair_after":
+                                                                p["repair"]["after"]}
+                                for p in result["pairs"]],
+                      "repair": {k: result["repair"][k] for k in
+                                 ("accuracy_before", "accuracy_after", "limit_agreement")}},
+                     indent=2))
+    print(f"written: {Path(args.out) / 'diagnosis.json'}, diagnosis.html, diagnosis.png "
+          f"({result['timings_s']['total']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _check_concepts(args: argparse.Namespace) -> int:
+    from offline.concept_check import check_concepts
+    from offline.config import load_config
+
+    cfg = load_config(args.config)
+    if args.cache_dir:
+        cfg.cache_dir = Path(args.cache_dir)
+    t0 = time.perf_counter()
+    out = check_concepts(cfg, Path(args.bank), threshold=args.threshold,
+                         progress=not args.quiet)
+    m = out["metrics"]
+    print(json.dumps({k: m[k] for k in ("competent_pairs", "pairs", "competent_classes",
+                                         "faithfulness_ratio", "plausibility",
+                                         "plausibility_chance")}, indent=2))
+    print(f"written: {Path(args.bank) / 'manifest.json'} (concept_competence) and "
+          f"report/metrics.json (concepts) in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
     return 0
 
 
@@ -264,15 +315,58 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_build_bank)
 
     f = sub.add_parser("inject-faults",
-                       help="localise faults injected into variants of the bank's classifier")
+                       help="score diagnose (changed, limit vs. repair) and the paper's rule on "
+                            "faults injected into variants of the bank's classifier")
     f.add_argument("--bank", type=Path, default=Path("banks/demo"))
     f.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     f.add_argument("--cache-dir", type=Path, default=None)
     f.add_argument("--save-variants", type=Path, default=None,
                    help="also save each variant classifier (safetensors) in this folder")
+    f.add_argument("--kinds", nargs="+", default=None,
+                   help="fault kinds (default: all eight; see offline/fault_injection.py)")
+    f.add_argument("--seeds", type=int, default=3, help="seeds per kind and severity")
+    f.add_argument("--test-n", type=int, default=None,
+                   help="test-split inputs scored (default: evaluation.vlm_test_images)")
     f.add_argument("--dry-run", action="store_true", help="print, do not write metrics.json")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_inject_faults)
+
+    d = sub.add_parser("diagnose",
+                       help="what changed in a classifier against the bank's, what limits "
+                            "each confused pair (head or encoder), and a head-only repair")
+    d.add_argument("--bank", type=Path, required=True)
+    d.add_argument("--classifier", type=Path, default=None,
+                   help="the candidate (safetensors, the bank's classes and input shape); "
+                        "default: the bank's own classifier")
+    d.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="where the data comes from (the reference and test splits)")
+    d.add_argument("--out", type=Path, required=True,
+                   help="folder for diagnosis.json, diagnosis.html and diagnosis.png")
+    d.add_argument("--repair", type=Path, default=None, metavar="OUT.safetensors",
+                   help="also write the candidate with its head retrained (last-layer "
+                        "retraining on reference features)")
+    d.add_argument("--top-pairs", type=int, default=8)
+    d.add_argument("--min-errors", type=int, default=5,
+                   help="diagnose pairs with at least this many test errors")
+    d.add_argument("--test-limit", type=int, default=None,
+                   help="only the first N test-split inputs (default: all)")
+    d.add_argument("--no-paper-rule", action="store_true",
+                   help="skip the paper's per-input rule (it embeds the errors with the VLM)")
+    d.add_argument("--cache-dir", type=Path, default=None)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_diagnose)
+
+    k = sub.add_parser("check-concepts",
+                       help="measure where the VLM and aligner separate classes (concept "
+                            "competence) and store it in an existing bank, no rebuild")
+    k.add_argument("bank", type=Path)
+    k.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="the config the bank was built with (data, splits, concept set)")
+    k.add_argument("--threshold", type=float, default=0.8,
+                   help="probe accuracy both views must reach for a class or pair")
+    k.add_argument("--cache-dir", type=Path, default=None)
+    k.add_argument("--quiet", action="store_true")
+    k.set_defaults(func=_check_concepts)
 
     g = sub.add_parser("export-graph",
                        help="add the fused graph (monitor.onnx: images -> every score) to a "

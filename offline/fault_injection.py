@@ -1,63 +1,86 @@
-"""inject-faults: fault localisation measured on classifier variants with known faults.
+"""inject-faults: the debugging questions measured on classifier variants with known faults.
 
-For each variant (``conceptguard.fault_injection``) this recomputes what fault localisation
-reads, with the variant in place of the bank's classifier: its features on the fit split
-(the aligner is refitted on them against the cached VLM fit embeddings, as build-bank would)
-and on the test images the VLM saw, the encoder view (aligned features vs. class prompts),
-and the oracle (the VLM's zero-shot label, or a simulated oracle of known accuracy p). The
-variant's NEW errors (wrong now, right with the bank's classifier) that the fault is meant
-to cause are localised; ``accuracy`` is the share attributed to the injected component.
+Every fault kind of ``conceptguard.fault_injection`` at three severities and three seeds
+(:func:`fault_grid`) is scored (:func:`score_variant`) on what ``conceptguard diagnose``
+answers: ``changed`` against the injected component; ``limit`` of each faulty pair against
+the measured effect of the head-only repair (last-layer retraining on reference features,
+measured on test inputs it never saw); and the paper's per-input rule on the fault's new
+errors (the bank's aligner on the variant's features, with the packaged VLM and a perfect
+oracle). :func:`summarise` pools them with 95% intervals.
 
-The rest of a bank (heatmaps, calibration, evaluation, ONNX export) is not rebuilt for a
-variant: localisation reads none of it, and rebuilding it would take an hour per variant.
+The bank is not rebuilt for a variant: the scoring reads the bank's feature covariance,
+aligner and class prompts, and the variant's own features.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from conceptguard import bank as bankio
 from conceptguard.aligner import fit_aligner
 from conceptguard.classifier.inference import predict, to_tensor
 from conceptguard.classifier.io import load_classifier, save_classifier
-from conceptguard.concepts import class_matrix, concept_matrix, load_concept_set
 from conceptguard.data import load_source, make_splits
+from conceptguard.diagnosis import (
+    NONE,
+    agrees,
+    changed_verdict,
+    confused_pairs,
+    head_logits,
+    limit_verdict,
+    new_errors,
+    pair_accuracy,
+    pair_geometry,
+    parameter_shift,
+    repair_outcome,
+    swap_predictions,
+    swap_shares,
+)
 from conceptguard.fault_injection import (
+    HEAD,
     Fault,
     bias_shift,
     encoder_ablate,
+    encoder_bn_drift,
     encoder_merge,
+    encoder_noise,
     head_blend,
+    head_scale,
     head_swap,
     localisation_accuracy,
     simulated_oracle,
 )
 from conceptguard.faults import localise
 from conceptguard.projection import aligned_embedding
+from conceptguard.repair import fit_head, linear_head
 from conceptguard.threads import single_threaded_blas
 from offline.cache import ArrayCache
 from offline.config import JobConfig
-from offline.pipeline import Context, LazyVLM, _concept_set_digest, _digest, vlm_embeddings
+from offline.pipeline import Context, torch_features, vlm_embeddings
 
 ORACLE_PS = (0.5, 0.8, 0.95, 1.0)
-NOTE = ("Variants of the bank's classifier with one injected fault each; for each, the "
-        "aligner is refitted on the variant's fit-split features (cached VLM embeddings) and "
-        "its new errors on the test images the VLM saw (right with the bank's classifier, "
-        "wrong with the variant) that the fault targets are localised. accuracy: share of "
-        "them attributed to the injected component (ambiguous = not attributed); "
-        "decided_accuracy: among the non-ambiguous verdicts; simulated_oracle.<p>: the same "
-        "with an oracle that names the true label with probability p (else a random wrong "
-        "label). Only what localisation reads is recomputed per variant, not the whole bank. "
-        "original_aligner: the same with the bank's aligner kept (fitted on the original "
-        "classifier), i.e. the classifier changed under an unchanged bank.")
+NOTE = ("Variants of the bank's classifier with one injected fault each (every kind at 3 "
+        "severities and 3 seeds). changed: the diagnosis of the variant's new test errors "
+        "(right with the bank's classifier, wrong with the variant) by swapping encoder and "
+        "head, against the injected component (variants with fewer than 5 new errors have no "
+        "measurable effect and are not scored). limit: per faulty pair (at least 10 new "
+        "errors between two classes, the 3 largest), from the variant's reference-split "
+        "features (probe vs. head), against the measured effect of a head retrained on those "
+        "features (fixed: it wins back at least half of the pair accuracy the fault lost, "
+        "on test inputs). paper rule: the per-input rule on the fault's new errors with the "
+        "bank's aligner, with the packaged VLM as the oracle and with a perfect oracle. "
+        "Intervals: Wilson 95%.")
 
 
 def demo_variants(classes: list[str]) -> list[dict]:
-    """The default fault set, by class name where the dataset has them (Fashion-MNIST)."""
+    """The five original faults, by class name where the dataset has them (Fashion-MNIST)."""
     def idx(name: str, fallback: int) -> int:
         return classes.index(name) if name in classes else fallback % len(classes)
     trouser, bag, sneaker, boot, shirt = (idx("Trouser", 1), idx("Bag", 8), idx("Sneaker", 7),
@@ -73,21 +96,70 @@ def demo_variants(classes: list[str]) -> list[dict]:
     ]
 
 
+# kind -> (parameter, its three severities, mild to severe)
+SEVERITIES: dict[str, tuple[str, tuple[float, ...]]] = {
+    "head_swap": ("pairs", (1, 2, 3)),
+    "head_blend": ("alpha", (0.5, 0.6, 0.75)),
+    "bias_shift": ("delta", (2.0, 4.0, 8.0)),
+    "head_scale": ("factor", (1.3, 1.6, 2.0)),
+    "encoder_ablate": ("fraction", (0.25, 0.5, 0.75)),
+    "encoder_merge": ("steps", (50, 100, 200)),
+    "encoder_bn_drift": ("drift", (0.5, 1.0, 2.0)),
+    "encoder_noise": ("sigma", (0.1, 0.2, 0.4)),
+}
+
+
+def fault_grid(num_classes: int, kinds: list[str] | None = None,
+               seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
+    """Every kind at its three severities and each seed; the seed also draws the classes
+    a head fault or a merge acts on."""
+    specs = []
+    for kind in kinds or list(SEVERITIES):
+        if kind not in SEVERITIES:
+            raise ValueError(f"unknown fault kind {kind!r}; known: {sorted(SEVERITIES)}")
+        param, levels = SEVERITIES[kind]
+        for seed in seeds:
+            rng = np.random.default_rng(1000 + seed)
+            order = rng.permutation(num_classes).tolist()
+            for level, value in enumerate(levels, 1):
+                spec = {"name": f"{kind}-s{level}-seed{seed}", "kind": kind,
+                        "severity": level, "seed": seed, param: value}
+                if kind == "head_swap":
+                    k = int(value)
+                    spec.update({"a": order[0], "b": order[1],
+                                 "more": [order[2 + 2 * i: 4 + 2 * i] for i in range(k - 1)]})
+                elif kind in ("head_blend", "encoder_merge"):
+                    spec.update({"a": order[0], "b": order[1]})
+                elif kind in ("bias_shift", "head_scale"):
+                    spec["c"] = order[0]
+                elif kind == "encoder_ablate":
+                    spec["block"] = "layer3"
+                specs.append(spec)
+    return specs
+
+
 def make_variant(model, spec: dict, train_images: np.ndarray, train_labels: np.ndarray,
                  seed: int) -> tuple[torch.nn.Module, Fault]:
     kind = spec["kind"]
     if kind == "head_swap":
-        return head_swap(model, spec["a"], spec["b"])
+        return head_swap(model, spec["a"], spec["b"],
+                         tuple(tuple(m) for m in spec.get("more", [])))
+    if kind == "head_scale":
+        return head_scale(model, spec["c"], spec["factor"])
+    if kind == "encoder_bn_drift":
+        return encoder_bn_drift(model, spec["drift"], spec.get("seed", seed))
+    if kind == "encoder_noise":
+        return encoder_noise(model, spec["sigma"], spec.get("seed", seed))
     if kind == "head_blend":
         return head_blend(model, spec["a"], spec["b"], spec["alpha"])
     if kind == "bias_shift":
         return bias_shift(model, spec["c"], spec["delta"])
     if kind == "encoder_ablate":
-        return encoder_ablate(model, spec["block"], spec["fraction"], spec["seed"])
+        return encoder_ablate(model, spec["block"], spec["fraction"], spec.get("seed", seed))
     if kind == "encoder_merge":
         return encoder_merge(model, spec["a"], spec["b"], to_tensor(train_images),
                              torch.as_tensor(train_labels, dtype=torch.long),
-                             steps=spec["steps"], seed=seed)
+                             steps=int(spec["steps"]), seed=spec.get("seed", seed))
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
@@ -137,80 +209,228 @@ def run_variant(variant, fault: Fault, fit_images: np.ndarray, v_fit: np.ndarray
     return res
 
 
-def inject_faults(cfg: JobConfig, bank: Path, *, variants: list[dict] | None = None,
+@dataclass(frozen=True)
+class FaultData:
+    """What every variant is scored on: the reference split (probes, repair), the first
+    test-split inputs (errors, effects, the paper's rule) and the bank's features of both."""
+
+    ref_images: np.ndarray
+    y_ref: np.ndarray
+    test_images: np.ndarray
+    y_test: np.ndarray
+    z_ref0: np.ndarray
+    z_test0: np.ndarray
+    oracle: np.ndarray  # the VLM's zero-shot labels of the test inputs
+    train_images: np.ndarray  # encoder fine-tuning (a calibration-split subset)
+    train_labels: np.ndarray
+
+
+def score_variant(variant, fault: Fault, d: FaultData, ref_head, whiten: np.ndarray,
+                  aligner: tuple[np.ndarray, np.ndarray], class_T: np.ndarray, *,
+                  same_encoder: bool, min_new_errors: int = 5, min_pair_errors: int = 10,
+                  top_pairs: int = 3, seed: int = 0) -> dict:
+    """``diagnose``'s two questions on one variant, with their ground truth: ``changed``
+    against the injected component, ``limit`` of each faulty pair (the variant's new errors
+    between two classes, at least ``min_pair_errors``) against the measured effect of the
+    head-only repair, and the paper's per-input rule on the fault's new errors."""
+    cand_head = linear_head(variant)
+    if same_encoder:
+        z_ref1, z_test1 = d.z_ref0, d.z_test0
+    else:
+        z_ref1 = predict(variant, d.ref_images)[1]
+        z_test1 = predict(variant, d.test_images)[1]
+    y = d.y_test
+    swap = swap_predictions(d.z_test0, z_test1, ref_head, cand_head)
+    shares = swap_shares(y, swap, np.ones(len(y), bool))
+    changed = changed_verdict(shares, min_new_errors)
+    W_r, b_r = fit_head(z_ref1, d.y_ref, len(ref_head[1]))
+    pred_r = head_logits(z_test1, W_r, b_r).argmax(1)
+    new = new_errors(y, swap)
+    pairs = []
+    for t, q, n in confused_pairs(y[new], swap.candidate[new], min_pair_errors, top_pairs):
+        geo = pair_geometry(z_ref1, d.y_ref, t, q, *cand_head, whiten=whiten, seed=seed)
+        limit = limit_verdict(geo)
+        outcome = repair_outcome(pair_accuracy(y, swap.candidate, t, q),
+                                 pair_accuracy(y, pred_r, t, q),
+                                 pair_accuracy(y, swap.reference, t, q))
+        pairs.append({"true": t, "predicted": q, "new_errors": n, "limit": limit,
+                      "geometry": geo, "repair": outcome, "agrees": agrees(limit, outcome)})
+    injected = new & fault.injected(y, swap.candidate)
+    enc_view = (aligned_embedding(z_test1, *aligner) @ class_T.T).argmax(1)
+    rows = injected
+    paper = {"vlm": localisation_accuracy(localise(y[rows], swap.candidate[rows],
+                                                   d.oracle[rows], enc_view[rows]),
+                                          fault.component),
+             "perfect_oracle": localisation_accuracy(localise(y[rows], swap.candidate[rows],
+                                                              y[rows], enc_view[rows]),
+                                                     fault.component)}
+    return {"kind": fault.kind, "component": fault.component, "params": fault.params,
+            "variant_accuracy": round(float((swap.candidate == y).mean()), 5),
+            "new_errors": int(new.sum()), "injected_errors": int(rows.sum()),
+            "changed": changed, "changed_right": None if changed == NONE else
+            changed == fault.component,
+            "changed_evidence": {**shares, **parameter_shift(d.z_test0, z_test1, ref_head,
+                                                             cand_head)},
+            "repair_accuracy": round(float((pred_r == y).mean()), 5),
+            "pairs": pairs, "paper_rule": paper}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """The Wilson score 95% interval of a proportion ``k / n`` (None when ``n`` is 0)."""
+    if n == 0:
+        return None
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return [round(float(centre - half), 4), round(float(centre + half), 4)]
+
+
+def _rate(k: int, n: int) -> dict:
+    return {"value": round(k / n, 4) if n else None, "k": int(k), "n": int(n),
+            "ci95": wilson(k, n)}
+
+
+def summarise(variants: list[dict]) -> dict:
+    """``changed_accuracy`` (variants with a measurable effect), ``limit_agreement`` (faulty
+    pairs with a decided verdict and a measurable repair effect), ``abstain_rate`` (faulty
+    pairs), the head repair's recovery where ``limit`` is head, the paper rule's accuracy
+    (pooled over the faults' new errors), each with a Wilson 95% interval; and per kind."""
+    def block(vs: list[dict]) -> dict:
+        decided_changed = [v for v in vs if v["changed_right"] is not None]
+        pairs = [p for v in vs for p in v["pairs"] if p["repair"]["fixed"] is not None]
+        decided = [p for p in pairs if p["agrees"] is not None]
+        head = [p for p in pairs if p["limit"] == "head"]
+        recovered = [p["repair"]["recovered"] for p in head]
+        out = {
+            "variants": len(vs), "no_measurable_effect": len(vs) - len(decided_changed),
+            "changed_accuracy": _rate(sum(v["changed_right"] for v in decided_changed),
+                                      len(decided_changed)),
+            "faulty_pairs": len(pairs),
+            "limit_agreement": _rate(sum(p["agrees"] for p in decided), len(decided)),
+            "abstain_rate": _rate(sum(p["limit"] == "abstain" for p in pairs), len(pairs)),
+            "head_limit_recovered_90": _rate(sum(r >= 0.9 for r in recovered),
+                                             len(recovered)),
+            "head_limit_mean_recovered": round(float(np.mean(recovered)), 4)
+            if recovered else None,
+        }
+        for mode in ("vlm", "perfect_oracle"):
+            k = sum(v["paper_rule"][mode][v["component"]] for v in vs)
+            n = sum(v["paper_rule"][mode]["n"] for v in vs)
+            out[f"paper_rule_accuracy_{mode}"] = _rate(k, n)
+        return out
+
+    summary = block(variants)
+    summary["by_kind"] = {k: block([v for v in variants if v["kind"] == k])
+                          for k in dict.fromkeys(v["kind"] for v in variants)}
+    return summary
+
+
+def inject_faults(cfg: JobConfig, bank: Path, *, kinds: list[str] | None = None,
+                  seeds: tuple[int, ...] = (0, 1, 2), test_n: int | None = None,
                   save_dir: Path | None = None, progress: bool = True,
                   write: bool = True) -> dict:
-    """Run every variant; write ``fault_injection`` (per variant) and
-    ``fault_injection_info`` into ``<bank>/report/metrics.json``, and the summary table
-    to ``<bank>/report/fault_injection.md``."""
+    """Every fault of :func:`fault_grid`, scored by :func:`score_variant`; write
+    ``fault_injection`` (``summary``, ``variants``, ``info``) into
+    ``<bank>/report/metrics.json`` and the tables to ``<bank>/report/fault_injection.md``.
+    ``test_n``: the first test-split inputs scored (default: the config's
+    ``evaluation.vlm_test_images``)."""
+    t0 = time.perf_counter()
     ctx = Context(cfg, ArrayCache(cfg.cache_dir), progress)
     single_threaded_blas()
-    seed = cfg.seed
-    torch.manual_seed(seed)
+    torch.set_num_threads(1)  # many small forward passes: one thread each wastes least
+    torch.manual_seed(cfg.seed)
+    b = bankio.load_bank(bank)
+    model, cspec, chash = load_classifier(b.classifier_path)
     with ctx.stage("data"):
         train, test = load_source(cfg.data)
+        if list(train.classes) != list(b.manifest.classes):
+            raise ValueError(f"the config's dataset has classes {train.classes}, the bank "
+                             f"{b.manifest.classes}")
         splits = make_splits(len(train), len(test), cfg.splits)
-        fit, calib, tst = (train.subset(splits.fit), train.subset(splits.calibration),
+        ref, calib, tst = (train.subset(splits.reference), train.subset(splits.calibration),
                            test.subset(splits.test))
+        n = min(test_n or cfg.evaluation.vlm_test_images, len(tst))
+        tst = tst.subset(np.arange(n))
         data_key = f"{cfg.data.cache_key()}|{splits.digest()}"
-        classes = train.classes
-    model, cspec, chash = load_classifier(bank / bankio.CLASSIFIER)
-    vlm = LazyVLM(cfg)
-    cs = load_concept_set(cfg.concepts)
+    with ctx.stage("features"):
+        z_ref0 = torch_features(ctx, b.classifier_path, chash, ref.images, "reference",
+                                data_key)
+        z_test0 = torch_features(ctx, b.classifier_path, chash, tst.images, f"test:{n}",
+                                 data_key)
     with ctx.stage("vlm"):
-        class_T = ctx.cache.get_or_compute(
-            "vlm-texts", {"vlm": vlm.id, "concepts": _concept_set_digest(cs),
-                          "classes": cfg.class_prompts or classes},
-            lambda: {"T": concept_matrix(vlm.get(), cs),
-                     "C": class_matrix(vlm.get(), cfg.class_prompts or classes,
-                                       cs.class_templates, cs.class_aliases)})["C"]
-        v_fit = vlm_embeddings(ctx, vlm, fit.images, data_key + "|fit")
-        logits0, _ = predict(model, tst.images)
-        first = np.zeros(len(tst), bool)
-        first[: cfg.evaluation.vlm_test_images] = True
-        vlm_idx = np.flatnonzero(first | (logits0.argmax(1) != tst.labels))
-        v_test = vlm_embeddings(ctx, vlm, tst.images[vlm_idx],
-                                data_key + "|test|" + _digest(vlm_idx))
-    # candidates: the first vlm_test_images test images (the others the VLM saw were already
-    # wrong with the bank's classifier, so they cannot be new errors)
-    sub = vlm_idx < cfg.evaluation.vlm_test_images
-    images, labels = tst.images[vlm_idx[sub]], tst.labels[vlm_idx[sub]]
-    oracle = (v_test[sub] @ class_T.T).argmax(1)
-    pred0 = logits0[vlm_idx[sub]].argmax(1)
-    a0 = fit_aligner(predict(model, fit.images)[1], v_fit, seed=seed)
-    n_train = min(2000, len(calib))  # encoder fine-tuning: a calibration-split subset
-    results: dict = {}
-    for spec in variants or demo_variants(classes):
-        with ctx.stage(f"variant_{spec['name']}"):
-            variant, fault = make_variant(model, spec, calib.images[:n_train],
-                                          calib.labels[:n_train], seed)
+        v = vlm_embeddings(ctx, ctx.vlm, tst.images, f"{data_key}|test:{n}")
+    class_T = b.tensors["classes.T"]
+    n_train = min(2000, len(calib))
+    d = FaultData(ref.images, ref.labels.astype(np.int64), tst.images,
+                  tst.labels.astype(np.int64), z_ref0, z_test0, (v @ class_T.T).argmax(1),
+                  calib.images[:n_train], calib.labels[:n_train])
+    ref_head = linear_head(model)
+    whiten = b.tensors["detector.mahalanobis.whiten"]
+    aligner = (b.tensors["aligner.W"], b.tensors["aligner.b"])
+    specs = fault_grid(len(b.manifest.classes), kinds, seeds)
+    results = []
+    classes = b.manifest.classes
+    with ctx.stage("variants"):
+        for spec in tqdm(specs, desc="fault variants", unit="variant", disable=not progress):
+            variant, fault = make_variant(model, spec, d.train_images, d.train_labels,
+                                          cfg.seed)
             if save_dir is not None:
                 save_classifier(variant, cspec, Path(save_dir) / f"{spec['name']}.safetensors")
-            res = run_variant(variant, fault, fit.images, v_fit, images, labels, pred0,
-                              oracle, class_T, seed, original_aligner=(a0.W, a0.b))
-            if fault.pair is not None:
-                res["pair"] = [classes[fault.pair[0]], classes[fault.pair[1]]]
-            if fault.target is not None:
-                res["target"] = classes[fault.target]
-            results[spec["name"]] = res
-    info = {"note": NOTE, "classifier_hash": chash, "candidates": int(len(labels)),
-            "original_accuracy": round(float((pred0 == labels).mean()), 5),
-            "vlm_zero_shot_accuracy": round(float((oracle == labels).mean()), 5),
-            "oracle_ps": list(ORACLE_PS), "timings_s": dict(ctx.timings)}
+            res = score_variant(variant, fault, d, ref_head, whiten, aligner, class_T,
+                                same_encoder=fault.component == HEAD, seed=cfg.seed)
+            for p in res["pairs"]:
+                p["true"], p["predicted"] = classes[p["true"]], classes[p["predicted"]]
+            results.append({"name": spec["name"], "severity": spec["severity"],
+                            "seed": spec["seed"], **res})
+    summary = summarise(results)
+    info = {"note": NOTE, "classifier_hash": chash, "test_inputs": int(n),
+            "reference_inputs": int(len(d.y_ref)),
+            "original_accuracy": round(float((head_logits(z_test0, *ref_head).argmax(1)
+                                              == d.y_test).mean()), 5),
+            "vlm_zero_shot_accuracy": round(float((d.oracle == d.y_test).mean()), 5),
+            "severities": {k: list(v[1]) for k, v in SEVERITIES.items()
+                           if kinds is None or k in kinds},
+            "seeds": list(seeds), "timings_s": {**ctx.timings,
+                                                "total": round(time.perf_counter() - t0, 1)}}
+    out = {"summary": summary, "variants": results, "info": info}
     if write:
         path = bank / "report" / "metrics.json"
         metrics = json.loads(path.read_text())
-        metrics["fault_injection"] = results
-        metrics["fault_injection_info"] = info
+        metrics.pop("fault_injection_info", None)
+        metrics["fault_injection"] = out
         bankio.atomic_write_text(path, json.dumps(metrics, indent=2))
         bankio.atomic_write_text(bank / "report" / "fault_injection.md",
-                                 f"# Fault injection\n\n{NOTE}\n\n{summary_table(results)}\n")
-    return {"variants": results, "info": info}
+                                 f"# Fault injection\n\n{NOTE}\n\n{summary_table(out)}\n")
+    return out
 
 
-def summary_table(results: dict) -> str:
-    """A markdown table: per variant, the injected errors and the localisation accuracy with
-    the packaged VLM and with each simulated oracle."""
+def summary_table(out: dict) -> str:
+    """Markdown: the summary over all variants and per kind (rates with 95% intervals)."""
+    def rate(r: dict) -> str:
+        if r["value"] is None:
+            return "-"
+        lo, hi = r["ci95"]
+        return f"{100 * r['value']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}] (n={r['n']})"
+
+    head = ["faults", "variants (no effect)", "changed right", "faulty pairs",
+            "limit agrees with repair", "abstain", "limit=head: repair recovers >= 90%",
+            "paper rule right (VLM)", "paper rule right (perfect oracle)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    s = out["summary"]
+    for name, b in [("all", s), *s["by_kind"].items()]:
+        lines.append("| " + " | ".join([
+            name, f"{b['variants']} ({b['no_measurable_effect']})",
+            rate(b["changed_accuracy"]), str(b["faulty_pairs"]), rate(b["limit_agreement"]),
+            rate(b["abstain_rate"]), rate(b["head_limit_recovered_90"]),
+            rate(b["paper_rule_accuracy_vlm"]),
+            rate(b["paper_rule_accuracy_perfect_oracle"])]) + " |")
+    return "\n".join(lines)
+
+
+def paper_rule_table(results: dict) -> str:
+    """A markdown table of :func:`run_variant` results: per variant, the injected errors
+    and the paper rule's localisation accuracy with the packaged VLM and each oracle."""
     ps = next(iter(results.values()))["simulated_oracle"].keys() if results else []
     head = ["variant", "component", "injected errors", "head / encoder / ambiguous",
             "accuracy (VLM)", "encoder view right", *[f"accuracy (oracle p={p})" for p in ps],

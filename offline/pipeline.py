@@ -7,7 +7,8 @@ array batch), which the runner (:func:`run_stages`) stores under the stage's nam
 and printing progress. Stages: data, classifier (features), vlm (texts and image
 embeddings), aligner, projection, export (ONNX), served_outputs, adversarial, stream,
 heatmaps, calibration, evaluation_sets, evaluation, vlm (the test images), fault
-localisation, tensors, fused graph (``monitor.onnx``), report.
+localisation, concept check (where concepts may be named), tensors, fused graph
+(``monitor.onnx``), report.
 
 The per-image work (classifier features, VLM embeddings, attacks, served outputs, scoring)
 goes through one call, :meth:`Context.map`: the engine (:mod:`offline.engine`: this process,
@@ -295,6 +296,7 @@ class BuildState:
     evaluation: EvaluationOut = field(init=False)
     vlm_test: VLMTestOut = field(init=False)
     fault_localisation: dict = field(init=False)
+    concept_check: tuple[dict, dict] = field(init=False)
     tensors: dict = field(init=False)
     fused_graph: Path = field(init=False)
     report: bankio.Manifest = field(init=False)
@@ -478,6 +480,19 @@ def fault_localisation_stage(ctx: Context, state: BuildState) -> dict:
     return out
 
 
+def concept_check_stage(ctx: Context, state: BuildState) -> tuple[dict, dict]:
+    """Where the VLM and aligner separate classes (the manifest's ``concept_competence``)
+    and what the concepts named there are worth (metrics.json's ``concepts``)."""
+    from conceptguard.repair import linear_head
+    from offline.concept_check import concept_check
+
+    r, c = state.served_outputs.outs["reference"], state.served_outputs.outs["calibration"]
+    return concept_check(state.projection.o_ref, r.concepts, r.labels, c.features, c.labels,
+                         linear_head(state.classifier.model), state.aligner.aligner.W,
+                         state.vlm.T, state.data.classes, state.vlm.concept_set,
+                         seed=ctx.cfg.seed)
+
+
 def tensors_stage(ctx: Context, state: BuildState) -> dict[str, np.ndarray]:
     p, hm = state.projection, state.heatmaps
     tensors = bank_tensors(p.tensors, state.vlm.class_T, hm.model, hm.vlm,
@@ -499,7 +514,7 @@ def fused_graph_stage(ctx: Context, state: BuildState) -> Path:
 
 def build_metrics(ctx: Context, state: BuildState) -> dict:
     return {**state.evaluation.metrics, **state.fault_localisation,
-            "timings_s": dict(ctx.timings)}
+            "concepts": state.concept_check[1], "timings_s": dict(ctx.timings)}
 
 
 def report_stage(ctx: Context, state: BuildState) -> bankio.Manifest:
@@ -510,6 +525,7 @@ def report_stage(ctx: Context, state: BuildState) -> bankio.Manifest:
                              state.data.splits, state.heatmaps.model, fitted.info,
                              fitted.monitor.threshold, state.data.classes,
                              state.vlm.T.shape[1], c.model.feature_dim)
+    manifest.concept_competence = state.concept_check[0]
     write_report(ctx.staging / "report", manifest, state.tensors, metrics)
     return manifest
 
@@ -540,6 +556,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluation", evaluation_stage),
     Stage("vlm_test", vlm_test_stage, timing="vlm"),
     Stage("fault_localisation", fault_localisation_stage),
+    Stage("concept_check", concept_check_stage),
     Stage("tensors", tensors_stage),
     Stage("fused_graph", fused_graph_stage),
     Stage("report", report_stage),

@@ -140,28 +140,56 @@ def summary_html(rows: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(out)}</tbody></table>"
 
 
+def _rate(r: dict | None) -> str:
+    if not r or r.get("value") is None:
+        return "-"
+    lo, hi = r["ci95"]
+    return f"{100 * r['value']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}] (n={r['n']})"
+
+
 def fault_injection_html(metrics: dict) -> str:
-    """Localisation on injected faults (``conceptguard inject-faults``), when the bank has
-    it: the share of each variant's new errors attributed to the injected component, with
-    the packaged VLM and with simulated oracles of known accuracy."""
+    """``conceptguard inject-faults`` (when the bank has it): ``diagnose``'s verdicts scored
+    on faults of known location, and the paper's per-input rule beside them."""
     fi = metrics.get("fault_injection")
-    if not isinstance(fi, dict) or not fi:
+    if not isinstance(fi, dict) or "summary" not in fi:
         return ""
-    ps = list(next(iter(fi.values())).get("simulated_oracle", {}))
-    rows = []
-    for name, r in fi.items():
-        rows.append([name, r["component"], r["injected_errors"],
-                     f"{r['head']} / {r['encoder']} / {r['ambiguous']}",
-                     f"{100 * r['accuracy']:.1f}%",
-                     *[f"{100 * r['simulated_oracle'][p]['accuracy']:.1f}%" for p in ps]])
-    return ("<h2>Fault localisation on injected faults</h2><p class=note>variants of the "
-            "classifier with one fault of known location; accuracy = share of the variant's "
-            "new errors attributed to the injected component (ambiguous counts as not "
-            "attributed); oracle p: a simulated VLM that names the true class with "
-            "probability p.</p>"
-            + _table(rows, ["variant", "component", "new errors",
-                            "head / encoder / ambiguous", "accuracy (packaged VLM)",
-                            *[f"accuracy (oracle p={p})" for p in ps]]))
+    s = fi["summary"]
+    rows = [[name, f"{b['variants']} ({b['no_measurable_effect']})",
+             _rate(b["changed_accuracy"]), b["faulty_pairs"], _rate(b["limit_agreement"]),
+             _rate(b["abstain_rate"]), _rate(b["head_limit_recovered_90"]),
+             _rate(b["paper_rule_accuracy_vlm"]), _rate(b["paper_rule_accuracy_perfect_oracle"])]
+            for name, b in [("all", s), *s["by_kind"].items()]]
+    return ("<h2>Debugging measured on injected faults</h2><p class=note>"
+            + html.escape(fi["info"]["note"]) + "</p>"
+            + _table(rows, ["faults", "variants (no measurable effect)", "changed right",
+                            "faulty pairs", "limit agrees with the repair", "abstain",
+                            "limit = head: repair recovers >= 90%",
+                            "paper rule right (packaged VLM)",
+                            "paper rule right (perfect oracle)"]))
+
+
+def concepts_html(metrics: dict) -> str:
+    """The concept competence check and what the concepts named under it are worth."""
+    c = metrics.get("concepts")
+    if not isinstance(c, dict):
+        return ""
+    rows = [[k, ", ".join(v["concepts"]),
+             f"{v['faithfulness']['ratio']:.2f} [{v['faithfulness']['ratio_ci95'][0]:.2f}, "
+             f"{v['faithfulness']['ratio_ci95'][1]:.2f}]",
+             "-" if v["plausibility"] is None else
+             f"{v['plausibility']['hits']}/{v['plausibility']['named']} "
+             f"(chance {v['plausibility']['chance']:.2f})"]
+            for k, v in c.get("per_pair", {}).items()]
+    head = (f"<p>{c['competent_pairs']} of {c['pairs']} class pairs are competent (both "
+            f"views' probe accuracy at least {c['threshold']}); competent classes: "
+            f"{html.escape(', '.join(c['competent_classes']) or 'none')}. Faithfulness "
+            f"ratio (named vs. random concepts): {_fmt(c['faithfulness_ratio'])}; "
+            f"plausibility {_fmt(c['plausibility'])} (chance "
+            f"{_fmt(c['plausibility_chance'])}).</p>")
+    return ("<h2>Concepts: where the VLM is competent</h2><p class=note>"
+            + html.escape(c["note"]) + "</p>" + head
+            + _table(rows, ["pair", "named concepts", "faithfulness ratio [95%]",
+                            "plausibility"]))
 
 
 def render_html(manifest: Manifest, metrics: dict, images: list[tuple[str, str]],
@@ -218,8 +246,12 @@ img{{max-width:100%}}.note{{color:#666;font-size:0.9em}}
 (<code>{html.escape(manifest.concept_set)}</code>).</p>
 {verdict_html(metrics)}
 {evidence}
-<h2>Confusion pairs and their localisation</h2>
-<p class=note>misclassified test inputs the VLM saw, by (true, predicted) pair: ambiguous
+{fault_injection_html(metrics)}
+{concepts_html(metrics)}
+<h2>Confusion pairs: the paper's per-input rule (a reported mode)</h2>
+<p class=note>For what changed, what limits each pair and what fixes it, run
+<code>conceptguard diagnose</code>. Below: misclassified test inputs the VLM saw, by
+(true, predicted) pair: ambiguous
 where the VLM oracle itself does not name the label; otherwise a head fault where the
 encoder's features, read through the aligner, still name the true class (the head erred), and
 an encoder fault where they do not; responsible concepts: the largest gaps between the
@@ -228,7 +260,6 @@ pair's mean concept profile and the true class's correct heatmap.</p>
 ambiguous: {fl.get('ambiguous', 0)}</p>
 {_table(pair_rows, ["true", "predicted", "n", "head", "encoder", "ambiguous",
                     "responsible concepts (gap to H_ok[true])"])}
-{fault_injection_html(metrics)}
 <h2>Summary</h2>{_table(summary, ["figure", "value"])}
 <h2>Trust against the strongest standard detector, per task</h2>
 <p class=note>AUROC (higher is better) or, for the mixed stream, AURC (lower is better);
@@ -289,7 +320,14 @@ def write_report(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray
     images.insert(0, ("auroc.png", "detection AUROC per method and task"))
     written.append(folder / "auroc.png")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (folder / "index.html").write_text(render_html(manifest, metrics, images, ev_html))
+    page = render_html(manifest, metrics, images, ev_html)
+    if (folder / "diagnosis" / "diagnosis.html").is_file():  # conceptguard diagnose --out
+        page = page.replace("<h2>Debugging measured on injected faults</h2>",
+                            "<p>The bank classifier's own confusions: "
+                            "<a href='diagnosis/diagnosis.html'>diagnosis</a> "
+                            "(<code>conceptguard diagnose</code>).</p>"
+                            "<h2>Debugging measured on injected faults</h2>", 1)
+    (folder / "index.html").write_text(page)
     return [*written, folder / "metrics.json", folder / "index.html"]
 
 

@@ -111,23 +111,8 @@ def _served_examples() -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------- derived values
 
 
-def _fault_range(key: str) -> tuple[float, float]:
-    fi = metrics()["fault_injection"]
-    vals = [v[key] if key != "ambiguous_share" else v["ambiguous"] / v["n"]
-            for v in fi.values()]
-    return min(vals), max(vals)
-
-
 def _pct_range(lo: float, hi: float) -> str:
     return f"{100 * lo:.0f}–{100 * hi:.0f}%"
-
-
-def _injected(component: str, key: str) -> tuple[float, float]:
-    """Range over the injected faults of one component of a per-variant figure (``oracle``:
-    the accuracy with a perfect oracle)."""
-    vals = [v["simulated_oracle"]["1.0"]["accuracy"] if key == "oracle" else v[key]
-            for v in metrics()["fault_injection"].values() if v["component"] == component]
-    return min(vals), max(vals)
 
 
 def _mixed_row() -> dict[str, Any]:
@@ -157,12 +142,6 @@ def _hard_shift_accuracy() -> str:
 
 
 CALC: dict[str, Callable[[], Any]] = {
-    "fault_ambiguous_range": lambda: _pct_range(*_fault_range("ambiguous_share")),
-    "fault_accuracy_range": lambda: _pct_range(*_fault_range("accuracy")),
-    "head_fault_oracle_range": lambda: _pct_range(*_injected("head", "oracle")),
-    "head_fault_encoder_view_range": lambda: _pct_range(*_injected("head",
-                                                                    "encoder_view_accuracy")),
-    "encoder_fault_oracle_range": lambda: _pct_range(*_injected("encoder", "oracle")),
     "mixed_aurc_trust": lambda: _mixed_row()["trust"],
     "mixed_aurc_peer_value": lambda: _mixed_row()["peer"],
     "trailing_margin_range": _trailing_margins,
@@ -202,16 +181,11 @@ def _results(name: str) -> Callable[[], str]:
 
 
 def fault_injection_table() -> str:
-    fi = metrics()["fault_injection"]
-    ps = ["0.5", "0.8", "0.95", "1.0"]
-    lines = ["| fault | kind | errors | packaged VLM | oracle p=0.5 | p=0.8 | p=0.95 | p=1 |",
-             "|---|---|---|---|---|---|---|---|"]
-    for key, v in fi.items():
-        cells = [f"{100 * v['accuracy']:.1f}%",
-                 *(f"{100 * v['simulated_oracle'][p]['accuracy']:.1f}%" for p in ps)]
-        lines.append(f"| {key.replace('_', ' ')} | {v['component']} | {v['n']} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """Debugging on injected faults: the summary over all variants and per kind, as
+    ``conceptguard inject-faults`` writes it to report/fault_injection.md."""
+    from offline.fault_injection import summary_table
+
+    return summary_table(metrics()["fault_injection"]) + "\n"
 
 
 def classify_sample() -> str:
@@ -224,10 +198,13 @@ def noise_sample() -> str:
     a = _served_examples()["classify_rejected"]
     concepts = ", ".join(f"{c['concept']} ({c['contribution']:+.2f})"
                          for c in a["reason"]["concepts"])
+    named = (f"concepts: {concepts}" if concepts else
+             "no concepts named (`reason.concepts_unavailable`: the bank's concept competence "
+             "check does not pass this class)")
     return (f"For `examples/noise.png` (random pixels) the classifier says *{a['label']}*; "
             f"the monitor answers\n`trust` {a['trust']:.3f}, `reject: "
             f"{json.dumps(a['reject'])}`, `reason.kind: \"{a['reason']['kind']}\"`, "
-            f"concepts: {concepts}.\n")
+            f"{named}.\n")
 
 
 BLOCKS: dict[str, Callable[[], str]] = {

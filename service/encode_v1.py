@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from conceptguard.concept_check import concepts_unavailable
 from conceptguard.scoring import Scores, top_reasons
 from service.dataplane import check_finite
 from service.runtime_state import Loaded
@@ -31,7 +32,8 @@ def top_probabilities(loaded: Loaded, row: np.ndarray, k: int) -> list[tuple[str
     return [(classes[j], float(row[j])) for j in top.tolist()]
 
 
-def summary(label: str, concepts: list[tuple[str, float]]) -> str:
+def summary(label: str, concepts: list[tuple[str, float]], unavailable: str | None = None
+            ) -> str:
     against = [f"{c} ({v:+.2f})" for c, v in concepts if v < 0]
     support = [f"{c} ({v:+.2f})" for c, v in concepts if v >= 0]
     parts = [f"predicted {label}"]
@@ -39,6 +41,8 @@ def summary(label: str, concepts: list[tuple[str, float]]) -> str:
         parts.append("evidence against: " + ", ".join(against))
     if support:
         parts.append("evidence for: " + ", ".join(support))
+    if unavailable is not None and not concepts:
+        parts.append("no concepts named (concept competence check)")
     return "; ".join(parts)
 
 
@@ -53,10 +57,20 @@ def rows(loaded: Loaded, scores: Scores, settings: Settings) -> list[dict[str, A
     p_unf = scores.p_unfamiliar.tolist()
     paper = scores.paper_rule_reject.tolist()
     k = settings.reason_concepts
+    competence = (loaded.manifest.model_extra or {}).get("concept_competence")
+    unavailable = {c: concepts_unavailable(competence, c) for c in set(names)}
     out = []
     for i, label in enumerate(names):
+        # concepts only where the bank's check shows the VLM and aligner separate the class
+        why = unavailable[label]
         concepts = (top_reasons(scores.contributions[i], loaded.concept_names, k)
-                    if k > 0 else [])
+                    if k > 0 and why is None else [])
+        reason: dict[str, Any] = {"kind": scores.reason[i],
+                                  "summary": summary(label, concepts, why),
+                                  "concepts": [{"concept": c, "contribution": v}
+                                               for c, v in concepts]}
+        if why is not None and k > 0:
+            reason["concepts_unavailable"] = why
         out.append({
             "label": label,
             "class_index": preds[i],
@@ -65,8 +79,7 @@ def rows(loaded: Loaded, scores: Scores, settings: Settings) -> list[dict[str, A
                                                 settings.top_k)],
             "trust": trust[i],
             "reject": reject[i],
-            "reason": {"kind": scores.reason[i], "summary": summary(label, concepts),
-                       "concepts": [{"concept": c, "contribution": v} for c, v in concepts]},
+            "reason": reason,
             "heads": {"misclassification": p_mis[i], "adversarial": p_adv[i],
                       "unfamiliar": p_unf[i]},
             "paper_rule_reject": paper[i],

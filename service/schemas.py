@@ -65,6 +65,9 @@ class Reason(BaseModel):
                     "like a successful attack), unfamiliar (shifted/corrupted or foreign)")
     summary: str
     concepts: list[ConceptContribution]
+    concepts_unavailable: str | None = Field(
+        None, description="why no concepts are named: the bank's concept competence check "
+                          "does not show that the VLM and aligner separate the predicted class")
 
 
 class Heads(BaseModel):

@@ -19,13 +19,24 @@ from conceptguard.classifier.io import ClassifierSpec, build_classifier, load_cl
 from conceptguard.fault_injection import (
     bias_shift,
     encoder_ablate,
+    encoder_bn_drift,
     encoder_merge,
+    encoder_noise,
     head_blend,
+    head_scale,
     head_swap,
     localisation_accuracy,
     simulated_oracle,
 )
-from offline.fault_injection import run_variant, summary_table
+from offline.fault_injection import (
+    SEVERITIES,
+    fault_grid,
+    paper_rule_table,
+    run_variant,
+    summarise,
+    summary_table,
+    wilson,
+)
 from tests.conftest import DEMO_BANK
 
 
@@ -117,7 +128,7 @@ def test_perfect_oracle_localises_head_swap_and_encoder_ablation(fashion_mnist_t
     assert ablate["accuracy"] >= 0.8, ablate  # one channel left: the class is gone
     assert ablate["original_aligner"]["accuracy"] >= 0.8
     assert ablate["simulated_oracle"]["1.0"]["accuracy"] == ablate["accuracy"]
-    table = summary_table(results)
+    table = paper_rule_table(results)
     assert "| head_swap | head |" in table and "encoder_ablate" in table
 
 
@@ -133,7 +144,72 @@ def test_demo_bank_ships_fault_injection_figures() -> None:
 
     metrics = json.loads((DEMO_BANK / "report" / "metrics.json").read_text())
     fi = metrics["fault_injection"]
-    assert {"head_swap", "head_blend", "bias_shift", "encoder_ablate", "encoder_merge"} <= set(fi)
-    for r in fi.values():
-        assert {"head", "encoder", "ambiguous", "accuracy"} <= set(r)
-        assert r["head"] + r["encoder"] + r["ambiguous"] == r["injected_errors"]
+    s = fi["summary"]
+    for key in ("changed_accuracy", "limit_agreement", "abstain_rate"):
+        assert 0.0 <= s[key]["value"] <= 1.0 and len(s[key]["ci95"]) == 2
+    assert set(s["by_kind"]) == set(SEVERITIES) and len(SEVERITIES) >= 7
+    assert len(fi["variants"]) == 9 * len(SEVERITIES)  # 3 severities x 3 seeds
+    for v in fi["variants"]:
+        r = v["paper_rule"]["vlm"]
+        assert r["head"] + r["encoder"] + r["ambiguous"] == v["injected_errors"]
+        assert v["changed"] in {"head", "encoder", "both", "none"}
+
+
+def test_new_fault_kinds_change_only_their_component(tiny) -> None:
+    model, images = tiny
+    logits, z = predict(model, images)
+    scaled, fault = head_scale(model, 2, 1.5)
+    s_logits, s_z = predict(scaled, images)
+    np.testing.assert_array_equal(s_z, z)
+    np.testing.assert_allclose(s_logits[:, 2], 1.5 * logits[:, 2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s_logits[:, :2], logits[:, :2], rtol=1e-6, atol=1e-6)
+    assert fault.component == "head" and fault.target == 2
+    swapped, fault = head_swap(model, 0, 1, more=((1, 2),))
+    np.testing.assert_allclose(predict(swapped, images)[0], logits[:, [1, 2, 0]], atol=1e-5)
+    for make in (lambda: encoder_bn_drift(model, 1.0, seed=0),
+                 lambda: encoder_noise(model, 0.2, seed=0)):
+        faulty, fault = make()
+        assert fault.component == "encoder"
+        assert torch.equal(faulty.head.weight, model.head.weight)
+        assert not np.allclose(predict(faulty, images)[1], z, atol=1e-3)
+        again, _ = make()  # seeded: the same fault again
+        np.testing.assert_array_equal(predict(again, images)[1], predict(faulty, images)[1])
+    np.testing.assert_array_equal(predict(model, images)[1], z)  # original untouched
+
+
+def test_fault_grid_covers_every_kind_severity_and_seed() -> None:
+    grid = fault_grid(10)
+    assert len(grid) == len(SEVERITIES) * 3 * 3 and len({g["name"] for g in grid}) == len(grid)
+    swaps = [g for g in grid if g["kind"] == "head_swap"]
+    assert {len(g["more"]) for g in swaps} == {0, 1, 2}
+    assert all(g["a"] != g["b"] for g in grid if "b" in g)
+    with pytest.raises(ValueError, match="unknown fault kind"):
+        fault_grid(10, kinds=["nope"])
+
+
+def test_summary_pools_verdicts_with_intervals() -> None:
+    def variant(kind, component, changed, limits):
+        pairs = [{"limit": lim, "repair": {"fixed": fixed, "recovered": rec},
+                  "agrees": None if lim == "abstain" else fixed == (lim == "head")}
+                 for lim, fixed, rec in limits]
+        return {"kind": kind, "component": component, "changed": changed,
+                "changed_right": None if changed == "none" else changed == component,
+                "pairs": pairs, "paper_rule": {m: {"head": 1, "encoder": 0, "n": 2}
+                                               for m in ("vlm", "perfect_oracle")}}
+    vs = [variant("head_swap", "head", "head", [("head", True, 0.95)]),
+          variant("head_swap", "head", "none", []),
+          variant("encoder_merge", "encoder", "encoder", [("encoder", False, 0.1),
+                                                          ("abstain", False, 0.2)]),
+          variant("encoder_noise", "encoder", "head", [("head", False, 0.3)])]
+    s = summarise(vs)
+    assert s["changed_accuracy"]["value"] == round(2 / 3, 4)
+    assert s["no_measurable_effect"] == 1
+    assert s["limit_agreement"]["k"] == 2 and s["limit_agreement"]["n"] == 3
+    assert s["abstain_rate"]["value"] == 0.25
+    assert s["head_limit_recovered_90"]["k"] == 1 and s["head_limit_recovered_90"]["n"] == 2
+    assert s["paper_rule_accuracy_vlm"]["value"] == round(2 / 8, 4)  # 1 head right of 2 each
+    assert s["by_kind"]["head_swap"]["changed_accuracy"]["value"] == 1.0
+    lo, hi = wilson(9, 10)
+    assert lo < 0.9 < hi and 0.55 < lo < 0.6
+    assert wilson(0, 0) is None
+    assert "| all |" in summary_table({"summary": s})

@@ -1,0 +1,168 @@
+"""The pure parts of diagnose: swap attribution, pair geometry and the limit verdict, the
+head-only repair, and the concept check (competence, faithfulness, plausibility), on
+synthetic features whose answer is known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conceptguard.concept_check import (
+    competence,
+    concepts_unavailable,
+    faithfulness,
+    pair_concepts,
+    plausibility,
+    remove_directions,
+)
+from conceptguard.diagnosis import (
+    agrees,
+    changed_verdict,
+    confused_pairs,
+    head_logits,
+    limit_verdict,
+    pair_geometry,
+    parameter_shift,
+    repair_outcome,
+    swap_predictions,
+    swap_shares,
+)
+from conceptguard.repair import fit_head
+
+
+def gaussian_classes(n_per: int, means: np.ndarray, seed: int = 0, noise: float = 1.0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(means)), n_per)
+    z = means[y] + noise * rng.normal(size=(len(y), means.shape[1]))
+    return z.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def three_classes():
+    """Three well-separated classes in 6 dimensions and the head fitted on them."""
+    means = np.zeros((3, 6))
+    means[0, 0], means[1, 1], means[2, 2] = 4.0, 4.0, 4.0
+    z, y = gaussian_classes(300, means, seed=0)
+    zt, yt = gaussian_classes(300, means, seed=1)
+    W, b = fit_head(z, y, 3)
+    return z, y, zt, yt, (W, b)
+
+
+def test_fit_head_separates_and_balances_classes(three_classes) -> None:
+    z, y, zt, yt, (W, b) = three_classes
+    assert (head_logits(zt, W, b).argmax(1) == yt).mean() > 0.97
+    # 20x imbalance: class-balanced weights keep the rare class's recall
+    keep = np.concatenate([np.flatnonzero(y != 2), np.flatnonzero(y == 2)[:15]])
+    Wi, bi = fit_head(z[keep], y[keep], 3)
+    pred = head_logits(zt, Wi, bi).argmax(1)
+    assert (pred[yt == 2] == 2).mean() > 0.9
+    with pytest.raises(ValueError, match="every class"):
+        fit_head(z[y != 1], y[y != 1], 3)
+
+
+def test_swapping_components_attributes_new_errors(three_classes) -> None:
+    _, _, zt, yt, (W, b) = three_classes
+    # head fault: rows 0 and 1 swapped; the encoder (features) unchanged
+    Ws, bs = W[[1, 0, 2]], b[[1, 0, 2]]
+    p = swap_predictions(zt, zt, (W, b), (Ws, bs))
+    shares = swap_shares(yt, p, np.ones(len(yt), bool))
+    assert shares["new_errors"] > 400
+    assert shares["head_share"] == 1.0 and shares["encoder_share"] == 0.0
+    assert changed_verdict(shares) == "head"
+    # encoder fault: class 0's features moved onto class 1's; the head unchanged
+    z_bad = zt.copy()
+    z_bad[yt == 0] += np.array([-4.0, 4.0, 0, 0, 0, 0], np.float32)
+    p = swap_predictions(zt, z_bad, (W, b), (W, b))
+    shares = swap_shares(yt, p, yt == 0)
+    assert shares["new_errors"] > 250 and changed_verdict(shares) == "encoder"
+    assert parameter_shift(zt, z_bad, (W, b), (W, b))["head_shift"] == 0.0
+    # nothing changed: no new errors
+    p = swap_predictions(zt, zt, (W, b), (W, b))
+    assert changed_verdict(swap_shares(yt, p, np.ones(len(yt), bool))) == "none"
+    # both changed, each alone harmless: only the combination errs -> both
+    assert changed_verdict({"new_errors": 10, "encoder_share": 0.1, "head_share": 0.2}) == \
+        "both"
+
+
+def test_limit_head_when_the_probe_beats_the_head(three_classes) -> None:
+    z, y, _, _, (W, b) = three_classes
+    good = pair_geometry(z, y, 0, 1, W, b, whiten=np.eye(6), seed=0)
+    assert good["probe_accuracy"] > 0.97 and good["head_accuracy"] > 0.97
+    assert limit_verdict(good) == "encoder"  # nothing for a retrained head to win
+    assert good["mahalanobis"] > 4.5 and good["angle_deg"] < 30
+    # a head that reads the pair along a useless direction: probe >> head
+    Wbad = W.copy()
+    Wbad[0], Wbad[1] = W[0] + 3 * W[1], W[1] + 3 * W[0]
+    bad = pair_geometry(z, y, 0, 1, Wbad, b, seed=0)
+    assert bad["probe_accuracy"] - bad["head_accuracy"] > 0.2
+    assert limit_verdict(bad) == "head"
+    # a shifted bias: the boundary sits off the middle of the pair
+    shifted = b.copy()
+    shifted[0] += 8.0
+    off = pair_geometry(z, y, 0, 1, W, shifted, seed=0)
+    assert off["bias_offset"] > 1.0 and limit_verdict(off) == "head"
+
+
+def test_limit_encoder_when_the_pair_overlaps() -> None:
+    means = np.zeros((2, 6))
+    means[0, 0] = 0.6  # classes barely apart: no linear rule reads them well
+    z, y = gaussian_classes(400, means, seed=3)
+    W, b = fit_head(z, y, 2)
+    g = pair_geometry(z, y, 0, 1, W, b, seed=0)
+    assert g["probe_accuracy"] < 0.75 and abs(g["gap"]) < 0.02
+    assert limit_verdict(g) == "encoder"
+    with pytest.raises(ValueError, match="at least 2"):
+        pair_geometry(z[:401], y[:401], 0, 1, W, b)
+
+
+def test_pairs_outcomes_and_agreement() -> None:
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    p = np.array([1, 1, 0, 0, 1, 1, 1, 2])
+    assert confused_pairs(y, p) == [(0, 1, 2), (2, 1, 2), (1, 0, 1)]
+    assert confused_pairs(y, p, min_errors=2, top=1) == [(0, 1, 2)]
+    fixed = repair_outcome(before=0.6, after=0.95, floor=0.98)
+    assert fixed["fixed"] and 0.9 < fixed["recovered"] < 0.95
+    assert agrees("head", fixed) and not agrees("encoder", fixed)
+    assert agrees("abstain", fixed) is None
+    unfixed = repair_outcome(before=0.8, after=0.81, floor=None)  # lost = every error
+    assert unfixed["fixed"] is False and agrees("encoder", unfixed)
+    assert repair_outcome(0.9, 0.9, floor=0.85)["fixed"] is None  # nothing was lost
+
+
+def test_competence_names_concepts_only_where_both_views_separate() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 200)
+    s = rng.normal(size=(600, 5))
+    o = rng.normal(size=(600, 5))
+    s[y == 0, 0] += 3.0  # concept 0 marks class 0 in both views
+    o[y == 0, 0] += 3.0
+    s[y == 1, 1] += 3.0  # concept 1 marks class 1 in the model view only
+    comp = competence(o, s, y, ["a", "b", "c"], threshold=0.8, folds=3)
+    assert comp["pairs"]["a|b"]["competent"] and comp["pairs"]["a|c"]["competent"]
+    assert not comp["pairs"]["b|c"]["competent"]  # the VLM view cannot tell b from c
+    assert comp["classes"]["a"]["competent"] and not comp["classes"]["c"]["competent"]
+    assert concepts_unavailable(comp, "a") is None
+    why = concepts_unavailable(comp, "c")
+    assert why is not None and "c" in why and "0.80" in why
+    assert "no concept competence check" in concepts_unavailable(None, "a")
+    named = pair_concepts(o, s, y, 0, 2, ["k0", "k1", "k2", "k3", "k4"], k=1)
+    assert named[0]["concept"] == "k0" and named[0]["favours"] == "a"
+
+
+def test_faithfulness_and_plausibility() -> None:
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(300, 8))
+    dirs = np.eye(8)  # concept k reads feature k
+    w = np.zeros(8)
+    w[0], w[1] = 2.0, 0.1  # the score rests on concept 0
+    f = faithfulness(z, w, dirs, [0], z.mean(0), draws=10, boot=50)
+    assert f["ratio"] > 10 and f["ratio_ci95"][0] > 5
+    none = faithfulness(z, w, dirs, [5], z.mean(0), draws=10, boot=50)
+    assert none["named_change"] == 0.0 and none["ratio"] < 0.1
+    cut = remove_directions(z, dirs[[0, 1]], np.zeros(8))
+    assert np.abs(cut[:, :2]).max() < 1e-9
+    np.testing.assert_allclose(cut[:, 2:], z[:, 2:], rtol=1e-12)
+    p = plausibility(["collar", "sole"], {"collar", "buttons"}, ["collar", "sole", "buttons",
+                                                                  "hood"])
+    assert p == {"hits": 1, "named": 2, "chance": 0.5}
