@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from service import encode_v2, v2_binary
 from service.dataplane import DataPlane
 from service.encode_v2 import OUTPUTS
+from service.routes_feedback import v2_parameters
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import (
     InferenceRequest,
@@ -186,7 +187,8 @@ async def _infer(request: Request, loaded: Loaded) -> Response:
     plan = v2_binary.output_plan(req)
     requested_outputs([name for name, _ in plan])
     scores = await infer_tensors(_dataplane(request), loaded, tensors, model_stats(request))
-    return encode_v2.rest_response(req, plan, loaded, scores)
+    return encode_v2.rest_response(req, plan, loaded, scores,
+                                   parameters=v2_parameters(request, loaded, scores))
 
 
 # ---------------------------------------------------------------- statistics
