@@ -60,14 +60,21 @@ class Traffic:
         self.trust: list[float] = []
         self.reject: list[bool] = []
         self.reason: list[str] = []
+        self.receipt: list[str] = []
+        self.truth: list[int] = []  # the label sent back (0 for noise)
         self.endpoint_status: Counter[tuple[str, int]] = Counter()
         self.codes: Counter[str] = Counter()
+        # labels counted: (decision, reason) -> [received, correct]
+        self.feedback: dict[tuple[str, str], list[int]] = {}
 
-    def add(self, cls: int, trust: float, reject: bool, reason: str) -> None:
+    def add(self, cls: int, trust: float, reject: bool, reason: str, receipt: str,
+            truth: int) -> None:
         self.cls.append(cls)
         self.trust.append(trust)
         self.reject.append(reject)
         self.reason.append(REASON_LABEL[reason])
+        self.receipt.append(receipt)
+        self.truth.append(truth)
 
     @property
     def n(self) -> int:
@@ -78,26 +85,29 @@ class Traffic:
                 np.asarray(self.reject, dtype=bool))
 
 
-def send_traffic(url: str, model: str, images: np.ndarray) -> Traffic:
+def send_traffic(url: str, model: str, images: np.ndarray, labels: np.ndarray) -> Traffic:
     """Sequential requests (one batch each, in order): v1 multipart batches, v2 JSON
-    batches, and bad requests."""
+    batches, bad requests, then labels sent back for every other input (some twice)."""
     rng = np.random.default_rng(7)
     noise = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
     inverted = 255 - images[60:70]
     t = Traffic()
-    v1_batches = [images[i:i + 10] for i in range(0, 40, 10)] + [noise[:10], noise[10:20],
-                                                                 inverted]
-    v2_batches = [images[40:50], images[50:60], noise[20:30]]
+    zeros = np.zeros(10, dtype=int)
+    v1_batches = [(images[i:i + 10], labels[i:i + 10]) for i in range(0, 40, 10)] + [
+        (noise[:10], zeros), (noise[10:20], zeros), (inverted, labels[60:70])]
+    v2_batches = [(images[40:50], labels[40:50]), (images[50:60], labels[50:60]),
+                  (noise[20:30], zeros)]
     v2_path = f"/v2/models/{model}/infer"
     with httpx.Client(base_url=url, timeout=60.0) as c:
-        for batch in v1_batches:
+        for batch, truth in v1_batches:
             r = c.post("/v1/classify", files=[("files", (f"{i}.png", encode_png(im), "image/png"))
                                               for i, im in enumerate(batch)])
             assert r.status_code == 200, r.text
             t.endpoint_status["/v1/classify", 200] += 1
-            for res in r.json()["results"]:
-                t.add(res["class_index"], res["trust"], res["reject"], res["reason"]["kind"])
-        for batch in v2_batches:
+            for res, y in zip(r.json()["results"], truth.tolist(), strict=True):
+                t.add(res["class_index"], res["trust"], res["reject"], res["reason"]["kind"],
+                      res["receipt"], y)
+        for batch, truth in v2_batches:
             body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(batch)],
                                 "data": [base64.b64encode(encode_png(im)).decode()
                                          for im in batch]}]}
@@ -105,10 +115,12 @@ def send_traffic(url: str, model: str, images: np.ndarray) -> Traffic:
             assert r.status_code == 200, r.text
             t.endpoint_status["/v2/models/{name}/infer", 200] += 1
             out = {o["name"]: o["data"] for o in r.json()["outputs"]}
+            tokens = r.json()["parameters"]["receipts"].split(",")
             rej = np.asarray(out["reject"], dtype=bool)
             why = reasons(rej, np.asarray(out["p_adversarial"]), np.asarray(out["p_unfamiliar"]))
             for k in range(len(batch)):
-                t.add(int(out["class_index"][k]), float(out["trust"][k]), bool(rej[k]), why[k])
+                t.add(int(out["class_index"][k]), float(out["trust"][k]), bool(rej[k]), why[k],
+                      tokens[k], int(truth[k]))
         bad = ([("/v1/classify", {"files": {"file": ("x.png", b"not an image", "image/png")}})]
                * 3 + [("/v1/classify", {"content": b"plain text",
                                         "headers": {"content-type": "text/plain"}})] * 2)
@@ -117,6 +129,15 @@ def send_traffic(url: str, model: str, images: np.ndarray) -> Traffic:
             assert 400 <= r.status_code < 500, r.text
             t.endpoint_status[path, r.status_code] += 1
             t.codes[r.json()["error"]["code"]] += 1
+        for k in range(0, t.n, 2):
+            for _ in range(2 if k % 10 == 0 else 1):  # a repeat counts once
+                r = c.post("/v1/feedback", json={"receipt": t.receipt[k], "label": t.truth[k]})
+                assert r.status_code == 200, r.text
+                t.endpoint_status["/v1/feedback", 200] += 1
+            key = ("reject" if t.reject[k] else "accept", t.reason[k])
+            got = t.feedback.setdefault(key, [0, 0])
+            got[0] += 1
+            got[1] += int(t.truth[k] == t.cls[k])
     return t
 
 
@@ -233,9 +254,11 @@ def test_every_panel_and_rule_matches_the_traffic(
         wait_for(prom, "sum(conceptguard_predictions_total)", 0.0)
         time.sleep(1.5)
         images = np.asarray(fashion_mnist_test.images[:70])
-        traffic = send_traffic(srv.url, model, images)
+        traffic = send_traffic(srv.url, model, images,
+                               np.asarray(fashion_mnist_test.labels[:70]))
         n = traffic.n
         wait_for(prom, "sum(conceptguard_predictions_total)", float(n))
+        wait_for(prom, "sum(conceptguard_feedback_total)", float(len(range(0, n, 2))))
         # the concept series are flushed by every worker at most a second later
         wait_for(prom, "min(sum by (concept) (conceptguard_concept_score_count))", float(n))
         time.sleep(2.5)  # every rule evaluated on the final samples
@@ -260,6 +283,18 @@ def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_con
     trust_by_class = {k: float(trust[cls == c].mean()) for c, k in enumerate(classes)
                       if per_class_n[k]}
     reason_n = Counter(t.reason)
+    fb_decision: dict[str, list[int]] = {"accept": [0, 0], "reject": [0, 0]}
+    for (decision, _), (got_n, right) in t.feedback.items():
+        fb_decision[decision][0] += got_n
+        fb_decision[decision][1] += right
+    received_by_decision = {k: float(v[0]) for k, v in fb_decision.items()}
+    realised_by_decision = {k: v[1] / v[0] if v[0] else math.nan
+                            for k, v in fb_decision.items()}
+    realised_by_reason = {f"{d} {r}": (t.feedback[d, r][1] / t.feedback[d, r][0]
+                                       if (d, r) in t.feedback else math.nan)
+                          for d, r in (("accept", "accepted"),
+                                       *(("reject", x) for x in REASON_LABEL.values()
+                                         if x != "accepted"))}
     reject_rate = float(reject.mean())
     est_all, est_acc = float(trust.mean()), float(trust[~reject].mean())
     trust_b = client_buckets(trust)
@@ -279,7 +314,7 @@ def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_con
     paper = expo("conceptguard_paper_rule_rejections_total")
     heads = ("misclassification", "adversarial", "unfamiliar")
     head_b = {h: buckets_of(text, "conceptguard_head_score", head=h) for h in heads}
-    endpoints = {"/v1/classify", "/v2/models/{name}/infer"}
+    endpoints = {e for e, _ in t.endpoint_status}  # classify, infer, feedback
     lat_b = {e: buckets_of(text, "conceptguard_request_duration_seconds", endpoint=e)
              for e in endpoints}
     lat_all: Counter[float] = Counter()
@@ -337,16 +372,15 @@ def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_con
                 if workers == 1:  # one worker, in order: the exact moving average
                     close(got[inputs], ema(values), f"trust moving average ({inputs})")
         elif key == ("Estimated vs. realised accuracy", "D"):
-            # no label sent back: 0 / 0 for each decision
-            assert set(by(res, "decision")) == {"accept", "reject"}
-            assert all(math.isnan(v) for _, v in res), res
+            check_realised(by(res, "decision"), realised_by_decision, "realised accuracy")
         elif key == ("Estimated accuracy per predicted class", "A"):
             got = {k: v for k, v in by(res, "class").items() if not math.isnan(v)}
             close_all(got, trust_by_class, "estimated accuracy per class")
         elif key == ("Realised accuracy by decision and reason", "A"):
-            assert len(res) == 4 and all(math.isnan(v) for _, v in res), res
+            check_realised({f"{lab['decision']} {lab['reason']}": v for lab, v in res},
+                           realised_by_reason, "realised accuracy by reason")
         elif key == ("Labels received per second", "A"):
-            close_all(by(res, "decision"), {"accept": 0.0, "reject": 0.0}, "labels")
+            close_all(rate_counts(res, "decision"), received_by_decision, "labels received")
         elif key == ("Trust score distribution", "A"):
             got = by(res, "le")
             total = got["+Inf"]
@@ -482,8 +516,11 @@ def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_con
         "conceptguard:estimated_accuracy_by_class:5m": lambda r: close_all(
             {k: v for k, v in by(r, "class").items() if not math.isnan(v)}, trust_by_class,
             "est by class"),
-        "conceptguard:realised_accuracy:1h": lambda r: nan_only(r, 2),
-        "conceptguard:realised_accuracy_by_reason:1h": lambda r: nan_only(r, 4),
+        "conceptguard:realised_accuracy:1h": lambda r: check_realised(
+            by(r, "decision"), realised_by_decision, "realised accuracy"),
+        "conceptguard:realised_accuracy_by_reason:1h": lambda r: check_realised(
+            {f"{lab['decision']} {lab['reason']}": v for lab, v in r}, realised_by_reason,
+            "realised accuracy by reason"),
         "conceptguard:requests:rate5m": lambda r: check_requests(r, t, scale, endpoints),
         "conceptguard:request_duration_seconds:p50_5m": lambda r: latency(r, lat_b, 0.5),
         "conceptguard:request_duration_seconds:p95_5m": lambda r: latency(r, lat_b, 0.95),
@@ -504,7 +541,8 @@ def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_con
     }
     met = sorted(k for k, v in fires.items() if v)
     print(f"{workers} worker(s): {n} predictions, reject rate {reject_rate:.3f}, estimated "
-          f"accuracy {est_all:.3f}, alert conditions met: {met}")
+          f"accuracy {est_all:.3f} (accepted {est_acc:.3f}), realised accuracy of the labels "
+          f"sent back {realised_by_decision}, alert conditions met: {met}")
     for rule in rules:
         if "record" in rule:
             name = rule["record"]
@@ -554,8 +592,14 @@ def _at(prom: str, expr: str, at: float) -> dict[str, float]:
     return _CACHE[key]
 
 
-def nan_only(res: list[tuple[dict[str, str], float]], count: int) -> None:
-    assert len(res) == count and all(math.isnan(v) for _, v in res), res
+def check_realised(got: dict[str, float], want: dict[str, float], what: str) -> None:
+    """Realised accuracies: equal where labels came back, NaN (0 / 0) where none did."""
+    assert set(got) == set(want), (what, sorted(got), sorted(want))
+    for k, w in want.items():
+        if math.isnan(w):
+            assert math.isnan(got[k]), (what, k, got[k])
+        else:
+            close(got[k], w, f"{what} [{k}]")
 
 
 def check_requests(res: list[tuple[dict[str, str], float]], t: Traffic, scale: float,
