@@ -41,6 +41,7 @@ from service.openapi import with_limits
 from service.report_route import router as report_router
 from service.request_ids import RequestIdMiddleware
 from service.routes_feedback import router as feedback_router
+from service.routes_sink import router as sink_router
 from service.routes_v1 import START_KEY
 from service.routes_v1 import router as v1_router
 from service.routes_v2 import __version__
@@ -323,6 +324,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2_router)
     app.include_router(report_router)
     app.include_router(feedback_router)
+    app.include_router(sink_router)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text format)",
              response_class=Response)

@@ -109,6 +109,15 @@ FEEDBACK = Counter("conceptguard_feedback",
 FEEDBACK_CORRECT = Counter("conceptguard_feedback_correct",
                            "Labels received that match the predicted class, by the decision "
                            "and reason the service gave", ["model", "decision", "reason"])
+SINK_EVENTS = Counter("conceptguard_sink_events",
+                      "Inference-logger CloudEvents (POST /v1/events) by type (request / "
+                      "response) and result: accepted (202), invalid (4xx), busy (503), and, "
+                      "for requests, monitored or failed once scored", ["type", "result"])
+SINK_PAIRS = Counter("conceptguard_sink_pairs",
+                     "Request/response pairs of the inference-logger sink: inputs whose served "
+                     "prediction agrees or disagrees with the bank classifier's, and events "
+                     "that were unreadable, expired or evicted before their other half came",
+                     ["result"])
 BANK_INFO = Gauge("conceptguard_bank_info",
                   "The bank being served and the runtime serving it (value 1); provider: the "
                   "execution provider the session actually uses",
@@ -135,7 +144,8 @@ ERROR_CODES = ("empty", "not_an_image", "corrupt", "invalid_base64", "invalid_js
                "not_found", "unknown_model", "unknown_version", "method_not_allowed",
                "timeout", "too_large", "too_many_pixels", "too_many_images",
                "unsupported_mode", "unsupported_format", "unsupported_media_type",
-               "invalid_request", "invalid_tensor", "invalid_bank", "http_error")
+               "invalid_request", "invalid_tensor", "invalid_bank", "http_error",
+               "invalid_event")
 # Statuses pre-created for every route (others appear when first answered).
 INITIAL_STATUSES = ("200", "400", "401", "403", "404", "408", "413", "415", "422", "500",
                     "503")
@@ -155,6 +165,15 @@ def initialise(app: Any) -> None:
             REQUESTS.labels(endpoint, status)
         REQUEST_DURATION.labels(endpoint)
     QUEUE_FULL.inc(0)
+    for kind in ("request", "response"):
+        for result in SINK_RESULTS:
+            SINK_EVENTS.labels(kind, result)
+    for result in SINK_PAIR_RESULTS:
+        SINK_PAIRS.labels(result)
+
+
+SINK_RESULTS = ("accepted", "invalid", "busy", "monitored", "failed")
+SINK_PAIR_RESULTS = ("agree", "disagree", "unreadable", "expired", "evicted")
 
 
 def set_queue_capacity(capacity: int) -> None:

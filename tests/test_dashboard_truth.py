@@ -446,6 +446,10 @@ def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_con
             assert one(res) == 0.0
         elif key == ("Bank reloads by result", "A"):
             close_all(by(res, "result"), {"success": 0.0, "failure": 0.0}, "bank reloads")
+        elif key == ("Inference-logger sink events", "A"):
+            assert res and all(v == 0.0 for _, v in res), res  # no event was sent
+        elif key == ("Inference-logger sink pairs", "A"):
+            assert res and all(v == 0.0 for _, v in res), res
         elif key == ("Bank info", "A"):
             assert {lab["bank_id"] for lab, _ in res} == {expo_bank_id(text)}
         else:

@@ -45,7 +45,8 @@ COUNTERS = {"conceptguard_requests_total", "conceptguard_predictions_total",
             "conceptguard_bad_requests_total", "conceptguard_queue_full_total",
             "conceptguard_bank_reloads_total", "conceptguard_concept_score_parts_total",
             "conceptguard_trust_sum_total", "conceptguard_feedback_total",
-            "conceptguard_feedback_correct_total"}
+            "conceptguard_feedback_correct_total", "conceptguard_sink_events_total",
+            "conceptguard_sink_pairs_total"}
 HISTOGRAMS = {"conceptguard_trust_score", "conceptguard_head_score",
               "conceptguard_request_duration_seconds", "conceptguard_queue_wait_seconds",
               "conceptguard_inference_duration_seconds", "conceptguard_batch_size"}

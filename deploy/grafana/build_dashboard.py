@@ -335,6 +335,19 @@ def build() -> dict[str, Any]:
     L.add(timeseries("Bank reloads by result", "Bank reloads through the admin API.",
                      targets((f"sum by (result) (increase(conceptguard_bank_reloads_total"
                               f"{{{F}}}[{RI}]))", "{{result}}")), min_=0), w=8, h=8)
+    L.add(timeseries("Inference-logger sink events",
+                     "CloudEvents taken at POST /v1/events (KServe's logger) by type and "
+                     "result: accepted, invalid (4xx), busy (503), and request events "
+                     "monitored or failed once scored.",
+                     targets((f"sum by (type, result) (rate(conceptguard_sink_events_total"
+                              f"{{{F}}}[{RI}]))", "{{type}} {{result}}")), unit="ops", min_=0),
+          w=12, h=8)
+    L.add(timeseries("Inference-logger sink pairs",
+                     "Inputs whose served prediction (the response event) agrees or disagrees "
+                     "with the bank classifier's, and events unreadable, expired or evicted "
+                     "before their other half came.",
+                     targets((f"sum by (result) (rate(conceptguard_sink_pairs_total{{{F}}}"
+                              f"[{RI}]))", "{{result}}")), unit="ops", min_=0), w=12, h=8)
     # == 1: a reload sets the previous bank's series to 0
     info = ("max by (job, instance, model, bank_id, vlm, classifier_hash, schema_version) "
             f"(conceptguard_bank_info{{{FM}}} == 1)")
