@@ -1,7 +1,7 @@
 """Label feedback without a shared store of predictions: signed receipts.
 
 Every scored input gets a *receipt*: ``cg1.<payload>.<signature>``, where the payload is the
-base64url JSON of the request id, the input's index in the request, the predicted class
+base64url JSON array of the request id, the input's index in the request, the predicted class
 index, the decision, the reason kind, the issue time (Unix seconds) and the bank id, and the
 signature is HMAC-SHA256 of ``cg1.<payload>`` under the feedback key. ``POST /v1/feedback``
 takes a receipt and the true label: any worker or replica holding the same key checks it
@@ -62,10 +62,10 @@ class Receipt:
         """The id of the input (one request may hold several)."""
         return f"{self.request_id}#{self.index}"
 
-    def payload(self) -> dict[str, Any]:
-        return {"rid": self.request_id, "i": self.index, "cls": self.class_index,
-                "rej": self.reject, "why": self.reason, "ts": self.issued_at,
-                "bank": self.bank_id}
+    def payload(self) -> list[Any]:
+        """The signed fields, in this order (a JSON array)."""
+        return [self.request_id, self.index, self.class_index, self.reject, self.reason,
+                self.issued_at, self.bank_id]
 
 
 def _b64(data: bytes) -> str:
@@ -77,10 +77,24 @@ def _unb64(text: str) -> bytes:
 
 
 def sign(receipt: Receipt, key: bytes) -> str:
-    payload = _b64(json.dumps(receipt.payload(), separators=(",", ":")).encode())
-    head = f"{PREFIX}.{payload}"
+    return _signed(json.dumps(receipt.payload(), separators=(",", ":")), key)
+
+
+def _signed(payload_json: str, key: bytes) -> str:
+    head = f"{PREFIX}.{_b64(payload_json.encode())}"
     mac = hmac.new(key, head.encode("ascii"), hashlib.sha256).digest()
     return f"{head}.{_b64(mac)}"
+
+
+def sign_many(request_id: str, bank_id: str, issued_at: int, classes: list[int],
+              rejects: list[bool], reasons: list[str], key: bytes) -> list[str]:
+    """:func:`sign` for every input of a request: the same receipts, with the request's
+    strings JSON-encoded once (a receipt per input costs one HMAC and some formatting)."""
+    rid, bank = json.dumps(request_id), json.dumps(bank_id)
+    why = {r: json.dumps(r) for r in set(reasons)}
+    return [_signed(f"[{rid},{i},{c},{'true' if r else 'false'},{why[w]},{issued_at},{bank}]",
+                    key)
+            for i, (c, r, w) in enumerate(zip(classes, rejects, reasons, strict=True))]
 
 
 def verify(token: str, key: bytes) -> Receipt:
@@ -100,10 +114,9 @@ def verify(token: str, key: bytes) -> Receipt:
         raise ServiceError("receipt: the signature does not match (forged, altered, or "
                            "issued under another feedback key)", 403, "forbidden")
     try:
-        p = json.loads(_unb64(parts[1]))
-        return Receipt(request_id=str(p["rid"]), index=int(p["i"]),
-                       class_index=int(p["cls"]), reject=bool(p["rej"]), reason=str(p["why"]),
-                       issued_at=int(p["ts"]), bank_id=str(p["bank"]))
+        rid, index, cls, rej, why, ts, bank = json.loads(_unb64(parts[1]))
+        return Receipt(request_id=str(rid), index=int(index), class_index=int(cls),
+                       reject=bool(rej), reason=str(why), issued_at=int(ts), bank_id=str(bank))
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:  # signed by us: only
         # a change of format makes it unreadable
         raise ServiceError("receipt: unreadable payload", 422, "invalid_request") from exc
@@ -219,9 +232,7 @@ class FeedbackBook:
     def issue(self, request_id: str, bank_id: str, predictions: list[int],
               rejects: list[bool], reasons: list[str], now: float | None = None) -> list[str]:
         ts = int(time.time() if now is None else now)
-        return [sign(Receipt(request_id, i, c, r, why, ts, bank_id), self.key)
-                for i, (c, r, why) in enumerate(zip(predictions, rejects, reasons,
-                                                    strict=True))]
+        return sign_many(request_id, bank_id, ts, predictions, rejects, reasons, self.key)
 
     def take(self, token: str, label_index: int, bank_id: str, request_id: str | None = None,
              now: float | None = None) -> Outcome:

@@ -26,6 +26,7 @@ from service.feedback import (
     SeenStore,
     resolve_key,
     sign,
+    sign_many,
     verify,
 )
 from tests.conftest import ServerProcess, encode_png, metric_sum
@@ -55,6 +56,13 @@ def test_receipt_round_trip_and_what_it_certifies() -> None:
     assert token.startswith("cg1.") and token.count(".") == 2
     assert verify(token, KEY) == r
     assert r.input_id == "req-1#2"
+    # the batch signer makes the very same receipts
+    many = sign_many('odd "id"', "bank-a", 1_800_000_000, [0, 7], [False, True],
+                     ["accepted", "unfamiliar"], KEY)
+    assert many == [sign(Receipt('odd "id"', 0, 0, False, "accepted", 1_800_000_000,
+                                 "bank-a"), KEY),
+                    sign(Receipt('odd "id"', 1, 7, True, "unfamiliar", 1_800_000_000,
+                                 "bank-a"), KEY)]
 
 
 def test_forged_altered_or_foreign_receipts_are_refused() -> None:
@@ -63,7 +71,7 @@ def test_forged_altered_or_foreign_receipts_are_refused() -> None:
     head, payload, mac = token.split(".")
     # the payload changed to claim another class: the signature no longer matches
     forged = json.loads(base64.urlsafe_b64decode(payload + "=="))
-    forged["cls"] = 4
+    forged[2] = 4  # the class index
     forged_payload = base64.urlsafe_b64encode(
         json.dumps(forged, separators=(",", ":")).encode()).rstrip(b"=").decode()
     assert _status(lambda: verify(f"{head}.{forged_payload}.{mac}", KEY)) == 403
