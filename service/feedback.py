@@ -2,7 +2,8 @@
 
 Every scored input gets a *receipt*: ``cg1.<payload>.<signature>``, where the payload is the
 base64url JSON array of the request id, the input's index in the request, the predicted class
-index, the decision, the reason kind, the issue time (Unix seconds) and the bank id, and the
+index, the decision, the reason kind, the issue time (Unix seconds), the bank id and a random
+nonce per request (so two requests that reuse a client's request id stay apart), and the
 signature is HMAC-SHA256 of ``cg1.<payload>`` under the feedback key. ``POST /v1/feedback``
 takes a receipt and the true label: any worker or replica holding the same key checks it
 without having seen the request.
@@ -56,16 +57,18 @@ class Receipt:
     reason: str  # accepted / misclassification-like / adversarial-like / unfamiliar
     issued_at: int  # Unix seconds
     bank_id: str
+    nonce: str = ""  # random per request: clients may reuse request ids
 
     @property
     def input_id(self) -> str:
-        """The id of the input (one request may hold several)."""
-        return f"{self.request_id}#{self.index}"
+        """The id of the input (one request may hold several; two requests may share a
+        client-supplied request id, never a nonce)."""
+        return f"{self.request_id}#{self.index}#{self.nonce}"
 
     def payload(self) -> list[Any]:
         """The signed fields, in this order (a JSON array)."""
         return [self.request_id, self.index, self.class_index, self.reject, self.reason,
-                self.issued_at, self.bank_id]
+                self.issued_at, self.bank_id, self.nonce]
 
 
 def _b64(data: bytes) -> str:
@@ -87,13 +90,13 @@ def _signed(payload_json: str, key: bytes) -> str:
 
 
 def sign_many(request_id: str, bank_id: str, issued_at: int, classes: list[int],
-              rejects: list[bool], reasons: list[str], key: bytes) -> list[str]:
+              rejects: list[bool], reasons: list[str], key: bytes, nonce: str = "") -> list[str]:
     """:func:`sign` for every input of a request: the same receipts, with the request's
     strings JSON-encoded once (a receipt per input costs one HMAC and some formatting)."""
-    rid, bank = json.dumps(request_id), json.dumps(bank_id)
+    rid, bank, tail = json.dumps(request_id), json.dumps(bank_id), json.dumps(nonce)
     why = {r: json.dumps(r) for r in set(reasons)}
-    return [_signed(f"[{rid},{i},{c},{'true' if r else 'false'},{why[w]},{issued_at},{bank}]",
-                    key)
+    return [_signed(f"[{rid},{i},{c},{'true' if r else 'false'},{why[w]},{issued_at},{bank},"
+                    f"{tail}]", key)
             for i, (c, r, w) in enumerate(zip(classes, rejects, reasons, strict=True))]
 
 
@@ -114,9 +117,10 @@ def verify(token: str, key: bytes) -> Receipt:
         raise ServiceError("receipt: the signature does not match (forged, altered, or "
                            "issued under another feedback key)", 403, "forbidden")
     try:
-        rid, index, cls, rej, why, ts, bank = json.loads(_unb64(parts[1]))
+        rid, index, cls, rej, why, ts, bank, nonce = json.loads(_unb64(parts[1]))
         return Receipt(request_id=str(rid), index=int(index), class_index=int(cls),
-                       reject=bool(rej), reason=str(why), issued_at=int(ts), bank_id=str(bank))
+                       reject=bool(rej), reason=str(why), issued_at=int(ts), bank_id=str(bank),
+                       nonce=str(nonce))
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:  # signed by us: only
         # a change of format makes it unreadable
         raise ServiceError("receipt: unreadable payload", 422, "invalid_request") from exc
@@ -232,7 +236,8 @@ class FeedbackBook:
     def issue(self, request_id: str, bank_id: str, predictions: list[int],
               rejects: list[bool], reasons: list[str], now: float | None = None) -> list[str]:
         ts = int(time.time() if now is None else now)
-        return sign_many(request_id, bank_id, ts, predictions, rejects, reasons, self.key)
+        return sign_many(request_id, bank_id, ts, predictions, rejects, reasons, self.key,
+                         secrets.token_hex(8))
 
     def take(self, token: str, label_index: int, bank_id: str, request_id: str | None = None,
              now: float | None = None) -> Outcome:

@@ -55,14 +55,24 @@ def test_receipt_round_trip_and_what_it_certifies() -> None:
     token = sign(r, KEY)
     assert token.startswith("cg1.") and token.count(".") == 2
     assert verify(token, KEY) == r
-    assert r.input_id == "req-1#2"
+    assert r.input_id == "req-1#2#"
     # the batch signer makes the very same receipts
     many = sign_many('odd "id"', "bank-a", 1_800_000_000, [0, 7], [False, True],
-                     ["accepted", "unfamiliar"], KEY)
+                     ["accepted", "unfamiliar"], KEY, "n1")
     assert many == [sign(Receipt('odd "id"', 0, 0, False, "accepted", 1_800_000_000,
-                                 "bank-a"), KEY),
+                                 "bank-a", "n1"), KEY),
                     sign(Receipt('odd "id"', 1, 7, True, "unfamiliar", 1_800_000_000,
-                                 "bank-a"), KEY)]
+                                 "bank-a", "n1"), KEY)]
+
+
+def test_two_requests_with_one_client_id_are_counted_apart() -> None:
+    book = _book()
+    first = book.issue("client-7", "bank-a", [1], [False], ["accepted"], now=NOW)
+    second = book.issue("client-7", "bank-a", [2], [False], ["accepted"], now=NOW)
+    assert verify(first[0], KEY).nonce != verify(second[0], KEY).nonce
+    assert book.take(first[0], 1, "bank-a", now=NOW).counted
+    assert book.take(second[0], 2, "bank-a", now=NOW).counted  # not a duplicate
+    assert not book.take(second[0], 2, "bank-a", now=NOW).counted
 
 
 def test_forged_altered_or_foreign_receipts_are_refused() -> None:
