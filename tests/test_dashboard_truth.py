@@ -261,7 +261,7 @@ def test_every_panel_and_rule_matches_the_traffic(
         wait_for(prom, "sum(conceptguard_feedback_total)", float(len(range(0, n, 2))))
         # the concept series are flushed by every worker at most a second later
         wait_for(prom, "min(sum by (concept) (conceptguard_concept_score_count))", float(n))
-        time.sleep(2.5)  # every rule evaluated on the final samples
+        time.sleep(3.0)  # every rule evaluated on the final samples
         with httpx.Client(base_url=srv.url, timeout=30.0) as c:
             text = c.get("/metrics").text
         check_everything(prom, text, traffic, classes, n_concepts, expected_reject, workers)
@@ -271,8 +271,10 @@ def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_con
                      expected_reject: float, workers: int) -> None:
     cls, trust, reject = t.arrays()
     n = t.n
-    # every query at one instant: rate()'s extrapolation changes as time passes
-    at = time.time()
+    # every query at one instant: rate()'s extrapolation changes as time passes. A second
+    # and a half back, so that every scrape up to it is stored: a scrape stored between two
+    # queries would change the extrapolation under the later one
+    at = time.time() - 1.5
     # the common extrapolation factor of rate() over this target's series at that instant
     scale = one(instant(prom, "sum(rate(conceptguard_predictions_total[5m]))", at)) / n
     assert scale > 0
