@@ -307,6 +307,8 @@ def observe_summary_many(summary: Any, count: int, total: float) -> None:
 def ema_update(start: float, values: np.ndarray, alpha: float = EMA_ALPHA) -> float:
     """The exponential moving average after ``values`` (in order), from ``start``."""
     n = len(values)
+    if n == 1:
+        return (1.0 - alpha) * start + alpha * float(values[0])
     decay = (1.0 - alpha) ** np.arange(n - 1, -1, -1, dtype=np.float64)
     return float((1.0 - alpha) ** n * start + alpha * (decay @ values))
 
@@ -427,10 +429,13 @@ class ModelMetrics:
             if self._ema is None:
                 self._ema = values[0].copy()
             self._ema = (1.0 - EMA_ALPHA) ** n * self._ema + EMA_ALPHA * (decay @ values)
+            total = values.sum(axis=0)
+            positive = np.maximum(values, 0.0).sum(axis=0)
             self._pending_n += n
-            self._pending_sums += values.sum(axis=0)
-            self._pending_pos += np.maximum(values, 0.0).sum(axis=0)
-            self._pending_neg -= np.minimum(values, 0.0).sum(axis=0)
+            self._pending_sums += total
+            self._pending_pos += positive
+            # the magnitudes of the negative parts (never below 0: a counter only grows)
+            self._pending_neg += np.maximum(positive - total, 0.0)
 
     def flush(self) -> None:
         """Write the concept observations accumulated since the last flush (and the moving

@@ -102,6 +102,16 @@ def test_concept_parts_only_grow_and_give_the_signed_mean() -> None:
                      terms=len(x))
 
 
+def test_concept_parts_of_non_negative_scores_stay_at_zero_negative() -> None:
+    """Rounding never makes the negative part go below 0 (a counter cannot decrease)."""
+    m = ModelMetrics("mon-positive", ["a", "b", "c"], ["k0"], {})
+    values = np.full((30, 1), 0.1, dtype=np.float32)  # sums that do not round exactly
+    m.record(_scores(30, 5), values)
+    m.flush()
+    assert _value("mon-positive", "conceptguard_concept_score_parts_total", concept="k0",
+                  sign="negative") == 0.0
+
+
 def test_expected_rejection_rate_comes_from_the_bank_evaluation() -> None:
     assert expected_rejection_rate({"threshold": {"coverage": 0.9109}}) == 1 - 0.9109
     assert expected_rejection_rate({}) is None
