@@ -11,6 +11,7 @@ for the others: it is refused before it is queued.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,15 @@ from service.dataplane import DataPlane
 from service.errors import ServiceError
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import ErrorResponse
-from service.sink import EventHead, Pairs, parse_json, read_head, request_as_v2, served_predictions
+from service.sink import (
+    EventHead,
+    PairResult,
+    Pairs,
+    parse_json,
+    read_head,
+    request_as_v2,
+    served_predictions,
+)
 from service.v2_tensors import IMAGE_INPUT, TENSOR_INPUT, InputTensor, image_blobs, image_tensor
 from service.v2_tensors import infer as infer_tensors
 
@@ -54,7 +63,7 @@ class Sink:
             metrics.SINK_PAIRS.labels("evicted").inc(evicted - self.reported[1])
         self.reported = (expired, evicted)
 
-    def pair_done(self, result: Any) -> None:
+    def pair_done(self, result: PairResult | None) -> None:
         if result is None:
             return
         if result.unreadable:
@@ -97,8 +106,6 @@ async def _drain(sink: Sink, dp: DataPlane) -> None:
 def _checked_tensors(body: dict[str, Any], loaded: Loaded, dp: DataPlane
                      ) -> list[InputTensor]:
     """The v2 inputs of a request event, checked as the v2 route checks them."""
-    import json
-
     _, tensors = v2_binary.parse_request(json.dumps(body).encode(), {})
     if len(tensors) != 1 or tensors[0].name not in (IMAGE_INPUT, TENSOR_INPUT):
         raise ServiceError(f"request payload: expected one input, '{IMAGE_INPUT}' (BYTES) or "
