@@ -3,8 +3,9 @@
 Runs the service in-process (the real app, its lifespan and routes, through Starlette's test
 client; no network) on ``banks/demo`` with the example images in ``examples/``, and prints
 each example as a fenced JSON block. Floats are rounded to 4 digits, lists of more than 12
-items and nested objects of more than 8 keys shortened to their first 3 (then ``"..."``), and
-``latency_ms`` shown as ``"..."`` (it varies); nothing else is edited.
+items and nested objects of more than 9 keys shortened to their first 3 (then ``"..."``),
+``latency_ms`` shown as ``"..."`` and feedback receipts as ``"cg1.<payload>.<signature>"``
+(they vary); every request sends a fixed ``x-request-id``; nothing else is edited.
 
     python scripts/service_examples.py           # print every example
     python scripts/service_examples.py --write   # rewrite the generated blocks of docs/service.md
@@ -33,13 +34,20 @@ MARK = re.compile(r"(<!-- example: (?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!--
                   re.S)
 
 
+RECEIPT = "cg1.<payload>.<signature>"
+
+
 def _tidy(x: Any, key: str = "", depth: int = 0) -> Any:
     if key == "latency_ms":
         return "..."
+    if key == "receipt":
+        return RECEIPT
+    if key == "receipts":
+        return ",".join([RECEIPT] * len(x.split(",")))
     if isinstance(x, float):
         return round(x, 4)
     if isinstance(x, dict):
-        cut = depth >= 2 and len(x) > 8
+        cut = depth >= 2 and len(x) > 9
         keys = list(x)
         out = {k: _tidy(x[k], k, depth + 1) for k in (keys[:3] if cut else keys)}
         return {**out, "...": "..."} if cut else out
@@ -96,7 +104,7 @@ def answers() -> dict[str, Any]:
     from service.app import create_app
 
     out: dict[str, Any] = {}
-    with TestClient(create_app()) as c:
+    with TestClient(create_app(), headers={"x-request-id": "example-1"}) as c:
         deadline = time.monotonic() + 120  # the bank loads and warms after startup
         while c.get("/v2/health/ready").status_code != 200:
             if time.monotonic() > deadline:

@@ -41,6 +41,9 @@ from service.lifecycle import SharedBank, bound_heap, drain_on_sigterm, raise_fi
 from service.logs import ensure_log_handler
 from service.openapi import with_limits
 from service.report_route import router as report_router
+from service.request_ids import RequestIdMiddleware
+from service.routes_feedback import router as feedback_router
+from service.routes_sink import router as sink_router
 from service.routes_v1 import START_KEY
 from service.routes_v1 import router as v1_router
 from service.routes_v2 import __version__
@@ -328,6 +331,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return getattr(app.state, "settings", None)
 
     app.add_middleware(ServiceMiddleware, settings=current_settings)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
     base_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -341,6 +345,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2_router)
     app.include_router(report_router)
     app.include_router(docs_router)
+    app.include_router(feedback_router)
+    app.include_router(sink_router)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text format)",
              response_class=Response)

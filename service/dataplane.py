@@ -79,6 +79,7 @@ class DataPlane:
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def start(self) -> None:
+        metrics.set_queue_capacity(self.batcher.queue_size)
         await self.batcher.start()
 
     async def close(self) -> None:

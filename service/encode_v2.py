@@ -84,13 +84,17 @@ def serialize_bytes(items: Sequence[bytes]) -> bytes:
 
 
 def rest_response(req: InferenceRequest, plan: list[tuple[str, bool]], loaded: Loaded,
-                  scores: Scores, reason_concepts: int = 3) -> Response:
+                  scores: Scores, reason_concepts: int = 3,
+                  parameters: dict[str, Any] | None = None) -> Response:
     """The REST v2 response: JSON, or JSON header + binary data when an output asks for it
-    (``plan``: :func:`service.v2_binary.output_plan`)."""
+    (``plan``: :func:`service.v2_binary.output_plan`); ``parameters``: the response's
+    (the request id and the feedback receipts)."""
     header: dict[str, Any] = {"model_name": loaded.model_name,
                               "model_version": loaded.bank_id}
     if req.id is not None:
         header["id"] = req.id
+    if parameters:
+        header["parameters"] = parameters
     outputs = []
     blobs = []
     for name, binary in plan:

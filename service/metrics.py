@@ -81,6 +81,43 @@ CONCEPT_SCORE_MEAN = Gauge("conceptguard_concept_score_mean",
                            f"Exponential moving average (alpha {EMA_ALPHA} per input) of the "
                            "standardised concept scores", ["model", "concept"],
                            multiprocess_mode="mostrecent")
+CONCEPT_SCORE_PARTS = Counter(
+    "conceptguard_concept_score_parts",
+    "Sums of the positive parts (sign=positive) and of the magnitudes of the negative parts "
+    "(sign=negative) of the standardised concept scores: both only grow, so the windowed mean "
+    "is (rate(positive) - rate(negative)) / rate(conceptguard_concept_score_count)",
+    ["model", "concept", "sign"])
+TRUST_SUM = Counter("conceptguard_trust_sum",
+                    "Sum of the trust scores (P(prediction is right)) by predicted class and "
+                    "decision; divided by conceptguard_predictions_total it is the estimated "
+                    "accuracy", ["model", "class", "decision"])
+ESTIMATED_ACCURACY = Gauge("conceptguard_estimated_accuracy",
+                           f"Exponential moving average (alpha {EMA_ALPHA} per input) of the "
+                           "trust score, over all inputs or the accepted ones, per worker",
+                           ["model", "inputs"], multiprocess_mode="mostrecent")
+EXPECTED_REJECTION_RATE = Gauge("conceptguard_expected_rejection_rate",
+                                "Fraction of clean test inputs the bank's threshold rejects "
+                                "(1 - coverage in the bank's evaluation): the baseline of the "
+                                "rejection-spike alert", ["model"], multiprocess_mode="max")
+QUEUE_CAPACITY = Gauge("conceptguard_queue_capacity",
+                       "Most images the batching queue admits (CONCEPTGUARD_QUEUE_SIZE); "
+                       "queue_depth / queue_capacity is the saturation",
+                       multiprocess_mode="livesum")
+FEEDBACK = Counter("conceptguard_feedback",
+                   "Labels received through POST /v1/feedback, by the decision and reason "
+                   "the service gave", ["model", "decision", "reason"])
+FEEDBACK_CORRECT = Counter("conceptguard_feedback_correct",
+                           "Labels received that match the predicted class, by the decision "
+                           "and reason the service gave", ["model", "decision", "reason"])
+SINK_EVENTS = Counter("conceptguard_sink_events",
+                      "Inference-logger CloudEvents (POST /v1/events) by type (request / "
+                      "response) and result: accepted (202), invalid (4xx), busy (503), and, "
+                      "for requests, monitored or failed once scored", ["type", "result"])
+SINK_PAIRS = Counter("conceptguard_sink_pairs",
+                     "Request/response pairs of the inference-logger sink: inputs whose served "
+                     "prediction agrees or disagrees with the bank classifier's, and events "
+                     "that were unreadable, expired or evicted before their other half came",
+                     ["result"])
 BANK_INFO = Gauge("conceptguard_bank_info",
                   "The bank being served and the runtime serving it (value 1); provider: the "
                   "execution provider the session actually uses",
@@ -97,13 +134,18 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
+# (decision, reason) label pairs of the feedback counters
+FEEDBACK_LABELS = (("accept", "accepted"),
+                   *(("reject", label) for label in REJECT_REASON_LABELS.values()))
+
 # Every error code the service answers with (the label set of bad_requests_total).
 ERROR_CODES = ("empty", "not_an_image", "corrupt", "invalid_base64", "invalid_json", "no_file",
                "invalid_multipart", "unauthorized", "forbidden", "reload_disabled",
                "not_found", "unknown_model", "unknown_version", "method_not_allowed",
                "timeout", "too_large", "too_many_pixels", "too_many_images",
                "unsupported_mode", "unsupported_format", "unsupported_media_type",
-               "invalid_request", "invalid_tensor", "invalid_bank", "http_error")
+               "invalid_request", "invalid_tensor", "invalid_bank", "http_error",
+               "invalid_event")
 # Statuses pre-created for every route (others appear when first answered).
 INITIAL_STATUSES = ("200", "400", "401", "403", "404", "408", "413", "415", "422", "500",
                     "503")
@@ -123,6 +165,26 @@ def initialise(app: Any) -> None:
             REQUESTS.labels(endpoint, status)
         REQUEST_DURATION.labels(endpoint)
     QUEUE_FULL.inc(0)
+    for kind in ("request", "response"):
+        for result in SINK_RESULTS:
+            SINK_EVENTS.labels(kind, result)
+    for result in SINK_PAIR_RESULTS:
+        SINK_PAIRS.labels(result)
+
+
+SINK_RESULTS = ("accepted", "invalid", "busy", "monitored", "failed")
+SINK_PAIR_RESULTS = ("agree", "disagree", "unreadable", "expired", "evicted")
+
+
+def set_queue_capacity(capacity: int) -> None:
+    QUEUE_CAPACITY.set(capacity)
+
+
+def feedback(model: str, decision: str, reason: str, correct: bool) -> None:
+    """One label received: ``reason`` is a REJECT_REASON_LABELS value or ``accepted``."""
+    FEEDBACK.labels(model, decision, reason).inc()
+    child = FEEDBACK_CORRECT.labels(model, decision, reason)
+    child.inc(1 if correct else 0)  # created at 0 with its first label, so rate() sees it
 
 
 def _route_paths(routes: Any) -> list[str]:
@@ -242,6 +304,15 @@ def observe_summary_many(summary: Any, count: int, total: float) -> None:
         summary._sum.inc(total)
 
 
+def ema_update(start: float, values: np.ndarray, alpha: float = EMA_ALPHA) -> float:
+    """The exponential moving average after ``values`` (in order), from ``start``."""
+    n = len(values)
+    if n == 1:
+        return (1.0 - alpha) * start + alpha * float(values[0])
+    decay = (1.0 - alpha) ** np.arange(n - 1, -1, -1, dtype=np.float64)
+    return float((1.0 - alpha) ** n * start + alpha * (decay @ values))
+
+
 class QueueObserver:
     """Batcher hooks -> queue depth, queue wait, batch size, queue-full counter."""
 
@@ -260,11 +331,23 @@ class ModelMetrics:
     """Per-bank metric children, resolved once (label lookups are off the request path)."""
 
     def __init__(self, model: str, classes: Sequence[str], concepts: Sequence[str],
-                 info: dict[str, str]):
+                 info: dict[str, str], expected_rejection_rate: float | None = None):
         self.model = model
         self.info = info
+        self.expected_rejection_rate = expected_rejection_rate
         self._predictions = [(PREDICTIONS.labels(model, c, "accept"),
                               PREDICTIONS.labels(model, c, "reject")) for c in classes]
+        self._trust_sums = [(TRUST_SUM.labels(model, c, "accept"),
+                             TRUST_SUM.labels(model, c, "reject")) for c in classes]
+        for pair in self._trust_sums:  # created at 0 like the predictions they divide
+            for child in pair:
+                child.inc(0)
+        for decision, reason in FEEDBACK_LABELS:
+            FEEDBACK.labels(model, decision, reason)
+            FEEDBACK_CORRECT.labels(model, decision, reason)
+        self._accuracy = (ESTIMATED_ACCURACY.labels(model, "all"),
+                          ESTIMATED_ACCURACY.labels(model, "accepted"))
+        self._trust_ema: list[float | None] = [None, None]
         self._rejections = {kind: REJECTIONS.labels(model, label)
                             for kind, label in REJECT_REASON_LABELS.items()}
         self._paper = PAPER_RULE_REJECTIONS.labels(model)
@@ -275,15 +358,22 @@ class ModelMetrics:
         self._scored = (self._trust, self._head_mis, self._head_adv, self._head_unf)
         self._concepts = [CONCEPT_SCORE.labels(model, c) for c in concepts]
         self._concept_means = [CONCEPT_SCORE_MEAN.labels(model, c) for c in concepts]
+        self._concept_parts = [(CONCEPT_SCORE_PARTS.labels(model, c, "positive"),
+                                CONCEPT_SCORE_PARTS.labels(model, c, "negative"))
+                               for c in concepts]
         self._ema: np.ndarray | None = None
         self._pending_n = 0  # concept observations not yet flushed, and their sums
         self._pending_sums = np.zeros(len(concepts), dtype=np.float64)
+        self._pending_pos = np.zeros(len(concepts), dtype=np.float64)
+        self._pending_neg = np.zeros(len(concepts), dtype=np.float64)
         self._lock = threading.Lock()
         _LIVE.add(self)
         _start_flusher()
 
     def activate(self) -> None:
         BANK_INFO.labels(self.model, *self._info_values()).set(1)
+        if self.expected_rejection_rate is not None:
+            EXPECTED_REJECTION_RATE.labels(self.model).set(self.expected_rejection_rate)
 
     def deactivate(self) -> None:
         BANK_INFO.labels(self.model, *self._info_values()).set(0)
@@ -300,8 +390,12 @@ class ModelMetrics:
         preds = np.asarray(scores.predictions, dtype=np.intp)
         rejects = np.asarray(scores.reject, dtype=bool)
         decisions = np.bincount(preds * 2 + rejects, minlength=2 * n_classes)
+        trust = np.asarray(scores.trust, dtype=np.float64)
+        trust_sums = np.bincount(preds * 2 + rejects, weights=trust, minlength=2 * n_classes)
         for k in np.flatnonzero(decisions).tolist():
             self._predictions[k // 2][k % 2].inc(int(decisions[k]))
+            self._trust_sums[k // 2][k % 2].inc(float(trust_sums[k]))
+        self._record_accuracy(trust, ~rejects)
         for reason, count in collections.Counter(scores.reason).items():
             child = self._rejections.get(reason)
             if child is not None:
@@ -312,6 +406,17 @@ class ModelMetrics:
         observe_rows(self._scored, np.stack([scores.trust, scores.p_misclassification,
                                              scores.p_adversarial, scores.p_unfamiliar]))
         self._record_concepts(concepts)
+
+    def _record_accuracy(self, trust: np.ndarray, accepted: np.ndarray) -> None:
+        """Moving averages of the trust score (all inputs, accepted ones): the per-worker
+        estimated accuracy gauge."""
+        for i, values in enumerate((trust, trust[accepted])):
+            if values.size == 0:
+                continue
+            ema = self._trust_ema[i]
+            self._trust_ema[i] = ema = ema_update(float(values[0]) if ema is None else ema,
+                                                  values)
+            self._accuracy[i].set(ema)
 
     def _record_concepts(self, concepts: np.ndarray) -> None:
         if concepts.size == 0:
@@ -324,8 +429,13 @@ class ModelMetrics:
             if self._ema is None:
                 self._ema = values[0].copy()
             self._ema = (1.0 - EMA_ALPHA) ** n * self._ema + EMA_ALPHA * (decay @ values)
+            total = values.sum(axis=0)
+            positive = np.maximum(values, 0.0).sum(axis=0)
             self._pending_n += n
-            self._pending_sums += values.sum(axis=0)
+            self._pending_sums += total
+            self._pending_pos += positive
+            # the magnitudes of the negative parts (never below 0: a counter only grows)
+            self._pending_neg += np.maximum(positive - total, 0.0)
 
     def flush(self) -> None:
         """Write the concept observations accumulated since the last flush (and the moving
@@ -334,10 +444,16 @@ class ModelMetrics:
             n, sums = self._pending_n, self._pending_sums
             if not n:
                 return
+            pos, neg = self._pending_pos, self._pending_neg
             self._pending_n, self._pending_sums = 0, np.zeros_like(sums)
+            self._pending_pos, self._pending_neg = np.zeros_like(pos), np.zeros_like(neg)
             means = self._ema.tolist() if self._ema is not None else []
         for child, total in zip(self._concepts, sums.tolist(), strict=True):
             observe_summary_many(child, n, total)
+        for (c_pos, c_neg), p, q in zip(self._concept_parts, pos.tolist(), neg.tolist(),
+                                        strict=True):
+            c_pos.inc(p)
+            c_neg.inc(q)
         for child, m in zip(self._concept_means, means, strict=True):
             child.set(m)
 

@@ -21,6 +21,7 @@ from service.dataplane import DataPlane, as_float_array
 from service.errors import ServiceError
 from service.jsonguard import json_problem
 from service.lifecycle import SharedBank
+from service.routes_feedback import attach_v1
 from service.runtime_state import RuntimeState
 from service.schemas import (
     BankSummary,
@@ -206,8 +207,9 @@ async def classify(request: Request) -> JSONResponse:
     loaded = dp.state.require()  # not ready: 503 before the body is read
     blobs, single = await read_images(request, dp.settings)  # admitted by the middleware
     scores = await dp.classify_images(loaded, blobs)  # decode, batch run (runtime + scores)
-    return JSONResponse(encode_v1.encode(loaded, scores, dp.settings, single=single,
-                                         latency_ms=latency_ms(request)))
+    body = encode_v1.encode(loaded, scores, dp.settings, single=single,
+                            latency_ms=latency_ms(request))
+    return JSONResponse(attach_v1(request, loaded, scores, body))
 
 
 @router.post("/v1/monitor", response_model=BatchResponse, responses=_ERRORS,
@@ -220,8 +222,9 @@ async def monitor(request: Request, body: MonitorRequest) -> JSONResponse:
     features = as_float_array(body.features, "features")
     logits = None if body.logits is None else as_float_array(body.logits, "logits")
     scores = await dp.monitor(loaded, features, logits)
-    return JSONResponse(encode_v1.encode(loaded, scores, dp.settings, single=False,
-                                         latency_ms=latency_ms(request)))
+    body = encode_v1.encode(loaded, scores, dp.settings, single=False,
+                            latency_ms=latency_ms(request))
+    return JSONResponse(attach_v1(request, loaded, scores, body))
 
 
 @router.get("/v1/bank", response_model=BankSummary, summary="The bank being served")

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from service import encode_v2, v2_binary
 from service.dataplane import DataPlane
 from service.encode_v2 import OUTPUTS
+from service.routes_feedback import v2_parameters
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import (
     InferenceRequest,
@@ -193,7 +194,8 @@ async def _infer(request: Request, loaded: Loaded) -> Response:
     scores = await infer_tensors(_dataplane(request), loaded, tensors, model_stats(request))
     settings = getattr(request.app.state, "settings", None)
     k = settings.reason_concepts if settings is not None else 3
-    return encode_v2.rest_response(req, plan, loaded, scores, k)
+    return encode_v2.rest_response(req, plan, loaded, scores, k,
+                                   parameters=v2_parameters(request, loaded, scores))
 
 
 # ---------------------------------------------------------------- statistics

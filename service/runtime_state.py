@@ -273,11 +273,22 @@ def load(path: Path, settings: Settings) -> Loaded:
     provider = getattr(runtime, "provider", runtime.device)
     info = {**bank_info(bank), "backend": runtime.name, "device": runtime.device,
             "provider": provider}
-    metrics = ModelMetrics(name, m.classes, m.concept_names, info)
+    metrics = ModelMetrics(name, m.classes, m.concept_names, info,
+                           expected_rejection_rate=expected_rejection_rate(m.evaluation))
     log.info("loaded bank %s (%s) from %s: backend %s, device %s, provider %s (asked: %s), "
              "graph %s", m.bank_id, name, path, runtime.name, runtime.device, provider,
              settings.device, runtime_graph(runtime))
     return Loaded(bank=bank, runtime=runtime, model_name=name, metrics=metrics)
+
+
+def expected_rejection_rate(evaluation: dict[str, Any]) -> float | None:
+    """The share of clean test inputs the bank's threshold rejects (1 - its coverage), from
+    the manifest's evaluation; None when the bank does not state it."""
+    threshold = evaluation.get("threshold")
+    coverage = threshold.get("coverage") if isinstance(threshold, dict) else None
+    if not _finite_number(coverage) or not 0.0 <= float(coverage) <= 1.0:
+        return None
+    return 1.0 - float(coverage)
 
 
 def _smoke_test(bank: Bank, runtime: Runtime) -> None:

@@ -97,6 +97,8 @@ class MonitorResult(BaseModel):
     heads: Heads
     paper_rule_reject: bool = Field(description="the paper's rule: max(sim_bad, sim_adv) > "
                                                 "sim_ok")
+    receipt: str | None = Field(None, description="signed receipt of this input: send it "
+                                                  "with the true label to POST /v1/feedback")
 
 
 class ClassifyResponse(MonitorResult):
@@ -104,6 +106,8 @@ class ClassifyResponse(MonitorResult):
 
     bank: BankRef
     latency_ms: float
+    request_id: str | None = Field(None, description="the request id (also the "
+                                                     "x-request-id header)")
 
 
 class BatchResponse(BaseModel):
@@ -112,6 +116,8 @@ class BatchResponse(BaseModel):
     results: list[MonitorResult]
     bank: BankRef
     latency_ms: float
+    request_id: str | None = Field(None, description="the request id (also the "
+                                                     "x-request-id header)")
 
 
 class MonitorRequest(BaseModel):

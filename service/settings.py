@@ -84,9 +84,18 @@ class Settings(BaseSettings):
                                  "connection guard")
     drain_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="on SIGTERM, longest wait for in-flight requests")
+    feedback_key: SecretStr | None = Field(
+        None, description="HMAC key of the feedback receipts (at least 16 characters); "
+                          "unset: a random key kept in the state folder shared by the workers "
+                          "(or in the process without one)")
+    feedback_ttl_s: int = Field(86_400, ge=60, le=90 * 86_400,
+                                description="receipts older than this are refused (404)")
+    feedback_max_seen: int = Field(1_000_000, ge=1,
+                                   description="most inputs whose label is remembered (to "
+                                               "count each once) over one TTL")
 
     @field_validator("admin_token", "expected_classifier_hash", "model_name", "banks_root",
-                     mode="before")
+                     "feedback_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():
@@ -101,6 +110,13 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
             raise ValueError("must be a sha256 hex digest (64 hex characters)")
+        return value
+
+    @field_validator("feedback_key")
+    @classmethod
+    def _long_enough_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
         return value
 
     @field_validator("model_name")
@@ -137,6 +153,6 @@ def describe_errors(exc: ValidationError) -> str:
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else "?"
         value = err.get("input")
-        shown = "<hidden>" if field == "admin_token" else repr(value)
+        shown = "<hidden>" if field in ("admin_token", "feedback_key") else repr(value)
         lines.append(f"invalid setting {ENV_PREFIX}{field.upper()}={shown}: {err['msg']}")
     return "; ".join(lines)

@@ -43,13 +43,17 @@ STRICT = os.environ.get("CONCEPTGUARD_DEPLOY_STRICT") == "1"
 COUNTERS = {"conceptguard_requests_total", "conceptguard_predictions_total",
             "conceptguard_rejections_total", "conceptguard_paper_rule_rejections_total",
             "conceptguard_bad_requests_total", "conceptguard_queue_full_total",
-            "conceptguard_bank_reloads_total"}
+            "conceptguard_bank_reloads_total", "conceptguard_concept_score_parts_total",
+            "conceptguard_trust_sum_total", "conceptguard_feedback_total",
+            "conceptguard_feedback_correct_total", "conceptguard_sink_events_total",
+            "conceptguard_sink_pairs_total"}
 HISTOGRAMS = {"conceptguard_trust_score", "conceptguard_head_score",
               "conceptguard_request_duration_seconds", "conceptguard_queue_wait_seconds",
               "conceptguard_inference_duration_seconds", "conceptguard_batch_size"}
 SUMMARIES = {"conceptguard_concept_score"}
 GAUGES = {"conceptguard_queue_depth", "conceptguard_concept_score_mean",
-          "conceptguard_bank_info"}
+          "conceptguard_bank_info", "conceptguard_estimated_accuracy",
+          "conceptguard_expected_rejection_rate", "conceptguard_queue_capacity"}
 FAMILIES = COUNTERS | HISTOGRAMS | SUMMARIES | GAUGES
 SERIES_NAMES = (COUNTERS | GAUGES
                 | {f"{h}{s}" for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
@@ -334,7 +338,11 @@ def test_recording_rules_and_alerts_present() -> None:
     for name in ("conceptguard:rejection_rate:5m", "conceptguard:rejection_rate_by_reason:5m",
                  "conceptguard:rejection_rate_by_class:5m", "conceptguard:trust_score:p50_5m",
                  "conceptguard:request_duration_seconds:p99_5m",
-                 "conceptguard:concept_score:mean_5m"):
+                 "conceptguard:concept_score:mean_5m", "conceptguard:estimated_accuracy:5m",
+                 "conceptguard:estimated_accuracy_accepted:5m",
+                 "conceptguard:estimated_accuracy_by_class:5m",
+                 "conceptguard:realised_accuracy_by_reason:1h",
+                 "conceptguard:queue_saturation", "conceptguard:rejection_rate:baseline"):
         assert name in records
     alerts = {r["alert"]: r for r in all_rules() if "alert" in r}
     required = {
@@ -344,10 +352,26 @@ def test_recording_rules_and_alerts_present() -> None:
         "ConceptGuardHighLatencyP99": "request_duration_seconds:p99",
         "ConceptGuardQueueFull": "conceptguard_queue_full_total",
         "ConceptGuardDown": "up{",
+        "ConceptGuardServerErrors": "conceptguard:server_errors:ratio_5m",
+        "ConceptGuardNoTraffic": "conceptguard_predictions_total",
+        "ConceptGuardConceptDrift": "conceptguard:concept_score:mean_5m",
+        "ConceptGuardEstimatedAccuracyFalling": "conceptguard:estimated_accuracy:5m",
     }
     for name, needle in required.items():
         assert name in alerts, name
         assert needle in alerts[name]["expr"], name
+    # the spike alert has a baseline from the first minutes: the bank's clean rate
+    assert "conceptguard:rejection_rate:baseline" in alerts["ConceptGuardRejectionRateSpike"][
+        "expr"]
+    baseline = next(r for r in all_rules()
+                    if r.get("record") == "conceptguard:rejection_rate:baseline")
+    assert "conceptguard_expected_rejection_rate" in baseline["expr"]
+    # no rule takes rate() of a signed sum (it reads every decrease as a counter reset)
+    for rule in all_rules():
+        assert "conceptguard_concept_score_sum" not in rule["expr"], rule
+    # every alert has a promtool unit test
+    tested = set(re.findall(r"alertname:\s*(\w+)", RULES_TEST.read_text(encoding="utf-8")))
+    assert set(alerts) <= tested, sorted(set(alerts) - tested)
     for name, alert in alerts.items():
         assert alert["labels"]["severity"] in {"warning", "critical"}, name
         assert {"summary", "description"} <= set(alert["annotations"]), name
@@ -409,7 +433,10 @@ def test_dashboard_has_the_required_panels() -> None:
                 "Request rate by status", "Request latency p50 / p95 / p99",
                 "Queue wait p50 / p95 / p99", "Inference p50 / p95 / p99",
                 "Batch size distribution", "Queue depth",
-                "Concept score running mean, per concept", "Bad requests by code", "Bank info"]
+                "Concept score running mean, per concept", "Bad requests by code", "Bank info",
+                "Estimated vs. realised accuracy", "Estimated accuracy per predicted class",
+                "Realised accuracy by decision and reason", "Predicted-class mix",
+                "Latency p50 / p99 per endpoint", "Queue saturation"]
     assert [t for t in required if t not in by_title] == []
     # the headline panel is the first one, top left, and splits by reason
     assert panels[0]["title"] == required[0] and panels[0]["gridPos"]["y"] <= 1
@@ -421,7 +448,14 @@ def test_dashboard_has_the_required_panels() -> None:
     assert by_title["Bank info"]["type"] == "table"
     assert "conceptguard_bank_info" in by_title["Bank info"]["targets"][0]["expr"]
     drift = by_title["Concept score running mean, per concept"]["targets"][0]["expr"]
-    assert "conceptguard_concept_score_sum" in drift and "conceptguard_concept_score_count" in drift
+    assert "conceptguard_concept_score_parts_total" in drift
+    assert "conceptguard_concept_score_count" in drift
+    # no panel takes rate() of the signed sum
+    assert not any("conceptguard_concept_score_sum" in e for e in dashboard_exprs())
+    saturation = by_title["Queue saturation"]["targets"][0]["expr"]
+    assert "conceptguard_queue_depth" in saturation and "conceptguard_queue_capacity" in saturation
+    accuracy = " ".join(t["expr"] for t in by_title["Estimated vs. realised accuracy"]["targets"])
+    assert "conceptguard_trust_sum_total" in accuracy and "conceptguard_feedback" in accuracy
     for q in ("0.5", "0.95", "0.99"):
         for title in ("Request latency p50 / p95 / p99", "Queue wait p50 / p95 / p99",
                       "Inference p50 / p95 / p99"):

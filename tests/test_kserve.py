@@ -58,6 +58,18 @@ def test_schema_rejects_broken_services(validator: Any, isvc: dict[str, Any],
     assert any("spec" in e for e in errors(validator, doc))
 
 
+def test_logger_sink_example_validates_and_points_at_the_sink(validator: Any) -> None:
+    doc = yaml.safe_load((ROOT / "deploy" / "kserve" / "logger-sink.yaml").read_text())
+    assert errors(validator, doc) == []
+    logger = doc["spec"]["predictor"]["logger"]
+    assert logger["mode"] == "all"
+    assert logger["url"].endswith(":8000/v1/events")  # the sink route of service/routes_sink.py
+    from service.app import create_app
+    from service.metrics import _route_paths
+
+    assert "/v1/events" in _route_paths(create_app().routes)
+
+
 def test_schema_requires_a_predictor(validator: Any, isvc: dict[str, Any]) -> None:
     doc = copy.deepcopy(isvc)
     del doc["spec"]["predictor"]

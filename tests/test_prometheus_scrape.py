@@ -39,25 +39,28 @@ REJECT_RATE_RATIO = ("sum(rate(conceptguard_rejections_total[1m])) "
                      "/ sum(rate(conceptguard_predictions_total[1m]))")
 
 
-@pytest.fixture
-def prometheus(server: ServerProcess, tmp_path: Path) -> Iterator[str]:
-    """Prometheus scraping the session server every second; yields its base URL."""
+@contextlib.contextmanager
+def running_prometheus(port_to_scrape: int, folder: Path,
+                       rule_files: tuple[Path, ...] = ()) -> Iterator[str]:
+    """Prometheus scraping 127.0.0.1:``port_to_scrape`` every second (and evaluating
+    ``rule_files`` every second); yields its base URL."""
     if not os.access(PROMETHEUS, os.X_OK):
         pytest.skip(f"{PROMETHEUS} is not installed")
     port = free_port()
-    config = tmp_path / "prometheus.yml"
+    config = folder / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(f) for f in rule_files],
         "scrape_configs": [{
             "job_name": "conceptguard", "scrape_interval": "1s", "scrape_timeout": "900ms",
             "metrics_path": "/metrics",
-            "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}],
+            "static_configs": [{"targets": [f"127.0.0.1:{port_to_scrape}"]}],
         }],
     }))
-    log = tmp_path / "prometheus.log"
+    log = folder / "prometheus.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent)
@@ -83,6 +86,13 @@ def prometheus(server: ServerProcess, tmp_path: Path) -> Iterator[str]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+
+
+@pytest.fixture
+def prometheus(server: ServerProcess, tmp_path: Path) -> Iterator[str]:
+    """Prometheus scraping the session server every second; yields its base URL."""
+    with running_prometheus(server.port, tmp_path) as url:
+        yield url
 
 
 def query(prom: str, expr: str) -> float | None:

@@ -157,8 +157,9 @@ def build() -> dict[str, Any]:
     L.add(timeseries(
         "Rejection rate: overall and by reason",
         "Fraction of predictions the monitor rejected (headline), and the fraction rejected as "
-        "misclassification-like or adversarial-like, plus the paper's fixed rule. A jump means "
-        "the inputs changed.",
+        "misclassification-like or adversarial-like, plus the paper's fixed rule, beside the "
+        "share of clean test inputs the bank's threshold rejects. A jump means the inputs "
+        "changed.",
         targets(
             (ratio(f'sum(rate({preds}{{{FM}, decision="reject"}}[{RI}]))',
                    f"sum(rate({preds}{{{FM}}}[{RI}]))"), "overall"),
@@ -166,6 +167,7 @@ def build() -> dict[str, Any]:
                    f"on () group_left sum(rate({preds}{{{FM}}}[{RI}]))"), "{{reason}}"),
             (ratio(f"sum(rate(conceptguard_paper_rule_rejections_total{{{FM}}}[{RI}]))",
                    f"sum(rate({preds}{{{FM}}}[{RI}]))"), "paper rule"),
+            (f"max(conceptguard_expected_rejection_rate{{{FM}}})", "bank's rate on clean data"),
         ), unit="percentunit", min_=0), w=18, h=9)
     L.stack([
         (stat("Rejection rate (5m)", "Rejected / all predictions over the last 5 minutes.",
@@ -187,6 +189,54 @@ def build() -> dict[str, Any]:
         "Predictions per second by decision", "Accepted and rejected predictions per second.",
         targets((f"sum by (decision) (rate({preds}{{{FM}}}[{RI}]))", "{{decision}}")),
         unit="ops", min_=0, stack=True), w=12, h=9)
+    L.add(timeseries(
+        "Predicted-class mix",
+        "Share of the predictions that went to each class. A class taking over (or "
+        "vanishing) is prior shift, or a classifier that collapsed onto one answer.",
+        targets((ratio(f"sum by (class) (rate({preds}{{{FM}}}[{RI}]))",
+                       f"on () group_left sum(rate({preds}{{{FM}}}[{RI}]))"), "{{class}}")),
+        unit="percentunit", min_=0, max_=1, stack=True), w=24, h=8)
+
+    # ---- accuracy ----------------------------------------------------------------------
+    L.row("Estimated and realised accuracy")
+    trust_sum = "conceptguard_trust_sum_total"
+    L.add(timeseries(
+        "Estimated vs. realised accuracy",
+        "Estimated: the mean trust score (P(prediction is right)) over the interval, of all "
+        "inputs and of the accepted ones; the per-worker moving average the service keeps. "
+        "Realised: the share of the labels sent back through POST /v1/feedback that match "
+        "the prediction, over the last hour (labels arrive late and sparse).",
+        targets(
+            (ratio(f"sum(rate({trust_sum}{{{FM}}}[{RI}]))", f"sum(rate({preds}{{{FM}}}[{RI}]))"),
+             "estimated, all"),
+            (ratio(f'sum(rate({trust_sum}{{{FM}, decision="accept"}}[{RI}]))',
+                   f'sum(rate({preds}{{{FM}, decision="accept"}}[{RI}]))'), "estimated, accepted"),
+            (f"avg by (inputs) (conceptguard_estimated_accuracy{{{FM}}})",
+             "moving average, {{inputs}}"),
+            (ratio(f"sum by (decision) (rate(conceptguard_feedback_correct_total{{{FM}}}[1h]))",
+                   f"sum by (decision) (rate(conceptguard_feedback_total{{{FM}}}[1h]))"),
+             "realised, {{decision}}"),
+        ), unit="percentunit", min_=0, max_=1), w=12, h=9)
+    L.add(timeseries(
+        "Estimated accuracy per predicted class",
+        "Mean trust score of the inputs predicted as each class.",
+        targets((ratio(f"sum by (class) (rate({trust_sum}{{{FM}}}[{RI}]))",
+                       f"sum by (class) (rate({preds}{{{FM}}}[{RI}]))"), "{{class}}")),
+        unit="percentunit", min_=0, max_=1), w=12, h=9)
+    L.add(timeseries(
+        "Realised accuracy by decision and reason",
+        "Of the labels sent back in the last hour, the share that match the prediction: high "
+        "for accepted inputs, low for rejected ones when the rejections are right.",
+        targets((ratio(f"sum by (decision, reason) (rate(conceptguard_feedback_correct_total"
+                       f"{{{FM}}}[1h]))",
+                       "sum by (decision, reason) (rate(conceptguard_feedback_total"
+                       f"{{{FM}}}[1h]))"),
+                 "{{decision}} {{reason}}")),
+        unit="percentunit", min_=0, max_=1), w=12, h=8)
+    L.add(timeseries(
+        "Labels received per second", "Labels sent back through POST /v1/feedback.",
+        targets((f"sum by (decision) (rate(conceptguard_feedback_total{{{FM}}}[{RI}]))",
+                 "{{decision}}")), unit="ops", min_=0, stack=True), w=12, h=8)
 
     # ---- scores ------------------------------------------------------------------------
     L.row("Trust and head scores")
@@ -214,6 +264,12 @@ def build() -> dict[str, Any]:
                      "End-to-end request duration (health and metrics endpoints excluded).",
                      quantiles("conceptguard_request_duration_seconds", f"{F}, {NOT_PROBES}"),
                      unit="s", min_=0), w=8, h=8)
+    L.add(timeseries("Latency p50 / p99 per endpoint",
+                     "Request duration per endpoint (health and metrics endpoints excluded).",
+                     targets(*[(f"histogram_quantile({q}, sum by (endpoint, le) (rate("
+                                f"conceptguard_request_duration_seconds_bucket{{{F}, {NOT_PROBES}}}"
+                                f"[{RI}])))", f"{{{{endpoint}}}} p{round(q * 100)}")
+                               for q in (0.5, 0.99)]), unit="s", min_=0), w=24, h=8)
     L.add(timeseries("Queue wait p50 / p95 / p99",
                      "Time a request waits in the batching queue before its batch runs.",
                      quantiles("conceptguard_queue_wait_seconds", F), unit="s", min_=0),
@@ -234,23 +290,34 @@ def build() -> dict[str, Any]:
     L.add(timeseries("Queue depth", "Requests waiting in the batching queue, per instance.",
                      targets((f"sum by (instance) (conceptguard_queue_depth{{{F}}})",
                               "{{instance}}")), min_=0), w=6, h=8)
+    L.add(timeseries("Queue saturation",
+                     "Images waiting / most the queue admits (CONCEPTGUARD_QUEUE_SIZE, summed "
+                     "over the workers), per instance. At 100% requests are refused with 503.",
+                     targets((ratio(f"sum by (instance) (conceptguard_queue_depth{{{F}}})",
+                                    f"sum by (instance) (conceptguard_queue_capacity{{{F}}})"),
+                              "{{instance}}")), unit="percentunit", min_=0, max_=1), w=24, h=8)
 
     # ---- concept drift -----------------------------------------------------------------
     L.row("Concept drift")
-    concept_mean = ratio(
-        f"sum by (concept) (rate(conceptguard_concept_score_sum{{{FM}}}[{RI}]))",
-        f"sum by (concept) (rate(conceptguard_concept_score_count{{{FM}}}[{RI}]))")
+    def concept_mean(window: str) -> str:
+        # the scores are signed: the mean comes from the sums of the positive parts and of
+        # the negative parts, which only grow (rate() of a signed sum reads resets)
+        parts = "conceptguard_concept_score_parts_total"
+        return ratio(
+            f'(\nsum by (concept) (rate({parts}{{{FM}, sign="positive"}}[{window}]))\n-\n'
+            f'sum by (concept) (rate({parts}{{{FM}, sign="negative"}}[{window}]))\n)',
+            f"sum by (concept) (rate(conceptguard_concept_score_count{{{FM}}}[{window}]))")
+
     L.add(timeseries("Concept score running mean, per concept",
-                     "Mean concept score of the served images per interval "
-                     "(rate of the summary's _sum / _count). A concept moving away from its "
-                     "usual level is concept drift.",
-                     targets((concept_mean, "{{concept}}"))), w=24, h=10)
-    day_mean = ratio("sum by (concept) (rate(conceptguard_concept_score_sum"
-                     f"{{{FM}}}[1d]))",
-                     f"sum by (concept) (rate(conceptguard_concept_score_count{{{FM}}}[1d]))")
+                     "Mean standardised concept score of the served images per interval "
+                     "((positive parts - negative parts) / count). The scores are "
+                     "standardised on the bank's clean reference split: 0 is the clean mean, "
+                     "1 its standard deviation. A concept moving away from 0 is concept drift.",
+                     targets((concept_mean(RI), "{{concept}}"))), w=24, h=10)
     L.add(timeseries("Concept drift: running mean minus 24h mean",
                      "Each concept's running mean minus its mean over the last 24 hours.",
-                     targets((f"(\n{concept_mean}\n)\n-\n(\n{day_mean}\n)", "{{concept}}"))),
+                     targets((f"(\n{concept_mean(RI)}\n)\n-\n(\n{concept_mean('1d')}\n)",
+                              "{{concept}}"))),
           w=12, h=9)
     L.add(timeseries("Concept score EMA (service gauge)",
                      "Exponential moving average each worker keeps, averaged over workers.",
@@ -268,6 +335,19 @@ def build() -> dict[str, Any]:
     L.add(timeseries("Bank reloads by result", "Bank reloads through the admin API.",
                      targets((f"sum by (result) (increase(conceptguard_bank_reloads_total"
                               f"{{{F}}}[{RI}]))", "{{result}}")), min_=0), w=8, h=8)
+    L.add(timeseries("Inference-logger sink events",
+                     "CloudEvents taken at POST /v1/events (KServe's logger) by type and "
+                     "result: accepted, invalid (4xx), busy (503), and request events "
+                     "monitored or failed once scored.",
+                     targets((f"sum by (type, result) (rate(conceptguard_sink_events_total"
+                              f"{{{F}}}[{RI}]))", "{{type}} {{result}}")), unit="ops", min_=0),
+          w=12, h=8)
+    L.add(timeseries("Inference-logger sink pairs",
+                     "Inputs whose served prediction (the response event) agrees or disagrees "
+                     "with the bank classifier's, and events unreadable, expired or evicted "
+                     "before their other half came.",
+                     targets((f"sum by (result) (rate(conceptguard_sink_pairs_total{{{F}}}"
+                              f"[{RI}]))", "{{result}}")), unit="ops", min_=0), w=12, h=8)
     # == 1: a reload sets the previous bank's series to 0
     info = ("max by (job, instance, model, bank_id, vlm, classifier_hash, schema_version) "
             f"(conceptguard_bank_info{{{FM}}} == 1)")

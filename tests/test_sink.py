@@ -1,0 +1,253 @@
+"""The inference-logger sink: KServe's logger CloudEvents (binary mode) made with the
+``cloudevents`` SDK, replayed to a real server. Unit tests of service/sink.py first."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cloudevents.v1.conversion import to_binary, to_structured
+from cloudevents.v1.http import CloudEvent
+
+from service.errors import ServiceError
+from service.sink import Pairs, read_head, request_as_v2, served_predictions
+from tests.conftest import ServerProcess, encode_png, metric_sum
+
+REQ = "org.kubeflow.serving.inference.request"
+RESP = "org.kubeflow.serving.inference.response"
+CLASSES = ["a", "b", "c"]
+
+
+def event(kind: str, event_id: str, data: Any) -> tuple[dict[str, str], bytes]:
+    """A binary-mode CloudEvent as KServe's logger sends it: headers and body."""
+    ev = CloudEvent({"type": REQ if kind == "request" else RESP, "id": event_id,
+                     "source": "http://localhost:9081/", "datacontenttype": "application/json",
+                     "inferenceservicename": "fmnist", "namespace": "default",
+                     "endpoint": "default"}, data)
+    headers, body = to_binary(ev)
+    return dict(headers), body
+
+
+def _status(fn: Callable[[], Any]) -> int:
+    with pytest.raises(ServiceError) as err:
+        fn()
+    return err.value.status
+
+
+# ---------------------------------------------------------------- unit
+
+
+def test_read_head_takes_binary_mode_events() -> None:
+    headers, _ = event("request", "r-1", {"instances": [1]})
+    head = read_head(headers)
+    assert (head.id, head.kind, head.type) == ("r-1", "request", REQ)
+    assert read_head(event("response", "r-1", {"predictions": [1]})[0]).kind == "response"
+    for drop in ("ce-id", "ce-type", "ce-source", "ce-specversion"):
+        assert _status(lambda d=drop: read_head({k: v for k, v in headers.items()
+                                                 if k != d})) == 400
+    assert _status(lambda: read_head({**headers, "ce-type": "com.example.other"})) == 400
+    assert _status(lambda: read_head({**headers, "ce-specversion": "9.9"})) == 400
+    assert _status(lambda: read_head({**headers, "content-type": "text/plain"})) == 415
+    s_headers, _ = to_structured(CloudEvent({"type": REQ, "source": "s", "id": "x"}, {"a": 1}))
+    assert _status(lambda: read_head(dict(s_headers))) == 415
+
+
+def test_request_payloads_v1_and_v2() -> None:
+    png = base64.b64encode(encode_png(np.zeros((28, 28), np.uint8))).decode()
+    for instances in ([png, png], [{"b64": png}], [{"image_bytes": {"b64": png}}]):
+        body = request_as_v2({"instances": instances}, channels=1)
+        (inp,) = body["inputs"]
+        assert inp["name"] == "image" and inp["shape"] == [len(instances)]
+    pixels = request_as_v2({"instances": np.full((2, 28, 28), 0.5).tolist()}, channels=1)
+    assert pixels["inputs"][0]["shape"] == [2, 1, 28, 28]
+    v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [png]}]}
+    assert request_as_v2(v2, channels=1) is v2
+    assert _status(lambda: request_as_v2({"instances": []}, 1)) == 422
+    assert _status(lambda: request_as_v2([1, 2], 1)) == 422
+    assert _status(lambda: request_as_v2({"instances": [[1, 2], [3]]}, 1)) == 422
+    assert _status(lambda: request_as_v2({"instances": ["@@not base64@@"]}, 1)) == 400
+
+
+def test_served_predictions_v1_and_v2() -> None:
+    assert served_predictions({"predictions": [2, 0]}, CLASSES) == [2, 0]
+    assert served_predictions({"predictions": ["c", "a"]}, CLASSES) == [2, 0]
+    assert served_predictions({"predictions": [[0.1, 0.7, 0.2]]}, CLASSES) == [1]
+    assert served_predictions({"predictions": [{"class_index": 1}, {"label": "c"},
+                                               {"probabilities": [0.9, 0.05, 0.05]}]},
+                              CLASSES) == [1, 2, 0]
+    v2_int = {"outputs": [{"name": "p", "datatype": "FP32", "shape": [2, 3],
+                           "data": [0.1, 0.2, 0.7, 0.6, 0.3, 0.1]},
+                          {"name": "class_index", "datatype": "INT64", "shape": [2],
+                           "data": [1, 1]}]}
+    assert served_predictions(v2_int, CLASSES) == [1, 1]  # indexes before scores
+    v2_scores = {"outputs": [v2_int["outputs"][0]]}
+    assert served_predictions(v2_scores, CLASSES) == [2, 0]
+    v2_names = {"outputs": [{"name": "label", "datatype": "BYTES", "shape": [1],
+                             "data": ["b"]}]}
+    assert served_predictions(v2_names, CLASSES) == [1]
+    for junk in ({"predictions": [7]}, {"predictions": ["zz"]}, {"outputs": []}, {"x": 1},
+                 [1], {"predictions": [[0.5, 0.5]]}):
+        assert served_predictions(junk, CLASSES) is None, junk
+
+
+def test_pairs_match_in_either_order_and_stay_bounded() -> None:
+    pairs = Pairs(ttl_s=10.0, cap=3)
+    assert pairs.monitored("x", [1, 2], now=0.0) is None
+    done = pairs.served("x", [1, 0], now=1.0)
+    assert done is not None and (done.agree, done.disagree, done.unreadable) == (1, 1, False)
+    assert pairs.served("y", [2], now=2.0) is None  # the response came first
+    done = pairs.monitored("y", [2], now=2.5)
+    assert done is not None and (done.agree, done.disagree) == (1, 0)
+    assert pairs.monitored("z", [0], now=3.0) is None
+    done = pairs.served("z", None, now=3.5)  # a response this reader cannot read
+    assert done is not None and done.unreadable
+    assert len(pairs) == 0
+    for i in range(5):  # more halves than the cap: the oldest are evicted
+        pairs.monitored(f"w{i}", [0], now=4.0 + i)
+    assert len(pairs) == 3 and pairs.evicted == 2
+    pairs.expire(now=100.0)  # and none waits longer than the TTL
+    assert len(pairs) == 0 and pairs.expired == 3
+
+
+# ---------------------------------------------------------------- a real server
+
+
+def _pngs(images: np.ndarray) -> list[str]:
+    return [base64.b64encode(encode_png(im)).decode() for im in images]
+
+
+def _wait_metric(server: ServerProcess, name: str, want: float, timeout: float = 60.0,
+                 **labels: str) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        with server.client() as c:
+            text = c.get("/metrics").text
+        if metric_sum(text, name, **labels) >= want:
+            return text
+        time.sleep(0.2)
+    pytest.fail(f"{name}{labels} stayed at {metric_sum(text, name, **labels)}, want {want}")
+
+
+def replay(server: ServerProcess, images: np.ndarray, model_classes: list[str]) -> dict[str, Any]:
+    """Good v1 and v2 request/response events with bad ones in between; returns what the
+    good ones should add up to."""
+    with server.client() as c:
+        truth = c.post("/v1/classify", files=[("files", (f"{i}.png", encode_png(im),
+                                                         "image/png"))
+                                              for i, im in enumerate(images)]).json()["results"]
+    bank_classes = [r["class_index"] for r in truth]
+    pngs = _pngs(images)
+    good: list[tuple[dict[str, str], bytes]] = []
+    bad: list[tuple[dict[str, str], bytes, int]] = []
+    n_in, agree, disagree = 0, 0, 0
+    for k in range(0, len(images), 4):
+        ids, chunk = f"evt-{k}", slice(k, k + 4)
+        cls = bank_classes[chunk]
+        if k % 8 == 0:  # v1: base64 instances, class-index predictions (one of them wrong)
+            req = {"instances": [{"image_bytes": {"b64": s}} for s in pngs[chunk]]}
+            served = [*cls[:-1], (cls[-1] + 1) % len(model_classes)]
+            resp: dict[str, Any] = {"predictions": served}
+        else:  # v2: the service's own inputs, class names out
+            req = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(cls)],
+                               "data": pngs[chunk]}]}
+            served = cls
+            resp = {"model_name": "fmnist", "outputs": [
+                {"name": "label", "datatype": "BYTES", "shape": [len(cls)],
+                 "data": [model_classes[c] for c in cls]}]}
+        n_in += len(cls)
+        agree += sum(int(a == b) for a, b in zip(cls, served, strict=True))
+        disagree += sum(int(a != b) for a, b in zip(cls, served, strict=True))
+        if k % 12 == 0:  # the response before its request
+            good += [event("response", ids, resp), event("request", ids, req)]
+        else:
+            good += [event("request", ids, req), event("response", ids, resp)]
+        # a bad event beside every good pair
+        h, b = event("request", f"bad-{k}", req)
+        bad.append([({k2: v for k2, v in h.items() if k2 != "ce-id"}, b, 400),
+                    ({**h, "ce-type": "com.example.unrelated"}, b, 400),
+                    (h, b"{not json", 400),
+                    (event("request", f"bad-{k}", {"instances": []})[0],
+                     event("request", f"bad-{k}", {"instances": []})[1], 422),
+                    (event("request", f"bad-{k}", {"rows": [1]})[0],
+                     event("request", f"bad-{k}", {"rows": [1]})[1], 422)][k // 4 % 5])
+    statuses = []
+    n_bad = len(bad)
+    with server.client() as c:
+        for i, (h, b) in enumerate(good):
+            t0 = time.perf_counter()
+            r = c.post("/v1/events", headers=h, content=b)
+            statuses.append((r.status_code, time.perf_counter() - t0))
+            if i % 2 == 1 and bad:
+                bh, bb, want = bad.pop()
+                rb = c.post("/v1/events", headers=bh, content=bb)
+                assert rb.status_code == want, (rb.status_code, rb.text, bh)
+        # a well-formed event whose image does not decode: accepted, then counted failed
+        corrupt = event("request", "evt-corrupt",
+                        {"instances": [base64.b64encode(b"\x89PNG broken").decode()]})
+        r = c.post("/v1/events", headers=corrupt[0], content=corrupt[1])
+        assert r.status_code == 202, r.text
+        assert r.json() == {"accepted": True, "id": "evt-corrupt", "type": "request"}
+    assert all(s == 202 for s, _ in statuses), statuses
+    median_ms = float(np.median([t for _, t in statuses])) * 1e3
+    print(f"{len(statuses)} good events answered 202 in {median_ms:.2f} ms (median, client "
+          f"side), {n_bad} bad ones refused")
+    assert not bad  # every bad event was sent, each beside a good pair
+    return {"bad": n_bad, "inputs": n_in, "agree": agree, "disagree": disagree,
+            "requests": len(good) // 2, "classified": len(images)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_replayed_events_are_monitored_and_bad_ones_refused(
+        workers: int, server_factory: Callable[..., ServerProcess], tmp_path: Path,
+        fashion_mnist_test: Any, demo_manifest: dict[str, Any]) -> None:
+    if workers == 1:
+        srv = server_factory()
+    else:
+        mp = tmp_path / "mp"
+        mp.mkdir()
+        srv = server_factory(workers=2, use_cli=True,
+                             extra_env={"PROMETHEUS_MULTIPROC_DIR": str(mp)})
+    images = np.asarray(fashion_mnist_test.images[200:232])
+    want = replay(srv, images, demo_manifest["classes"])
+    # every good request event is scored, in the background, into the usual metrics
+    text = _wait_metric(srv, "conceptguard_sink_events_total", want["requests"],
+                        type="request", result="monitored")
+    text = _wait_metric(srv, "conceptguard_sink_events_total", 1, type="request",
+                        result="failed")
+    assert metric_sum(text, "conceptguard_sink_events_total", type="request",
+                      result="monitored") == want["requests"]
+    assert metric_sum(text, "conceptguard_predictions_total") == want["classified"] + want[
+        "inputs"]
+    assert metric_sum(text, "conceptguard_sink_events_total", type="request",
+                      result="accepted") == want["requests"] + 1
+    assert metric_sum(text, "conceptguard_sink_events_total", type="response",
+                      result="accepted") == want["requests"]
+    invalid = metric_sum(text, "conceptguard_sink_events_total", result="invalid")
+    assert invalid == want["bad"]
+    if workers == 1:  # one worker holds both halves of every pair
+        assert metric_sum(text, "conceptguard_sink_pairs_total", result="agree") == want["agree"]
+        assert metric_sum(text, "conceptguard_sink_pairs_total",
+                          result="disagree") == want["disagree"]
+    else:  # halves that reached different workers wait, then expire (counted)
+        paired = (metric_sum(text, "conceptguard_sink_pairs_total", result="agree")
+                  + metric_sum(text, "conceptguard_sink_pairs_total", result="disagree"))
+        assert paired <= want["inputs"]
+
+
+def test_sink_answers_before_scoring(server: ServerProcess) -> None:
+    """202 comes back whatever the image holds: decoding happens after the answer."""
+    with server.client() as c:
+        h, b = event("request", "early-1", {"instances": [base64.b64encode(b"junk").decode()]})
+        r = c.post("/v1/events", headers=h, content=b)
+        assert r.status_code == 202 and r.headers["x-request-id"]
+        h, b = event("response", "early-1", {"predictions": [0]})
+        assert c.post("/v1/events", headers=h, content=b).status_code == 202
+        assert c.post("/v1/events", content=b"{}",
+                      headers={"content-type": "application/json"}).status_code == 400
