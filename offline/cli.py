@@ -63,7 +63,7 @@ def _init(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to overwrite it")
     text, plan = folder_config(Path(args.data), Path(args.classifier), name=args.name,
-                               concepts=args.concepts)
+                               concepts=args.concepts, config=str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
     print(plan, file=sys.stderr)
@@ -110,12 +110,29 @@ def _train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_config(args: argparse.Namespace):  # -> JobConfig
+    """``--config``, or with ``--data`` and ``--classifier`` the config ``init`` writes."""
+    from offline.config import JobConfig, load_config
+
+    if args.data is None and args.classifier is None:
+        return load_config(args.config or DEFAULT_CONFIG)
+    if args.data is None or args.classifier is None or args.config is not None:
+        raise ValueError("give --config, or --data FOLDER and --classifier FILE together "
+                         "(the config `conceptguard init` would write)")
+    import yaml
+
+    from offline.folder_config import folder_config
+
+    text, plan = folder_config(args.data, args.classifier)
+    print(plan, file=sys.stderr)
+    return JobConfig.model_validate(yaml.safe_load(text))
+
+
 def _build_bank(args: argparse.Namespace) -> int:
-    from offline.config import load_config
     from offline.engine import make_engine
     from offline.pipeline import build_bank
 
-    cfg = load_config(args.config)
+    cfg = _job_config(args)
     if args.cache_dir:
         cfg.cache_dir = Path(args.cache_dir)
     t0 = time.perf_counter()
@@ -312,7 +329,12 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train_demo)
 
     b = sub.add_parser("build-bank", help="run the offline job and write a bank folder")
-    b.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    b.add_argument("--config", type=Path, default=None, help=f"default: {DEFAULT_CONFIG}")
+    b.add_argument("--data", type=Path, default=None,
+                   help="instead of --config: an image folder (with --classifier), sizes as "
+                        "`conceptguard init` chooses them")
+    b.add_argument("--classifier", type=Path, default=None,
+                   help="with --data: the classifier file (import-classifier writes it)")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--cache-dir", type=Path, default=None)
     b.add_argument("--no-cache", action="store_true", help="recompute every stage")

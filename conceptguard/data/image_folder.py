@@ -64,6 +64,7 @@ def index_image_folder(root: Path, image_size: int | None = None, seed: int = 0,
         test_paths, test_labels = paths[test_idx], labels[test_idx]
     if not len(train_paths):
         raise ValueError(f"{root}: no image files found")
+    _check_no_empty_class(root / "train" if has_train else root, classes, train_labels)
     return (_lazy(f"image_folder/{root.name}/train", root, train_paths, train_labels, classes,
                   size, channels),
             _lazy(f"image_folder/{root.name}/test", root, test_paths, test_labels, classes,
@@ -210,6 +211,15 @@ def _relative_images(folder: str) -> list[str]:
             found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
     found.sort(key=lambda r: r.split(os.sep))
     return found
+
+
+def _check_no_empty_class(folder: Path, classes: list[str], labels: np.ndarray) -> None:
+    """Every class sub-folder must hold images (a class without any cannot be monitored)."""
+    counts = np.bincount(labels, minlength=len(classes))
+    empty = [name for name, n in zip(classes, counts, strict=True) if n == 0]
+    if empty:
+        raise ValueError(f"{folder}: class folder(s) {empty} hold no images "
+                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove them")
 
 
 def _subfolders(folder: Path) -> list[str]:
