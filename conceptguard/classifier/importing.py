@@ -126,7 +126,13 @@ def import_torchvision(arch: str, weights: Mapping[str, torch.Tensor], classes: 
     backbone = build_backbone(probe)
     head = head_layer_of(backbone)
     _check_class_count(weights, head, len(classes))
-    result = backbone.load_state_dict(dict(weights), strict=False)
+    try:
+        result = backbone.load_state_dict(dict(weights), strict=False)
+    except RuntimeError as err:  # shape mismatches, e.g. another channel count
+        lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"the weights do not fit torchvision {arch!r} with {channels} "
+                         f"channels and {len(classes)} classes: "
+                         f"{lines[0] if lines else str(err).splitlines()[0]}") from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"the weights do not fit torchvision {arch!r}: missing "
                          f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")

@@ -112,7 +112,7 @@ def linear_head(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
     """``nn.Linear`` holding ``weight`` (C, d) and ``bias`` (C,)."""
     layer = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(np.asarray(weight, np.float32)))
-        layer.bias.copy_(torch.as_tensor(np.asarray(bias, np.float32)))
+        layer.weight.copy_(torch.as_tensor(np.array(weight, np.float32)))
+        layer.bias.copy_(torch.as_tensor(np.array(bias, np.float32)))
     return layer
 
