@@ -63,7 +63,8 @@ def _init(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to overwrite it")
     text, plan = folder_config(Path(args.data), Path(args.classifier), name=args.name,
-                               concepts=args.concepts, config=str(out))
+                               concepts=args.concepts, config=str(out),
+                               profile="quick" if args.quick else "full")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
     print(plan, file=sys.stderr)
@@ -115,6 +116,8 @@ def _job_config(args: argparse.Namespace):  # -> JobConfig
     from offline.config import JobConfig, load_config
 
     if args.data is None and args.classifier is None:
+        if args.quick:
+            raise ValueError("--quick applies to --data/--classifier builds (or `init --quick`)")
         return load_config(args.config or DEFAULT_CONFIG)
     if args.data is None or args.classifier is None or args.config is not None:
         raise ValueError("give --config, or --data FOLDER and --classifier FILE together "
@@ -123,7 +126,8 @@ def _job_config(args: argparse.Namespace):  # -> JobConfig
 
     from offline.folder_config import folder_config
 
-    text, plan = folder_config(args.data, args.classifier)
+    text, plan = folder_config(args.data, args.classifier,
+                               profile="quick" if args.quick else "full")
     print(plan, file=sys.stderr)
     return JobConfig.model_validate(yaml.safe_load(text))
 
@@ -320,6 +324,8 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--concepts", default="clothing",
                    help="a bundled concept set (clothing, rival10) or a YAML path")
     n.add_argument("--force", action="store_true", help="overwrite --out")
+    n.add_argument("--quick", action="store_true",
+                   help="the quick profile (as build-bank --quick)")
     n.set_defaults(func=_init)
 
     t = sub.add_parser("train-demo", help="train the demo ResNet on Fashion-MNIST")
@@ -335,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
                         "`conceptguard init` chooses them")
     b.add_argument("--classifier", type=Path, default=None,
                    help="with --data: the classifier file (import-classifier writes it)")
+    b.add_argument("--quick", action="store_true",
+                   help="with --data: a small bank (splits of at most 300, two attacks, three "
+                        "corruptions, a short evaluation) to check a setup first")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--cache-dir", type=Path, default=None)
     b.add_argument("--no-cache", action="store_true", help="recompute every stage")

@@ -54,6 +54,20 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seconds: float,
     return steps, loss
 
 
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Running BatchNorm statistics as plain means over the training images: after a short
+    run, torchvision's slow BN momentum (0.01 in MobileNetV3) leaves them far from the
+    data, and the model in eval mode would guess."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for batch in x.split(batch_size):
+            model(batch)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="an image folder: <class>/<files>")
@@ -78,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     x, y = normalised(train_set.images), torch.as_tensor(train_set.labels)
     steps, loss = train(model, x, y, args.seconds, args.batch_size, args.seed)
+    recalibrate_batchnorm(model, x, args.batch_size)
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(b).argmax(1) for b in normalised(test_set.images).split(256)])
