@@ -289,3 +289,19 @@ def test_plan_sizes_scale_cap_and_refuse_tiny_classes() -> None:
     assert (big.fit, big.calibration, big.test, big.n_test) == (4000, 4000, 10_000, 10_000)
     with pytest.raises(ValueError, match=f"at least {MIN_PER_CLASS}"):
         plan_sizes(np.array([100, MIN_PER_CLASS - 1]), 50, ["a", "b"])
+
+
+def test_a_graph_onnx2torch_cannot_convert_is_refused_by_name() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from conceptguard.classifier.onnx_module import convert_graph
+
+    node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])
+    with pytest.raises(ValueError, match="onnx2torch cannot convert"):
+        convert_graph(onnx.ModelProto.SerializeToString(model))
