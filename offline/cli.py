@@ -51,6 +51,10 @@ def _import_classifier(args: argparse.Namespace) -> int:
     print(f"imported {summary['source']}: largest logit difference to the source "
           f"{summary['max_logit_difference']:.3g} (tolerance {summary['tolerance']:.3g})",
           file=sys.stderr)
+    if not summary["gradients"]:
+        print(f"warning: {summary['no_gradients_because']}; the encoder runs in ONNX Runtime "
+              "without gradients, so build-bank will skip the attacks (and say so)",
+              file=sys.stderr)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -200,7 +204,8 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
     ev = None
     if evidence:
         from offline.report_evidence import compute_evidence
-        ev = compute_evidence(bank, attacks=attacks)
+        # a bank built without attacks (no gradients) has no attack examples either
+        ev = compute_evidence(bank, attacks=attacks and "attacks_skipped" not in metrics)
     return write_report(out or bank.path / "report", bank.manifest, bank.tensors, metrics, ev)
 
 

@@ -15,6 +15,7 @@ from conceptguard.classifier.importing import (
     read_state_dict,
 )
 from conceptguard.classifier.io import load_classifier, save_classifier
+from conceptguard.classifier.onnx_module import conversion_errors
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,12 @@ def import_classifier(req: ImportRequest) -> dict:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    errors = conversion_errors(reloaded)
     return {"path": str(out), "hash": digest, "source": imported.origin,
             "classes": imported.spec.classes, "input": list(imported.spec.input_shape),
             "feature_dim": reloaded.feature_dim, "max_logit_difference": diff,
-            "tolerance": tol}
+            "tolerance": tol, "gradients": not errors,
+            **({"no_gradients_because": errors[0]} if errors else {})}
 
 
 def _import(req: ImportRequest) -> Imported:

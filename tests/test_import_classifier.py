@@ -305,3 +305,59 @@ def test_a_graph_onnx2torch_cannot_convert_is_refused_by_name() -> None:
                                                     helper.make_opsetid("com.example", 1)])
     with pytest.raises(ValueError, match="onnx2torch cannot convert"):
         convert_graph(onnx.ModelProto.SerializeToString(model))
+
+
+def _shrink_classifier(path: Path, classes: int = 3) -> Path:
+    """conv -> Shrink (ONNX Runtime runs it, onnx2torch 1.5 does not convert it) -> global
+    average pool -> flatten -> Gemm."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "cw"),
+             numpy_helper.from_array(rng.normal(size=(classes, 8)).astype(np.float32), "fw"),
+             numpy_helper.from_array(rng.normal(size=(classes,)).astype(np.float32), "fb")]
+    nodes = [helper.make_node("Conv", ["input", "cw"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Shrink", ["c"], ["s"], lambd=0.1, bias=0.05),
+             helper.make_node("GlobalAveragePool", ["s"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["z"]),
+             helper.make_node("Gemm", ["z", "fw", "fb"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "shrink", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                        ["b", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", classes])],
+        initializer=inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_an_unconvertible_encoder_runs_in_onnx_runtime_and_exports_inlined(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conceptguard.classifier.onnx_module import has_gradients
+    from conceptguard.export import MonitoredClassifier, export_onnx
+    from conceptguard.projection import PROJECTION_KEYS
+
+    src = _shrink_classifier(tmp_path / "shrink.onnx")
+    out = tmp_path / "clf.safetensors"
+    code, stdout, err = _run(capsys, "import-classifier", "--onnx", src,
+                             *_common(out, ("--normalisation", "none")))
+    assert code == 0, err
+    assert json.loads(stdout)["gradients"] is False
+    assert "Shrink" in err and "skip the attacks" in err
+    x = check_images(3, SIZE, n=4, seed=9)
+    want = ort.InferenceSession(str(src)).run(None, {"input": x})[0]
+    _assert_same_logits(out, want, x)
+    model, _, _ = load_classifier(out)
+    assert not has_gradients(model)
+    # exported for serving, the ONNX Runtime part is inlined: one plain graph
+    d, k, m = model.feature_dim, 4, 5
+    rng = np.random.default_rng(0)
+    projection = {"aligner.W": rng.normal(size=(d, m)), "aligner.b": np.zeros(m),
+                  "concepts.T": rng.normal(size=(k, m)), "projection.mu": np.zeros(k),
+                  "projection.sigma": np.ones(k)}
+    assert set(projection) == set(PROJECTION_KEYS)
+    graph = tmp_path / "classifier.onnx"
+    export_onnx(MonitoredClassifier(model, projection), model.input_shape, graph)
+    logits, features, _ = ort.InferenceSession(str(graph)).run(None, {"images": x})
+    np.testing.assert_allclose(logits, want, rtol=0, atol=logits_tolerance(want))
+    assert features.shape == (4, d)

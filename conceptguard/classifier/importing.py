@@ -221,7 +221,8 @@ def import_onnx(path: Path, classes: list[str], input_size: int, channels: int,
                           input_size=input_size, head_layer="head", mean=mean, std=std,
                           classes=classes)
     split = SplitClassifier(encoder, head_module, mean, std, spec.input_shape).eval()
-    return Imported(split, spec, source, f"ONNX {path.name} (features: {feat!r})")
+    origin = f"ONNX {path.name} (features: {feat!r})"
+    return Imported(split, spec, source, origin)
 
 
 def _check_static_dims(inp: og.OnnxInput, channels: int, size: int) -> None:

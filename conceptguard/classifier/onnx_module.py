@@ -6,12 +6,17 @@ layer, the head's (``head.net.graph``, with ``head.feature_shape``). :class:`Onn
 converts a graph to torch with onnx2torch (so attacks get gradients) and keeps only the
 graph bytes in its ``state_dict``: the converted weights are derived from them, so the file
 and its hash hold each weight once.
+
+A graph onnx2torch cannot convert runs in ONNX Runtime instead (forward only:
+:attr:`OnnxModule.has_gradients` is False, and build-bank then skips the attacks and says
+so). Exported to ONNX, such a module is one placeholder node (:data:`PLACEHOLDER_OP`) that
+:func:`inline_graphs` replaces by the graph's own nodes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -30,6 +35,11 @@ def graph_tensor(graph: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(graph, dtype=np.uint8).copy())
 
 
+PLACEHOLDER_DOMAIN = "conceptguard.inline"
+PLACEHOLDER_OP = "OnnxGraph"
+_INLINE: dict[str, bytes] = {}  # placeholder key -> graph bytes (this process's modules)
+
+
 def convert_graph(graph: bytes) -> nn.Module:
     """onnx2torch's module of a serialised ONNX model; ``ValueError`` when it cannot."""
     try:
@@ -46,7 +56,8 @@ def convert_graph(graph: bytes) -> nn.Module:
 
 
 class OnnxModule(nn.Module):
-    """``forward`` = the converted graph; ``state_dict`` = the graph's bytes only."""
+    """``forward`` = the converted graph (ONNX Runtime when onnx2torch cannot convert it);
+    ``state_dict`` = the graph's bytes only."""
 
     graph: torch.Tensor
 
@@ -54,10 +65,22 @@ class OnnxModule(nn.Module):
         super().__init__()
         tensor = graph_tensor(graph) if isinstance(graph, bytes) else graph
         self.register_buffer("graph", tensor.detach().to(torch.uint8).contiguous())
-        net = convert_graph(tensor.cpu().numpy().tobytes())
+        raw = tensor.cpu().numpy().tobytes()
+        net: nn.Module
+        try:
+            net = convert_graph(raw)
+            self.conversion_error: str | None = None
+        except ValueError as err:
+            net = OrtGraph(raw)
+            self.conversion_error = str(err)
         for p in net.parameters():
             p.requires_grad_(False)  # frozen: gradients flow to the input only
         object.__setattr__(self, "_net", net)  # not a child: its weights are not state
+
+    @property
+    def has_gradients(self) -> bool:
+        """False when the graph runs in ONNX Runtime (onnx2torch could not convert it)."""
+        return self.conversion_error is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._net(x)
@@ -71,6 +94,87 @@ class OnnxModule(nn.Module):
                ) -> Self:  # .to(device) and friends reach the converted weights too
         self._net._apply(fn)
         return super()._apply(fn, recurse)
+
+
+class OrtGraph(nn.Module):
+    """A one-input, one-output ONNX graph run by ONNX Runtime on the CPU (no gradients);
+    traced for export as a placeholder node that :func:`inline_graphs` fills in."""
+
+    def __init__(self, graph: bytes) -> None:
+        super().__init__()
+        import hashlib
+
+        import onnxruntime as ort
+
+        self.key = hashlib.sha256(graph).hexdigest()[:16]
+        _INLINE[self.key] = graph
+        self.session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OrtCall.apply(x, self)
+
+
+class _OrtCall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: OrtGraph) -> torch.Tensor:
+        feed = {module.input_name: x.detach().cpu().float().numpy()}
+        return torch.from_numpy(np.asarray(module.session.run(None, feed)[0])).to(x.device)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        raise RuntimeError("this ONNX graph runs in ONNX Runtime and has no gradients")
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, module: OrtGraph) -> Any:
+        return g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", x, key_s=module.key)
+
+
+def has_gradients(model: nn.Module) -> bool:
+    """False when some ONNX graph of ``model`` runs in ONNX Runtime (no attacks possible)."""
+    return all(m.has_gradients for m in model.modules() if isinstance(m, OnnxModule))
+
+
+def conversion_errors(model: nn.Module) -> list[str]:
+    return [m.conversion_error for m in model.modules()
+            if isinstance(m, OnnxModule) and m.conversion_error]
+
+
+def inline_graphs(model: Any) -> Any:
+    """An exported ``onnx.ModelProto`` with every placeholder node replaced by the nodes
+    and initializers of its graph (names prefixed, so they stay unique); unchanged when it
+    has none."""
+    import onnx
+    from onnx import version_converter
+
+    nodes = list(model.graph.node)
+    if not any(n.domain == PLACEHOLDER_DOMAIN for n in nodes):
+        return model
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    out: list[Any] = []
+    for i, node in enumerate(nodes):
+        if node.domain != PLACEHOLDER_DOMAIN:
+            out.append(node)
+            continue
+        key = next(a.s.decode() for a in node.attribute if a.name == "key")
+        sub = onnx.load_from_string(_INLINE[key])
+        if next(o.version for o in sub.opset_import if o.domain in ("", "ai.onnx")) != opset:
+            sub = version_converter.convert_version(sub, opset)
+        sub = onnx.compose.add_prefix(sub, f"inline{i}_")
+        rename = {sub.graph.input[0].name: node.input[0], sub.graph.output[0].name: node.output[0]}
+        for sn in sub.graph.node:
+            for j, name in enumerate(sn.input):
+                sn.input[j] = rename.get(name, name)
+            for j, name in enumerate(sn.output):
+                sn.output[j] = rename.get(name, name)
+            out.append(sn)
+        model.graph.initializer.extend(sub.graph.initializer)
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+    keep = [o for o in model.opset_import if o.domain != PLACEHOLDER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return model
 
 
 class OnnxHead(nn.Module):
