@@ -176,7 +176,7 @@ def test_onnx_matmul_add_head_and_a_named_features_tensor(
     _assert_same_logits(bad, want, x)
 
 
-@pytest.mark.parametrize("case", ["classes", "size", "channels", "normalisation"])
+@pytest.mark.parametrize("case", ["classes", "size", "batch", "channels", "normalisation"])
 def test_bad_input_gets_one_line_and_exit_2_and_no_file(
         case: str, resnet: nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -187,9 +187,13 @@ def test_bad_input_gets_one_line_and_exit_2_and_no_file(
     if case == "classes":
         argv, expect = (*tv, *_common(out, classes="a,b,c,d")), "4 class names"
     elif case == "size":  # a graph fixed at 32 x 32 asked for 64
-        onnx_path = _export(resnet, tmp_path / "fixed.onnx", dynamic=False)
+        onnx_path = _export(resnet, tmp_path / "fixed.onnx")
         argv = ("import-classifier", "--onnx", onnx_path, *_common(out, size=64))
-        expect = "--input-size"
+        expect = "takes 32 x 32 inputs, --input-size says 64"
+    elif case == "batch":
+        onnx_path = _export(resnet, tmp_path / "batch2.onnx", dynamic=False)
+        argv = ("import-classifier", "--onnx", onnx_path, *_common(out))
+        expect = "batch axis is fixed at 2"
     elif case == "channels":
         argv = (*tv, "--classes", "a,b,c", "--input-size", "32", "--channels", "1",
                 "--mean", "0.5", "--std", "0.5", "--out", out)

@@ -6,6 +6,7 @@ match the page, so a changed command fails here instead of drifting."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conceptguard.bank import load_bank
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,8 +112,10 @@ def test_the_page_has_the_three_commands_and_both_imports() -> None:
     shrunk(DOC.read_text())  # every substitution still matches
 
 
-@pytest.mark.slow
-def test_every_command_of_the_walkthrough_runs(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def walkthrough(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Every command of the page, run in order in a scratch folder: (folder, outputs)."""
+    cwd = tmp_path_factory.mktemp("your-model")
     commands = page_commands(shrunk(DOC.read_text()))
     outputs: dict[str, str] = {}
     pending_serve = None
@@ -123,14 +127,57 @@ def test_every_command_of_the_walkthrough_runs(tmp_path: Path) -> None:
             continue
         if command.startswith("python scripts/check_served.py"):
             assert pending_serve is not None
-            outputs[command] = _serve_and_check(pending_serve, command, tmp_path)
+            outputs[command] = _serve_and_check(pending_serve, command, cwd)
             continue
-        outputs[command] = _run(command, tmp_path).stdout
+        outputs[command] = _run(command, cwd).stdout
+    return cwd, outputs
+
+
+@pytest.mark.slow
+def test_every_command_of_the_walkthrough_runs(walkthrough: tuple[Path, dict[str, str]]
+                                               ) -> None:
+    cwd, outputs = walkthrough
     check = next(v for k, v in outputs.items() if "check_served" in k)
     assert "predictions agree, reject decisions agree" in check, check
     for bank in ("example", "example-onnx", "example-custom"):
-        assert (tmp_path / "banks" / bank / "manifest.json").is_file(), bank
-    assert (tmp_path / "configs" / "example.yaml").is_file()
+        assert (cwd / "banks" / bank / "manifest.json").is_file(), bank
+    assert (cwd / "configs" / "example.yaml").is_file()
+    onnx_import = next(v for k, v in outputs.items() if "import-classifier --onnx" in k)
+    assert json.loads(onnx_import)["gradients"] is True  # onnx2torch converted it
+
+
+@pytest.mark.slow
+def test_an_onnx_model_without_torch_conversion_builds_without_attacks(
+        walkthrough: tuple[Path, dict[str, str]]) -> None:
+    """The page's ONNX model with its ReLUs written as ThresholdedRelu(alpha=0) (the same
+    function; ONNX Runtime runs it, onnx2torch does not convert it): imported, its encoder
+    runs in ONNX Runtime, and the bank is built without attacks and says so."""
+    import onnx
+
+    cwd, _ = walkthrough
+    model = onnx.load(str(cwd / "models" / "example.onnx"))
+    swapped = 0
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "ThresholdedRelu"
+            node.attribute.append(onnx.helper.make_attribute("alpha", 0.0))
+            swapped += 1
+    assert swapped
+    onnx.save(model, str(cwd / "models" / "no-torch.onnx"))
+    r = _run("conceptguard import-classifier --onnx models/no-torch.onnx --classes-from "
+             "data/example --input-size 32 --channels 3 --normalisation imagenet "
+             "--out models/no-torch.safetensors", cwd)
+    assert json.loads(r.stdout)["gradients"] is False
+    assert "ThresholdedRelu" in r.stderr and "skip the attacks" in r.stderr
+    r = _run("conceptguard build-bank --data data/example --classifier "
+             "models/no-torch.safetensors --out banks/no-torch --quick", cwd)
+    assert "attacks skipped: no gradients" in r.stderr
+    bank_dir = cwd / "banks" / "no-torch"
+    metrics = json.loads((bank_dir / "report" / "metrics.json").read_text())
+    assert "ThresholdedRelu" in metrics["attacks_skipped"] and metrics["adversarial"] == {}
+    assert load_bank(bank_dir).manifest.attacks == []
+    graph = (bank_dir / "classifier.onnx").read_bytes()
+    assert b"conceptguard.inline" not in graph and b"ThresholdedRelu" in graph
 
 
 def has_diagnose() -> bool:

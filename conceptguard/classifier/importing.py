@@ -226,9 +226,13 @@ def import_onnx(path: Path, classes: list[str], input_size: int, channels: int,
 
 
 def _check_static_dims(inp: og.OnnxInput, channels: int, size: int) -> None:
-    c, h, w = inp.dims[1:]
+    n, c, h, w = inp.dims
+    if n is not None:
+        raise ValueError(f"the ONNX model's batch axis is fixed at {n}; export it with a "
+                         "dynamic batch axis (torch.onnx.export's dynamic_axes)")
     if c is not None and c != channels:
-        raise ValueError(f"the ONNX model takes {c} channels, --channels says {channels}")
+        raise ValueError(f"the ONNX model takes {c} channels on axis 1 (NCHW), --channels "
+                         f"says {channels}")
     if (h is not None and h != size) or (w is not None and w != size):
         raise ValueError(f"the ONNX model takes {h} x {w} inputs, --input-size says {size}")
 
