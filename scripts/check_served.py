@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-# trust lies in [0, 1]; the service (ONNX Runtime, float32) and the report (the offline
-# scoring of the same graph's outputs) round differently: 2**7 float32 epsilons
-TRUST_TOLERANCE = float(np.finfo(np.float32).eps) * 2 ** 7
+from conceptguard.scoring import GRAPH_TOLERANCE
+
+# the service scores in its float32 fused graph, the report in float64 numpy from the same
+# served outputs: the agreement every bank's graph is checked to when it is written/loaded
+TRUST_TOLERANCE = GRAPH_TOLERANCE
 
 
 def sample_files(bank: Path) -> tuple[list[Path], dict]:
