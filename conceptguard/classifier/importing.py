@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,9 +162,8 @@ def _check_runs(run: Callable[[np.ndarray], object], channels: int, size: int) -
         with torch.no_grad():
             run(x)
     except Exception as err:  # torch and ONNX Runtime raise many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"the model rejects inputs of {channels} x {size} x {size} "
-                         f"(--channels, --input-size): {first[:300]}") from err
+                         f"(--channels, --input-size): {_first_line(err)}") from err
 
 
 def import_onnx(path: Path, classes: list[str], input_size: int, channels: int,
@@ -181,11 +181,15 @@ def import_onnx(path: Path, classes: list[str], input_size: int, channels: int,
         original = onnx.load(str(path))
     except Exception as err:
         raise ValueError(f"{path}: not a readable ONNX model ({err})") from err
-    model = og.normalised(original)
+    try:
+        model = og.normalised(original)
+        session = ort.InferenceSession(original.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnx and ONNX Runtime raise their own types
+        raise ValueError(f"{path}: ONNX Runtime cannot load the model "
+                         f"({_first_line(err)})") from err
     inp = og.image_input(model)
     _check_static_dims(inp, channels, input_size)
-    session = ort.InferenceSession(original.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
 
     def source(x: np.ndarray) -> np.ndarray:
         return np.asarray(session.run(None, {inp.name: x.astype(np.float32)})[0])
@@ -195,34 +199,42 @@ def import_onnx(path: Path, classes: list[str], input_size: int, channels: int,
     if len(n_out) != 2 or n_out[1] != len(classes):
         raise ValueError(f"{len(classes)} class names, but the model's output has shape "
                          f"{tuple(n_out)} (classes on axis 1)")
-    head_module: nn.Module
-    linear = None
-    if features is None:
-        linear = og.find_linear_head(model)
-    else:
-        try:
-            linear = og.find_linear_head(model)
-        except ValueError:
-            linear = None
-        if linear is not None and linear.features != features:
-            linear = None
-    feat = linear.features if linear is not None else str(features)
+    feat, linear = _split_point(model, features)
     encoder = OnnxModule(og.subgraph(model, [inp.name], [feat]))
+    head: nn.Module
     if linear is not None:
-        head_module = linear_head(linear.weight, linear.bias)
+        head = linear_head(linear.weight, linear.bias)
     else:
         shape = og.feature_shape(model, feat)[1:]
         if not shape or any(d is None for d in shape):
-            probe = encoder(torch.zeros(1, channels, input_size, input_size))
-            shape = tuple(probe.shape[1:])
-        head_module = OnnxHead(og.subgraph(model, [feat], [og.output_name(model)]),
-                               [int(d) for d in shape])  # type: ignore[arg-type]
+            with torch.no_grad():
+                shape = tuple(encoder(torch.zeros(1, channels, input_size, input_size)).shape[1:])
+        head = OnnxHead(og.subgraph(model, [feat], [og.output_name(model)]),
+                        [int(d) for d in shape])  # type: ignore[arg-type]
     spec = ClassifierSpec(arch=ONNX_ARCH, num_classes=len(classes), in_channels=channels,
                           input_size=input_size, head_layer="head", mean=mean, std=std,
                           classes=classes)
-    split = SplitClassifier(encoder, head_module, mean, std, spec.input_shape).eval()
+    split = SplitClassifier(encoder, head, mean, std, spec.input_shape).eval()
     origin = f"ONNX {path.name} (features: {feat!r})"
     return Imported(split, spec, source, origin)
+
+
+def _split_point(model: Any, features: str | None) -> tuple[str, og.LinearHead | None]:
+    """The penultimate features tensor and, when the head after it is one linear layer
+    (the final Gemm/MatMul + Add), that layer."""
+    if features is None:
+        linear = og.find_linear_head(model)  # "no detectable head" when there is none
+        return linear.features, linear
+    try:
+        linear = og.find_linear_head(model)
+    except ValueError:
+        return features, None
+    return features, linear if linear.features == features else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _check_static_dims(inp: og.OnnxInput, channels: int, size: int) -> None:
