@@ -120,4 +120,6 @@ def attack_batch(attack, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.T
     the result depends on the batch's rows and ``seed`` only, so any engine that gives the
     attack the same batches gets the same images."""
     torch.manual_seed(seed)
-    return attack(x, y).detach().clamp(0.0, 1.0)
+    # contiguous: an NHWC batch permuted to NCHW is a strided view, and torchattacks' L2
+    # attacks ``view`` their random start (of the same strides) flat, which fails for RGB
+    return attack(x.contiguous(), y).detach().clamp(0.0, 1.0)

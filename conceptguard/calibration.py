@@ -19,7 +19,7 @@ from conceptguard.detectors import (
     detector_risks,
     fit_detectors,
 )
-from conceptguard.heads import fit_head
+from conceptguard.heads import fit_head, never_head
 from conceptguard.heatmaps import Heatmaps
 from conceptguard.metrics import auroc
 from conceptguard.scoring import Monitor
@@ -196,7 +196,9 @@ def fit_trust_model(x: np.ndarray, stream: Batch, knots: np.ndarray, spec: Calib
         "misclassification": fit_head(x[familiar][:, cols], wrong[familiar], spec.l2,
                                       w[familiar]),
         "anomaly": fit_head(x, anomalous, v.anomaly_l2, w),
-        "adversarial": fit_head(x[kind_rows], attack[kind_rows], spec.l2, w[kind_rows]),
+        # no attacked inputs (a classifier without gradients): a head that never fires
+        "adversarial": (fit_head(x[kind_rows], attack[kind_rows], spec.l2, w[kind_rows])
+                        if attack[kind_rows].any() else never_head(x)),
         "unfamiliar": fit_head(x[kind_rows], np.isin(stream.group[kind_rows],
                                                      ["corruption", "foreign"]),
                                spec.l2, w[kind_rows]),

@@ -60,8 +60,24 @@ def onnx_export(module: nn.Module, dummies: tuple[torch.Tensor, ...],
             dynamic_axes={n: {0: "batch"} for n in (*input_names, *output_names)},
             opset_version=opset, dynamo=False,
         )
+        _inline_placeholders(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _inline_placeholders(path: str) -> None:
+    """Fill in the graphs of imported ONNX encoders that run in ONNX Runtime (exported as
+    placeholder nodes; see ``conceptguard.classifier.onnx_module``)."""
+    from conceptguard.classifier.onnx_module import PLACEHOLDER_DOMAIN, inline_graphs
+
+    with open(path, "rb") as fh:
+        if PLACEHOLDER_DOMAIN.encode() not in fh.read():
+            return
+    import onnx
+
+    model = inline_graphs(onnx.load(path))
+    onnx.checker.check_model(model)
+    onnx.save(model, path)

@@ -61,3 +61,14 @@ def fit_head(x: np.ndarray, positive: np.ndarray, l2: float = 1e-2,
     w, b = fit_logistic((x - mean) / scale, positive.astype(np.float64), l2,
                         sample_weight=sample_weight)
     return LogisticHead(mean, scale, w, b)
+
+
+NEVER_P = 1e-6
+
+
+def never_head(x: np.ndarray) -> LogisticHead:
+    """A head without positives to fit on (no attacks in a build whose classifier has no
+    gradients): ``P(defect) = NEVER_P`` for every input."""
+    f = x.shape[1]
+    return LogisticHead(np.zeros(f), np.ones(f), np.zeros(f),
+                        float(np.log(NEVER_P / (1.0 - NEVER_P))))

@@ -1,5 +1,5 @@
-"""The ``conceptguard`` command: train-demo, build-bank, export-graph, inject-faults, diagnose,
-report, serve."""
+"""The ``conceptguard`` command: import-classifier, init, train-demo, build-bank,
+export-graph, inject-faults, diagnose, check-concepts, report, serve."""
 
 from __future__ import annotations
 
@@ -11,6 +11,70 @@ import time
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("configs/fashion-mnist-demo.yaml")
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise ValueError(f"expected numbers separated by commas, got {text!r}") from exc
+
+
+def class_names(classes: str | None, classes_from: Path | None) -> list[str]:
+    """``--classes a,b,c`` or the class sub-folders of an image folder (its ``train/`` when
+    it has one), sorted as the image-folder source labels them."""
+    from conceptguard.data.image_folder import list_classes
+
+    if (classes is None) == (classes_from is None):
+        raise ValueError("give the class names with --classes a,b,c or --classes-from FOLDER")
+    if classes is not None:
+        return [c.strip() for c in classes.split(",")]
+    root = Path(classes_from)  # type: ignore[arg-type]
+    if not root.is_dir():
+        raise FileNotFoundError(f"--classes-from: {root} is not a folder")
+    return list_classes(root / "train" if (root / "train").is_dir() else root)
+
+
+def _import_classifier(args: argparse.Namespace) -> int:
+    from conceptguard.classifier.importing import normalisation
+    from offline.import_classifier import ImportRequest, import_classifier
+
+    mean, std = normalisation(args.normalisation, _floats(args.mean), _floats(args.std),
+                              args.channels)
+    req = ImportRequest(out=args.out, classes=class_names(args.classes, args.classes_from),
+                        input_size=args.input_size, channels=args.channels, mean=mean, std=std,
+                        torchvision=args.torchvision, weights=args.weights, onnx=args.onnx,
+                        features=args.features)
+    summary = import_classifier(req)
+    print(f"imported {summary['source']}: largest logit difference to the source "
+          f"{summary['max_logit_difference']:.3g} (tolerance {summary['tolerance']:.3g})",
+          file=sys.stderr)
+    if not summary["gradients"]:
+        print(f"warning: {summary['no_gradients_because']}; the encoder runs in ONNX Runtime "
+              "without gradients, so build-bank will skip the attacks (and say so)",
+              file=sys.stderr)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from conceptguard.bank import atomic_write_text
+    from offline.folder_config import folder_config
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to overwrite it")
+    text, plan = folder_config(Path(args.data), Path(args.classifier), name=args.name,
+                               concepts=args.concepts, config=str(out),
+                               profile="quick" if args.quick else "full")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    print(plan, file=sys.stderr)
+    print(f"{out} written; next: conceptguard build-bank --config {out} --out banks/NAME",
+          file=sys.stderr)
+    return 0
 
 
 def _train_demo(args: argparse.Namespace) -> int:
@@ -51,12 +115,32 @@ def _train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_config(args: argparse.Namespace):  # -> JobConfig
+    """``--config``, or with ``--data`` and ``--classifier`` the config ``init`` writes."""
+    from offline.config import JobConfig, load_config
+
+    if args.data is None and args.classifier is None:
+        if args.quick:
+            raise ValueError("--quick applies to --data/--classifier builds (or `init --quick`)")
+        return load_config(args.config or DEFAULT_CONFIG)
+    if args.data is None or args.classifier is None or args.config is not None:
+        raise ValueError("give --config, or --data FOLDER and --classifier FILE together "
+                         "(the config `conceptguard init` would write)")
+    import yaml
+
+    from offline.folder_config import folder_config
+
+    text, plan = folder_config(args.data, args.classifier,
+                               profile="quick" if args.quick else "full")
+    print(plan, file=sys.stderr)
+    return JobConfig.model_validate(yaml.safe_load(text))
+
+
 def _build_bank(args: argparse.Namespace) -> int:
-    from offline.config import load_config
     from offline.engine import make_engine
     from offline.pipeline import build_bank
 
-    cfg = load_config(args.config)
+    cfg = _job_config(args)
     if args.cache_dir:
         cfg.cache_dir = Path(args.cache_dir)
     problem = _missing_offline_input(cfg.classifier.path, args.config)
@@ -191,7 +275,8 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
     ev = None
     if evidence:
         from offline.report_evidence import compute_evidence
-        ev = compute_evidence(bank, attacks=attacks)
+        # a bank built without attacks (no gradients) has no attack examples either
+        ev = compute_evidence(bank, attacks=attacks and "attacks_skipped" not in metrics)
     return write_report(out or bank.path / "report", bank.manifest, bank.tensors, metrics, ev)
 
 
@@ -289,6 +374,44 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conceptguard", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
+    i = sub.add_parser("import-classifier",
+                       help="write the project's classifier file from a torchvision checkpoint "
+                            "or an ONNX classifier (logits checked against the source)")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--torchvision", metavar="ARCH",
+                     help="a torchvision classification model name, e.g. resnet18")
+    src.add_argument("--onnx", type=Path, metavar="FILE", help="an ONNX classifier (NCHW input)")
+    i.add_argument("--weights", type=Path, default=None,
+                   help="with --torchvision: .safetensors, or a state dict torch.load reads "
+                        "with weights_only=True")
+    i.add_argument("--features", default=None, metavar="TENSOR",
+                   help="with --onnx: the penultimate features tensor (default: the input of "
+                        "the final Gemm/MatMul)")
+    i.add_argument("--classes", default=None, help="class names in logit order: a,b,c")
+    i.add_argument("--classes-from", type=Path, default=None, metavar="FOLDER",
+                   help="class names from an image folder's sub-folders (sorted)")
+    i.add_argument("--input-size", type=int, required=True, help="square input side, pixels")
+    i.add_argument("--channels", type=int, choices=[1, 3], required=True)
+    i.add_argument("--mean", default=None, help="per-channel mean of [0, 1] pixels: m1,m2,m3")
+    i.add_argument("--std", default=None, help="per-channel std of [0, 1] pixels: s1,s2,s3")
+    i.add_argument("--normalisation", choices=["imagenet", "none"], default=None,
+                   help="a preset instead of --mean/--std (none: the model takes [0, 1])")
+    i.add_argument("--out", type=Path, required=True, help="the classifier file to write")
+    i.set_defaults(func=_import_classifier)
+
+    n = sub.add_parser("init", help="write a commented build-bank config for an image folder "
+                                    "and a classifier file")
+    n.add_argument("--data", type=Path, required=True, help="the image folder")
+    n.add_argument("--classifier", type=Path, required=True, help="the classifier file")
+    n.add_argument("--out", type=Path, required=True, help="the config to write (YAML)")
+    n.add_argument("--name", default=None, help="the bank's name (default: the folder's)")
+    n.add_argument("--concepts", default="clothing",
+                   help="a bundled concept set (clothing, rival10) or a YAML path")
+    n.add_argument("--force", action="store_true", help="overwrite --out")
+    n.add_argument("--quick", action="store_true",
+                   help="the quick profile (as build-bank --quick)")
+    n.set_defaults(func=_init)
+
     t = sub.add_parser("train-demo", help="train the demo ResNet on Fashion-MNIST")
     t.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     t.add_argument("--out", type=Path, default=None, help="default: the config's classifier.path")
@@ -296,7 +419,15 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train_demo)
 
     b = sub.add_parser("build-bank", help="run the offline job and write a bank folder")
-    b.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    b.add_argument("--config", type=Path, default=None, help=f"default: {DEFAULT_CONFIG}")
+    b.add_argument("--data", type=Path, default=None,
+                   help="instead of --config: an image folder (with --classifier), sizes as "
+                        "`conceptguard init` chooses them")
+    b.add_argument("--classifier", type=Path, default=None,
+                   help="with --data: the classifier file (import-classifier writes it)")
+    b.add_argument("--quick", action="store_true",
+                   help="with --data: a small bank (splits of at most 300, two attacks, three "
+                        "corruptions, a short evaluation) to check a setup first")
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--cache-dir", type=Path, default=None)
     b.add_argument("--no-cache", action="store_true", help="recompute every stage")

@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,6 +39,7 @@ from conceptguard.attacks import AttackSpec
 from conceptguard.calibration import Batch, FittedMonitor, fit_monitor
 from conceptguard.classifier.inference import predict, to_tensor
 from conceptguard.classifier.io import load_classifier
+from conceptguard.classifier.onnx_module import conversion_errors
 from conceptguard.concepts import ConceptSet, class_matrix, concept_matrix, load_concept_set
 from conceptguard.data import Dataset, make_splits, open_source
 from conceptguard.data.splits import Splits
@@ -100,6 +102,7 @@ class Context:
     engine: Engine = field(default_factory=LocalEngine)
     staging: Path = Path(".")
     vlm: LazyVLM = field(init=False)
+    attacks_skipped: str | None = None  # why, when the classifier has no gradients
 
     def __post_init__(self) -> None:
         self.vlm = LazyVLM(self.cfg)
@@ -321,9 +324,24 @@ def classifier_stage(ctx: Context, state: BuildState) -> ClassifierOut:
     if cspec.num_classes != len(d.classes):
         raise ValueError(f"classifier has {cspec.num_classes} classes, the dataset "
                          f"{len(d.classes)}")
+    errors = conversion_errors(model)
+    if errors:
+        skip_attacks(ctx, f"no gradients: {errors[0]} (the imported ONNX graph runs in ONNX "
+                          "Runtime)")
     z = {s: torch_features(ctx, path, chash, d.ds[s].images, s, d.key)
          for s in ("fit", "reference")}
     return ClassifierOut(model, cspec, chash, path, z["fit"], z["reference"])
+
+
+def skip_attacks(ctx: Context, reason: str) -> None:
+    """Build without attacks (no attacked inputs to fit on, evaluate or draw H_adv from):
+    the progress output, metrics.json (``attacks_skipped``) and the manifest's empty
+    ``attacks`` say so."""
+    adv = ctx.cfg.adversarial.model_copy(update={"attacks": [], "fit_attacks": [],
+                                                 "per_split": 0, "fit_per_attack": 0})
+    ctx.cfg = ctx.cfg.model_copy(update={"adversarial": adv})
+    ctx.attacks_skipped = reason
+    print(f"attacks skipped: {reason}", file=sys.stderr, flush=True)
 
 
 def vlm_stage(ctx: Context, state: BuildState) -> VLMOut:
@@ -440,6 +458,8 @@ def evaluation_stage(ctx: Context, state: BuildState) -> EvaluationOut:
         **evaluate(cfg, fitted, state.stream, clean, t.labels, e.sets, e.attempted, cfg.seed),
         "calibration": fitted.info,
     }
+    if ctx.attacks_skipped:
+        metrics["attacks_skipped"] = ctx.attacks_skipped
     return EvaluationOut(clean, metrics)
 
 

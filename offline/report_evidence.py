@@ -120,14 +120,15 @@ def compute_evidence(bank: Bank, *, attacks: bool = True) -> Evidence:
                     f"{', '.join(sorted(FOREIGN_SETS))}")
 
     parts, plabels = [], []
+    per_kind = min(CORRUPTIONS_PER_KIND, len(test))  # a small image folder has fewer
     for i, kind in enumerate(sorted(CORRUPTIONS)):
-        idx = rng.choice(len(test), CORRUPTIONS_PER_KIND, replace=False)
+        idx = rng.choice(len(test), per_kind, replace=False)
         parts.append(corrupt(test.images[idx], kind, 3, SEED + i))
         plabels.append(test.labels[idx])
     cimg, clab = np.concatenate(parts), np.concatenate(plabels)
     cs = _run(bank, cimg)
     ev.corrupted = Group("corrupted", cimg, clab, cs, cs.predictions != clab)
-    ev.notes.append(f"corrupted: {CORRUPTIONS_PER_KIND} test inputs per corruption at "
+    ev.notes.append(f"corrupted: {per_kind} test inputs per corruption at "
                     f"severity 3 ({len(CORRUPTIONS)} kinds)")
 
     if attacks:

@@ -21,7 +21,8 @@ from torch import nn
 
 from conceptguard.classifier.demo_resnet import small_resnet
 from conceptguard.classifier.hashing import spec_from_metadata
-from conceptguard.classifier.spec import SMALL_RESNET, ClassifierSpec
+from conceptguard.classifier.onnx_module import onnx_split_classifier
+from conceptguard.classifier.spec import ONNX_ARCH, SMALL_RESNET, ClassifierSpec
 from conceptguard.classifier.split import (
     SplitClassifier,
     split_by_layer,
@@ -32,22 +33,36 @@ _RESNET_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"
                  "avgpool", "fc")
 
 
-def build_classifier(spec: ClassifierSpec) -> SplitClassifier:
-    """A randomly initialised ``SplitClassifier`` with the spec's architecture."""
-    model = _build_backbone(spec)
+def build_classifier(spec: ClassifierSpec,
+                     tensors: Mapping[str, torch.Tensor] | None = None) -> SplitClassifier:
+    """A randomly initialised ``SplitClassifier`` with the spec's architecture. An imported
+    ONNX classifier (``arch="onnx"``) is rebuilt from its graphs, which are among its file's
+    ``tensors``."""
+    if spec.arch == ONNX_ARCH:
+        if tensors is None:
+            raise ValueError("an imported ONNX classifier is rebuilt from its file's tensors "
+                             "(use load_classifier)")
+        return onnx_split_classifier(spec, tensors)
+    return split_backbone(build_backbone(spec), spec)
+
+
+def split_backbone(model: nn.Module, spec: ClassifierSpec) -> SplitClassifier:
+    """``model`` (a backbone of ``spec``'s architecture) split at ``spec.head_layer``."""
     if spec.head_layer == "fc" and all(hasattr(model, name) for name in _RESNET_PARTS):
         return split_torchvision_resnet(model, spec.mean, spec.std, spec.input_shape)
     return split_by_layer(model, spec.head_layer, spec.mean, spec.std, spec.input_shape)
 
 
-def _build_backbone(spec: ClassifierSpec) -> nn.Module:
+def build_backbone(spec: ClassifierSpec) -> nn.Module:
+    """The unsplit network of ``spec``'s architecture, randomly initialised."""
     if spec.arch == SMALL_RESNET:
         widths = spec.widths if spec.widths is not None else (16, 32, 64, 128)
         return small_resnet(spec.num_classes, spec.in_channels, widths)
     known = torchvision.models.list_models(module=torchvision.models)
     if spec.arch not in known:
-        raise ValueError(f"unknown arch {spec.arch!r}: use {SMALL_RESNET!r} or a torchvision "
-                         f"classification model ({', '.join(sorted(known)[:5])}, ...)")
+        raise ValueError(f"unknown arch {spec.arch!r}: use {SMALL_RESNET!r}, {ONNX_ARCH!r} (made "
+                         "by import-classifier) or a torchvision classification model "
+                         f"({', '.join(sorted(known)[:5])}, ...)")
     model = torchvision.models.get_model(spec.arch, weights=None, num_classes=spec.num_classes)
     if spec.in_channels != 3:
         _adapt_first_conv(model, spec.in_channels)
@@ -124,7 +139,7 @@ def load_classifier(path: Path) -> tuple[SplitClassifier, ClassifierSpec, str]:
     """Load a classifier saved by :func:`save_classifier`, verifying its hash; eval mode."""
     path = Path(path)
     spec, actual_hash, tensors = verify_classifier_file(path)
-    model = build_classifier(spec)
+    model = build_classifier(spec, tensors)
     _check_tensors(model, tensors, path)
     model.load_state_dict(tensors, strict=True)
     _check_normalisation(model, spec, path)

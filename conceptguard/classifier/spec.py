@@ -8,6 +8,7 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, model_validator
 
 SMALL_RESNET = "small_resnet"
+ONNX_ARCH = "onnx"  # imported from an ONNX file: the graphs travel in the classifier file
 
 
 class ClassifierSpec(BaseModel):
@@ -15,7 +16,7 @@ class ClassifierSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: str  # "small_resnet" or a torchvision classification model name, e.g. "resnet18"
+    arch: str  # "small_resnet", "onnx" or a torchvision classification model, e.g. "resnet18"
     num_classes: int
     in_channels: int
     input_size: int  # square inputs: H = W = input_size

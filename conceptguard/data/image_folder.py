@@ -46,6 +46,29 @@ def index_image_folder(root: Path, image_size: int | None = None, seed: int = 0,
     if channels not in MODES:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     size = image_size or DEFAULT_IMAGE_SIZE
+    classes, (train_paths, train_labels), (test_paths, test_labels) = _index(
+        root, seed, test_fraction)
+    return (_lazy(f"image_folder/{root.name}/train", root, train_paths, train_labels, classes,
+                  size, channels),
+            _lazy(f"image_folder/{root.name}/test", root, test_paths, test_labels, classes,
+                  size, channels))
+
+
+def split_files(root: Path, seed: int = 0, test_fraction: float = 0.2
+                ) -> tuple[list[str], dict[str, tuple[list[Path], np.ndarray]]]:
+    """``(classes, {"train": (files, labels), "test": (files, labels)})``: the files behind
+    :func:`index_image_folder`'s rows, in its order (row ``i`` of a split is file ``i``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder root {root} does not exist or is not a folder")
+    classes, train, test = _index(root, seed, test_fraction)
+    return classes, {name: ([root / os.fsdecode(p) for p in paths.tolist()], labels)
+                     for name, (paths, labels) in (("train", train), ("test", test))}
+
+
+def _index(root: Path, seed: int, test_fraction: float
+           ) -> tuple[list[str], tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Classes, (train paths, labels), (test paths, labels); paths relative to ``root``."""
     has_train, has_test = ((root / split).is_dir() for split in SPLITS)
     if has_train != has_test:
         raise ValueError(f"{root}: has only one of the train/ and test/ sub-folders")
@@ -64,10 +87,8 @@ def index_image_folder(root: Path, image_size: int | None = None, seed: int = 0,
         test_paths, test_labels = paths[test_idx], labels[test_idx]
     if not len(train_paths):
         raise ValueError(f"{root}: no image files found")
-    return (_lazy(f"image_folder/{root.name}/train", root, train_paths, train_labels, classes,
-                  size, channels),
-            _lazy(f"image_folder/{root.name}/test", root, test_paths, test_labels, classes,
-                  size, channels))
+    _check_no_empty_class(root / "train" if has_train else root, classes, train_labels)
+    return classes, (train_paths, train_labels), (test_paths, test_labels)
 
 
 def load_image_folder(root: Path, image_size: int | None = None, seed: int = 0,
@@ -210,6 +231,15 @@ def _relative_images(folder: str) -> list[str]:
             found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
     found.sort(key=lambda r: r.split(os.sep))
     return found
+
+
+def _check_no_empty_class(folder: Path, classes: list[str], labels: np.ndarray) -> None:
+    """Every class sub-folder must hold images (a class without any cannot be monitored)."""
+    counts = np.bincount(labels, minlength=len(classes))
+    empty = [name for name, n in zip(classes, counts, strict=True) if n == 0]
+    if empty:
+        raise ValueError(f"{folder}: class folder(s) {empty} hold no images "
+                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove them")
 
 
 def _subfolders(folder: Path) -> list[str]:
