@@ -17,11 +17,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.encode_v2 import OUTPUTS
-from service.errors import ServiceError
+from service.errors import ServiceError, invalid_request
 from service.schemas import InferenceRequest
 from service.v2_tensors import InputTensor
 
@@ -52,8 +51,8 @@ def parse_request(body: bytes, headers: Mapping[str, str]
         raise ServiceError("the request body is not valid JSON", 400, "invalid_json") from exc
     try:
         req = InferenceRequest.model_validate(obj)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from exc
+    except ValidationError as exc:  # 422 whatever the Content-Type (binary data included)
+        raise invalid_request(exc.errors()) from exc
     tensors: list[InputTensor] = []
     offset = 0
     for inp in req.inputs:
