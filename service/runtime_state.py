@@ -57,7 +57,10 @@ class Loaded:
 
     @property
     def concept_names(self) -> list[str]:
-        return self.bank.manifest.concept_names
+        names = self._cache.get("concept_names")
+        if names is None:  # built from the manifest's concepts once per bank, not per request
+            names = self._cache["concept_names"] = self.bank.manifest.concept_names
+        return names
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

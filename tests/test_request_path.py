@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, Summary, generate_latest
 
 from conceptguard.scoring import Scores
-from service.decoding import Decoder, where
+from service.codecs import Decoder, where
 from service.errors import (
     BatcherClosed,
     BodyTimeout,
@@ -203,7 +203,7 @@ def test_the_batch_worker_decodes_and_fails_only_the_bad_image(demo_bank_dir: Pa
                                                                sample_png: bytes) -> None:
     """run_batch gets encoded bytes (decoded there: one hop), decoded arrays and a bad
     image in one batch: one runtime call, the bad image gets its own error."""
-    from service.dataplane import DataPlane, Job
+    from service.dataplane import DataPlane, Job, gather
     from service.runtime_state import RuntimeState, load
 
     settings = Settings(bank=demo_bank_dir, backend="onnx", device="cpu", threads=1)
@@ -215,10 +215,17 @@ def test_the_batch_worker_decodes_and_fails_only_the_bad_image(demo_bank_dir: Pa
                                Job(loaded, decoded)])
     finally:
         plane._executor.shutdown(wait=False)
-    good, bad, same = out
+    good_row, bad, same_row = out
     assert isinstance(bad, ServiceError) and bad.message.startswith("image 1: ")
+    assert not isinstance(good_row, BaseException)
+    assert not isinstance(same_row, BaseException)
+    assert good_row[0] is same_row[0]  # rows of one batch's scores: one runtime call
+    assert (good_row[1], same_row[1]) == (0, 1)
+    both = gather([good_row, same_row])  # side by side in one batch: one slice of it
+    assert np.shares_memory(both.trust, good_row[0].trust)
+    good, same = gather([good_row]), gather([same_row])
     assert isinstance(good, Scores) and isinstance(same, Scores)
-    assert len(good) == len(same) == 1
+    assert len(good) == len(same) == 1 and len(both) == 2
     assert np.array_equal(good.predictions, same.predictions)
     assert good.trust == pytest.approx(same.trust, abs=1e-5)  # rows of one batch call
 
