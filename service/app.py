@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conceptguard.bank import BankError, check_bank_quickly
 from conceptguard.threads import single_threaded_blas
-from service import __version__, metrics
+from service import __version__, metrics_export
 from service.dataplane import DataPlane
 from service.docs_route import router as docs_router
 from service.errors import ServiceError, as_service_error, error_response
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.runtime_state = state
         app.state.dataplane = dataplane
         app.state.v2_stats = ModelStats()
-        metrics.initialise(app)
+        metrics_export.initialise(app)
         grpc_server = await start_grpc(s, state, dataplane, app.state.v2_stats)
         shared = SharedBank.from_env(s)
         if shared is not None:
@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await grpc_server.stop()
             state.stop()
             await dataplane.close()
-            metrics.mark_process_dead()
+            metrics_export.mark_process_dead()
 
     app = FastAPI(
         title="conceptguard",
@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text format)",
              response_class=Response)
     def prometheus_metrics() -> Response:  # sync: runs in the thread pool
-        body, content_type = metrics.render()
+        body, content_type = metrics_export.render()
         return Response(body, media_type=content_type)
 
     return app
@@ -187,7 +187,7 @@ async def _load_and_warm(state: RuntimeState, dataplane: DataPlane,
         raise
     except Exception as exc:
         log.error("conceptguard: cannot serve bank %s: %s", state.path, exc)
-        metrics.mark_process_dead()
+        metrics_export.mark_process_dead()
         logging.shutdown()
         os._exit(3)
 

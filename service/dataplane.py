@@ -39,6 +39,7 @@ from conceptguard.imaging import to_model_input
 from conceptguard.runtime import RuntimeOutputs
 from conceptguard.scoring import Scores, score, scores_from_graph
 from service import metrics
+from service.batch_metrics import QueueObserver
 from service.batching import Batcher
 from service.codecs import (
     Decoder,
@@ -48,7 +49,8 @@ from service.codecs import (
     where,
 )
 from service.errors import ServiceError
-from service.runtime_state import Loaded, RuntimeState
+from service.loaded import Loaded
+from service.runtime_state import RuntimeState
 from service.settings import Settings
 
 __all__ = ["DataPlane", "Job", "Row", "ServiceError", "gather", "scores_of"]
@@ -83,7 +85,7 @@ class DataPlane:
         self.batcher: Batcher[Job, Row] = Batcher(
             self.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s, queue_size=settings.queue_size,
-            observer=metrics.QueueObserver(), run_sync=self._run_inference,
+            observer=QueueObserver(), run_sync=self._run_inference,
             adaptive=settings.adaptive_batching)
 
     async def _run_inference(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -218,7 +218,7 @@ class SharedBank:
 
     async def adopt_startup(self, state: RuntimeState) -> None:
         """A worker (re)started after a reload serves the bank the pointer names."""
-        from service.runtime_state import confine
+        from service.bank_paths import confine
 
         pointer = self.read_pointer()
         if pointer is None:

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, Summary, generate_latest
 
 from conceptguard.scoring import Scores
+from service.batch_metrics import observe_many, observe_summary_many
 from service.codecs import Decoder, where
 from service.errors import (
     BatcherClosed,
@@ -25,7 +26,7 @@ from service.errors import (
     as_service_error,
     error_response,
 )
-from service.metrics import SCORE_BUCKETS, observe_many, observe_summary_many
+from service.metrics import SCORE_BUCKETS
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +85,8 @@ _MULTIPROCESS = """
 import json, sys
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, Summary, multiprocess
-from service.metrics import SCORE_BUCKETS, observe_many, observe_summary_many
+from service.batch_metrics import observe_many, observe_summary_many
+from service.metrics import SCORE_BUCKETS
 values = np.array(json.loads(sys.argv[1]))
 h1 = Histogram("mp_one", "x", ["model"], buckets=SCORE_BUCKETS)
 h2 = Histogram("mp_many", "x", ["model"], buckets=SCORE_BUCKETS)
@@ -235,7 +237,7 @@ def test_model_metrics_record_counts_a_batch_per_input() -> None:
     input (the label sets of the exported series do not change)."""
     from prometheus_client import REGISTRY
 
-    from service.metrics import ModelMetrics
+    from service.batch_metrics import ModelMetrics
 
     s = _scores(9)
     s = Scores(**{**s.__dict__, "reason": ["unfamiliar", "none", "adversarial-like"] * 3})
