@@ -1,25 +1,19 @@
-"""Loading a bank for serving: validate it, start its runtime (ONNX Runtime, or torch),
-run a probe batch end to end, and bundle it as a :class:`~service.loaded.Loaded`. Every
-failure is a :class:`~conceptguard.bank.BankError` naming the problem."""
+"""Opening a bank for serving: validate it, start its runtime (ONNX Runtime, or torch) and
+run a probe batch end to end (:func:`open_bank`). Every failure is a
+:class:`~conceptguard.bank.BankError` naming the problem."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from conceptguard.bank import Bank, BankError, load_bank, probe_images
-from service.bank_summary import runtime_graph
-from service.batch_metrics import ModelMetrics
-from service.loaded import Loaded
 from service.settings import Settings
 
 if TYPE_CHECKING:  # the runtimes import torch / onnxruntime: load them at startup only
     from conceptguard.runtime import Runtime
-
-log = logging.getLogger("conceptguard.service")
 
 
 def make_runtime(bank: Bank, settings: Settings) -> Runtime:
@@ -52,9 +46,9 @@ def bank_info(bank: Bank) -> dict[str, str]:
             "classifier_hash": m.classifier.hash, "schema_version": str(m.schema_version)}
 
 
-def load(path: Path, settings: Settings) -> Loaded:
-    """Load and validate a bank, start its runtime and check it end to end (blocking).
-    Every failure is a :class:`BankError`."""
+def open_bank(path: Path, settings: Settings) -> tuple[Bank, Runtime]:
+    """Load and validate a bank, start its runtime and check it end to end on a probe batch
+    (blocking). Every failure is a :class:`BankError`."""
     try:
         bank = load_bank(path, expected_classifier_hash=settings.expected_classifier_hash)
     except BankError:
@@ -66,16 +60,7 @@ def load(path: Path, settings: Settings) -> Loaded:
     except Exception as exc:
         raise BankError(f"cannot start the {settings.backend} runtime on {path}: {exc}") from exc
     _smoke_test(bank, runtime)
-    m = bank.manifest
-    name = settings.model_name or m.name
-    provider = getattr(runtime, "provider", runtime.device)
-    info = {**bank_info(bank), "backend": runtime.name, "device": runtime.device,
-            "provider": provider}
-    metrics = ModelMetrics(name, m.classes, m.concept_names, info)
-    log.info("loaded bank %s (%s) from %s: backend %s, device %s, provider %s (asked: %s), "
-             "graph %s", m.bank_id, name, path, runtime.name, runtime.device, provider,
-             settings.device, runtime_graph(runtime))
-    return Loaded(bank=bank, runtime=runtime, model_name=name, metrics=metrics)
+    return bank, runtime
 
 
 def _smoke_test(bank: Bank, runtime: Runtime) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from conceptguard.runtime import Runtime
-    from service.loaded import Loaded
+    from service.runtime_state import Loaded
 
 
 def bank_summary(loaded: Loaded, path: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ import numpy as np
 from conceptguard.imaging import ImageError, preprocess_bytes
 from conceptguard.scoring import Scores, top_reasons
 from service.errors import ServiceError
-from service.loaded import Loaded
+from service.runtime_state import Loaded
 from service.settings import Settings
 
 log = logging.getLogger("conceptguard.service")

@@ -49,8 +49,7 @@ from service.codecs import (
     where,
 )
 from service.errors import ServiceError
-from service.loaded import Loaded
-from service.runtime_state import RuntimeState
+from service.runtime_state import Loaded, RuntimeState
 from service.settings import Settings
 
 __all__ = ["DataPlane", "Job", "Row", "ServiceError", "gather", "scores_of"]

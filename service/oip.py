@@ -28,7 +28,7 @@ from service.codecs import (
 )
 from service.dataplane import DataPlane
 from service.errors import ServiceError
-from service.loaded import Loaded
+from service.runtime_state import Loaded
 
 # the protocol extensions served (GET /v2, gRPC ServerMetadata)
 EXTENSIONS = ["binary_tensor_data", "statistics"]

@@ -12,7 +12,7 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from service.loaded import Loaded
+    from service.runtime_state import Loaded
     from service.settings import Settings
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}

@@ -14,10 +14,9 @@ from fastapi.responses import JSONResponse, Response
 from service import __version__, v2_binary
 from service.codecs import IMAGE_INPUT, OUTPUTS, TENSOR_INPUT, requested_outputs
 from service.dataplane import DataPlane
-from service.loaded import Loaded
 from service.oip import EXTENSIONS, ModelStats, model_metadata, platform, resolve_model
 from service.oip import infer as infer_tensors
-from service.runtime_state import RuntimeState
+from service.runtime_state import Loaded, RuntimeState
 from service.schemas import (
     InferenceRequest,
     InferenceResponse,

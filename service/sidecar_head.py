@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from service.loaded import Loaded
+    from service.runtime_state import Loaded
 
 
 def linear_head(loaded: Loaded) -> tuple[np.ndarray, np.ndarray] | None:

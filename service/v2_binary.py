@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from conceptguard.scoring import Scores
 from service.codecs import OUTPUTS, InputTensor, json_values, output_array, raw_bytes
 from service.errors import ServiceError, invalid_request
-from service.loaded import Loaded
+from service.runtime_state import Loaded
 from service.schemas import InferenceRequest
 
 HEADER_LENGTH = "inference-header-content-length"

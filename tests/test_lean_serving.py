@@ -24,7 +24,7 @@ import sys, numpy as np
 from pathlib import Path
 import service.app, service.grpc_server
 from service.settings import load_settings
-from service.bank_loader import load
+from service.runtime_state import load
 loaded = load(Path({str(demo_bank_dir)!r}), load_settings(backend="onnx", device="cpu"))
 out = loaded.runtime.run(np.zeros((2, *loaded.input_shape), np.float32))
 assert loaded.head_logits(out.features).shape == out.logits.shape
