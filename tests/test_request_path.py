@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +267,48 @@ def test_model_metrics_record_counts_a_batch_per_input() -> None:
     assert value("conceptguard_concept_score_count", concept="k1") == 9
     assert value("conceptguard_concept_score_sum", concept="k1") == pytest.approx(
         float(concepts[:, 1].sum()))
+
+
+def test_the_json_guard_runs_once_per_request(demo_bank_dir: Path, sample_png: bytes,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middleware checks a JSON body's depth and encoding and marks the request; the
+    route that parses the same body does not check it again. A body the middleware did not
+    see as JSON (no Content-Type) is still checked, once, by the route."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from service import codecs, middleware
+    from service.app import create_app
+
+    calls: list[int] = []
+
+    def counted(body: bytes, max_depth: int) -> str | None:
+        calls.append(len(body))
+        return real(body, max_depth)
+
+    real = codecs.json_problem
+    monkeypatch.setattr(codecs, "json_problem", counted)
+    monkeypatch.setattr(middleware, "json_problem", counted)
+    settings = Settings(bank=demo_bank_dir, backend="onnx", device="cpu", threads=1,
+                        grpc_port=0)
+    body = json.dumps({"images": [base64.b64encode(sample_png).decode()] * 2}).encode()
+    with TestClient(create_app(settings)) as client:
+        for _ in range(300):
+            if client.get("/v2/health/ready").status_code == 200:
+                break
+            time.sleep(0.1)
+        calls.clear()
+        ok = client.post("/v1/classify", content=body,
+                         headers={"Content-Type": "application/json"})
+        assert ok.status_code == 200, ok.text
+        assert calls == [len(body)]
+        calls.clear()
+        bare = client.post("/v1/classify", content=body, headers={"Content-Type": ""})
+        assert bare.status_code == 200, bare.text
+        assert calls == [len(body)]
+        calls.clear()
+        deep = client.post("/v1/classify", content=b"[" * 200 + b"]" * 200,
+                           headers={"Content-Type": "application/json"})
+        assert deep.status_code == 400 and "nested" in deep.json()["error"]["message"]
+        assert len(calls) == 1
