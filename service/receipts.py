@@ -1,6 +1,7 @@
 """Receipts in the answers: the request id and one signed receipt per scored input, put
 into the v1 bodies and the v2 response ``parameters`` (``POST /v1/feedback`` takes a receipt
-back, :mod:`service.routes_feedback`); the book of issued receipts is made once per process."""
+back, :mod:`service.routes_feedback`); the book that signs and checks them is made once
+per app, on first use."""
 
 from __future__ import annotations
 
