@@ -107,7 +107,7 @@ def emit(name: str, payload: dict) -> None:
     print(text)
     out = os.environ.get("BENCH_RESULT")
     if out:
-        from conceptguard.bank import atomic_write_text
+        from conceptguard.atomic import atomic_write_text
 
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,9 @@ CPU with one intra-op thread.
 
 Timed per batch of uint8 images (decoded PNGs): the real
 :meth:`service.dataplane.DataPlane.run_batch` (to model input, runtime, scoring, metric
-recording, one :class:`conceptguard.scoring.Scores` row per image), then the rows joined
-again (:meth:`~conceptguard.scoring.Scores.concat`, what a request of that many images reads).
+recording, each image a reference to its row of the batch's
+:class:`conceptguard.scoring.Scores`), then the rows gathered back
+(:func:`service.dataplane.gather`, what a request of that many images reads).
 Candidates alternate in short rounds; ms per batch of the median round.
 
     .venv/bin/python benchmarks/service_path.py [--bank banks/demo] [--rounds 5]
@@ -25,8 +26,7 @@ import numpy as np
 import onnxruntime as ort
 from _common import DEMO_BANK, emit, interleaved, machine, test_images
 
-from conceptguard.scoring import Scores
-from service.dataplane import DataPlane, Job
+from service.dataplane import DataPlane, Job, gather
 from service.runtime_state import RuntimeState, load
 from service.settings import load_settings
 
@@ -59,7 +59,7 @@ def main() -> None:
 
             def path(loaded, hwc=hwc):
                 rows = plane.run_batch([Job(loaded, a) for a in hwc])
-                return Scores.concat(rows)
+                return gather(rows)
 
             a, b = path(fused), path(numpy_)
             assert np.array_equal(a.predictions, b.predictions)

@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file, save_file
 
+from conceptguard.atomic import atomic_write_text
 from conceptguard.monitor_io import monitor_from_tensors, monitor_shapes
 from conceptguard.projection import PROJECTION_KEYS
 from conceptguard.scoring import Monitor
@@ -296,18 +297,6 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
                       for name in (*CHECKED_FILES, *OPTIONAL_FILES)
                       if (folder / name).is_file()}
     atomic_write_text(folder / MANIFEST, manifest.model_dump_json(indent=2))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def staging_dir(target: Path) -> Path:

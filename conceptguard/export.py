@@ -6,8 +6,6 @@ by :func:`conceptguard.projection.concept_scores`, the same function the offline
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from conceptguard.atomic import atomic_path
 from conceptguard.classifier.split import SplitClassifier
 from conceptguard.graph import INPUT_NAME, OUTPUT_NAMES
 from conceptguard.projection import PROJECTION_KEYS, concept_scores
@@ -50,22 +49,14 @@ def onnx_export(module: nn.Module, dummies: tuple[torch.Tensor, ...],
     """``torch.onnx.export`` (TorchScript exporter) with axis 0 of every input and output
     dynamic (``batch``); written atomically."""
     module = module.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".onnx.tmp") as tmp:
         torch.onnx.export(
-            module, dummies, tmp, input_names=list(input_names),
+            module, dummies, str(tmp), input_names=list(input_names),
             output_names=list(output_names),
             dynamic_axes={n: {0: "batch"} for n in (*input_names, *output_names)},
             opset_version=opset, dynamo=False,
         )
-        _inline_placeholders(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _inline_placeholders(str(tmp))
 
 
 def _inline_placeholders(path: str) -> None:

@@ -474,6 +474,16 @@ def vlm_test_stage(ctx: Context, state: BuildState) -> VLMTestOut:
     return VLMTestOut(idx, first_n, v, t.take(idx))
 
 
+CONSE_NOTE = ("ConSE-style (EfficientNet-Lite0 ImageNet probabilities mixed over MiniLM "
+              "text embeddings); not CLIP")
+
+
+def vlm_note(backend: str) -> str:
+    """What metrics.json says the VLM is: ConSE's caveat, else the backend's own registered
+    name (``open_clip``, or a backend another package registered)."""
+    return CONSE_NOTE if backend == "conse" else backend
+
+
 def fault_localisation_stage(ctx: Context, state: BuildState) -> dict:
     """metrics.json's ``vlm`` and ``fault_localisation`` sections."""
     cfg, vt, class_T = ctx.cfg, state.vlm_test, state.vlm.class_T
@@ -488,9 +498,7 @@ def fault_localisation_stage(ctx: Context, state: BuildState) -> dict:
         "zero_shot_n": n,
         "encoder_view_zero_shot_accuracy": round(float((enc[:n] == labels_sub[:n]).mean()),
                                                  5),
-        "note": ("ConSE-style (EfficientNet-Lite0 ImageNet probabilities mixed over "
-                 "MiniLM text embeddings); not CLIP" if cfg.vlm.backend == "conse"
-                 else "open_clip"),
+        "note": vlm_note(cfg.vlm.backend),
     }}
     faults = fault_report(labels_sub, t.predictions, oracle, enc,
                           t.concepts, state.heatmaps.model.ok, state.data.classes,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from conceptguard.bank import Bank
+from conceptguard.imaging import to_model_input
 from conceptguard.scoring import Monitor, Scores, method_risks, score
 from offline.streaming import StreamedOutputs, score_streamed, served_streamed
 
@@ -75,7 +76,7 @@ def _runtime(bank: Bank):
 
 def _run(bank: Bank, images: np.ndarray, batch: int = 1000) -> Scores:
     rt = _runtime(bank)
-    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    x = to_model_input(images)
     outs = [rt.run(x[i:i + batch]) for i in range(0, len(x), batch)]
     return score(bank.monitor, np.concatenate([o.logits for o in outs]),
                  np.concatenate([o.features for o in outs]),
@@ -89,7 +90,7 @@ def _attack(bank: Bank, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     from conceptguard.classifier.io import load_classifier
 
     model, _, _ = load_classifier(bank.classifier_path)
-    x = torch.as_tensor(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    x = torch.as_tensor(to_model_input(images))
     adv = run_attack(model, x, labels, AttackSpec(**ATTACK), seed=SEED, progress=False)
     return np.clip(np.rint(adv.numpy().transpose(0, 2, 3, 1) * 255.0), 0, 255).astype(np.uint8)
 

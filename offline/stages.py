@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from conceptguard.imaging import to_model_input
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Monitor, Scores, score
 
@@ -38,20 +39,13 @@ def as_nhwc(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.astype(np.uint8, copy=False))
 
 
-def to_nchw_float(images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW in [0, 1]: ``classifier.inference.to_tensor`` without torch
-    (the same correctly rounded float32 division, so the same bits), so the served-outputs
-    stage needs only the serving set."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(255)
-
-
 def _passthrough(batch: Batch) -> Batch:
     return {k: np.asarray(v) for k, v in batch.items() if k != IMAGE}
 
 
 def served_outputs(rt: OnnxRuntime, batch: Batch) -> Batch:
     """The exported serving graph on a batch: logits, features, concepts (float32)."""
-    o = rt.run(to_nchw_float(as_nhwc(batch[IMAGE])))
+    o = rt.run(to_model_input(as_nhwc(batch[IMAGE])))
     return {**_passthrough(batch), "logits": o.logits, "features": o.features,
             "concepts": o.concepts}
 

@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--check", action="store_true")
     g.add_argument("--list", action="store_true")
     args = p.parse_args(argv)
-    from conceptguard.bank import atomic_write_text
+    from conceptguard.atomic import atomic_write_text
 
     stale = []
     for path in doc_files():

@@ -145,10 +145,16 @@ class Batcher(Generic[T, R]):
                 self.observer.depth(self._pending)
                 self._arrived.set()  # an adaptive batch may have been waiting for these
 
+    def has_room(self, n: int) -> bool:
+        """True when ``n`` more items fit in the queue now: the one capacity rule, used by
+        :meth:`reserve` / :meth:`submit` and by the service's admission before a body is
+        read (``n = 1``)."""
+        return self._pending + n <= self.queue_size
+
     def _admit(self, n: int) -> None:
         if self._closed:
             raise BatcherClosed("the service is shutting down")
-        if self._pending + n > self.queue_size:
+        if not self.has_room(n):
             self.observer.queue_full()
             raise QueueFull(self._pending, n, self.queue_size)
         self._pending += n

@@ -1,19 +1,23 @@
-"""The protocol-agnostic data plane: image bytes, tensors or features in, scores out.
+"""The protocol-agnostic data plane: decoded requests in, scores out.
 
-Both the v1 routes and the Open Inference Protocol v2 routes (REST and gRPC) call this
-module; it knows nothing about HTTP. The request path, one phase per step:
+Every transport (v1 REST, v2 REST, gRPC) parses its body with :mod:`service.codecs` and
+calls this module; it knows nothing about HTTP. The request path, one phase per step:
 
 1. admit: the images take their queue places (:meth:`Batcher.reserve`) before any work, so
-   a request the queue cannot take is refused undecoded;
-2. decode (:mod:`service.decoding`): small images are decoded by the batch worker, large
-   ones in the thread pool before they are queued;
+   a request the queue cannot take is refused undecoded (the capacity rule is the
+   batcher's alone: :meth:`Batcher.has_room`, also asked by the middleware before a body
+   is read);
+2. decode (:class:`service.codecs.Decoder`): small images are decoded by the batch worker,
+   large ones in the thread pool before they are queued;
 3. batch run (:meth:`DataPlane.run_batch`, on the single inference thread): decode, one
    runtime call per batch (on the bank's fused graph ``monitor.onnx`` it returns every
    score too, :func:`conceptguard.scoring.scores_from_graph`; otherwise it is followed by
    :func:`conceptguard.scoring.score`, the function the offline evaluation uses), the
    batch's metrics recorded once;
-4. the request gets its rows back as one :class:`conceptguard.scoring.Scores`, which the
-   v1 and v2 encoders (:mod:`service.encode_v1`, :mod:`service.encode_v2`) turn into bodies.
+4. each image gets a reference to its row of the batch's :class:`~conceptguard.scoring.Scores`;
+   a request whose images ran side by side in one batch gets them back as one slice (a
+   view, no copy), which the codecs (:func:`service.codecs.v1_body`,
+   :func:`service.codecs.output_array`) turn into bodies.
 
 The sidecar path (features in) always uses :func:`~conceptguard.scoring.score`.
 """
@@ -35,14 +39,23 @@ from conceptguard.imaging import to_model_input
 from conceptguard.runtime import RuntimeOutputs
 from conceptguard.scoring import Scores, score, scores_from_graph
 from service import metrics
+from service.batch_metrics import QueueObserver
 from service.batching import Batcher
-from service.decoding import Decoder, where
+from service.codecs import (
+    Decoder,
+    check_count,
+    check_feature_tensors,
+    check_finite,
+    where,
+)
 from service.errors import ServiceError
 from service.runtime_state import Loaded, RuntimeState
 from service.settings import Settings
 
-__all__ = ["DataPlane", "Job", "ServiceError", "as_float_array", "check_finite",
-           "scores_of"]
+__all__ = ["DataPlane", "Job", "Row", "ServiceError", "gather", "scores_of"]
+
+# one image's result: the scores of the batch it ran in, and its row there
+Row = tuple[Scores, int]
 
 
 @dataclass(slots=True)
@@ -68,10 +81,10 @@ class DataPlane:
         self.decoder = Decoder(settings)
         self._executor = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix="conceptguard-inference")
-        self.batcher: Batcher[Job, Scores] = Batcher(
+        self.batcher: Batcher[Job, Row] = Batcher(
             self.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s, queue_size=settings.queue_size,
-            observer=metrics.QueueObserver(), run_sync=self._run_inference,
+            observer=QueueObserver(), run_sync=self._run_inference,
             adaptive=settings.adaptive_batching)
 
     async def _run_inference(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -88,22 +101,14 @@ class DataPlane:
 
     def saturated(self) -> bool:
         """True when the queue cannot take one more image now (admission, before reading)."""
-        return self.batcher.pending >= self.batcher.queue_size
+        return not self.batcher.has_room(1)
 
     # ------------------------------------------------------------ entry points
-
-    def check_count(self, n: int, what: str = "images") -> None:
-        if n == 0:
-            raise ServiceError(f"no {what} in the request", 400, "empty")
-        limit = self.settings.max_images_per_request
-        if n > limit:
-            raise ServiceError(f"{n} {what} in one request; the limit is {limit} "
-                               f"(CONCEPTGUARD_MAX_IMAGES_PER_REQUEST)", 413, "too_many_images")
+    # the codecs checked the image count where they parsed the request
 
     async def classify_images(self, loaded: Loaded, blobs: Sequence[bytes]) -> Scores:
         """Encoded image files -> their scores, in order. The images take their queue places
         before they are decoded: a request the queue cannot take is refused undecoded."""
-        self.check_count(len(blobs))
         n = len(blobs)
         with self.batcher.reserve(n) as ticket:
             jobs = []
@@ -114,29 +119,27 @@ class DataPlane:
                                                               where(i, n))
                 jobs.append(Job(loaded, image, where(i, n)))
             rows = await self.batcher.submit(jobs, ticket=ticket)
-        return Scores.concat(rows)
+        return gather(rows)
 
     async def classify_tensor(self, loaded: Loaded, images: np.ndarray) -> Scores:
-        """float32 ``(N, C, H, W)`` images in [0, 1] -> their scores."""
-        self.check_count(len(images))
-        check_image_tensor(images, loaded)
-        rows = await self.batcher.submit([Job(loaded, x) for x in images])
-        return Scores.concat(rows)
+        """float32 ``(N, C, H, W)`` images in [0, 1] (checked by
+        :func:`service.codecs.image_tensor`) -> their scores."""
+        return gather(await self.batcher.submit([Job(loaded, x) for x in images]))
 
     async def monitor(self, loaded: Loaded, features: np.ndarray,
                       logits: np.ndarray | None) -> Scores:
         """Sidecar mode: the classifier ran elsewhere; score its features (and logits)."""
         check_feature_tensors(features, logits, loaded)
-        self.check_count(len(features), "rows")
+        check_count(len(features), self.settings.max_images_per_request, "rows")
         return await anyio.to_thread.run_sync(self._score_features, loaded, features, logits)
 
     # ------------------------------------------------------------ the batch worker
 
-    def run_batch(self, jobs: list[Job]) -> list[Scores | ServiceError]:
+    def run_batch(self, jobs: list[Job]) -> list[Row | ServiceError]:
         """The batch function: decode what is still encoded, then one runtime call and one
-        scoring per bank in the batch; each job gets its own row (an image that does not
-        decode gets its error, and fails only its request)."""
-        out: list[Scores | ServiceError | None] = [None] * len(jobs)
+        scoring per bank in the batch; each job gets its row of those scores (an image that
+        does not decode gets its error, and fails only its request)."""
+        out: list[Row | ServiceError | None] = [None] * len(jobs)
         groups: dict[tuple[int, bool], list[tuple[int, np.ndarray]]] = {}
         for i, job in enumerate(jobs):
             image = job.image
@@ -157,7 +160,7 @@ class DataPlane:
             metrics.INFERENCE_DURATION.observe(time.perf_counter() - t0)
             loaded.metrics.record(s, o.concepts)
             for j, (i, _) in enumerate(members):
-                out[i] = s.rows(slice(j, j + 1))
+                out[i] = (s, j)
         return out  # type: ignore[return-value]
 
     def _score_features(self, loaded: Loaded, features: np.ndarray,
@@ -203,57 +206,12 @@ def scores_of(loaded: Loaded, o: RuntimeOutputs) -> Scores:
     return score(monitor, o.logits, o.features, o.concepts)
 
 
-# ---------------------------------------------------------------- validation helpers
-
-
-def check_image_tensor(images: np.ndarray, loaded: Loaded) -> None:
-    c, h, w = loaded.input_shape
-    if images.ndim != 4 or tuple(images.shape[1:]) != (c, h, w):
-        raise ServiceError(f"image tensor must have shape [N, {c}, {h}, {w}] (FP32 in [0, 1]), "
-                           f"got {list(images.shape)}", 422, "invalid_tensor")
-    if images.dtype != np.float32:
-        raise ServiceError(f"image tensor must be float32, got {images.dtype}", 422,
-                           "invalid_tensor")
-    if not np.isfinite(images).all():
-        raise ServiceError("image tensor contains NaN or infinite values", 422,
-                           "invalid_tensor")
-    if images.size and (images.min() < 0.0 or images.max() > 1.0):
-        raise ServiceError(f"image values must lie in [0, 1], got [{images.min():.4g}, "
-                           f"{images.max():.4g}]", 422, "invalid_tensor")
-
-
-def check_finite(what: str, values: np.ndarray) -> None:
-    """422 when an intermediate value overflowed (e.g. features near the float32 limit)."""
-    if not np.isfinite(np.asarray(values)).all():
-        raise ServiceError(f"non-finite {what} (the inputs are too large in magnitude)", 422,
-                           "invalid_tensor")
-
-
-def check_feature_tensors(features: np.ndarray, logits: np.ndarray | None,
-                          loaded: Loaded) -> None:
-    d, k = loaded.feature_dim, loaded.num_classes
-    if features.ndim != 2 or features.shape[1] != d:
-        raise ServiceError(f"features must have shape [N, {d}], got {list(features.shape)}",
-                           422, "invalid_tensor")
-    if not np.isfinite(features).all():
-        raise ServiceError("features contain NaN or infinite values", 422, "invalid_tensor")
-    if logits is None:
-        return
-    if logits.ndim != 2 or logits.shape != (features.shape[0], k):
-        raise ServiceError(f"logits must have shape [{features.shape[0]}, {k}] (one row per "
-                           f"features row), got {list(logits.shape)}", 422, "invalid_tensor")
-    if not np.isfinite(logits).all():
-        raise ServiceError("logits contain NaN or infinite values", 422, "invalid_tensor")
-
-
-def as_float_array(data: object, name: str) -> np.ndarray:
-    """JSON numbers (nested lists) -> float32 array; 422 on ragged or non-numeric data."""
-    try:
-        arr = np.asarray(data)
-    except ValueError as exc:
-        raise ServiceError(f"{name} is not a regular (rectangular) array: {exc}", 422,
-                           "invalid_tensor") from exc
-    if arr.dtype.kind not in "fiu":
-        raise ServiceError(f"{name} must hold numbers only, got {arr.dtype.name} data", 422,
-                           "invalid_tensor")
-    return arr.astype(np.float32, copy=False)
+def gather(rows: Sequence[Row]) -> Scores:
+    """One request's rows as one :class:`Scores`, in order: a slice of the batch's scores
+    (views, no copy) when they ran side by side in one batch, else joined."""
+    if not rows:
+        raise ValueError("gather needs at least one row")
+    first, start = rows[0]
+    if all(s is first and j == start + k for k, (s, j) in enumerate(rows)):
+        return first.rows(slice(start, start + len(rows)))
+    return Scores.concat([s.rows(slice(j, j + 1)) for s, j in rows])

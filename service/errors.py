@@ -17,6 +17,7 @@ the Open Inference Protocol) ``{"error": "<message>"}``. Every 503 carries ``Ret
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -121,11 +122,18 @@ def _validation_error(exc: RequestValidationError, content_type: str) -> Service
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return ServiceError("the request body is not valid JSON", 400, "invalid_json")
+    return invalid_request(errors)
+
+
+def invalid_request(errors: Sequence[Mapping[str, Any]]) -> ServiceError:
+    """422 naming the first few fields that failed validation (FastAPI's or pydantic's
+    ``errors()``), e.g. ``inputs: Field required``."""
     parts = []
     for e in errors[:5]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         parts.append(f"{loc}: {e.get('msg')}")
-    return ServiceError("; ".join(parts), 422, "invalid_request")
+    return ServiceError("; ".join(parts) or "the request failed validation", 422,
+                        "invalid_request")
 
 
 def error_response(path: str, err: ServiceError, retry_after_s: int = 1) -> JSONResponse:

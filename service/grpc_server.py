@@ -4,7 +4,7 @@
 The server runs in the same process and on the same event loop as the HTTP app: the app's
 lifespan starts it after the bank and the data plane, so ``ModelInfer`` goes through the same
 :class:`service.dataplane.DataPlane` (decoding, batcher, scoring) as REST, via
-:func:`service.v2_tensors.infer`. With several uvicorn workers every worker binds the port
+:func:`service.oip.infer`. With several uvicorn workers every worker binds the port
 with ``SO_REUSEPORT`` (gRPC's default on Linux) and the kernel spreads connections.
 
 Errors map to gRPC status codes (400/422 INVALID_ARGUMENT, 404 NOT_FOUND, 413
@@ -25,22 +25,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from service import metrics
+from service.codecs import InputTensor, output_array, raw_bytes, requested_outputs
 from service.dataplane import DataPlane
-from service.encode_v2 import output_array, raw_bytes
 from service.errors import ServiceError, as_service_error
+from service.oip import EXTENSIONS, ModelStats, model_metadata, resolve_model
+from service.oip import infer as infer_tensors
 from service.proto import grpc_service_pb2 as pb
 from service.proto import grpc_service_pb2_grpc as pb_grpc
 from service.runtime_state import RuntimeState
 from service.settings import Settings
-from service.v2_tensors import (
-    EXTENSIONS,
-    InputTensor,
-    ModelStats,
-    model_metadata,
-    requested_outputs,
-    resolve_model,
-)
-from service.v2_tensors import infer as infer_tensors
 
 log = logging.getLogger("conceptguard.service")
 SERVICE_NAME = "inference.GRPCInferenceService"

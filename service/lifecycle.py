@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from conceptguard.atomic import atomic_write_text
+
 if TYPE_CHECKING:
     from service.runtime_state import RuntimeState
     from service.settings import Settings
@@ -144,9 +146,7 @@ class SharedBank:
         return data
 
     def _write_json(self, name: str, data: dict[str, Any]) -> None:
-        tmp = self.folder / f".{name}.{self.worker_id}.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.folder / name)
+        atomic_write_text(self.folder / name, json.dumps(data))
 
     def _ack(self, ok: bool = True, error: str | None = None) -> None:
         self._ack_state = (ok, error)
@@ -218,7 +218,7 @@ class SharedBank:
 
     async def adopt_startup(self, state: RuntimeState) -> None:
         """A worker (re)started after a reload serves the bank the pointer names."""
-        from service.runtime_state import confine
+        from service.bank_paths import confine
 
         pointer = self.read_pointer()
         if pointer is None:

@@ -21,8 +21,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service import metrics, v2_binary
+from service.codecs import IMAGE_INPUT, TENSOR_INPUT, InputTensor, image_blobs, image_tensor
 from service.dataplane import DataPlane
 from service.errors import ServiceError
+from service.oip import infer as infer_tensors
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import ErrorResponse
 from service.sink import (
@@ -34,8 +36,6 @@ from service.sink import (
     request_as_v2,
     served_predictions,
 )
-from service.v2_tensors import IMAGE_INPUT, TENSOR_INPUT, InputTensor, image_blobs, image_tensor
-from service.v2_tensors import infer as infer_tensors
 
 log = logging.getLogger("conceptguard.sink")
 router = APIRouter()
@@ -111,10 +111,11 @@ def _checked_tensors(body: dict[str, Any], loaded: Loaded, dp: DataPlane
         raise ServiceError(f"request payload: expected one input, '{IMAGE_INPUT}' (BYTES) or "
                            f"'{TENSOR_INPUT}' (FP32)", 422, "invalid_request")
     inp = tensors[0]
+    limit = dp.settings.max_images_per_request
     if inp.name == IMAGE_INPUT:
-        image_blobs(inp, dp)
+        image_blobs(inp, limit)
     else:
-        image_tensor(inp, loaded, dp)
+        image_tensor(inp, loaded, limit)
     return tensors
 
 

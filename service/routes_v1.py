@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import secrets
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -16,12 +12,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conceptguard.bank import BankError
-from service import encode_v1, metrics
-from service.dataplane import DataPlane, as_float_array
+from service import metrics
+from service.codecs import as_float_array, check_count, decode_base64, parse_json, v1_body
+from service.dataplane import DataPlane
 from service.errors import ServiceError
-from service.jsonguard import json_problem
 from service.lifecycle import SharedBank
-from service.routes_feedback import attach_v1
+from service.middleware import JSON_CHECKED_KEY, latency_ms
+from service.receipts import attach_v1
 from service.runtime_state import RuntimeState
 from service.schemas import (
     BankSummary,
@@ -35,7 +32,6 @@ from service.schemas import (
 )
 from service.settings import Settings
 
-START_KEY = "conceptguard.start"
 RELOAD_WAIT_S = 60.0  # longest wait for every worker to serve a reloaded bank
 
 router = APIRouter(tags=["v1"])
@@ -70,11 +66,6 @@ _CLASSIFY_BODY = {
 
 def _dataplane(request: Request) -> DataPlane:
     return request.app.state.dataplane
-
-
-def latency_ms(request: Request) -> float:
-    start = request.scope.get(START_KEY)
-    return round((time.perf_counter() - start) * 1000.0, 3) if start else 0.0
 
 
 # ---------------------------------------------------------------- request parsing
@@ -134,7 +125,7 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
             if not isinstance(u, UploadFile):
                 raise ServiceError("fields 'file' and 'files' must be file uploads", 400,
                                    "no_file")
-        _dataplane(request).check_count(len(uploads))
+        check_count(len(uploads), limit)
         blobs = [await u.read() for u in uploads if isinstance(u, UploadFile)]
     finally:
         await form.close()
@@ -154,36 +145,15 @@ async def _read_json_images(request: Request, settings: Settings) -> tuple[list[
     if req.image is not None:
         return [decode_base64(req.image, "image")], True
     assert req.images is not None
-    _dataplane(request).check_count(len(req.images))
+    check_count(len(req.images), settings.max_images_per_request)
     return [decode_base64(s, f"images[{i}]") for i, s in enumerate(req.images)], False
 
 
 async def read_json(request: Request) -> Any:
-    body = await request.body()
-    if not body:
-        raise ServiceError("the request body is empty; expected JSON", 400, "invalid_json")
+    """The body as JSON (the middleware's JSON guard is not run again when it passed)."""
     settings: Settings = request.app.state.settings
-    problem = json_problem(body, settings.max_json_depth)
-    if problem is not None:
-        raise ServiceError(problem, 400, "invalid_json")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ServiceError(f"the request body is not valid JSON: {exc}", 400,
-                           "invalid_json") from exc
-
-
-def decode_base64(text: str, where: str) -> bytes:
-    if text.startswith("data:"):
-        _, sep, text = text.partition(",")
-        if not sep:
-            raise ServiceError(f"{where}: a data URL without ','", 400, "invalid_base64")
-    if any(c.isspace() for c in text[:80]) or "\n" in text:
-        text = "".join(text.split())
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ServiceError(f"{where} is not valid base64: {exc}", 400, "invalid_base64") from exc
+    return parse_json(await request.body(), settings.max_json_depth,
+                      guarded=bool(request.scope.get(JSON_CHECKED_KEY)))
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -207,8 +177,8 @@ async def classify(request: Request) -> JSONResponse:
     loaded = dp.state.require()  # not ready: 503 before the body is read
     blobs, single = await read_images(request, dp.settings)  # admitted by the middleware
     scores = await dp.classify_images(loaded, blobs)  # decode, batch run (runtime + scores)
-    body = encode_v1.encode(loaded, scores, dp.settings, single=single,
-                            latency_ms=latency_ms(request))
+    body = v1_body(loaded, scores, dp.settings, single=single,
+                   latency_ms=latency_ms(request.scope))
     return JSONResponse(attach_v1(request, loaded, scores, body))
 
 
@@ -222,8 +192,8 @@ async def monitor(request: Request, body: MonitorRequest) -> JSONResponse:
     features = as_float_array(body.features, "features")
     logits = None if body.logits is None else as_float_array(body.logits, "logits")
     scores = await dp.monitor(loaded, features, logits)
-    body = encode_v1.encode(loaded, scores, dp.settings, single=False,
-                            latency_ms=latency_ms(request))
+    body = v1_body(loaded, scores, dp.settings, single=False,
+                   latency_ms=latency_ms(request.scope))
     return JSONResponse(attach_v1(request, loaded, scores, body))
 
 

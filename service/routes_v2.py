@@ -6,16 +6,17 @@ and its single version is the bank id. Errors answer ``{"error": "<message>"}``.
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from service import encode_v2, v2_binary
+from service import __version__, v2_binary
+from service.codecs import IMAGE_INPUT, OUTPUTS, TENSOR_INPUT, requested_outputs
 from service.dataplane import DataPlane
-from service.encode_v2 import OUTPUTS
-from service.routes_feedback import v2_parameters
+from service.oip import EXTENSIONS, ModelStats, model_metadata, platform, resolve_model
+from service.oip import infer as infer_tensors
+from service.receipts import v2_parameters
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import (
     InferenceRequest,
@@ -27,31 +28,10 @@ from service.schemas import (
     ServerMetadata,
     V2ErrorResponse,
 )
-from service.v2_tensors import (
-    EXTENSIONS,
-    IMAGE_INPUT,
-    TENSOR_INPUT,
-    ModelStats,
-    model_metadata,
-    platform,
-    requested_outputs,
-    resolve_model,
-)
-from service.v2_tensors import infer as infer_tensors
 
 __all__ = ["IMAGE_INPUT", "OUTPUTS", "TENSOR_INPUT", "model_metadata", "platform", "router"]
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
-
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("conceptguard")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-__version__ = _package_version()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": V2ErrorResponse}, 404: {"model": V2ErrorResponse},
@@ -194,7 +174,7 @@ async def _infer(request: Request, loaded: Loaded) -> Response:
     scores = await infer_tensors(_dataplane(request), loaded, tensors, model_stats(request))
     settings = getattr(request.app.state, "settings", None)
     k = settings.reason_concepts if settings is not None else 3
-    return encode_v2.rest_response(req, plan, loaded, scores, k,
+    return v2_binary.rest_response(req, plan, loaded, scores, k,
                                    parameters=v2_parameters(request, loaded, scores))
 
 

@@ -1,5 +1,6 @@
-"""REST v2 request bodies: JSON, with or without the binary tensor data extension (the
-response side is :func:`service.encode_v2.rest_response`).
+"""REST v2 bodies: JSON, with or without the binary tensor data extension, both ways
+(:func:`parse_request`, :func:`output_plan`, :func:`rest_response`); the values inside
+are decoded and encoded by :mod:`service.codecs`.
 
 A request body is JSON, whatever its ``Content-Type`` (none, ``application/json`` or
 ``application/octet-stream``). With an ``Inference-Header-Content-Length: L`` header, the
@@ -17,15 +18,18 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from service.encode_v2 import OUTPUTS
-from service.errors import ServiceError
+from conceptguard.scoring import Scores
+from service.codecs import OUTPUTS, InputTensor, json_values, output_array, raw_bytes
+from service.errors import ServiceError, invalid_request
+from service.runtime_state import Loaded
 from service.schemas import InferenceRequest
-from service.v2_tensors import InputTensor
 
 HEADER_LENGTH = "inference-header-content-length"
+# the content types of a v2 body: JSON, or JSON + binary tensor data
+_BODY_TYPES = frozenset({"application/json", "application/octet-stream"})
 
 
 def parse_request(body: bytes, headers: Mapping[str, str]
@@ -53,7 +57,12 @@ def parse_request(body: bytes, headers: Mapping[str, str]
     try:
         req = InferenceRequest.model_validate(obj)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from exc
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype not in _BODY_TYPES and not ctype.endswith("+json"):
+            raise ServiceError(f"unsupported content type {ctype!r}: send application/json "
+                               "(or application/octet-stream with binary tensor data)", 415,
+                               "unsupported_media_type") from exc
+        raise invalid_request(exc.errors()) from exc  # 422, binary data included
     tensors: list[InputTensor] = []
     offset = 0
     for inp in req.inputs:
@@ -103,3 +112,35 @@ def _flag(value: Any, name: str) -> bool:
         raise ServiceError(f"parameter {name} must be a boolean, got {value!r}", 400,
                            "invalid_request")
     return value
+
+
+def rest_response(req: InferenceRequest, plan: list[tuple[str, bool]], loaded: Loaded,
+                  scores: Scores, reason_concepts: int = 3,
+                  parameters: dict[str, Any] | None = None) -> Response:
+    """The REST v2 response: JSON, or JSON header + binary data when an output asks for it
+    (``plan``: :func:`output_plan`); ``parameters``: the response's (the request id and the
+    feedback receipts)."""
+    header: dict[str, Any] = {"model_name": loaded.model_name,
+                              "model_version": loaded.bank_id}
+    if req.id is not None:
+        header["id"] = req.id
+    if parameters:
+        header["parameters"] = parameters
+    outputs = []
+    blobs = []
+    for name, binary in plan:
+        datatype, shape, values = output_array(name, loaded, scores, reason_concepts)
+        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        if binary:
+            blob = raw_bytes(datatype, values)
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            out["data"] = json_values(datatype, values)
+        outputs.append(out)
+    header["outputs"] = outputs
+    if not blobs:
+        return JSONResponse(header)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return Response(head + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head))})

@@ -183,6 +183,26 @@ def test_a_request_larger_than_the_queue_is_refused() -> None:
     run(main())
 
 
+def test_one_capacity_rule_for_admission_and_reservation() -> None:
+    """``has_room`` is the rule the service asks before reading a body (``n = 1``) and the
+    one ``reserve`` applies: whenever it says no, a reservation of that size is refused."""
+    async def main() -> None:
+        b = Batcher(Recorder(), max_batch_size=4, max_wait_s=0.0, queue_size=3)
+        assert b.has_room(3) and not b.has_room(4)
+        with b.reserve(2):
+            assert b.has_room(1) and not b.has_room(2)
+            with pytest.raises(QueueFull):
+                b.reserve(2).__enter__()
+            with b.reserve(1):
+                assert not b.has_room(1)
+                with pytest.raises(QueueFull):
+                    b.reserve(1).__enter__()
+        assert b.has_room(3)  # the places are given back
+        await b.close()
+
+    run(main())
+
+
 def test_max_batch_size_one_goes_straight_through() -> None:
     fn = Recorder(delay_s=0.01)
 

@@ -57,7 +57,7 @@ def test_v1_names_concepts_only_for_competent_classes() -> None:
 
     from conceptguard.bank import Manifest
     from conceptguard.scoring import Scores
-    from service.encode_v1 import rows
+    from service.codecs import v1_rows as rows
 
     raw = json.loads((DEMO_BANK / "manifest.json").read_text())
     classes = raw["classes"]

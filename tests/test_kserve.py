@@ -65,7 +65,7 @@ def test_logger_sink_example_validates_and_points_at_the_sink(validator: Any) ->
     assert logger["mode"] == "all"
     assert logger["url"].endswith(":8000/v1/events")  # the sink route of service/routes_sink.py
     from service.app import create_app
-    from service.metrics import _route_paths
+    from service.metrics_export import _route_paths
 
     assert "/v1/events" in _route_paths(create_app().routes)
 

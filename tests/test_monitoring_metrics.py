@@ -9,8 +9,8 @@ from prometheus_client import REGISTRY
 
 from conceptguard.scoring import Scores
 from service import metrics
-from service.metrics import ModelMetrics, ema_update
-from service.runtime_state import expected_rejection_rate
+from service.bank_summary import expected_rejection_rate
+from service.batch_metrics import ModelMetrics, ema_update
 from tests.tolerance import assert_f32_close
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, Summary, generate_latest
 
 from conceptguard.scoring import Scores
-from service.decoding import Decoder, where
+from service.batch_metrics import observe_many, observe_summary_many
+from service.codecs import Decoder, where
 from service.errors import (
     BatcherClosed,
     BodyTimeout,
@@ -25,7 +27,7 @@ from service.errors import (
     as_service_error,
     error_response,
 )
-from service.metrics import SCORE_BUCKETS, observe_many, observe_summary_many
+from service.metrics import SCORE_BUCKETS
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +86,8 @@ _MULTIPROCESS = """
 import json, sys
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, Summary, multiprocess
-from service.metrics import SCORE_BUCKETS, observe_many, observe_summary_many
+from service.batch_metrics import observe_many, observe_summary_many
+from service.metrics import SCORE_BUCKETS
 values = np.array(json.loads(sys.argv[1]))
 h1 = Histogram("mp_one", "x", ["model"], buckets=SCORE_BUCKETS)
 h2 = Histogram("mp_many", "x", ["model"], buckets=SCORE_BUCKETS)
@@ -203,7 +206,7 @@ def test_the_batch_worker_decodes_and_fails_only_the_bad_image(demo_bank_dir: Pa
                                                                sample_png: bytes) -> None:
     """run_batch gets encoded bytes (decoded there: one hop), decoded arrays and a bad
     image in one batch: one runtime call, the bad image gets its own error."""
-    from service.dataplane import DataPlane, Job
+    from service.dataplane import DataPlane, Job, gather
     from service.runtime_state import RuntimeState, load
 
     settings = Settings(bank=demo_bank_dir, backend="onnx", device="cpu", threads=1)
@@ -215,10 +218,17 @@ def test_the_batch_worker_decodes_and_fails_only_the_bad_image(demo_bank_dir: Pa
                                Job(loaded, decoded)])
     finally:
         plane._executor.shutdown(wait=False)
-    good, bad, same = out
+    good_row, bad, same_row = out
     assert isinstance(bad, ServiceError) and bad.message.startswith("image 1: ")
+    assert not isinstance(good_row, BaseException)
+    assert not isinstance(same_row, BaseException)
+    assert good_row[0] is same_row[0]  # rows of one batch's scores: one runtime call
+    assert (good_row[1], same_row[1]) == (0, 1)
+    both = gather([good_row, same_row])  # side by side in one batch: one slice of it
+    assert np.shares_memory(both.trust, good_row[0].trust)
+    good, same = gather([good_row]), gather([same_row])
     assert isinstance(good, Scores) and isinstance(same, Scores)
-    assert len(good) == len(same) == 1
+    assert len(good) == len(same) == 1 and len(both) == 2
     assert np.array_equal(good.predictions, same.predictions)
     assert good.trust == pytest.approx(same.trust, abs=1e-5)  # rows of one batch call
 
@@ -228,7 +238,7 @@ def test_model_metrics_record_counts_a_batch_per_input() -> None:
     input (the label sets of the exported series do not change)."""
     from prometheus_client import REGISTRY
 
-    from service.metrics import ModelMetrics
+    from service.batch_metrics import ModelMetrics
 
     s = _scores(9)
     s = Scores(**{**s.__dict__, "reason": ["unfamiliar", "none", "adversarial-like"] * 3})
@@ -257,3 +267,48 @@ def test_model_metrics_record_counts_a_batch_per_input() -> None:
     assert value("conceptguard_concept_score_count", concept="k1") == 9
     assert value("conceptguard_concept_score_sum", concept="k1") == pytest.approx(
         float(concepts[:, 1].sum()))
+
+
+def test_the_json_guard_runs_once_per_request(demo_bank_dir: Path, sample_png: bytes,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middleware checks a JSON body's depth and encoding and marks the request; the
+    route that parses the same body does not check it again. A body the middleware did not
+    see as JSON (no Content-Type) is still checked, once, by the route."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from service import codecs, middleware
+    from service.app import create_app
+
+    calls: list[int] = []
+
+    def counted(body: bytes, max_depth: int) -> str | None:
+        calls.append(len(body))
+        return real(body, max_depth)
+
+    real = codecs.json_problem
+    monkeypatch.setattr(codecs, "json_problem", counted)
+    monkeypatch.setattr(middleware, "json_problem", counted)
+    settings = Settings(bank=demo_bank_dir, backend="onnx", device="cpu", threads=1,
+                        grpc_port=0)
+    body = json.dumps({"images": [base64.b64encode(sample_png).decode()] * 2}).encode()
+    with TestClient(create_app(settings)) as client:
+        for _ in range(300):
+            if client.get("/v2/health/ready").status_code == 200:
+                break
+            time.sleep(0.1)
+        calls.clear()
+        ok = client.post("/v1/classify", content=body,
+                         headers={"Content-Type": "application/json"})
+        assert ok.status_code == 200, ok.text
+        assert calls == [len(body)]
+        calls.clear()
+        bare = client.post("/v1/classify", content=body, headers={"Content-Type": ""})
+        assert bare.status_code == 200, bare.text
+        assert calls == [len(body)]
+        calls.clear()
+        deep = client.post("/v1/classify", content=b"[" * 200 + b"]" * 200,
+                           headers={"Content-Type": "application/json"})
+        assert deep.status_code == 400 and "nested" in deep.json()["error"]["message"]
+        assert len(calls) == 1

@@ -178,3 +178,21 @@ def test_infer_body_over_the_limit_is_413(client: httpx.Client, model: str) -> N
     resp = client.post(f"/v2/models/{model}/infer", json={"inputs": [
         {"name": "image", "datatype": "BYTES", "shape": [1], "data": [big]}]})
     assert resp.status_code == 413 and "CONCEPTGUARD_MAX_UPLOAD_BYTES" in resp.json()["error"]
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", None])
+def test_binary_request_whose_header_fails_validation_is_422(
+        client: httpx.Client, model: str, images: np.ndarray, content_type: str | None) -> None:
+    """A binary-data request (JSON header + tensor bytes) whose header misses a required
+    field is a validation error (422 naming the field), not an unsupported media type."""
+    png = encode_png(images[0])
+    blob = len(png).to_bytes(4, "little") + png
+    header = (b'{"inputs": [{"name": "image", "datatype": "BYTES", '
+              b'"parameters": {"binary_data_size": ' + str(len(blob)).encode() + b'}}]}')
+    headers = {"Inference-Header-Content-Length": str(len(header))}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    resp = client.post(f"/v2/models/{model}/infer", content=header + blob, headers=headers)
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert "inputs.0.shape" in error and "required" in error.lower(), error

@@ -57,7 +57,7 @@ class DataSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = "fashion_mnist"  # a name registered with data.registry.register_source
+    source: str = "fashion_mnist"  # registered: data.registry.register_source, entry points
     root: Path | None = None
     # folder sources (image_folder, rival10) resize to this square size, None: 64;
     # fashion_mnist and cifar10 always keep their native size
@@ -77,8 +77,9 @@ class DataSpec(BaseModel):
     @field_validator("source")
     @classmethod
     def _registered(cls, name: str) -> str:
-        from conceptguard.data.registry import LOADERS  # the registry imports this module
+        from conceptguard.data.registry import known_sources  # the registry imports this
 
-        if name not in LOADERS:
-            raise ValueError(f"unknown data source {name!r}; known: {sorted(LOADERS)}")
+        known = known_sources()
+        if name not in known:
+            raise ValueError(f"unknown data source {name!r}; known: {known}")
         return name

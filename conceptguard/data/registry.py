@@ -3,6 +3,11 @@
 ``open_source`` returns what the source gives: images in memory (:class:`ArrayDataset`:
 Fashion-MNIST, CIFAR-10, RIVAL10, bounded by their files) or an index decoded on demand
 (:class:`LazyDataset`: image folders of any size). ``load_source`` decodes both into memory.
+
+Built in: ``fashion_mnist``, ``cifar10``, ``image_folder``, ``rival10``. Another package adds
+one with :func:`register_source` or, without any code here, with an entry point in the
+``conceptguard.data_sources`` group (:mod:`conceptguard.plugins`; the function it names may
+carry ``downloadable = True``), found the first time the sources are listed or opened.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from conceptguard.data.fashion_mnist import load_fashion_mnist
 from conceptguard.data.image_folder import index_image_folder
 from conceptguard.data.lazy import Dataset
 from conceptguard.data.rival10 import load_rival10
+from conceptguard.plugins import DATA_SOURCES, EntryPointFactory, discover
 
 Loader = Callable[[DataSpec], tuple[Dataset, Dataset]]
 
@@ -44,6 +50,7 @@ LOADERS: dict[str, Loader] = {
     "rival10": _rival10,
 }
 DOWNLOADABLE: set[str] = {"fashion_mnist", "cifar10"}  # may download into a new root
+_discovered = False
 
 
 def register_source(name: str, loader: Loader, *, downloadable: bool = False,
@@ -60,6 +67,28 @@ def register_source(name: str, loader: Loader, *, downloadable: bool = False,
         DOWNLOADABLE.discard(name)
 
 
+def load_entry_points(*, again: bool = False) -> list[str]:
+    """Register the sources other packages declare (group ``conceptguard.data_sources``);
+    done once, on first use, unless ``again``. The names added."""
+    global _discovered
+    if _discovered and not again:
+        return []
+    _discovered = True
+    return discover(DATA_SOURCES, LOADERS, register_source)
+
+
+def known_sources() -> list[str]:
+    """Names of the registered sources (entry points included)."""
+    load_entry_points()
+    return sorted(LOADERS)
+
+
+def _downloadable(name: str, loader: Loader) -> bool:
+    if isinstance(loader, EntryPointFactory):
+        return getattr(loader.target, "downloadable", False) is True
+    return name in DOWNLOADABLE
+
+
 def load_source(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
     """The (train, test) pair that ``spec`` names, decoded into memory."""
     train, test = open_source(spec)
@@ -68,10 +97,11 @@ def load_source(spec: DataSpec) -> tuple[ArrayDataset, ArrayDataset]:
 
 def open_source(spec: DataSpec) -> tuple[Dataset, Dataset]:
     """The (train, test) pair that ``spec`` names, as the source gives it (lazy or not)."""
+    load_entry_points()
     loader = LOADERS.get(spec.source)
     if loader is None:
         raise ValueError(f"unknown data source {spec.source!r}; known: {sorted(LOADERS)}")
-    may_create = spec.download and spec.source in DOWNLOADABLE
+    may_create = spec.download and _downloadable(spec.source, loader)
     if spec.root is not None and not Path(spec.root).exists() and not may_create:
         raise FileNotFoundError(f"data root {spec.root} for source {spec.source!r} does not exist")
     return loader(spec)

@@ -14,7 +14,7 @@ class VLMSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: str = "conse"  # a name registered with conceptguard.vlm.registry.register_vlm
+    backend: str = "conse"  # registered: vlm.registry.register_vlm, or an entry point
     model: str = "efficientnet-lite0+all-MiniLM-L6-v2"  # open_clip: architecture name
     pretrained: str | None = None  # open_clip: tag or path to a local checkpoint
     # input resolution of the image encoder; open_clip uses the model's native size unless

@@ -1,14 +1,21 @@
-"""Backend registry: ``VLMSpec.backend`` name -> factory building a :class:`VLMBackend`."""
+"""Backend registry: ``VLMSpec.backend`` name -> factory building a :class:`VLMBackend`.
+
+Built in: ``conse`` and ``open_clip``. Another package adds one with :func:`register_vlm`
+or, without any code here, with an entry point in the ``conceptguard.vlm_backends`` group
+(:mod:`conceptguard.plugins`), found the first time the backends are listed or built.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from conceptguard.plugins import VLM_BACKENDS, discover
 from conceptguard.vlm.base import VLMBackend, VLMSpec
 
 VLMFactory = Callable[[VLMSpec], VLMBackend]
 
 _REGISTRY: dict[str, VLMFactory] = {}
+_discovered = False
 
 
 def register_vlm(name: str, factory: VLMFactory, *, overwrite: bool = False) -> None:
@@ -20,13 +27,25 @@ def register_vlm(name: str, factory: VLMFactory, *, overwrite: bool = False) -> 
     _REGISTRY[name] = factory
 
 
+def load_entry_points(*, again: bool = False) -> list[str]:
+    """Register the backends other packages declare (group ``conceptguard.vlm_backends``);
+    done once, on first use, unless ``again``. The names added."""
+    global _discovered
+    if _discovered and not again:
+        return []
+    _discovered = True
+    return discover(VLM_BACKENDS, _REGISTRY, register_vlm)
+
+
 def available_vlms() -> list[str]:
-    """Names of the registered backends."""
+    """Names of the registered backends (entry points included)."""
+    load_entry_points()
     return sorted(_REGISTRY)
 
 
 def create_vlm(spec: VLMSpec) -> VLMBackend:
     """Build the backend ``spec`` names; ValueError for an unknown backend."""
+    load_entry_points()
     factory = _REGISTRY.get(spec.backend)
     if factory is None:
         raise ValueError(f"unknown VLM backend {spec.backend!r}; "

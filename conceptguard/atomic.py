@@ -1,0 +1,46 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Everything that writes a result file goes through :func:`atomic_path`: the content is
+written to a temporary file in the same folder, which then replaces the target in one
+``os.replace`` (atomic on POSIX within one file system); on any error the temporary file
+is removed and the target is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+PUBLIC = 0o644  # the mode of a published file (a temporary file starts at 0o600)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, *, suffix: str = ".tmp", mode: int | None = PUBLIC
+                ) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the caller (or a library) to write; when the
+    block ends without error it gets ``mode`` (None: keep 0o600) and replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
