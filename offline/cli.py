@@ -215,10 +215,10 @@ def _inject_faults(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from offline.config import load_config
+    from offline.config import config_from_bank, load_config
     from offline.diagnose import DiagnoseOptions, diagnose
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config) if args.config else config_from_bank(Path(args.bank))
     if args.cache_dir:
         cfg.cache_dir = Path(args.cache_dir)
     if args.repair is not None and args.repair.suffix != ".safetensors":
@@ -469,8 +469,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--classifier", type=Path, default=None,
                    help="the candidate (safetensors, the bank's classes and input shape); "
                         "default: the bank's own classifier")
-    d.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help="where the data comes from (the reference and test splits)")
+    d.add_argument("--config", type=Path, default=None,
+                   help="where the data comes from (the reference and test splits); "
+                        "default: the data source and splits recorded in the bank")
     d.add_argument("--out", type=Path, required=True,
                    help="folder for diagnosis.json, diagnosis.html and diagnosis.png")
     d.add_argument("--repair", type=Path, default=None, metavar="OUT.safetensors",

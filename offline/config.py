@@ -150,3 +150,25 @@ def load_config(path: Path) -> JobConfig:
         return JobConfig.model_validate(raw or {})
     except ValidationError as exc:
         raise ConfigError(f"config {path} is invalid:\n{exc}") from exc
+
+
+def config_from_bank(bank: Path) -> JobConfig:
+    """The data part of the job config a bank was built with, from its manifest (the data
+    source and the split sizes and seed), so that commands reading the bank's splits
+    (``diagnose``) need no config file. Raises :class:`ConfigError` when the manifest lacks
+    them; callers check ``splits.digest()`` against the manifest's ``splits_digest``."""
+    import json
+
+    if not (Path(bank) / "manifest.json").is_file():
+        raise ConfigError(f"no bank at {bank} (no manifest.json)")
+    try:
+        m = json.loads((Path(bank) / "manifest.json").read_text())
+        data, splits = m["data"]["spec"], m["data"]["splits"]
+        return JobConfig.model_validate({
+            "name": m["name"], "seed": m["data"].get("seed", 0), "data": data,
+            "splits": {k: splits[k] for k in ("seed", "classifier_train", "fit", "reference",
+                                              "calibration", "test")},
+            "classifier": {"path": str(Path(bank) / "classifier.safetensors")}})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot take the data config from {bank}/manifest.json ({exc}); "
+                          "pass --config") from exc
