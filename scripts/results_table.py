@@ -7,34 +7,78 @@ import json
 import sys
 from pathlib import Path
 
+HEAD_SHORT = {"head_misclassification": "mis", "head_anomaly": "anom",
+              "head_adversarial": "adv", "head_unfamiliar": "unf"}
+
 
 def _ci(v: float, ci: list[float]) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _diff(v: float, ci: list[float] | None) -> str:
+    return f"{v:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+def head_table(m: dict) -> list[str]:
+    out = ["| task | comparator (chosen on calibration) | best peer on test | trust | "
+           "heads: mis / anom / adv / unf | best head - comparator | best head - best peer | "
+           "Holm p (head behind by >= 0.005) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in m["summary"]:
+        heads = " / ".join(f"{r['heads'][h]:.3f}" for h in HEAD_SHORT if h in r["heads"])
+        out.append(
+            f"| {r['task']} | {r['comparator']} {_ci(r['comparator_auroc'], r['comparator_ci95'])}"
+            f" | {r['best_peer']} {_ci(r['peer'], r['peer_ci95'])} | "
+            f"{_ci(r['trust'], r['trust_ci95'])} | {heads} | "
+            f"{HEAD_SHORT[r['best_head']]} "
+            f"{_diff(r['head_vs_comparator'], r['head_vs_comparator_ci95'])} | "
+            f"{_diff(r['head_vs_best_peer'], r['head_vs_best_peer_ci95'])} | "
+            f"{r['p_head_behind_holm']:.3f} |")
+    return out
+
+
+def stream_table(m: dict) -> list[str]:
+    out = ["| traffic | clean / corrupted / attacked / foreign | trust AURC | lowest peer AURC | "
+           "trust - lowest peer | largest upper bound over all peers | lower than every peer "
+           "(interval < 0) | Holm p |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in m["summary_streams"]:
+        c = r["composition"]
+        mix = " / ".join(str(c.get(k, 0)) for k in ("clean", "corruption", "attack", "foreign"))
+        out.append(
+            f"| {r['stream']} | {mix} | {_ci(r['trust'], r['trust_ci95'])} | {r['best_peer']} "
+            f"{_ci(r['peer'], r['peer_ci95'])} | {_diff(r['diff'], r['diff_ci95'])} | "
+            f"{r['largest_upper_bound']:+.3f} | {'yes' if r['lowest_everywhere'] else 'no'} | "
+            f"{r['p_not_lowest_holm']:.3f} |")
+    return out
+
+
+def reason_table(m: dict) -> list[str]:
+    streams = {"mixed stream": m["mixed"]}
+    streams.update({k: v for k, v in m.get("mixed_compositions", {}).items()})
+    kinds = list(m["reason_precision"])
+    out = ["| reject reason | " + " | ".join(streams) + " |",
+           "|---|" + "---|" * len(streams)]
+    for k in kinds:
+        cells = []
+        for sec in streams.values():
+            v = sec["reason_precision"][k]
+            cells.append("-" if v["precision"] is None else f"{v['precision']:.3f} (n={v['n']})")
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    return out
+
+
 def main(bank: str) -> None:
     m = json.loads((Path(bank) / "report" / "metrics.json").read_text())
-    print("| task | trust [95% CI] | strongest standard peer [95% CI] | margin [95% CI] |")
-    print("|---|---|---|---|")
-    for r in m["summary"]:
-        margin = f"{r['margin']:+.3f}"
-        if r.get("margin_ci95"):
-            lo, hi = r["margin_ci95"]
-            margin += f" [{lo:+.3f}, {hi:+.3f}]"
-        name = r["task"] + (" (AURC, lower is better)" if r["metric"] == "aurc" else "")
-        print(f"| {name} | {_ci(r['trust'], r['trust_ci95'])} | {r['best_peer']} "
-              f"{_ci(r['peer'], r['peer_ci95'])} | {margin} |")
-    print()
-    print("| corruption | accuracy, unmonitored | accepted accuracy | coverage |")
-    print("|---|---|---|---|")
+    lines = [*head_table(m), "", *stream_table(m), ""]
+    lines += ["| corruption | accuracy, unmonitored | accepted accuracy | coverage |",
+              "|---|---|---|---|"]
     for k, v in m["shift"].items():
         acc = "-" if v["accepted_accuracy"] is None else f"{v['accepted_accuracy']:.3f}"
-        print(f"| {k} | {v['accuracy']:.3f} | {acc} | {v['coverage_at_threshold']:.3f} |")
-    print()
-    print("| reject reason (mixed stream) | inputs | precision |")
-    print("|---|---|---|")
-    for k, v in m["reason_precision"].items():
-        print(f"| {k} | {v['n']} | {v['precision']:.3f} |")
+        lines.append(f"| {k} | {v['accuracy']:.3f} | {acc} | "
+                     f"{v['coverage_at_threshold']:.3f} |")
+    lines += ["", *reason_table(m)]
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def rows(loaded: Loaded, scores: Scores, settings: Settings) -> list[dict[str, A
     p_mis = scores.p_misclassification.tolist()
     p_adv = scores.p_adversarial.tolist()
     p_unf = scores.p_unfamiliar.tolist()
+    p_anom = scores.p_anomaly.tolist()
     paper = scores.paper_rule_reject.tolist()
     k = settings.reason_concepts
     out = []
@@ -67,8 +68,8 @@ def rows(loaded: Loaded, scores: Scores, settings: Settings) -> list[dict[str, A
             "reject": reject[i],
             "reason": {"kind": scores.reason[i], "summary": summary(label, concepts),
                        "concepts": [{"concept": c, "contribution": v} for c, v in concepts]},
-            "heads": {"misclassification": p_mis[i], "adversarial": p_adv[i],
-                      "unfamiliar": p_unf[i]},
+            "heads": {"misclassification": p_mis[i], "anomaly": p_anom[i],
+                      "adversarial": p_adv[i], "unfamiliar": p_unf[i]},
             "paper_rule_reject": paper[i],
         })
     return out

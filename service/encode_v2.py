@@ -18,7 +18,7 @@ from service.schemas import InferenceRequest
 
 OUTPUT_DATATYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
                     "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
-                    "p_adversarial": "FP32", "p_unfamiliar": "FP32"}
+                    "p_anomaly": "FP32", "p_adversarial": "FP32", "p_unfamiliar": "FP32"}
 OUTPUTS = tuple(OUTPUT_DATATYPES)
 _LITTLE = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "BOOL": "|b1"}
 
@@ -39,7 +39,7 @@ def output_array(name: str, loaded: Loaded, r: Scores) -> tuple[str, list[int], 
     if name == "reject":
         return "BOOL", [n], np.asarray(r.reject, dtype=bool)
     array = {"trust": r.trust, "p_misclassification": r.p_misclassification,
-             "p_adversarial": r.p_adversarial, "p_unfamiliar": r.p_unfamiliar}[name]
+             "p_anomaly": r.p_anomaly, "p_adversarial": r.p_adversarial, "p_unfamiliar": r.p_unfamiliar}[name]
     return "FP32", [n], np.asarray(array, dtype=np.float32)
 
 

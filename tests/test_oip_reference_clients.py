@@ -25,7 +25,7 @@ tritongrpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 OUTPUTS = ("probabilities", "label", "class_index", "trust", "reject", "p_misclassification",
-           "p_adversarial", "p_unfamiliar")
+           "p_anomaly", "p_adversarial", "p_unfamiliar")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def v1(client: httpx.Client, images: np.ndarray) -> dict[str, np.ndarray]:
             "reject": np.array([r["reject"] for r in res]),
             "trust": np.array([r["trust"] for r in res]),
             "p_misclassification": np.array([r["heads"]["misclassification"] for r in res]),
+            "p_anomaly": np.array([r["heads"]["anomaly"] for r in res]),
             "p_adversarial": np.array([r["heads"]["adversarial"] for r in res]),
             "p_unfamiliar": np.array([r["heads"]["unfamiliar"] for r in res])}
 
@@ -82,7 +83,8 @@ def assert_matches_v1(result: Any, v1: dict[str, np.ndarray], n: int, k: int) ->
     assert result.as_numpy("class_index").tolist() == v1["class_index"].tolist()
     assert np.argmax(probs, 1).tolist() == v1["class_index"].tolist()
     assert result.as_numpy("reject").astype(bool).tolist() == v1["reject"].tolist()
-    for name in ("trust", "p_misclassification", "p_adversarial", "p_unfamiliar"):
+    for name in ("trust", "p_misclassification", "p_anomaly", "p_adversarial",
+                 "p_unfamiliar"):
         np.testing.assert_allclose(result.as_numpy(name), v1[name], atol=1e-6, err_msg=name)
 
 

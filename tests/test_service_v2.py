@@ -14,7 +14,7 @@ from tests.conftest import encode_png
 
 OUTPUT_TYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
                 "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
-                "p_adversarial": "FP32", "p_unfamiliar": "FP32"}
+                "p_anomaly": "FP32", "p_adversarial": "FP32", "p_unfamiliar": "FP32"}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,8 @@ def test_infer_bytes_and_fp32_agree_with_v1(client: httpx.Client, model: str,
                                    [r["heads"]["adversarial"] for r in v1], atol=1e-6)
         np.testing.assert_allclose(out["p_unfamiliar"]["data"],
                                    [r["heads"]["unfamiliar"] for r in v1], atol=1e-6)
+        np.testing.assert_allclose(out["p_anomaly"]["data"],
+                                   [r["heads"]["anomaly"] for r in v1], atol=1e-6)
 
 
 def test_outputs_filter(client: httpx.Client, model: str, images: np.ndarray) -> None:
