@@ -39,7 +39,8 @@ def output_array(name: str, loaded: Loaded, r: Scores) -> tuple[str, list[int], 
     if name == "reject":
         return "BOOL", [n], np.asarray(r.reject, dtype=bool)
     array = {"trust": r.trust, "p_misclassification": r.p_misclassification,
-             "p_anomaly": r.p_anomaly, "p_adversarial": r.p_adversarial, "p_unfamiliar": r.p_unfamiliar}[name]
+             "p_anomaly": r.p_anomaly, "p_adversarial": r.p_adversarial,
+             "p_unfamiliar": r.p_unfamiliar}[name]
     return "FP32", [n], np.asarray(array, dtype=np.float32)
 
 
