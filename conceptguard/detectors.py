@@ -429,15 +429,13 @@ class PaperRule(_HeatmapDetector):
 
 
 class FeatureNorm(Detector):
-    """``-log |z|``: the features' Euclidean norm, as a negated log (small activations: a
-    dim, washed-out or blurred input). Not a standard detector: a statistic the trust
-    model's heads read."""
+    """``-|z|``: the features' Euclidean norm, negated (small activations: a dim, washed-out
+    or blurred input). Not a standard detector: a statistic the trust model's heads read."""
 
-    name, group, summary = "feature_norm", "statistic", "feature norm (-log |z|)"
+    name, group, summary = "feature_norm", "statistic", "feature norm (negated)"
 
     def risk(self, out: Outputs) -> np.ndarray:
-        z = np.asarray(out.features, np.float64)
-        return -0.5 * np.log(np.maximum((z * z).sum(1), 1e-24))
+        return -np.linalg.norm(np.asarray(out.features, np.float64), axis=1)
 
 
 DETECTORS: dict[str, type[Detector]] = {

@@ -169,7 +169,7 @@ class MonitorGraph(nn.Module):
         sum of ``ok_bad``, the paper rule ``max(bad, adv) - ok`` minus the sum of the
         contributions."""
         sizes = {"l_max": 1, "log1p_r": 1, "msp": 1, "t_ratio": 1, "doctor": 1, "maha": 1,
-                 "cmaha": 1, "residual": 1, "log_z_norm": 1, "nearest": knn_k, "react_lse": 1,
+                 "cmaha": 1, "residual": 1, "z_norm": 1, "nearest": knn_k, "react_lse": 1,
                  "ok_bad": k, "contributions": k}
         starts = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
         combos = {
@@ -181,7 +181,7 @@ class MonitorGraph(nn.Module):
             "react_energy": {"react_lse": -1.0}, "concept_mahalanobis": {"cmaha": 1.0},
             "heatmap_cosine": {"ok_bad": -1.0},
             "paper_rule": {"contributions": -1.0},
-            "feature_norm": {"log_z_norm": -1.0},
+            "feature_norm": {"z_norm": -1.0},
         }
         a = np.zeros((sum(sizes.values()), len(RISK_NAMES)))
         for j, name in enumerate(RISK_NAMES):
@@ -296,8 +296,7 @@ class MonitorGraph(nn.Module):
         adv_wins = adv_bad.sum(1, keepdim=True) > 0
         contributions = ok_bad - torch.where(adv_wins, adv_bad, 0.0)
         # --- every risk from the per-input quantities (_build_risks)
-        quantities = torch.cat([l_max, log1p_r, ratios, maha, residual, torch.log(z_norm),
-                                nearest,
+        quantities = torch.cat([l_max, log1p_r, ratios, maha, residual, z_norm, nearest,
                                 react_lse, ok_bad, contributions], 1)
         risks = torch.addmm(self.risk_b, quantities, self.risk_w)
         risks = torch.maximum(risks, self.risk_lo) ** self.risk_power
