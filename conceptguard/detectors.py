@@ -23,7 +23,7 @@ import numpy as np
 from conceptguard.gaussian import ClassGaussians, fit_class_gaussians
 from conceptguard.projection import unit_rows
 
-Group = Literal["confidence", "density", "concept"]
+Group = Literal["confidence", "density", "concept", "statistic"]
 
 
 @dataclass(frozen=True)
@@ -428,14 +428,26 @@ class PaperRule(_HeatmapDetector):
         return np.maximum(bad, adv) - ok
 
 
+class FeatureNorm(Detector):
+    """``-|z|``: the features' Euclidean norm, negated (small activations: a dim, washed-out
+    or blurred input). Not a standard detector: a statistic the trust model's heads read."""
+
+    name, group, summary = "feature_norm", "statistic", "feature norm (negated)"
+
+    def risk(self, out: Outputs) -> np.ndarray:
+        return -np.linalg.norm(np.asarray(out.features, np.float64), axis=1)
+
+
 DETECTORS: dict[str, type[Detector]] = {
     cls.name: cls for cls in (MaxSoftmax, MaxLogit, Energy, Entropy, Doctor, Mahalanobis,
                               KNN, ViM, ReActEnergy, ConceptMahalanobis, HeatmapCosine,
-                              PaperRule)
+                              PaperRule, FeatureNorm)
 }
-"""Every detector, in report order. The standard baselines are all but the concept ones."""
+"""Every detector, in report order. The standard baselines are all but the concept ones and
+the statistics."""
 
-BASELINES: tuple[str, ...] = tuple(n for n, c in DETECTORS.items() if c.group != "concept")
+BASELINES: tuple[str, ...] = tuple(n for n, c in DETECTORS.items()
+                                   if c.group not in ("concept", "statistic"))
 
 
 def fit_detectors(data: FitData) -> dict[str, Detector]:

@@ -142,3 +142,44 @@ def interval(samples: np.ndarray, level: float = 0.95) -> list[float]:
         return [float("nan"), float("nan")]
     lo, hi = np.quantile(s, [(1 - level) / 2, 1 - (1 - level) / 2])
     return [float(lo), float(hi)]
+
+
+def cluster_bootstrap_blocks(clusters: np.ndarray, resamples: int, seed: int,
+                             max_elements: int = BOOTSTRAP_BLOCK_ELEMENTS
+                             ) -> Iterator[np.ndarray]:
+    """A clustered bootstrap: each resample draws the distinct ``clusters`` (e.g. source
+    image ids) with replacement, and every input gets its cluster's multiplicity, so the
+    inputs of one cluster (an image, its corrupted and attacked variants) are resampled
+    together. Yields ``(rows, n)`` count blocks like :func:`bootstrap_blocks` (the same
+    distribution when every cluster holds one input)."""
+    ids, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    n, m = len(inverse), len(ids)
+    rows = max(1, max_elements // max(n, 1))
+    p = np.full(m, 1.0 / m)
+    for start in range(0, resamples, rows):
+        size = min(rows, resamples - start)
+        yield rng.multinomial(m, p, size=size).astype(np.float64)[:, inverse]
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of a family of p-values (NaN: not tested, left out):
+    the k-th smallest of m is multiplied by ``m - k + 1``, made monotone, capped at 1."""
+    keys = [k for k, p in pvalues.items() if np.isfinite(p)]
+    order = sorted(keys, key=lambda k: pvalues[k])
+    m = len(order)
+    out: dict[str, float] = {k: float("nan") for k in pvalues}
+    running = 0.0
+    for i, k in enumerate(order):
+        running = max(running, min(1.0, (m - i) * pvalues[k]))
+        out[k] = running
+    return out
+
+
+def bootstrap_pvalue(samples: np.ndarray, bound: float = 0.0) -> float:
+    """One-sided bootstrap p-value that the statistic is at or below ``bound`` (its share of
+    resamples at or below it, with the +1 correction): small when the samples lie above."""
+    s = samples[np.isfinite(samples)]
+    if len(s) == 0:
+        return float("nan")
+    return float((1 + (s <= bound).sum()) / (1 + len(s)))

@@ -52,7 +52,7 @@ MONITOR_INPUTS: tuple[str, ...] = OUTPUT_NAMES  # logits, features, concepts
 _MSP_FLOOR = math.log(1e-12 / (1.0 - 1e-12))
 _GRAPH_DETECTORS = ("msp", "max_logit", "energy", "entropy", "doctor", "mahalanobis", "knn",
                     "vim", "react_energy", "concept_mahalanobis", "heatmap_cosine",
-                    "paper_rule")
+                    "paper_rule", "feature_norm")
 
 
 def _f32(a: np.ndarray | float) -> torch.Tensor:
@@ -169,8 +169,8 @@ class MonitorGraph(nn.Module):
         sum of ``ok_bad``, the paper rule ``max(bad, adv) - ok`` minus the sum of the
         contributions."""
         sizes = {"l_max": 1, "log1p_r": 1, "msp": 1, "t_ratio": 1, "doctor": 1, "maha": 1,
-                 "cmaha": 1, "residual": 1, "nearest": knn_k, "react_lse": 1, "ok_bad": k,
-                 "contributions": k}
+                 "cmaha": 1, "residual": 1, "z_norm": 1, "nearest": knn_k, "react_lse": 1,
+                 "ok_bad": k, "contributions": k}
         starts = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
         combos = {
             "msp": {"msp": 1.0}, "max_logit": {"l_max": -1.0},
@@ -181,6 +181,7 @@ class MonitorGraph(nn.Module):
             "react_energy": {"react_lse": -1.0}, "concept_mahalanobis": {"cmaha": 1.0},
             "heatmap_cosine": {"ok_bad": -1.0},
             "paper_rule": {"contributions": -1.0},
+            "feature_norm": {"z_norm": -1.0},
         }
         a = np.zeros((sum(sizes.values()), len(RISK_NAMES)))
         for j, name in enumerate(RISK_NAMES):
@@ -216,8 +217,9 @@ class MonitorGraph(nn.Module):
         heads as one ``Gemm`` on the design row (each head's centring folded into its bias:
         float32 keeps trust within ~1e-6 of float64 on the demo bank). Its columns: the four heads'
         logits ``a``, then ``-a_mis``, ``-a_anom`` (their sigmoids are the factors of
-        trust), ``a_unf - a_adv`` and a constant 1: the signs of ``a_adv``, ``a_unf``,
-        ``a_unf - a_adv`` and that 1, weighted 9, 3, 1, 13, index the reason table."""
+        trust), ``a_anom - a_mis``, ``a_unf - a_adv`` and a constant 1: the signs of the
+        last three, weighted 3, 1, 4, index the reason table (:func:`conceptguard.trust.
+        reasons`: the head carrying the evidence names the reason)."""
         design_order = list(CONFIDENCE) + [n for n in DETECTORS if n not in CONFIDENCE]
         if design_order != list(RISK_NAMES):
             raise NotImplementedError("the trust model's design order is not the registry's")
@@ -240,24 +242,23 @@ class MonitorGraph(nn.Module):
             b[i] = head.b - np.asarray(head.mean, np.float64) @ wi  # (x - mean) w = x w - mean w
         mis, anom = HEADS.index("misclassification"), HEADS.index("anomaly")
         adv, unf = HEADS.index("adversarial"), HEADS.index("unfamiliar")
-        extra_w = np.stack([-w[:, mis], -w[:, anom], w[:, unf] - w[:, adv],
-                            np.zeros(n_cols)], 1)
-        extra_b = np.array([-b[mis], -b[anom], b[unf] - b[adv], 1.0])
+        extra_w = np.stack([-w[:, mis], -w[:, anom], w[:, anom] - w[:, mis],
+                            w[:, unf] - w[:, adv], np.zeros(n_cols)], 1)
+        extra_b = np.array([-b[mis], -b[anom], b[anom] - b[mis], b[unf] - b[adv], 1.0])
         buf("head_w", _f32(np.hstack([w, extra_w])))
         buf("head_b", _f32(np.r_[b, extra_b]))
-        n_out = len(HEADS) + 4
+        n_out = len(HEADS) + 5
         code = np.zeros(n_out)
-        code[[adv, unf, n_out - 2, n_out - 1]] = (9.0, 3.0, 1.0, 13.0)
+        code[[n_out - 3, n_out - 2, n_out - 1]] = (3.0, 1.0, 4.0)
         buf("reason_code", _f32(code))
-        table = np.zeros(27, np.int64)
-        for sa in (-1, 0, 1):
-            for su in (-1, 0, 1):
-                for sd in (-1, 0, 1):
-                    if sa <= 0 and su <= 0:  # max(p_adv, p_unf) <= 1/2
-                        kind = "misclassification-like"
-                    else:  # adversarial when p_adv >= p_unf
-                        kind = "adversarial-like" if sd <= 0 else "unfamiliar"
-                    table[9 * sa + 3 * su + sd + 13] = REASON_KINDS.index(kind)
+        table = np.zeros(9, np.int64)
+        for sm in (-1, 0, 1):  # sign(a_anom - a_mis)
+            for sd in (-1, 0, 1):  # sign(a_unf - a_adv)
+                if sm <= 0:  # p_anomaly <= p_misclassification
+                    kind = "misclassification-like"
+                else:  # adversarial when p_adv >= p_unf
+                    kind = "adversarial-like" if sd <= 0 else "unfamiliar"
+                table[3 * sm + sd + 4] = REASON_KINDS.index(kind)
         buf("reason_table", torch.as_tensor(table))
         self.trust_columns = (len(HEADS), len(HEADS) + 2)
 
@@ -295,8 +296,8 @@ class MonitorGraph(nn.Module):
         adv_wins = adv_bad.sum(1, keepdim=True) > 0
         contributions = ok_bad - torch.where(adv_wins, adv_bad, 0.0)
         # --- every risk from the per-input quantities (_build_risks)
-        quantities = torch.cat([l_max, log1p_r, ratios, maha, residual, nearest, react_lse,
-                                ok_bad, contributions], 1)
+        quantities = torch.cat([l_max, log1p_r, ratios, maha, residual, z_norm, nearest,
+                                react_lse, ok_bad, contributions], 1)
         risks = torch.addmm(self.risk_b, quantities, self.risk_w)
         risks = torch.maximum(risks, self.risk_lo) ** self.risk_power
         # --- trust model: Detector.feature of each risk, hinges, the heads

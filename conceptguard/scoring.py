@@ -166,7 +166,8 @@ def scores_from_graph(outputs: Mapping[str, np.ndarray], threshold: float) -> Sc
         p_unfamiliar=p_unf,
         trust=trust,
         reject=reject,
-        reason=reasons(reject, p_adv, p_unf),
+        reason=reasons(reject, f64(outputs["p_misclassification"]),
+                       f64(outputs["p_anomaly"]), p_adv, p_unf),
         paper_rule_reject=np.asarray(outputs["paper_rule_reject"], dtype=bool),
         contributions=np.asarray(outputs["contributions"], dtype=np.float32),
     )

@@ -15,9 +15,9 @@ Which variant a bank uses is chosen on the calibration stream by leave-one-famil
 (:func:`conceptguard.calibration.select_variant`).
 
 Two kind heads on the same features explain a reject: ``p_adversarial`` (a successful
-attack) and ``p_unfamiliar`` (a corrupted/shifted or foreign input). A rejected input is
-``adversarial-like`` or ``unfamiliar`` when the larger of the two exceeds 1/2, otherwise
-``misclassification-like``.
+attack) and ``p_unfamiliar`` (a corrupted/shifted or foreign input). The reason is named by
+the head that carries the evidence (:func:`reasons`): ``misclassification-like`` where
+``p_misclassification >= p_anomaly``, else the larger kind head's kind.
 """
 
 from __future__ import annotations
@@ -95,14 +95,20 @@ class TrustResult:
     reason: list[ReasonKind]
 
 
-def reasons(reject: np.ndarray, p_adversarial: np.ndarray, p_unfamiliar: np.ndarray
-            ) -> list[ReasonKind]:
+def reasons(reject: np.ndarray, p_misclassification: np.ndarray, p_anomaly: np.ndarray,
+            p_adversarial: np.ndarray, p_unfamiliar: np.ndarray) -> list[ReasonKind]:
+    """The reject reason, named by the head that carries the evidence: trust's two factors
+    are ``1 - p_misclassification`` and ``1 - p_anomaly``; where the anomaly head is the
+    larger (its factor pulled trust down more), the kind heads say which anomaly
+    (``adversarial-like`` when ``p_adversarial >= p_unfamiliar``, else ``unfamiliar``);
+    otherwise the input is ``misclassification-like``."""
     out: list[ReasonKind] = []
-    for r, a, u in zip(reject.tolist(), p_adversarial.tolist(), p_unfamiliar.tolist(),
-                       strict=True):
+    for r, m, n, a, u in zip(reject.tolist(), p_misclassification.tolist(),
+                             p_anomaly.tolist(), p_adversarial.tolist(),
+                             p_unfamiliar.tolist(), strict=True):
         if not r:
             out.append("accepted")
-        elif max(a, u) <= 0.5:
+        elif n <= m:
             out.append("misclassification-like")
         else:
             out.append("adversarial-like" if a >= u else "unfamiliar")
@@ -115,4 +121,5 @@ def evaluate_trust(model: TrustModel, risks: dict[str, np.ndarray], threshold: f
     p = {h: sigmoid(v) for h, v in logits.items()}
     trust = (1.0 - p["misclassification"]) * (1.0 - p["anomaly"])
     reject = trust < threshold
-    return TrustResult(p, trust, reject, reasons(reject, p["adversarial"], p["unfamiliar"]))
+    return TrustResult(p, trust, reject, reasons(reject, p["misclassification"], p["anomaly"],
+                                                 p["adversarial"], p["unfamiliar"]))

@@ -97,10 +97,15 @@ class EvaluationConfig(_Strict):
     # the test set. None: all of them
     vlm_misclassified_max: int | None = Field(2000, ge=0)
     top_concepts: int = 3
-    bootstrap: int = Field(200, ge=20)  # resamples behind every ci95
+    # resamples behind every ci95 (clustered by source image: an image's corrupted and
+    # attacked variants are resampled together)
+    bootstrap: int = Field(1000, ge=20)
     mixed: dict[str, int] = Field(  # inputs per kind in the mixed evaluation stream
         default_factory=lambda: {"clean": 2000, "corruption": 1000, "attack": 500,
                                  "foreign": 500})
+    # inputs per traffic mix (conceptguard.evaluation.COMPOSITIONS: clean-, shift-,
+    # attack- and foreign-heavy), drawn from the same scored sets as the mixed stream
+    composition_size: int = Field(4000, ge=100)
 
 
 class JobConfig(_Strict):

@@ -9,10 +9,12 @@ from conceptguard.calibration import Batch, FittedMonitor, refit_without
 from conceptguard.evaluation import (
     EvalSet,
     adversarial_section,
+    composition_sections,
     foreign_section,
     misclassification_section,
     mixed_section,
     shift_section,
+    stream_summary,
     summary_table,
     threshold_section,
 )
@@ -51,28 +53,42 @@ def evaluate(cfg, fitted: FittedMonitor, stream: Batch, clean: Scores, labels: n
         for name, batch in by_name.items():
             family = str(batch.family[0]) if len(batch) else name
             m, held = held_out_monitor(family)
-            evalsets.append(EvalSet(name, group, family, _score(m, batch), batch.labels, held))
+            evalsets.append(EvalSet(name, group, family, _score(m, batch), batch.labels, held,
+                                    batch.source))
     n_clean = min(len(labels), ev.mixed.get("clean", 2000))
     clean_set = EvalSet("clean", "clean", "clean", _subset(clean, n_clean), labels[:n_clean],
-                        True)
+                        True)  # source ids: test rows
+    clean_all = EvalSet("clean", "clean", "clean", clean, labels, True)
+    comparators = fitted.info.get("comparators", {})
+
+    def comparator(group: str, family: str) -> str | None:
+        return comparators.get(family, comparators.get(group))
     by = {(e.group, e.name): e for e in evalsets}
     target = cfg.calibration
     target_text = (f"accept at least {target.value:.0%} of correct clean predictions"
                    if target.target == "accept_correct" else
                    f"weighted error rate among accepted inputs at most {target.value:.1%}")
     out: dict = {
-        "misclassification": misclassification_section(clean, labels, **kw),
+        "misclassification": misclassification_section(
+            clean, labels, comparator=comparators.get("clean"), **kw),
         "threshold": threshold_section(clean, labels, target_text, target.value,
                                        fitted.monitor.threshold),
-        "shift": {n: shift_section(by["corruption", n], **kw) for n in sets["corruption"]},
-        "adversarial": {n: adversarial_section(clean, labels, by["attack", n], attempted[n],
-                                               **kw) for n in sets["attack"]},
-        "foreign": {n: foreign_section(clean_set.scores, by["foreign", n], **kw)
+        "shift": {n: shift_section(by["corruption", n], **kw,
+                                   comparator=comparator("corruption", by["corruption", n].family))
+                  for n in sets["corruption"]},
+        "adversarial": {n: adversarial_section(
+            clean, labels, by["attack", n], attempted[n], **kw,
+            comparator=comparator("attack", by["attack", n].family)) for n in sets["attack"]},
+        "foreign": {n: foreign_section(clean_set, by["foreign", n], **kw,
+                                       comparator=comparator("foreign", by["foreign", n].family))
                     for n in sets["foreign"]},
         "mixed": mixed_section([clean_set, *evalsets], ev.mixed, **kw),
+        "mixed_compositions": composition_sections([clean_all, *evalsets],
+                                                   ev.composition_size, **kw),
     }
     out["reason_precision"] = out["mixed"]["reason_precision"]
     out["summary"] = summary_table(out)
+    out["summary_streams"] = stream_summary(out)
     return out
 
 

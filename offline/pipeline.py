@@ -647,6 +647,7 @@ def score_sample(clean: Scores, test_indices: np.ndarray, n: int) -> dict:
         "predictions": clean.predictions[:n].tolist(),
         "trust": clean.trust[:n].round(7).tolist(),
         "p_misclassification": clean.p_misclassification[:n].round(7).tolist(),
+        "p_anomaly": clean.p_anomaly[:n].round(7).tolist(),
         "p_adversarial": clean.p_adversarial[:n].round(7).tolist(),
         "p_unfamiliar": clean.p_unfamiliar[:n].round(7).tolist(),
         "reject": clean.reject[:n].tolist(),

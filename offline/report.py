@@ -111,32 +111,74 @@ def _ci_text(v: float, ci: list[float] | None) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
 
+HEAD_SHORT = {"head_misclassification": "misclassification", "head_anomaly": "anomaly",
+              "head_adversarial": "adversarial", "head_unfamiliar": "unfamiliar"}
+
+
+def _diff_text(v: float, ci: list[float] | None) -> str:
+    return f"{v:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
 def summary_html(rows: list[dict]) -> str:
-    """Per task: trust against the strongest standard detector, intervals, the margin; the
-    better of the two in bold (neither where the margin's interval straddles 0)."""
+    """Per task: the comparator chosen on the calibration stream, the best peer on the test
+    data, trust, every head, and the best head's paired margins (bold where the margin's
+    interval lies entirely below -0.005: the head trails)."""
     out = []
     for r in rows:
-        lower_better = r["metric"] == "aurc"
-        margin = r["margin"]
-        ci = r.get("margin_ci95")
-        if ci is not None:
-            decided = ci[0] > 0 or ci[1] < 0
-        else:  # AURC: the two intervals must not overlap
-            a, b = r["trust_ci95"], r["peer_ci95"]
-            decided = a[1] < b[0] or b[1] < a[0]
-        trust_wins = (margin < 0) if lower_better else (margin > 0)
-        t = html.escape(_ci_text(r["trust"], r["trust_ci95"]))
-        p = html.escape(_ci_text(r["peer"], r["peer_ci95"]))
-        if decided:
-            t, p = (f"<b>{t}</b>", p) if trust_wins else (t, f"<b>{p}</b>")
-        m = html.escape(f"{margin:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
-        held = r.get("held_out")
-        out.append(f"<tr><td>{html.escape(r['task'])}</td><td>{r['metric'].upper()}</td>"
-                   f"<td>{t}</td><td>{html.escape(r['best_peer'])}</td><td>{p}</td>"
-                   f"<td>{m}</td><td>{html.escape(str(held))}</td></tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("task", "metric", "trust [95% CI]",
-                                             "strongest peer", "peer [95% CI]",
-                                             "margin [95% CI]", "held out"))
+        heads = " / ".join(f"{r['heads'][h]:.3f}" for h in HEAD_SHORT if h in r.get("heads", {}))
+        ci = r.get("head_vs_comparator_ci95")
+        m = html.escape(_diff_text(r.get("head_vs_comparator", float("nan")), ci))
+        if ci and ci[1] < -0.005:
+            m = f"<b>{m}</b>"
+        comp = _ci_text(r["comparator_auroc"], r["comparator_ci95"])
+        cells = [r["task"], f"{r['comparator']} {comp}",
+                 f"{r['best_peer']} {_ci_text(r['peer'], r['peer_ci95'])}",
+                 _ci_text(r["trust"], r["trust_ci95"]), heads,
+                 HEAD_SHORT.get(r.get("best_head", ""), "-")]
+        out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+                   + f"<td>{m}</td><td>"
+                   + html.escape(_diff_text(r.get("head_vs_best_peer", float("nan")),
+                                            r.get("head_vs_best_peer_ci95")))
+                   + f"</td><td>{r.get('p_head_behind_holm', float('nan')):.3f}</td>"
+                   + f"<td>{html.escape(str(r.get('held_out')))}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in (
+        "task", "comparator (calibration) [95% CI]", "best peer on test [95% CI]",
+        "trust [95% CI]", "heads: misclassification / anomaly / adversarial / unfamiliar",
+        "best head", "best head - comparator [95% CI]", "best head - best peer [95% CI]",
+        "Holm p (behind by >= 0.005)", "held out"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(out)}</tbody></table>"
+
+
+def compositions_html(metrics: dict) -> str:
+    """Every method's AURC on each traffic mix, and the reject reasons' precision there."""
+    parts = []
+    for name, sec in metrics.get("mixed_compositions", {}).items():
+        mix = ", ".join(f"{k} {v}" for k, v in sec["composition"].items())
+        reasons = "; ".join(f"{k}: {_fmt(v['precision'])} (n={v['n']})"
+                            for k, v in sec["reason_precision"].items())
+        parts.append(f"<h3>{html.escape(name)} ({html.escape(mix)})</h3>"
+                     f"<p class=note>reject reasons, precision: {html.escape(reasons)}</p>"
+                     + _method_table(sec, ["aurc"], {"aurc"}))
+    return "<h2>Traffic mixes</h2>" + "".join(parts) if parts else ""
+
+
+def streams_html(rows: list[dict]) -> str:
+    """Per traffic mix: trust's AURC against the lowest peer's, the paired difference, the
+    largest upper bound of the difference over every peer, Holm's p."""
+    out = []
+    for r in rows:
+        c = r["composition"]
+        mix = " / ".join(str(c.get(k, 0)) for k in ("clean", "corruption", "attack", "foreign"))
+        cells = [r["stream"], mix, _ci_text(r["trust"], r["trust_ci95"]),
+                 f"{r['best_peer']} {_ci_text(r['peer'], r['peer_ci95'])}",
+                 _diff_text(r["diff"], r["diff_ci95"]), f"{r['largest_upper_bound']:+.3f}",
+                 "yes" if r["lowest_everywhere"] else "no", f"{r['p_not_lowest_holm']:.3f}"]
+        out.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells)
+                   + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in (
+        "traffic", "clean / corrupted / attacked / foreign", "trust AURC [95% CI]",
+        "lowest peer AURC [95% CI]", "trust - lowest peer [95% CI]",
+        "largest upper bound over every peer", "lower than every peer", "Holm p"))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(out)}</tbody></table>"
 
 
@@ -261,9 +303,16 @@ ambiguous: {fl.get('ambiguous', 0)}</p>
 {_table(pair_rows, ["true", "predicted", "n", "head", "encoder", "ambiguous",
                     "responsible concepts (gap to H_ok[true])"])}
 <h2>Summary</h2>{_table(summary, ["figure", "value"])}
-<h2>Trust against the strongest standard detector, per task</h2>
-<p class=note>AUROC (higher is better) or, for the mixed stream, AURC (lower is better);
-95% bootstrap intervals; bold where the margin's interval excludes 0.</p>
+<h2>Trust on traffic mixes: risk-coverage</h2>
+<p class=note>AURC (lower is better) with 95% intervals from a bootstrap clustered by source
+image; the difference is paired (the same resamples); Holm's adjustment across the mixes of
+the p-value that trust is not lower than every peer.</p>
+{streams_html(metrics.get("summary_streams", []))}
+<h2>Heads against the strongest standard detector, per task</h2>
+<p class=note>AUROC (higher is better), 95% clustered bootstrap intervals; the comparator is
+the standard detector chosen for the task's family on the calibration stream, the best peer
+the one that is best on the test data; bold: the best head trails the comparator by more
+than 0.005 (the whole interval); Holm's adjustment across tasks.</p>
 {summary_html(metrics.get("summary", []))}
 <h2>Misclassification detection (clean test: {mis['n']} inputs, {mis['n_wrong']} wrong)</h2>
 {_method_table(mis, ["auroc", "fpr_at_95tpr", "aurc"], {"fpr_at_95tpr", "aurc"})}
@@ -280,6 +329,7 @@ ambiguous: {fl.get('ambiguous', 0)}</p>
 <h2>Mixed stream</h2><p>{html.escape(metrics['mixed']['description'])}</p>
 {_method_table(metrics['mixed'], ["aurc", "risk_at_90_coverage", "auroc"],
                {"aurc", "risk_at_90_coverage"})}
+{compositions_html(metrics)}
 <h2>Figures</h2>{figs}
 <h2>Timings (s)</h2>{_table(timings, ["stage", "seconds"])}
 <p id=images-status class=note>figures: checking…</p>
@@ -338,24 +388,34 @@ CURVE_METHODS: tuple[str, ...] = ("trust", "msp", "doctor", "energy", "mahalanob
 
 
 def verdict_html(metrics: dict) -> str:
-    """Accuracy, coverage at the threshold, and where trust wins and loses (with intervals)."""
+    """Accuracy, coverage at the threshold, trust on every traffic mix (risk-coverage) and
+    each task's best head against its comparator, with intervals."""
     th = metrics["threshold"]
     acc = metrics["classifier"]["test_accuracy"]
-    wins, losses, ties = [], [], []
+    lowest, not_lowest = [], []
+    for r in metrics.get("summary_streams", []):
+        text = (f"{html.escape(r['stream'])}: trust AURC "
+                f"{html.escape(_ci_text(r['trust'], r['trust_ci95']))} vs "
+                f"{html.escape(r['best_peer'])} "
+                f"{html.escape(_ci_text(r['peer'], r['peer_ci95']))}; difference "
+                f"{html.escape(_diff_text(r['diff'], r['diff_ci95']))}")
+        (lowest if r["lowest_everywhere"] else not_lowest).append(text)
+    match, behind, unclear = [], [], []
     for r in metrics.get("summary", []):
-        lower_better = r["metric"] == "aurc"
-        ci = r.get("margin_ci95")
-        if ci is not None:
-            decided = ci[0] > 0 or ci[1] < 0
+        if "best_head" not in r:
+            continue
+        ci = r["head_vs_comparator_ci95"]
+        text = (f"{html.escape(r['task'])}: {HEAD_SHORT[r['best_head']]} head "
+                f"{html.escape(_ci_text(r['best_head_auroc'], r['best_head_ci95']))} vs "
+                f"{html.escape(r['comparator'])} "
+                f"{html.escape(_ci_text(r['comparator_auroc'], r['comparator_ci95']))} "
+                f"({html.escape(_diff_text(r['head_vs_comparator'], ci))})")
+        if r["p_head_behind_holm"] < 0.05:
+            match.append(text)
+        elif ci[1] < -0.005:
+            behind.append(text)
         else:
-            a, b = r["trust_ci95"], r["peer_ci95"]
-            decided = a[1] < b[0] or b[1] < a[0]
-        trust_wins = (r["margin"] < 0) if lower_better else (r["margin"] > 0)
-        trust = _ci_text(r["trust"], r["trust_ci95"])
-        text = (f"{html.escape(r['task'])}: trust {html.escape(trust)}"
-                f" vs {html.escape(r['best_peer'])} "
-                f"{html.escape(_ci_text(r['peer'], r['peer_ci95']))} ({r['metric'].upper()})")
-        (wins if decided and trust_wins else losses if decided else ties).append(text)
+            unclear.append(text)
 
     def items(xs: list[str]) -> str:
         return "<ul>" + "".join(f"<li>{x}</li>" for x in xs) + "</ul>" if xs else "<p>none</p>"
@@ -374,11 +434,18 @@ the monitor accepts <b>{th['coverage']:.1%}</b> of clean test inputs, and
 <b>{th['accepted_accuracy']:.2%}</b> of those are right; it rejects
 {th['reject_rate_wrong']:.1%} of the wrong predictions and {1 - th['accept_rate_correct']:.1%}
 of the right ones.</li>{mixed_line}</ul>
-<p>Trust against the strongest standard detector of each task (95% bootstrap intervals;
-a task counts as won or lost only where the margin's interval excludes 0):</p>
-<h3>trust wins ({len(wins)})</h3>{items(wins)}
-<h3>trust loses ({len(losses)})</h3>{items(losses)}
-<h3>no clear difference ({len(ties)})</h3>{items(ties)}</section>"""
+<p><code>trust</code> is claimed as a ranking of whatever arrives: risk-coverage (AURC) on
+realistic traffic mixes, against every standard detector (paired intervals, clustered by
+source image).</p>
+<h3>trust lower than every peer, interval of each difference below 0 ({len(lowest)})</h3>
+{items(lowest)}
+<h3>not shown lower than every peer ({len(not_lowest)})</h3>{items(not_lowest)}
+<p>Each task is claimed by a head: the best head against the standard detector chosen for the
+task's family on the calibration stream.</p>
+<h3>a head matches the comparator within 0.005 (Holm-adjusted p &lt; 0.05) ({len(match)})</h3>
+{items(match)}
+<h3>the best head trails by more than 0.005 (whole interval) ({len(behind)})</h3>{items(behind)}
+<h3>not decided ({len(unclear)})</h3>{items(unclear)}</section>"""
 
 
 def roc_png(panels: list[tuple[str, dict[str, np.ndarray], np.ndarray]], path: Path) -> None:

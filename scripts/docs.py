@@ -209,6 +209,7 @@ def noise_sample() -> str:
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "results-summary": _results("summary_table"),
+    "results-streams": _results("streams_table"),
     "results-shift": _results("shift_table"),
     "results-reasons": _results("reasons_table"),
     "fault-injection": fault_injection_table,

@@ -1,6 +1,7 @@
-"""Print the README's results tables (markdown) from a bank's report/metrics.json, so the
-README shows what the bank holds: python scripts/results_table.py banks/demo
-(``scripts/docs.py`` writes the same tables into the README's generated regions)."""
+"""The README's results tables (markdown) from a bank's report/metrics.json:
+``python scripts/results_table.py banks/demo`` prints them; ``scripts/docs.py`` writes them
+into the README's generated blocks (``summary_table``, ``streams_table``, ``shift_table``,
+``reasons_table``)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,65 @@ import sys
 from pathlib import Path
 from typing import Any
 
+HEAD_SHORT = {"head_misclassification": "mis", "head_anomaly": "anom",
+              "head_adversarial": "adv", "head_unfamiliar": "unf"}
+
 
 def _ci(v: float, ci: list[float]) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _diff(v: float, ci: list[float] | None) -> str:
+    return f"{v:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+def _head_rows(m: dict) -> list[str]:
+    out = ["| task | comparator (chosen on calibration) | best peer on test | trust | "
+           "heads: mis / anom / adv / unf | best head - comparator | best head - best peer | "
+           "Holm p (head behind by >= 0.005) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in m["summary"]:
+        heads = " / ".join(f"{r['heads'][h]:.3f}" for h in HEAD_SHORT if h in r["heads"])
+        out.append(
+            f"| {r['task']} | {r['comparator']} {_ci(r['comparator_auroc'], r['comparator_ci95'])}"
+            f" | {r['best_peer']} {_ci(r['peer'], r['peer_ci95'])} | "
+            f"{_ci(r['trust'], r['trust_ci95'])} | {heads} | "
+            f"{HEAD_SHORT[r['best_head']]} "
+            f"{_diff(r['head_vs_comparator'], r['head_vs_comparator_ci95'])} | "
+            f"{_diff(r['head_vs_best_peer'], r['head_vs_best_peer_ci95'])} | "
+            f"{r['p_head_behind_holm']:.3f} |")
+    return out
+
+
+def _stream_rows(m: dict) -> list[str]:
+    out = ["| traffic | clean / corrupted / attacked / foreign | trust AURC | lowest peer AURC | "
+           "trust - lowest peer | largest upper bound over all peers | lower than every peer "
+           "(interval < 0) | Holm p |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in m["summary_streams"]:
+        c = r["composition"]
+        mix = " / ".join(str(c.get(k, 0)) for k in ("clean", "corruption", "attack", "foreign"))
+        out.append(
+            f"| {r['stream']} | {mix} | {_ci(r['trust'], r['trust_ci95'])} | {r['best_peer']} "
+            f"{_ci(r['peer'], r['peer_ci95'])} | {_diff(r['diff'], r['diff_ci95'])} | "
+            f"{r['largest_upper_bound']:+.3f} | {'yes' if r['lowest_everywhere'] else 'no'} | "
+            f"{r['p_not_lowest_holm']:.3f} |")
+    return out
+
+
+def _reason_rows(m: dict) -> list[str]:
+    streams = {"mixed stream": m["mixed"]}
+    streams.update({k: v for k, v in m.get("mixed_compositions", {}).items()})
+    kinds = list(m["reason_precision"])
+    out = ["| reject reason | " + " | ".join(streams) + " |",
+           "|---|" + "---|" * len(streams)]
+    for k in kinds:
+        cells = []
+        for sec in streams.values():
+            v = sec["reason_precision"][k]
+            cells.append("-" if v["precision"] is None else f"{v['precision']:.3f} (n={v['n']})")
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    return out
 
 
 def load_metrics(bank: str | Path) -> dict[str, Any]:
@@ -19,21 +76,14 @@ def load_metrics(bank: str | Path) -> dict[str, Any]:
 
 
 def summary_table(m: dict[str, Any]) -> str:
-    """Per task: trust, the strongest standard peer, and trust's margin over it, signed so
-    that + always means trust is better (AUROC: trust - peer; AURC, lower is better:
-    peer - trust)."""
-    lines = ["| task | trust [95% CI] | strongest standard peer [95% CI] | "
-             "margin, + = trust better [95% CI] |", "|---|---|---|---|"]
-    for r in m["summary"]:
-        sign = -1.0 if r["metric"] == "aurc" else 1.0
-        margin = f"{sign * r['margin']:+.3f}"
-        if r.get("margin_ci95"):
-            lo, hi = sorted(sign * x for x in r["margin_ci95"])
-            margin += f" [{lo:+.3f}, {hi:+.3f}]"
-        name = r["task"] + (" (AURC, lower is better)" if r["metric"] == "aurc" else "")
-        lines.append(f"| {name} | {_ci(r['trust'], r['trust_ci95'])} | {r['best_peer']} "
-                     f"{_ci(r['peer'], r['peer_ci95'])} | {margin} |")
-    return "\n".join(lines) + "\n"
+    """Per task: the comparator chosen on the calibration stream, the best peer on test,
+    trust, every head, and the best head's paired margins (+ = the head is better)."""
+    return "\n".join(_head_rows(m)) + "\n"
+
+
+def streams_table(m: dict[str, Any]) -> str:
+    """Trust's AURC on the mixed stream and the compositions against every peer."""
+    return "\n".join(_stream_rows(m)) + "\n"
 
 
 def shift_table(m: dict[str, Any]) -> str:
@@ -46,17 +96,14 @@ def shift_table(m: dict[str, Any]) -> str:
 
 
 def reasons_table(m: dict[str, Any]) -> str:
-    lines = ["| reject reason (mixed stream) | inputs | precision |", "|---|---|---|"]
-    for k, v in m["reason_precision"].items():
-        lines.append(f"| {k} | {v['n']} | {v['precision']:.3f} |")
-    return "\n".join(lines) + "\n"
+    """Reason precision on the mixed stream and every composition."""
+    return "\n".join(_reason_rows(m)) + "\n"
 
 
 def main(bank: str) -> None:
     m = load_metrics(bank)
-    print(summary_table(m))
-    print(shift_table(m))
-    print(reasons_table(m), end="")
+    print("\n".join([summary_table(m), streams_table(m), shift_table(m), reasons_table(m)]),
+          end="")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def _smoke_test(bank: Bank, runtime: Runtime) -> None:
             s = score(bank.monitor, out.logits, out.features, out.concepts)
     except Exception as exc:
         raise BankError(f"scoring the probe batch fails: {type(exc).__name__}: {exc}") from exc
-    for name in ("trust", "p_misclassification", "p_adversarial", "p_unfamiliar",
+    for name in ("trust", "p_misclassification", "p_anomaly", "p_adversarial", "p_unfamiliar",
                  "contributions"):
         value = np.asarray(getattr(s, name), dtype=np.float64)
         if not np.isfinite(value).all():

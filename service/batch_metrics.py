@@ -151,9 +151,11 @@ class ModelMetrics:
         self._paper = PAPER_RULE_REJECTIONS.labels(model)
         self._trust = TRUST.labels(model)
         self._head_mis = HEAD_SCORE.labels(model, "misclassification")
+        self._head_anom = HEAD_SCORE.labels(model, "anomaly")
         self._head_adv = HEAD_SCORE.labels(model, "adversarial")
         self._head_unf = HEAD_SCORE.labels(model, "unfamiliar")
-        self._scored = (self._trust, self._head_mis, self._head_adv, self._head_unf)
+        self._scored = (self._trust, self._head_mis, self._head_anom, self._head_adv,
+                        self._head_unf)
         self._concepts = [CONCEPT_SCORE.labels(model, c) for c in concepts]
         self._concept_means = [CONCEPT_SCORE_MEAN.labels(model, c) for c in concepts]
         self._concept_parts = [(CONCEPT_SCORE_PARTS.labels(model, c, "positive"),
@@ -202,7 +204,8 @@ class ModelMetrics:
         if n_paper:
             self._paper.inc(n_paper)
         observe_rows(self._scored, np.stack([scores.trust, scores.p_misclassification,
-                                             scores.p_adversarial, scores.p_unfamiliar]))
+                                             scores.p_anomaly, scores.p_adversarial,
+                                             scores.p_unfamiliar]))
         self._record_concepts(concepts)
 
     def _record_accuracy(self, trust: np.ndarray, accepted: np.ndarray) -> None:

@@ -361,6 +361,7 @@ def v1_rows(loaded: Loaded, scores: Scores, settings: Settings) -> list[dict[str
     p_mis = scores.p_misclassification.tolist()
     p_adv = scores.p_adversarial.tolist()
     p_unf = scores.p_unfamiliar.tolist()
+    p_anom = scores.p_anomaly.tolist()
     paper = scores.paper_rule_reject.tolist()
     k = settings.reason_concepts
     competence = (loaded.manifest.model_extra or {}).get("concept_competence")
@@ -386,8 +387,8 @@ def v1_rows(loaded: Loaded, scores: Scores, settings: Settings) -> list[dict[str
             "trust": trust[i],
             "reject": reject[i],
             "reason": reason,
-            "heads": {"misclassification": p_mis[i], "adversarial": p_adv[i],
-                      "unfamiliar": p_unf[i]},
+            "heads": {"misclassification": p_mis[i], "anomaly": p_anom[i],
+                      "adversarial": p_adv[i], "unfamiliar": p_unf[i]},
             "paper_rule_reject": paper[i],
         })
     return out
@@ -410,7 +411,7 @@ def v1_body(loaded: Loaded, scores: Scores, settings: Settings, *, single: bool,
 
 OUTPUT_DATATYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
                     "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
-                    "p_adversarial": "FP32", "p_unfamiliar": "FP32",
+                    "p_anomaly": "FP32", "p_adversarial": "FP32", "p_unfamiliar": "FP32",
                     # the "why", as v1's reason: its kind, its top concepts (in v1's
                     # order) and their signed contributions
                     "reason_kind": "BYTES", "reason_concepts": "BYTES",
@@ -462,7 +463,8 @@ def output_array(name: str, loaded: Loaded, r: Scores, reason_concepts: int = 3
     if name == "reject":
         return "BOOL", [n], np.asarray(r.reject, dtype=bool)
     array = {"trust": r.trust, "p_misclassification": r.p_misclassification,
-             "p_adversarial": r.p_adversarial, "p_unfamiliar": r.p_unfamiliar}[name]
+             "p_anomaly": r.p_anomaly, "p_adversarial": r.p_adversarial,
+             "p_unfamiliar": r.p_unfamiliar}[name]
     return "FP32", [n], np.asarray(array, dtype=np.float32)
 
 

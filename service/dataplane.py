@@ -172,7 +172,8 @@ class DataPlane:
             check_finite("logits computed from the features", logits)
             check_finite("concept scores computed from the features", concepts)
             s = score(loaded.bank.monitor, logits, features, concepts)
-        for name in ("trust", "p_misclassification", "p_adversarial", "contributions"):
+        for name in ("trust", "p_misclassification", "p_anomaly", "p_adversarial",
+                     "contributions"):
             check_finite(f"{name} computed from these inputs", getattr(s, name))
         check_finite("probabilities computed from these inputs", s.probabilities)
         if record:

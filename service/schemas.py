@@ -73,6 +73,9 @@ class Reason(BaseModel):
 class Heads(BaseModel):
     misclassification: float = Field(
         description="P(misclassified | a familiar input), from the confidence signals")
+    anomaly: float = Field(0.0, description="P(a wrong prediction on an input that is not "
+                                            "clean), the density head; trust = (1 - "
+                                            "misclassification) (1 - anomaly)")
     adversarial: float = Field(description="P(a successful attack), from the kind head")
     unfamiliar: float = Field(0.0, description="P(corrupted/shifted or foreign input), from "
                                                "the kind head")

@@ -44,6 +44,10 @@ def missing_keys(m: dict) -> list[str]:
               for k in ("accuracy", "accepted_accuracy")]
     paths += [["mixed", x, k] for x in MIXED_METHODS
               for k in ("aurc", "aurc_ci95", "risk_at_90_coverage")]
+    for mix in ("clean_heavy", "shift_heavy", "attack_heavy", "foreign_heavy"):
+        paths += [["mixed_compositions", mix, x, "aurc"] for x in MIXED_METHODS]
+        paths += [["mixed_compositions", mix, "trust_minus"]]
+    paths += [["mixed", "trust_minus"], ["summary_streams"]]
     paths += [["timings_s", s] for s in ("data", "classifier", "vlm", "aligner", "adversarial",
                                          "stream", "heatmaps", "calibration", "evaluation",
                                          "report")]

@@ -123,7 +123,7 @@ def test_fused_graph_reproduces_the_offline_sample(fused: dict[str, np.ndarray],
     s = test_scores_sample
     assert fused["predictions"].tolist() == s["predictions"]
     np.testing.assert_allclose(fused["trust"], s["trust"], rtol=0, atol=1e-5)
-    for key in ("p_misclassification", "p_adversarial", "p_unfamiliar"):
+    for key in ("p_misclassification", "p_anomaly", "p_adversarial", "p_unfamiliar"):
         np.testing.assert_allclose(fused[key], s[key], rtol=0, atol=1e-5, err_msg=key)
     assert fused["reject"].tolist() == s["reject"]
     assert [REASON_KINDS[int(i)] for i in fused["reason"]] == s["reason"]

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from tests.tolerance import assert_f32_close  # noqa: E402
 
 OUTPUTS = ("probabilities", "label", "class_index", "trust", "reject", "p_misclassification",
-           "p_adversarial", "p_unfamiliar", "reason_kind", "reason_concepts",
+           "p_anomaly", "p_adversarial", "p_unfamiliar", "reason_kind", "reason_concepts",
            "reason_contributions", "paper_rule_reject")
 
 
@@ -50,6 +50,7 @@ def v1(client: httpx.Client, images: np.ndarray) -> dict[str, np.ndarray]:
             "reject": np.array([r["reject"] for r in res]),
             "trust": np.array([r["trust"] for r in res]),
             "p_misclassification": np.array([r["heads"]["misclassification"] for r in res]),
+            "p_anomaly": np.array([r["heads"]["anomaly"] for r in res]),
             "p_adversarial": np.array([r["heads"]["adversarial"] for r in res]),
             "p_unfamiliar": np.array([r["heads"]["unfamiliar"] for r in res]),
             "reason_kind": [r["reason"]["kind"] for r in res],
@@ -90,7 +91,8 @@ def assert_matches_v1(result: Any, v1: dict[str, np.ndarray], n: int, k: int) ->
     assert result.as_numpy("class_index").tolist() == v1["class_index"].tolist()
     assert np.argmax(probs, 1).tolist() == v1["class_index"].tolist()
     assert result.as_numpy("reject").astype(bool).tolist() == v1["reject"].tolist()
-    for name in ("trust", "p_misclassification", "p_adversarial", "p_unfamiliar"):
+    for name in ("trust", "p_misclassification", "p_anomaly", "p_adversarial",
+                 "p_unfamiliar"):
         assert_f32_close(result.as_numpy(name), v1[name], terms=1, err_msg=name)
 
     def text(values: np.ndarray) -> list[Any]:

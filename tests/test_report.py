@@ -23,16 +23,21 @@ def test_best_value_per_column_is_bold() -> None:
     assert "<b>0.8000</b>" not in t and "<b>0.2000</b>" not in t
 
 
-def test_verdict_names_wins_and_losses_with_intervals(demo_bank_dir: Path) -> None:
+def test_verdict_states_traffic_mixes_and_head_claims_with_intervals(demo_bank_dir: Path
+                                                                     ) -> None:
     metrics = json.loads((demo_bank_dir / "report" / "metrics.json").read_text())
     v = verdict_html(metrics)
     acc = metrics["classifier"]["test_accuracy"]
     assert f"{acc:.2%}" in v
     assert f"{metrics['threshold']['coverage']:.1%}" in v
-    n = len(metrics["summary"])
-    counts = [int(x) for x in re.findall(r"trust (?:wins|loses) \((\d+)\)", v)]
-    ties = int(re.search(r"no clear difference \((\d+)\)", v).group(1))
-    assert sum(counts) + ties == n
+    streams = [int(x) for x in re.findall(
+        r"(?:trust lower than every peer, interval of each difference below 0|not shown lower "
+        r"than every peer) \((\d+)\)", v)]
+    assert sum(streams) == len(metrics["summary_streams"]) >= 5  # mixed + 4 compositions
+    heads = [int(x) for x in re.findall(
+        r"(?:matches the comparator within 0.005 \(Holm-adjusted p &lt; 0.05\)|trails by more "
+        r"than 0.005 \(whole interval\)|not decided) \((\d+)\)", v)]
+    assert len(heads) == 3 and sum(heads) == len(metrics["summary"])
     assert "[" in v  # intervals
 
 

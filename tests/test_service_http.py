@@ -107,7 +107,8 @@ def test_trust_matches_the_offline_scores(server: ServerProcess, fashion_mnist_t
     trust = np.array([r["trust"] for r in results])
     np.testing.assert_allclose(trust, test_scores_sample["trust"], rtol=0, atol=1e-5)
     for key, head in (("p_misclassification", "misclassification"),
-                      ("p_adversarial", "adversarial"), ("p_unfamiliar", "unfamiliar")):
+                      ("p_anomaly", "anomaly"), ("p_adversarial", "adversarial"),
+                      ("p_unfamiliar", "unfamiliar")):
         got = np.array([r["heads"][head] for r in results])
         np.testing.assert_allclose(got, test_scores_sample[key], rtol=0, atol=1e-5)
     assert [r["reject"] for r in results] == test_scores_sample["reject"]
@@ -252,6 +253,7 @@ def test_metrics_exposition(client: httpx.Client, sample_png: bytes,
     assert delta("conceptguard_trust_score_count", model=model) == 1
     assert delta("conceptguard_head_score_count", model=model, head="adversarial") == 1
     assert delta("conceptguard_head_score_count", model=model, head="unfamiliar") == 1
+    assert delta("conceptguard_head_score_count", model=model, head="anomaly") == 1
     assert delta("conceptguard_request_duration_seconds_count", endpoint="/v1/classify") == 1
     assert delta("conceptguard_batch_size_count") == 1
     assert delta("conceptguard_queue_wait_seconds_count") == 1

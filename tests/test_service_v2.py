@@ -15,7 +15,8 @@ from tests.tolerance import assert_f32_close
 
 OUTPUT_TYPES = {"probabilities": "FP32", "label": "BYTES", "class_index": "INT64",
                 "trust": "FP32", "reject": "BOOL", "p_misclassification": "FP32",
-                "p_adversarial": "FP32", "p_unfamiliar": "FP32", "reason_kind": "BYTES",
+                "p_anomaly": "FP32", "p_adversarial": "FP32", "p_unfamiliar": "FP32",
+                "reason_kind": "BYTES",
                 "reason_concepts": "BYTES", "reason_contributions": "FP32",
                 "paper_rule_reject": "BOOL"}
 
@@ -113,6 +114,8 @@ def test_infer_bytes_and_fp32_agree_with_v1(client: httpx.Client, model: str,
                          [r["heads"]["adversarial"] for r in v1], terms=1)
         assert_f32_close(out["p_unfamiliar"]["data"],
                          [r["heads"]["unfamiliar"] for r in v1], terms=1)
+        assert_f32_close(out["p_anomaly"]["data"],
+                         [r["heads"]["anomaly"] for r in v1], terms=1)
         # the "why", as v1 gives it: reason kind, top concepts, their contributions
         assert out["reason_kind"]["data"] == [r["reason"]["kind"] for r in v1]
         concepts = [[c["concept"] for c in r["reason"]["concepts"]] for r in v1]

@@ -96,8 +96,12 @@ def test_out_of_fold_trust_uses_folds_by_source_image() -> None:
     assert oof.shape == (len(stream),) and np.all((oof >= 0) & (oof <= 1))
 
 
-def test_reason_rules() -> None:
-    r = reasons(np.array([False, True, True, True, True]), np.array([0.9, 0.2, 0.8, 0.6, 0.7]),
-                np.array([0.9, 0.3, 0.1, 0.7, 0.7]))
+def test_reason_is_named_by_the_head_carrying_the_evidence() -> None:
+    reject = np.array([False, True, True, True, True, True])
+    p_mis = np.array([0.9, 0.6, 0.1, 0.2, 0.5, 0.1])
+    p_anom = np.array([0.9, 0.3, 0.8, 0.7, 0.5, 0.9])
+    p_adv = np.array([0.9, 0.9, 0.9, 0.3, 0.9, 0.7])
+    p_unf = np.array([0.9, 0.1, 0.2, 0.6, 0.1, 0.7])
+    r = reasons(reject, p_mis, p_anom, p_adv, p_unf)
     assert r == ["accepted", "misclassification-like", "adversarial-like", "unfamiliar",
-                 "adversarial-like"]
+                 "misclassification-like", "adversarial-like"]
