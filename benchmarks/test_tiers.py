@@ -32,8 +32,11 @@ def run_tier(name: str) -> dict:
     tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|error)",
                                               tail)}
+    failures = [line.split(" - ")[0] for line in r.stdout.splitlines()
+                if line.startswith(("FAILED ", "ERROR "))]
     return {"tier": name, "seconds": round(wall, 1), "exit_code": r.returncode,
-            "summary": tail.strip("= "), **counts, "goal_seconds": GOALS_S[name],
+            "summary": tail.strip("= "), **counts, "failures": failures,
+            "goal_seconds": GOALS_S[name],
             "load_average_before": round(load_before, 2),
             "load_average_after": round(os.getloadavg()[0], 2)}
 
