@@ -74,7 +74,7 @@ def test_a_figure_that_drifts_from_metrics_json_is_caught() -> None:
     assert docs.stale_parts(stale, fresh) and not docs.stale_parts(fresh, fresh)
     table = "<!-- generated: results-reasons -->\n| old |\n<!-- /generated -->\n"
     assert "| old |" not in docs.render(table)
-    assert "reject reason (mixed stream)" in docs.render(table)
+    assert "| reject reason | mixed stream |" in docs.render(table)
 
 
 def test_a_marker_without_a_source_fails_loudly() -> None:
@@ -133,17 +133,26 @@ def test_every_offline_config_key_is_in_the_readme_table() -> None:
     assert not missing, f"README's offline configuration table lacks {missing}"
 
 
-def test_the_reason_tie_rule_in_docs_is_the_code_s() -> None:
+def test_the_reason_rule_in_docs_is_the_code_s() -> None:
+    """docs/trust.md's table of reasons states the rule ``trust.reasons`` applies: the
+    larger of the misclassification and anomaly heads carries the reject; a tie of the kind
+    heads is adversarial-like."""
     import numpy as np
 
     from conceptguard.trust import reasons
 
-    tie = reasons(np.array([True]), np.array([0.7]), np.array([0.7]))
-    assert tie == ["adversarial-like"]
-    assert reasons(np.array([True]), np.array([0.6]), np.array([0.7])) == ["unfamiliar"]
+    def one(m: float, n: float, a: float, u: float) -> str:
+        return reasons(*(np.array([v]) for v in (True, m, n, a, u)))[0]
+
+    assert one(0.6, 0.4, 0.9, 0.9) == "misclassification-like"
+    assert one(0.4, 0.6, 0.7, 0.7) == "adversarial-like"  # a tie of the kind heads
+    assert one(0.4, 0.6, 0.6, 0.7) == "unfamiliar"
     trust_doc = (REPO / "docs" / "trust.md").read_text()
-    assert "`p_adversarial` >= `p_unfamiliar` (a tie is adversarial-like)" in trust_doc
-    assert "`p_unfamiliar` > `p_adversarial`" in trust_doc
+    assert "`p_misclassification` >= `p_anomaly`" in trust_doc
+    assert "`p_anomaly` > `p_misclassification` and `p_adversarial` >= `p_unfamiliar`" in \
+        trust_doc
+    assert "`p_anomaly` > `p_misclassification` and `p_unfamiliar` > `p_adversarial`" in \
+        trust_doc
 
 
 def test_every_service_setting_is_in_both_settings_tables() -> None:
