@@ -31,7 +31,6 @@ import numpy as np
 import pytest
 import yaml
 
-from conceptguard.trust import reasons
 from tests.conftest import ServerProcess, encode_png, metric_samples
 from tests.test_prometheus_scrape import running_prometheus
 
@@ -117,7 +116,7 @@ def send_traffic(url: str, model: str, images: np.ndarray, labels: np.ndarray) -
             out = {o["name"]: o["data"] for o in r.json()["outputs"]}
             tokens = r.json()["parameters"]["receipts"].split(",")
             rej = np.asarray(out["reject"], dtype=bool)
-            why = reasons(rej, np.asarray(out["p_adversarial"]), np.asarray(out["p_unfamiliar"]))
+            why = list(out["reason_kind"])  # v2 answers carry the reason kind (issue 18)
             for k in range(len(batch)):
                 t.add(int(out["class_index"][k]), float(out["trust"][k]), bool(rej[k]), why[k],
                       tokens[k], int(truth[k]))
@@ -314,7 +313,7 @@ def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_con
     concept_ema = {lab["concept"]: v for lab, v in
                    metric_samples(text, "conceptguard_concept_score_mean")}
     paper = expo("conceptguard_paper_rule_rejections_total")
-    heads = ("misclassification", "adversarial", "unfamiliar")
+    heads = ("misclassification", "anomaly", "adversarial", "unfamiliar")
     head_b = {h: buckets_of(text, "conceptguard_head_score", head=h) for h in heads}
     endpoints = {e for e, _ in t.endpoint_status}  # classify, infer, feedback
     lat_b = {e: buckets_of(text, "conceptguard_request_duration_seconds", endpoint=e)
