@@ -65,3 +65,20 @@ def discover(group: str, known: Container[str],
         register(entry.name, EntryPointFactory(entry))
         added.append(entry.name)
     return added
+
+
+class Discovery:
+    """:func:`discover` for one registry, done once (on first use) unless asked again: each
+    registry module keeps one of these instead of its own flag."""
+
+    def __init__(self, group: str, known: Container[str],
+                 register: Callable[[str, EntryPointFactory], None]):
+        self.group, self.known, self.register = group, known, register
+        self.done = False
+
+    def load(self, *, again: bool = False) -> list[str]:
+        """The names added (none when already done and not ``again``)."""
+        if self.done and not again:
+            return []
+        self.done = True
+        return discover(self.group, self.known, self.register)

@@ -21,7 +21,7 @@ from conceptguard.data.fashion_mnist import load_fashion_mnist
 from conceptguard.data.image_folder import index_image_folder
 from conceptguard.data.lazy import Dataset
 from conceptguard.data.rival10 import load_rival10
-from conceptguard.plugins import DATA_SOURCES, EntryPointFactory, discover
+from conceptguard.plugins import DATA_SOURCES, Discovery, EntryPointFactory
 
 Loader = Callable[[DataSpec], tuple[Dataset, Dataset]]
 
@@ -50,7 +50,6 @@ LOADERS: dict[str, Loader] = {
     "rival10": _rival10,
 }
 DOWNLOADABLE: set[str] = {"fashion_mnist", "cifar10"}  # may download into a new root
-_discovered = False
 
 
 def register_source(name: str, loader: Loader, *, downloadable: bool = False,
@@ -67,14 +66,13 @@ def register_source(name: str, loader: Loader, *, downloadable: bool = False,
         DOWNLOADABLE.discard(name)
 
 
+_DISCOVERY = Discovery(DATA_SOURCES, LOADERS, register_source)
+
+
 def load_entry_points(*, again: bool = False) -> list[str]:
     """Register the sources other packages declare (group ``conceptguard.data_sources``);
     done once, on first use, unless ``again``. The names added."""
-    global _discovered
-    if _discovered and not again:
-        return []
-    _discovered = True
-    return discover(DATA_SOURCES, LOADERS, register_source)
+    return _DISCOVERY.load(again=again)
 
 
 def known_sources() -> list[str]:

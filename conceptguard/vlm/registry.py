@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from conceptguard.plugins import VLM_BACKENDS, discover
+from conceptguard.plugins import VLM_BACKENDS, Discovery
 from conceptguard.vlm.base import VLMBackend, VLMSpec
 
 VLMFactory = Callable[[VLMSpec], VLMBackend]
 
 _REGISTRY: dict[str, VLMFactory] = {}
-_discovered = False
 
 
 def register_vlm(name: str, factory: VLMFactory, *, overwrite: bool = False) -> None:
@@ -27,14 +26,13 @@ def register_vlm(name: str, factory: VLMFactory, *, overwrite: bool = False) -> 
     _REGISTRY[name] = factory
 
 
+_DISCOVERY = Discovery(VLM_BACKENDS, _REGISTRY, register_vlm)
+
+
 def load_entry_points(*, again: bool = False) -> list[str]:
     """Register the backends other packages declare (group ``conceptguard.vlm_backends``);
     done once, on first use, unless ``again``. The names added."""
-    global _discovered
-    if _discovered and not again:
-        return []
-    _discovered = True
-    return discover(VLM_BACKENDS, _REGISTRY, register_vlm)
+    return _DISCOVERY.load(again=again)
 
 
 def available_vlms() -> list[str]:
