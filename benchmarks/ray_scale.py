@@ -7,7 +7,7 @@
    of ``--images`` images with 1 and 2 actors: images/s and the ratio; the single process on
    the same stream for reference.
 3. Memory: peak RSS of a child process that streams the stage over Parquet files of
-   increasing size (``offline.sources.iter_parquet``) vs one that loads every image first.
+   increasing size (``offline.streaming.iter_parquet``) vs one that loads every image first.
 
     PYTHONPATH=. python benchmarks/ray_scale.py --requests 300 --images 4000
 
@@ -118,7 +118,7 @@ def bench_http(requests: int, concurrency: int, cpus: int) -> dict:
 
 
 def _fixture(folder: Path, n: int) -> Path:
-    from offline.sources import write_parquet
+    from offline.streaming import write_parquet
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
@@ -131,13 +131,13 @@ def bench_stage(parquet: Path, n: int, cpus: int) -> dict:
 
     from conceptguard.runtime import OnnxRuntime
     from conceptguard.threads import single_threaded_blas
-    from offline.sources import iter_parquet, stream_stage
     from offline.stages import served_outputs
+    from offline.streaming import iter_parquet, run_streamed
 
     single_threaded_blas()
     rt = OnnxRuntime(BANK / "classifier.onnx", device="cpu", threads=1)
     t0 = time.perf_counter()
-    stream_stage(partial(served_outputs, rt), iter_parquet(parquet, 1, batch_size=256))
+    run_streamed(partial(served_outputs, rt), iter_parquet(parquet, 1, batch_size=256))
     single = n / (time.perf_counter() - t0)
 
     import ray
@@ -171,12 +171,12 @@ import resource, sys
 from functools import partial
 import numpy as np
 from conceptguard.runtime import OnnxRuntime
-from offline.sources import iter_parquet, stream_stage
+from offline.streaming import iter_parquet, run_streamed
 from offline.stages import served_outputs, run_batched
 path, mode = sys.argv[1], sys.argv[2]
 rt = OnnxRuntime("{bank}/classifier.onnx", device="cpu", threads=1)
 if mode == "stream":
-    out = stream_stage(partial(served_outputs, rt), iter_parquet(path, 1, batch_size=256))
+    out = run_streamed(partial(served_outputs, rt), iter_parquet(path, 1, batch_size=256))
 else:
     images = np.concatenate([b["image"] for b in iter_parquet(path, 1, batch_size=4096)])
     out = run_batched(partial(served_outputs, rt), images)

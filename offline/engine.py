@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from offline.stages import IMAGE, Batch, BatchFn, build_stage_fn, run_batched
+from offline.stages import IMAGE, Columns, StageFn, build_stage_fn, run_batched
 
 ROW = "_row"  # the Ray engine's row-order column
 FILE = "_file"  # the Ray engine's column of image paths, decoded by the workers
@@ -33,13 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 class Engine(Protocol):
     name: str
 
-    def map(self, stage: str, columns: Batch, *, batch_size: int = 256, **spec: Any
-            ) -> Batch: ...
+    def map(self, stage: str, columns: Columns, *, batch_size: int = 256, **spec: Any
+            ) -> Columns: ...
 
     def close(self) -> None: ...
 
 
-def rows(columns: Batch) -> int:
+def rows(columns: Columns) -> int:
     """The number of rows of a batch (the image column's, or any column's)."""
     return len(columns[IMAGE] if IMAGE in columns else next(iter(columns.values())))
 
@@ -56,16 +56,16 @@ class LocalEngine:
     name = "local"
 
     def __init__(self) -> None:
-        self._fns: dict[str, BatchFn] = {}
+        self._fns: dict[str, StageFn] = {}
 
-    def fn(self, stage: str, **spec: Any) -> BatchFn:
+    def fn(self, stage: str, **spec: Any) -> StageFn:
         key = spec_key(stage, spec)
         if key not in self._fns:
             self._fns[key] = build_stage_fn(stage, **spec)
         return self._fns[key]
 
-    def map(self, stage: str, columns: Batch, *, batch_size: int = 256, **spec: Any
-            ) -> Batch:
+    def map(self, stage: str, columns: Columns, *, batch_size: int = 256, **spec: Any
+            ) -> Columns:
         fn, n = self.fn(stage, **spec), rows(columns)
         if IMAGE in columns:
             rest = {k: v for k, v in columns.items() if k != IMAGE}
@@ -110,8 +110,8 @@ class RayEngine:
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
-    def map(self, stage: str, columns: Batch, *, batch_size: int = 256, **spec: Any
-            ) -> Batch:
+    def map(self, stage: str, columns: Columns, *, batch_size: int = 256, **spec: Any
+            ) -> Columns:
         import ray.data
         from ray.data.block import BlockAccessor
 
@@ -143,7 +143,7 @@ class RayEngine:
             self._started = False
 
 
-def _files_for_workers(columns: Batch) -> tuple[Batch, Any]:
+def _files_for_workers(columns: Columns) -> tuple[Columns, Any]:
     """An image column of undecoded rows (:class:`~conceptguard.data.lazy.LazyImages`) that
     live in files becomes a column of their paths and a decoder, so that the Ray workers
     read and decode the files themselves (the driver holds paths, never the pixels); other

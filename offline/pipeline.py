@@ -1,11 +1,11 @@
 """build-bank: from a dataset and a classifier to a validated bank and its report.
 
-The job is a list of named stages (:data:`STAGES`) over a typed build state
+The job is a list of named stages (:data:`BUILD_STAGES`) over a typed build state
 (:class:`BuildState`): each stage is a function ``(ctx, state) -> output`` that reads the
 outputs of earlier stages from ``state`` and returns its own (a small frozen dataclass, or an
 array batch), which the runner (:func:`run_stages`) stores under the stage's name, timing it
 and printing progress. Stages: data, classifier (features), vlm (texts and image
-embeddings), aligner, projection, export (ONNX), served_outputs, adversarial, stream,
+embeddings), aligner, projection, export (ONNX), served_outputs, adversarial, fitting stream,
 heatmaps, calibration, evaluation_sets, evaluation, vlm (the test images), fault
 localisation, concept check (where concepts may be named), tensors, fused graph
 (``monitor.onnx``), report.
@@ -58,10 +58,10 @@ from offline.cache import ArrayCache
 from offline.config import JobConfig
 from offline.engine import Engine, LocalEngine
 from offline.evaluate import evaluate
+from offline.labelled_sets import attacked, evaluation_sets, fitting_stream
 from offline.progress import stage
 from offline.report import write_report
 from offline.stages import IMAGE, attack_columns, scores_from_columns
-from offline.stream import attacked, evaluation_sets, fitting_stream
 from offline.streaming import (
     StreamedOutputs,
     oracle_indices,
@@ -133,7 +133,8 @@ class Context:
 
 @dataclass(frozen=True)
 class Models:
-    """The per-image stages bound to this build's files (what :mod:`offline.stream` calls)."""
+    """The per-image stages bound to this build's files (what :mod:`offline.labelled_sets`
+    calls)."""
 
     ctx: Context
     classifier: Path
@@ -292,7 +293,7 @@ class BuildState:
     export: ExportOut = field(init=False)
     served_outputs: ServedOut = field(init=False)
     adversarial: Batch = field(init=False)
-    stream: Batch = field(init=False)
+    fitting_stream: Batch = field(init=False)
     heatmaps: HeatmapsOut = field(init=False)
     calibration: FittedMonitor = field(init=False)
     evaluation_sets: EvalSetsOut = field(init=False)
@@ -416,7 +417,8 @@ def adversarial_stage(ctx: Context, state: BuildState) -> Batch:
     return adv.select(adv.wrong)
 
 
-def stream_stage(ctx: Context, state: BuildState) -> Batch:
+def fitting_stream_stage(ctx: Context, state: BuildState) -> Batch:
+    """The calibration split's labelled stream the monitor is fitted on."""
     return fitting_stream(state.export.models, ctx.cfg, _attack_key(state),
                           state.data.ds["calibration"],
                           state.served_outputs.outs["calibration"], ctx.cfg.seed)
@@ -434,7 +436,7 @@ def heatmaps_stage(ctx: Context, state: BuildState) -> HeatmapsOut:
 
 def calibration_stage(ctx: Context, state: BuildState) -> FittedMonitor:
     return fit_monitor(state.served_outputs.outs["reference"], state.heatmaps.model,
-                       state.stream, ctx.cfg.calibration, ctx.cfg.seed)
+                       state.fitting_stream, ctx.cfg.calibration, ctx.cfg.seed)
 
 
 def evaluation_sets_stage(ctx: Context, state: BuildState) -> EvalSetsOut:
@@ -455,7 +457,8 @@ def evaluation_stage(ctx: Context, state: BuildState) -> EvaluationOut:
         "classifier": {"test_accuracy": round(state.served_outputs.test_accuracy, 5),
                        "hash": state.classifier.hash, "n_test": len(t)},
         "aligner": state.aligner.info,
-        **evaluate(cfg, fitted, state.stream, clean, t.labels, e.sets, e.attempted, cfg.seed),
+        **evaluate(cfg, fitted, state.fitting_stream, clean, t.labels, e.sets, e.attempted,
+                   cfg.seed),
         "calibration": fitted.info,
     }
     if ctx.attacks_skipped:
@@ -568,7 +571,7 @@ class Stage:
     timing: str | None = None
 
 
-STAGES: tuple[Stage, ...] = (
+BUILD_STAGES: tuple[Stage, ...] = (
     Stage("data", data_stage),
     Stage("classifier", classifier_stage),
     Stage("vlm", vlm_stage),
@@ -577,7 +580,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", export_stage),
     Stage("served_outputs", served_outputs_stage),
     Stage("adversarial", adversarial_stage),
-    Stage("stream", stream_stage),
+    Stage("fitting_stream", fitting_stream_stage, timing="stream"),
     Stage("heatmaps", heatmaps_stage),
     Stage("calibration", calibration_stage),
     Stage("evaluation_sets", evaluation_sets_stage),
@@ -591,7 +594,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def run_stages(ctx: Context, state: BuildState, stages: tuple[Stage, ...] = STAGES
+def run_stages(ctx: Context, state: BuildState, stages: tuple[Stage, ...] = BUILD_STAGES
                ) -> BuildState:
     """The one runner: each stage timed (progress lines unless quiet), its output stored."""
     for st in stages:

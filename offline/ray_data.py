@@ -1,6 +1,6 @@
 """The offline job's per-image stages on Ray Data: ``map_batches`` over a streaming dataset
 read from files, calling the same stage functions as the single-process path
-(:mod:`offline.stages`) with the same decoding (:mod:`offline.sources`).
+(:mod:`offline.stages`) with the same decoding (:func:`offline.streaming.decode_columns`).
 
     ds = read_source("images/", channels=1)                 # or "train.parquet"
     ds = ds.map_batches(StageActor, fn_constructor_kwargs={"stage": "served", "bank": bank},
@@ -22,10 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from offline import sources, stages
+from offline import stages, streaming
 from offline.engine import spec_key
-
-STAGES = stages.STAGES
 
 
 def read_source(path: Path | str, channels: int, classes: Sequence[str] | None = None,
@@ -39,12 +37,12 @@ def read_source(path: Path | str, channels: int, classes: Sequence[str] | None =
     if path.is_file() and path.suffix == ".parquet":
         ds = ray.data.read_parquet(str(path), columns=["id", "image", "label"], **kw)
     else:
-        files = sources.image_files(path)
-        index = {str(p.resolve()): (i, sources.label_of(p, path, classes))
+        files = streaming.image_files(path)
+        index = {str(p.resolve()): (i, streaming.folder_label(p, path, classes))
                  for i, p in enumerate(files)}
         ds = ray.data.read_binary_files([str(p) for p in files], include_paths=True, **kw)
         ds = ds.map_batches(partial(_index_rows, index), batch_format="numpy")
-    return ds.map_batches(partial(sources.decode_batch, channels=channels),
+    return ds.map_batches(partial(streaming.decode_columns, channels=channels),
                           batch_format="numpy")
 
 

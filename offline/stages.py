@@ -1,13 +1,14 @@
 """Per-image stages of the offline job as batch functions: ``dict of arrays -> dict of arrays``.
 
 One function per stage, called by both engines:
-- the single-process path (``offline.pipeline`` / ``offline.stream``) calls them on slices of
-  in-memory arrays or on batches of a streaming source (:mod:`offline.sources`);
+- the single-process path (``offline.pipeline`` / ``offline.labelled_sets``) calls them on
+  slices of in-memory arrays or on batches streamed from image files
+  (:func:`offline.streaming.iter_source`);
 - Ray Data (:mod:`offline.ray_data`) calls the very same functions inside ``map_batches``.
 
-A batch is a dict with an ``image`` column of uint8 ``(N, H, W, C)`` images (plus any
-pass-through columns such as ``id`` and ``label``); every stage returns its input columns
-other than ``image`` together with its own outputs, so stages compose.
+A batch (:data:`Columns`) is a dict with an ``image`` column of uint8 ``(N, H, W, C)``
+images (plus any pass-through columns such as ``id`` and ``label``); every stage returns its
+input columns other than ``image`` together with its own outputs, so stages compose.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from conceptguard.imaging import to_model_input
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Monitor, Scores, score
 
-Batch = dict[str, np.ndarray]
-BatchFn = Callable[[Batch], Batch]
+Columns = dict[str, np.ndarray]  # one batch of a per-image stage: column name -> rows
+StageFn = Callable[[Columns], Columns]  # a per-image stage with its model loaded
 IMAGE = "image"
-STAGES = ("served", "classifier", "vlm", "attack", "scoring")
+PER_IMAGE_STAGES = ("served", "classifier", "vlm", "attack", "scoring")  # build_stage_fn
 ATTACK_SEED, ATTACK_ROWS = "attack_seed", "attack_rows"  # the attack stage's batch columns
 
 
@@ -39,18 +40,18 @@ def as_nhwc(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.astype(np.uint8, copy=False))
 
 
-def _passthrough(batch: Batch) -> Batch:
+def _passthrough(batch: Columns) -> Columns:
     return {k: np.asarray(v) for k, v in batch.items() if k != IMAGE}
 
 
-def served_outputs(rt: OnnxRuntime, batch: Batch) -> Batch:
+def served_outputs(rt: OnnxRuntime, batch: Columns) -> Columns:
     """The exported serving graph on a batch: logits, features, concepts (float32)."""
     o = rt.run(to_model_input(as_nhwc(batch[IMAGE])))
     return {**_passthrough(batch), "logits": o.logits, "features": o.features,
             "concepts": o.concepts}
 
 
-def classifier_features(model: Any, batch: Batch) -> Batch:
+def classifier_features(model: Any, batch: Columns) -> Columns:
     """Penultimate features (and logits) of the torch classifier on a batch."""
     from conceptguard.classifier.inference import predict
 
@@ -58,7 +59,7 @@ def classifier_features(model: Any, batch: Batch) -> Batch:
     return {**_passthrough(batch), "logits": logits, "features": features}
 
 
-def scoring(monitor: Monitor, batch: Batch) -> Batch:
+def scoring(monitor: Monitor, batch: Columns) -> Columns:
     """Trust, the three heads and everything else :func:`score` returns, from served
     outputs (the service's scoring call); :func:`scores_from_columns` rebuilds ``Scores``."""
     s = score(monitor, batch["logits"], batch["features"], batch["concepts"])
@@ -75,7 +76,7 @@ def scoring(monitor: Monitor, batch: Batch) -> Batch:
 RISK = "risk."  # scoring's per-detector risk columns
 
 
-def scores_from_columns(b: Batch) -> Scores:
+def scores_from_columns(b: Columns) -> Scores:
     """The ``Scores`` of :func:`scoring`'s columns (the inverse of that stage)."""
     return Scores(
         probabilities=b["probabilities"], predictions=b["prediction"],
@@ -86,12 +87,12 @@ def scores_from_columns(b: Batch) -> Scores:
         paper_rule_reject=b["paper_rule_reject"], contributions=b["contributions"])
 
 
-def vlm_image_embeddings(vlm: Any, batch: Batch) -> Batch:
+def vlm_image_embeddings(vlm: Any, batch: Columns) -> Columns:
     """The VLM's image embeddings (float32, unit rows) of a batch."""
     return {**_passthrough(batch), "embedding": vlm.encode_images(as_nhwc(batch[IMAGE]))}
 
 
-def attack_columns(n: int, seed: int, batch_size: int = 256) -> Batch:
+def attack_columns(n: int, seed: int, batch_size: int = 256) -> Columns:
     """The attack stage's seed columns for ``n`` rows attacked as one run seeded ``seed``:
     row j belongs to attack batch ``j // batch_size`` (``conceptguard.attacks.run_attack``'s
     batches), whose seed and size it carries."""
@@ -103,7 +104,7 @@ def attack_columns(n: int, seed: int, batch_size: int = 256) -> Batch:
             ATTACK_ROWS: sizes.astype(np.int64)}
 
 
-def attack_images(model: Any, attack: Any, batch: Batch) -> Batch:
+def attack_images(model: Any, attack: Any, batch: Columns) -> Columns:
     """Adversarial uint8 NHWC images (``adversarial``) of a batch against its ``label``s.
 
     Rows are attacked in the groups :func:`attack_columns` assigned (one seed each), so the
@@ -133,7 +134,7 @@ def attack_images(model: Any, attack: Any, batch: Batch) -> Batch:
 def build_stage_fn(stage: str, *, onnx: str | Path | None = None,
                    classifier: str | Path | None = None, bank: str | Path | None = None,
                    vlm: dict | None = None, attack: dict | None = None, monitor: Any = None,
-                   threads: int = 0) -> BatchFn:
+                   threads: int = 0) -> StageFn:
     """The batch function of a per-image stage with its model loaded once, from what a
     worker can receive (paths and specs): ``served`` (``onnx``, or a ``bank``'s graph),
     ``classifier`` (``classifier``), ``vlm`` (a ``VLMSpec`` as a dict), ``attack`` (the
@@ -167,11 +168,11 @@ def build_stage_fn(stage: str, *, onnx: str | Path | None = None,
 
             monitor = load_bank(Path(bank)).monitor  # type: ignore[arg-type]
         return partial(scoring, monitor)
-    raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    raise ValueError(f"unknown stage {stage!r}; one of {PER_IMAGE_STAGES}")
 
 
 def run_batched(fn: Any, images: np.ndarray, batch_size: int = 256, **columns: np.ndarray
-                ) -> Batch:
+                ) -> Columns:
     """A stage over in-memory images in slices of ``batch_size``, outputs concatenated."""
     starts = range(0, len(images), batch_size) if len(images) else [0]  # empty: one call
     parts = [fn({IMAGE: images[i:i + batch_size],

@@ -1,36 +1,54 @@
-"""The test split in bounded memory: served outputs streamed to a file, scores in batches.
+"""Streaming: images and served outputs in bounded memory, a batch at a time.
 
-The fit, reference and calibration splits have fixed sizes in the config, so they are decoded
-into memory (:func:`split_datasets`). The test split is "the rest" and grows with the dataset:
-its images are decoded batch by batch (:class:`~conceptguard.data.lazy.LazyImages`), the
-served outputs (logits, features, concepts) of each batch are appended to a raw float32
-file in a temporary folder (:func:`served_streamed`), and only per-image scalars stay in
-memory (label, prediction; then the scores of :func:`score_streamed`, with the per-class
-probabilities and per-concept contributions dropped). Stages that need full outputs for a
-bounded subset (the VLM oracle's inputs, an attack's victims) read those rows back
-(:meth:`StreamedOutputs.take`) with plain file reads: no memory map, so nothing but the rows
-asked for enters the process's resident memory.
+Two streams, one module:
+
+- **The test split's served outputs.** The fit, reference and calibration splits have fixed
+  sizes in the config, so they are decoded into memory (:func:`split_datasets`). The test
+  split is "the rest" and grows with the dataset: its images are decoded batch by batch
+  (:class:`~conceptguard.data.lazy.LazyImages`), the served outputs (logits, features,
+  concepts) of each batch are appended to a raw float32 file in a temporary folder
+  (:func:`served_streamed`), and only per-image scalars stay in memory (label, prediction;
+  then the scores of :func:`score_streamed`, with the per-class probabilities and
+  per-concept contributions dropped). Stages that need full outputs for a bounded subset
+  (the VLM oracle's inputs, an attack's victims) read those rows back
+  (:meth:`StreamedOutputs.take`) with plain file reads: no memory map, so nothing but the
+  rows asked for enters the process's resident memory.
+- **Image files as column batches** for the per-image stages of :mod:`offline.stages`: an
+  image folder or a Parquet file read batch by batch (:func:`iter_source`), a stage run over
+  such a stream keeping only its outputs (:func:`run_streamed`). Ray Data reads the same
+  files with the same decoding (:func:`decode_columns`, :mod:`offline.ray_data`). Rows carry
+  an ``id`` (their position in the source: sorted relative paths for a folder, row order for
+  Parquet) so results can be put back in order whichever engine produced them. Layouts: an
+  image folder ``root/**/<image>`` (the suffixes and order of
+  :func:`conceptguard.data.image_folder.list_images`; a file's first folder under ``root``
+  is its class when ``classes`` is given, else the label is -1); Parquet: an ``image``
+  column of encoded image bytes (PNG/JPEG), optionally ``label`` and ``id`` (row order when
+  absent; Ray Data needs it, since its blocks may come back in any order:
+  :func:`write_parquet` writes it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from conceptguard.calibration import Batch
 from conceptguard.data import Dataset
+from conceptguard.data.image_folder import MODES, list_images
 from conceptguard.data.lazy import LazyImages
 from conceptguard.data.splits import Splits
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Monitor, Scores, score
-from offline.stages import IMAGE, served_outputs
+from offline.stages import IMAGE, Columns, served_outputs
 
 SERVE_BATCH = 256  # images decoded and run through the graph at a time
 SCORE_BATCH = 4096  # served outputs scored at a time
@@ -201,3 +219,106 @@ def oracle_indices(outs: StreamedOutputs | Batch, first: int, max_misclassified:
         rest = np.sort(np.random.default_rng(seed).choice(rest, max_misclassified,
                                                           replace=False))
     return np.concatenate([np.arange(n_first, dtype=np.int64), rest.astype(np.int64)]), n_first
+
+
+# ------------------------------------------------------------------ image files as batches
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image under ``root``, in sorted relative-path order (the row order)."""
+    files = list_images(Path(root))
+    if not files:
+        raise FileNotFoundError(f"no images under {root}")
+    return files
+
+
+def decode_row(data: bytes | np.ndarray, channels: int) -> np.ndarray:
+    """Encoded bytes (or an already decoded array) -> uint8 ``(H, W, C)``, size unchanged."""
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim >= 2:
+        arr = data
+    else:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            arr = np.asarray(img.convert(MODES[channels]))
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def decode_columns(columns: Columns, channels: int) -> Columns:
+    """Decode the ``image`` column (bytes or arrays) to uint8 NHWC; other columns pass."""
+    images = np.stack([decode_row(x, channels) for x in columns[IMAGE]])
+    return {**{k: np.asarray(v) for k, v in columns.items() if k != IMAGE}, IMAGE: images}
+
+
+def folder_label(path: Path, root: Path, classes: Sequence[str] | None) -> int:
+    """The class of an image file: the index in ``classes`` of its first folder under
+    ``root``; -1 without ``classes`` or for a folder not among them."""
+    if not classes:
+        return -1
+    rel = path.relative_to(root)
+    name = rel.parts[0] if len(rel.parts) > 1 else ""
+    return list(classes).index(name) if name in classes else -1
+
+
+def iter_folder(root: Path, channels: int, batch_size: int = 256,
+                classes: Sequence[str] | None = None) -> Iterator[Columns]:
+    """Batches ``{id, label, image}`` of an image folder; one batch in memory at a time."""
+    root = Path(root)
+    files = image_files(root)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        yield {"id": np.arange(start, start + len(chunk), dtype=np.int64),
+               "label": np.array([folder_label(p, root, classes) for p in chunk], np.int64),
+               IMAGE: np.stack([decode_row(p.read_bytes(), channels) for p in chunk])}
+
+
+def iter_parquet(path: Path, channels: int, batch_size: int = 256) -> Iterator[Columns]:
+    """Batches ``{id, label, image}`` of a Parquet file, read row group by row group."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    columns = [c for c in (IMAGE, "label", "id") if c in names]
+    start = 0
+    for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
+        n = rb.num_rows
+        raw = rb.column(IMAGE).to_pylist()
+        labels = (np.asarray(rb.column("label").to_numpy(zero_copy_only=False), np.int64)
+                  if "label" in names else np.full(n, -1, np.int64))
+        ids = (np.asarray(rb.column("id").to_numpy(zero_copy_only=False), np.int64)
+               if "id" in names else np.arange(start, start + n, dtype=np.int64))
+        yield {"id": ids, "label": labels,
+               IMAGE: np.stack([decode_row(x, channels) for x in raw])}
+        start += n
+
+
+def iter_source(path: Path, channels: int, batch_size: int = 256,
+                classes: Sequence[str] | None = None) -> Iterator[Columns]:
+    """A folder or a ``.parquet`` file, streamed."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".parquet":
+        return iter_parquet(path, channels, batch_size)
+    return iter_folder(path, channels, batch_size, classes)
+
+
+def write_parquet(path: Path, images: np.ndarray, labels: np.ndarray,
+                  rows_per_group: int = 1024) -> Path:
+    """uint8 NHWC images (and labels) as a Parquet file of PNG bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    table = pa.table({"id": pa.array(np.arange(len(images), dtype=np.int64)),
+                      IMAGE: pa.array([png(a) for a in images], pa.binary()),
+                      "label": pa.array(np.asarray(labels, np.int64))})
+    pq.write_table(table, path, row_group_size=rows_per_group)
+    return Path(path)
+
+
+def run_streamed(fn: Callable[[Columns], Columns], batches: Iterator[Columns]) -> Columns:
+    """A per-image stage over a stream of batches; only its (small) outputs are kept, not
+    the images."""
+    parts = [fn(b) for b in batches]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

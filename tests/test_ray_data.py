@@ -1,6 +1,6 @@
 """The offline job's per-image stages on Ray Data (local Ray, 2 CPUs) give the same tensors
 as the single-process path that ``build-bank`` runs, from an image folder and from Parquet;
-the streaming sources without Ray give them too."""
+the file streams without Ray (offline.streaming) give them too."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ N = 60
 def fixture_set(fashion_mnist_test: Any, tmp_path_factory: pytest.TempPathFactory
                 ) -> dict[str, Any]:
     """60 test images as a class-per-folder image tree and as a Parquet file."""
-    from offline.sources import write_parquet
+    from offline.streaming import write_parquet
 
     root = tmp_path_factory.mktemp("ray-data")
     images = fashion_mnist_test.images[:N]
@@ -55,14 +55,14 @@ def local_ray() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def single_process(fixture_set: dict[str, Any]) -> dict[str, np.ndarray]:
-    """What the single-process build computes: offline.stream.served (the served-outputs
-    stage), torch features as pipeline.torch_features, and the monitor's scores."""
+    """What the single-process build computes: offline.labelled_sets.served (the
+    served-outputs stage), torch features as pipeline.torch_features, and the monitor's scores."""
     from conceptguard.bank import load_bank
     from conceptguard.classifier.inference import predict
     from conceptguard.classifier.io import load_classifier
     from conceptguard.runtime import OnnxRuntime
     from conceptguard.scoring import score
-    from offline.stream import served
+    from offline.labelled_sets import served
 
     bank = load_bank(DEMO_BANK)
     rt = OnnxRuntime(bank.onnx_path, device="cpu")
@@ -107,17 +107,17 @@ def test_classifier_features_from_parquet(local_ray: None, fixture_set: dict[str
                                rtol=1e-5)
 
 
-def test_streaming_sources_without_ray(fixture_set: dict[str, Any],
-                                       single_process: dict[str, np.ndarray]) -> None:
+def test_file_streams_without_ray(fixture_set: dict[str, Any],
+                                  single_process: dict[str, np.ndarray]) -> None:
     from conceptguard.runtime import OnnxRuntime
-    from offline.sources import iter_source, stream_stage
     from offline.stages import served_outputs
+    from offline.streaming import iter_source, run_streamed
 
     rt = OnnxRuntime(DEMO_BANK / "classifier.onnx", device="cpu")
     fn = partial(served_outputs, rt)
-    from_parquet = stream_stage(fn, iter_source(fixture_set["parquet"], 1, batch_size=7))
+    from_parquet = run_streamed(fn, iter_source(fixture_set["parquet"], 1, batch_size=7))
     np.testing.assert_allclose(from_parquet["concepts"], single_process["concepts"], atol=1e-5)
-    from_folder = stream_stage(fn, iter_source(fixture_set["folder"], 1, batch_size=7,
+    from_folder = run_streamed(fn, iter_source(fixture_set["folder"], 1, batch_size=7,
                                                classes=fixture_set["classes"]))
     order = fixture_set["folder_order"]
     np.testing.assert_allclose(from_folder["logits"], single_process["logits"][order],
@@ -126,7 +126,7 @@ def test_streaming_sources_without_ray(fixture_set: dict[str, Any],
 
 
 def test_parquet_round_trip(tmp_path: Path) -> None:
-    from offline.sources import iter_parquet, write_parquet
+    from offline.streaming import iter_parquet, write_parquet
 
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     path = write_parquet(tmp_path / "x.parquet", images, np.arange(5), rows_per_group=2)

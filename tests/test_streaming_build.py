@@ -19,7 +19,7 @@ from conceptguard.data.image_folder import load_image_folder
 from conceptguard.data.registry import LOADERS, register_source
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import score
-from offline.stream import served
+from offline.labelled_sets import served
 from offline.streaming import oracle_indices, score_streamed, served_streamed
 from tests.tolerance import assert_f32_close
 
