@@ -198,7 +198,7 @@ def headline(metrics: dict) -> dict:
 
 def _inject_faults(args: argparse.Namespace) -> int:
     from offline.config import load_config
-    from offline.fault_injection import inject_faults, summary_table
+    from offline.inject_faults import inject_faults, summary_table
 
     cfg = load_config(args.config)
     if args.cache_dir:
@@ -454,7 +454,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--save-variants", type=Path, default=None,
                    help="also save each variant classifier (safetensors) in this folder")
     f.add_argument("--kinds", nargs="+", default=None,
-                   help="fault kinds (default: all eight; see offline/fault_injection.py)")
+                   help="fault kinds (default: all eight; see offline/inject_faults.py)")
     f.add_argument("--seeds", type=int, default=3, help="seeds per kind and severity")
     f.add_argument("--test-n", type=int, default=None,
                    help="test-split inputs scored (default: evaluation.vlm_test_images)")

@@ -246,8 +246,12 @@ def _add_paper_rule(ctx: Context, bank: bankio.Bank, images: np.ndarray, labels:
     view) against the bank's class prompts."""
     import hashlib
 
-    from conceptguard.faults import localise
-    from conceptguard.projection import aligned_embedding
+    from conceptguard.faults import (
+        encoder_view_labels,
+        localise,
+        verdict_counts,
+        zero_shot_labels,
+    )
     from offline.pipeline import vlm_embeddings
 
     classes = bank.manifest.classes
@@ -259,14 +263,13 @@ def _add_paper_rule(ctx: Context, bank: bankio.Bank, images: np.ndarray, labels:
     digest = hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest()[:20]
     v = vlm_embeddings(ctx, ctx.vlm, images[idx], f"{data_key}|{split}|{digest}")
     class_T = bank.tensors["classes.T"]
-    oracle = (v @ class_T.T).argmax(1)
-    W, b = bank.tensors["aligner.W"], bank.tensors["aligner.b"]
-    enc = (aligned_embedding(z[idx], W, b) @ class_T.T).argmax(1)
+    oracle = zero_shot_labels(v, class_T)
+    enc = encoder_view_labels(z[idx], bank.tensors["aligner.W"], bank.tensors["aligner.b"],
+                              class_T)
     verdict = localise(labels[idx], pred[idx], oracle, enc)
     for p in pairs:
         rows = (labels[idx] == index[p["true"]]) & (pred[idx] == index[p["predicted"]])
-        p["paper_rule"] = {k: int((verdict[rows] == k).sum())
-                           for k in ("head", "encoder", "ambiguous")}
+        p["paper_rule"] = verdict_counts(verdict[rows])
 
 
 # ------------------------------------------------------------------ outputs

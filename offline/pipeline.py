@@ -44,11 +44,11 @@ from conceptguard.concepts import ConceptSet, class_matrix, concept_matrix, load
 from conceptguard.data import Dataset, make_splits, open_source
 from conceptguard.data.splits import Splits
 from conceptguard.export import MonitoredClassifier, export_onnx
-from conceptguard.faults import fault_report
+from conceptguard.faults import encoder_view_labels, fault_report, zero_shot_labels
 from conceptguard.heatmaps import Heatmaps, binarise, build_heatmaps
 from conceptguard.monitor_graph import check_fused_graph, export_fused_onnx
 from conceptguard.monitor_io import monitor_from_tensors, monitor_tensors
-from conceptguard.projection import aligned_embedding, project_features, raw_concept_scores
+from conceptguard.projection import project_features, raw_concept_scores
 from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Monitor, Scores
 from conceptguard.threads import single_threaded_blas
@@ -491,8 +491,8 @@ def fault_localisation_stage(ctx: Context, state: BuildState) -> dict:
     """metrics.json's ``vlm`` and ``fault_localisation`` sections."""
     cfg, vt, class_T = ctx.cfg, state.vlm_test, state.vlm.class_T
     a, t = state.aligner.aligner, vt.outs
-    oracle = (vt.v @ class_T.T).argmax(1)
-    enc = (aligned_embedding(t.features, a.W, a.b) @ class_T.T).argmax(1)
+    oracle = zero_shot_labels(vt.v, class_T)
+    enc = encoder_view_labels(t.features, a.W, a.b, class_T)
     labels_sub, n = t.labels, vt.first_n
     out: dict = {"vlm": {
         "id": ctx.vlm.get().id,

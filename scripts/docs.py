@@ -183,7 +183,7 @@ def _results(name: str) -> Callable[[], str]:
 def fault_injection_table() -> str:
     """Debugging on injected faults: the summary over all variants and per kind, as
     ``conceptguard inject-faults`` writes it to report/fault_injection.md."""
-    from offline.fault_injection import summary_table
+    from offline.inject_faults import summary_table
 
     return summary_table(metrics()["fault_injection"]) + "\n"
 

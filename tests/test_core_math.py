@@ -182,6 +182,21 @@ def test_fault_localisation_rules() -> None:
         "head", "encoder", "ambiguous"]
 
 
+def test_zero_shot_labels_and_the_encoder_view() -> None:
+    """The oracle is the nearest class prompt; the encoder view reads the features through
+    the aligner first (normalised: a scaled feature row keeps its label)."""
+    from conceptguard.faults import encoder_view_labels, verdict_counts, zero_shot_labels
+
+    class_T = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    v = np.array([[0.9, 0.1], [0.2, 0.8], [-3.0, 1.0]])
+    assert zero_shot_labels(v, class_T).tolist() == [0, 1, 2]
+    W, b = np.array([[0.0, 1.0], [1.0, 0.0]]), np.zeros(2)  # the aligner swaps the axes
+    z = np.array([[0.1, 0.9], [8.0, 2.0], [1.0, -5.0]])
+    assert encoder_view_labels(z, W, b, class_T).tolist() == [0, 1, 2]
+    assert verdict_counts(np.array(["head", "head", "ambiguous"], dtype=object)) == {
+        "head": 2, "encoder": 0, "ambiguous": 1}
+
+
 def test_bootstrap_auroc_and_aurc_equal_the_plain_ones_on_the_resampled_data() -> None:
     from conceptguard.metrics import bootstrap_counts, interval, weighted_aurc, weighted_auroc
 

@@ -25,7 +25,7 @@ from conceptguard.classifier.io import (
     load_classifier,
     save_classifier,
 )
-from conceptguard.fault_injection import encoder_ablate, head_swap
+from conceptguard.faults import encoder_ablate, head_swap
 from tests.conftest import DEMO_BANK
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import torch
 from conceptguard.aligner import fit_aligner
 from conceptguard.classifier.inference import predict
 from conceptguard.classifier.io import ClassifierSpec, build_classifier, load_classifier
-from conceptguard.fault_injection import (
+from conceptguard.faults import (
     bias_shift,
     encoder_ablate,
     encoder_bn_drift,
@@ -28,7 +28,7 @@ from conceptguard.fault_injection import (
     localisation_accuracy,
     simulated_oracle,
 )
-from offline.fault_injection import (
+from offline.inject_faults import (
     SEVERITIES,
     fault_grid,
     paper_rule_table,

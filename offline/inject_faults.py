@@ -1,6 +1,6 @@
 """inject-faults: the debugging questions measured on classifier variants with known faults.
 
-Every fault kind of ``conceptguard.fault_injection`` at three severities and three seeds
+Every fault kind of :mod:`conceptguard.faults` at three severities and three seeds
 (:func:`fault_grid`) is scored (:func:`score_variant`) on what ``conceptguard diagnose``
 answers: ``changed`` against the injected component; ``limit`` of each faulty pair against
 the measured effect of the head-only repair (last-layer retraining on reference features,
@@ -43,7 +43,7 @@ from conceptguard.diagnosis import (
     swap_predictions,
     swap_shares,
 )
-from conceptguard.fault_injection import (
+from conceptguard.faults import (
     HEAD,
     Fault,
     bias_shift,
@@ -51,14 +51,14 @@ from conceptguard.fault_injection import (
     encoder_bn_drift,
     encoder_merge,
     encoder_noise,
+    encoder_view_labels,
     head_blend,
     head_scale,
     head_swap,
-    localisation_accuracy,
+    score_localisation,
     simulated_oracle,
+    zero_shot_labels,
 )
-from conceptguard.faults import localise
-from conceptguard.projection import aligned_embedding
 from conceptguard.repair import fit_head, linear_head
 from conceptguard.threads import single_threaded_blas
 from offline.cache import ArrayCache
@@ -174,12 +174,11 @@ def evaluate_variant(fault: Fault, labels: np.ndarray, pred0: np.ndarray, pred: 
     out = {"kind": fault.kind, "component": fault.component, "params": fault.params,
            "new_errors": int(new.sum()), "injected_errors": int(rows.sum()),
            "encoder_view_accuracy": round(float((e == y).mean()), 5) if len(y) else None,
-           **localisation_accuracy(localise(y, q, oracle[rows], e), fault.component)}
-    out["simulated_oracle"] = {}
-    for p in ps:
-        sim = simulated_oracle(labels, num_classes, p, seed)[rows]
-        res = localisation_accuracy(localise(y, q, sim, e), fault.component)
-        out["simulated_oracle"][str(p)] = res
+           **score_localisation(y, q, oracle[rows], e, fault.component)}
+    out["simulated_oracle"] = {
+        str(p): score_localisation(y, q, simulated_oracle(labels, num_classes, p, seed)[rows],
+                                   e, fault.component)
+        for p in ps}
     return out
 
 
@@ -194,13 +193,13 @@ def run_variant(variant, fault: Fault, fit_images: np.ndarray, v_fit: np.ndarray
     under ``original_aligner``: the bank not rebuilt, the classifier changed under it."""
     aligner = fit_aligner(predict(variant, fit_images)[1], v_fit, seed=seed)
     logits, z = predict(variant, images)
-    enc = (aligned_embedding(z, aligner.W, aligner.b) @ class_T.T).argmax(1)
+    enc = encoder_view_labels(z, aligner.W, aligner.b, class_T)
     pred = logits.argmax(1)
     res = evaluate_variant(fault, labels, pred0, pred, enc, oracle, len(class_T), ps, seed)
     res["variant_accuracy"] = round(float((pred == labels).mean()), 5)
     if original_aligner is not None:  # the bank kept, the classifier changed under it
         W, b = original_aligner
-        enc0 = (aligned_embedding(z, W, b) @ class_T.T).argmax(1)
+        enc0 = encoder_view_labels(z, W, b, class_T)
         kept = evaluate_variant(fault, labels, pred0, pred, enc0, oracle, len(class_T), ps,
                                 seed)
         res["original_aligner"] = {k: kept[k] for k in (
@@ -256,14 +255,12 @@ def score_variant(variant, fault: Fault, d: FaultData, ref_head, whiten: np.ndar
         pairs.append({"true": t, "predicted": q, "new_errors": n, "limit": limit,
                       "geometry": geo, "repair": outcome, "agrees": agrees(limit, outcome)})
     injected = new & fault.injected(y, swap.candidate)
-    enc_view = (aligned_embedding(z_test1, *aligner) @ class_T.T).argmax(1)
+    enc_view = encoder_view_labels(z_test1, *aligner, class_T)
     rows = injected
-    paper = {"vlm": localisation_accuracy(localise(y[rows], swap.candidate[rows],
-                                                   d.oracle[rows], enc_view[rows]),
-                                          fault.component),
-             "perfect_oracle": localisation_accuracy(localise(y[rows], swap.candidate[rows],
-                                                              y[rows], enc_view[rows]),
-                                                     fault.component)}
+    paper = {"vlm": score_localisation(y[rows], swap.candidate[rows], d.oracle[rows],
+                                       enc_view[rows], fault.component),
+             "perfect_oracle": score_localisation(y[rows], swap.candidate[rows], y[rows],
+                                                  enc_view[rows], fault.component)}
     return {"kind": fault.kind, "component": fault.component, "params": fault.params,
             "variant_accuracy": round(float((swap.candidate == y).mean()), 5),
             "new_errors": int(new.sum()), "injected_errors": int(rows.sum()),
@@ -363,7 +360,7 @@ def inject_faults(cfg: JobConfig, bank: Path, *, kinds: list[str] | None = None,
     class_T = b.tensors["classes.T"]
     n_train = min(2000, len(calib))
     d = FaultData(ref.images, ref.labels.astype(np.int64), tst.images,
-                  tst.labels.astype(np.int64), z_ref0, z_test0, (v @ class_T.T).argmax(1),
+                  tst.labels.astype(np.int64), z_ref0, z_test0, zero_shot_labels(v, class_T),
                   calib.images[:n_train], calib.labels[:n_train])
     ref_head = linear_head(model)
     whiten = b.tensors["detector.mahalanobis.whiten"]
