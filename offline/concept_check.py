@@ -29,9 +29,9 @@ from conceptguard.data import load_source, make_splits
 from conceptguard.projection import project_features
 from conceptguard.repair import linear_head
 from conceptguard.threads import single_threaded_blas
+from offline.build_context import Context, torch_features, vlm_embeddings
 from offline.cache import ArrayCache
 from offline.config import JobConfig
-from offline.pipeline import Context, torch_features, vlm_embeddings
 
 THRESHOLD = 0.8
 TOP_K = 3

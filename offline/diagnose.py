@@ -45,9 +45,9 @@ from conceptguard.diagnosis import (
 )
 from conceptguard.repair import fit_head, linear_head, with_head
 from conceptguard.threads import single_threaded_blas
+from offline.build_context import Context, torch_features
 from offline.cache import ArrayCache
 from offline.config import JobConfig
-from offline.pipeline import Context, torch_features
 
 NOTE = ("changed: the candidate's new test errors (right with the bank's classifier, wrong "
         "now) re-scored with the candidate's encoder under the bank's head (encoder_share) "
@@ -252,7 +252,7 @@ def _add_paper_rule(ctx: Context, bank: bankio.Bank, images: np.ndarray, labels:
         verdict_counts,
         zero_shot_labels,
     )
-    from offline.pipeline import vlm_embeddings
+    from offline.build_context import vlm_embeddings
 
     classes = bank.manifest.classes
     index = {classes[i]: i for i in range(len(classes))}

@@ -61,9 +61,9 @@ from conceptguard.faults import (
 )
 from conceptguard.repair import fit_head, linear_head
 from conceptguard.threads import single_threaded_blas
+from offline.build_context import Context, torch_features, vlm_embeddings
 from offline.cache import ArrayCache
 from offline.config import JobConfig
-from offline.pipeline import Context, torch_features, vlm_embeddings
 
 ORACLE_PS = (0.5, 0.8, 0.95, 1.0)
 NOTE = ("Variants of the bank's classifier with one injected fault each (every kind at 3 "

@@ -53,13 +53,12 @@ from conceptguard.runtime import OnnxRuntime
 from conceptguard.scoring import Monitor, Scores
 from conceptguard.threads import single_threaded_blas
 from conceptguard.trust import feature_names
-from conceptguard.vlm import VLMBackend, create_vlm
+from offline.build_context import Context, torch_features, vlm_embeddings
 from offline.cache import ArrayCache
 from offline.config import JobConfig
 from offline.engine import Engine, LocalEngine
 from offline.evaluate import evaluate
 from offline.labelled_sets import attacked, evaluation_sets, fitting_stream
-from offline.progress import stage
 from offline.report import write_report
 from offline.stages import IMAGE, attack_columns, scores_from_columns
 from offline.streaming import (
@@ -72,63 +71,6 @@ from offline.streaming import (
 
 SERVE_CHUNK = 2048  # test-split rows per engine call (decoded, served, appended to disk)
 SCORE_CHUNK = 4096  # test-split rows scored per engine call
-
-class LazyVLM:
-    """Builds the VLM only when a cache miss needs it (loading takes seconds)."""
-
-    def __init__(self, cfg: JobConfig):
-        self.cfg = cfg
-        self._vlm: VLMBackend | None = None
-
-    def get(self) -> VLMBackend:
-        if self._vlm is None:
-            self._vlm = create_vlm(self.cfg.vlm)
-        return self._vlm
-
-    @property
-    def id(self) -> str:
-        return self.cfg.vlm.model_dump_json()
-
-
-@dataclass
-class Context:
-    """What every stage may use: the config, the cache, the engine of the per-image stages,
-    the staging folder being written, and the timings the runner records."""
-
-    cfg: JobConfig
-    cache: ArrayCache
-    progress: bool
-    timings: dict[str, float] = field(default_factory=dict)
-    engine: Engine = field(default_factory=LocalEngine)
-    staging: Path = Path(".")
-    vlm: LazyVLM = field(init=False)
-    attacks_skipped: str | None = None  # why, when the classifier has no gradients
-
-    def __post_init__(self) -> None:
-        self.vlm = LazyVLM(self.cfg)
-
-    def stage(self, name: str):
-        return stage(name, self.timings, quiet=not self.progress)
-
-    def cached(self, name: str, inputs: dict[str, Any] | None,
-               compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """``compute()``, or its cached arrays under ``name`` + ``inputs`` (None: uncached)."""
-        return compute() if inputs is None else self.cache.get_or_compute(name, inputs, compute)
-
-    def map(self, stage_name: str, columns: dict[str, np.ndarray], *,
-            cache: tuple[str, dict[str, Any]] | None = None, keep: tuple[str, ...] = (),
-            **spec: Any) -> dict[str, np.ndarray]:
-        """A per-image stage of :mod:`offline.stages` over ``columns`` on the engine
-        (``spec``: the stage's model, as ``build_stage_fn`` takes it, and ``batch_size``).
-        ``keep``: return only these outputs, each ``"name"`` or ``"name:stored"`` (returned
-        and cached as ``stored``); ``cache`` ``(name, inputs)``: cache them under that key."""
-        def run() -> dict[str, np.ndarray]:
-            out = self.engine.map(stage_name, columns, **spec)
-            if not keep:
-                return out
-            pairs = [k.split(":") if ":" in k else (k, k) for k in keep]
-            return {stored: out[name] for name, stored in pairs}
-        return self.cached(*cache, run) if cache else run()
 
 
 @dataclass(frozen=True)
@@ -178,22 +120,6 @@ def _digest(*arrays: np.ndarray) -> str:
 
 def _concept_set_digest(cs: ConceptSet) -> str:
     return hashlib.sha256(cs.model_dump_json().encode()).hexdigest()[:20]
-
-
-def torch_features(ctx: Context, classifier: Path, chash: str, images: np.ndarray, split: str,
-                   data_key: str) -> np.ndarray:
-    """Penultimate features from the torch classifier (fit and reference splits: the
-    aligner and the standardisation are fitted on them before the graph is exported)."""
-    return ctx.map("classifier", {IMAGE: images}, keep=("features",),
-                   cache=("classifier", {"hash": chash, "data": data_key, "split": split}),
-                   classifier=str(classifier))["features"]
-
-
-def vlm_embeddings(ctx: Context, vlm: LazyVLM, images: np.ndarray, key: str) -> np.ndarray:
-    """The VLM's image embeddings (cached under the VLM spec and ``key``)."""
-    return ctx.map("vlm", {IMAGE: images}, keep=("embedding:v",),
-                   cache=("vlm-images", {"vlm": vlm.id, "images": key}),
-                   vlm=ctx.cfg.vlm.model_dump())["v"]
 
 
 # ------------------------------------------------------------------ stage outputs

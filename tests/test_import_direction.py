@@ -5,6 +5,10 @@ at module level or inside a function (a lazy import is still a dependency).
 - ``conceptguard/`` (the core) imports neither ``offline`` nor ``service``;
 - ``offline/`` does not import ``service``, except lazily (inside a function) in
   ``offline/cli.py``: the ``serve`` command starts the server;
+- an offline command module (``pipeline``: build-bank, ``inject_faults``, ``diagnose``,
+  ``concept_check``, ``import_classifier``, ``folder_config``) is imported by
+  ``offline/cli.py`` only, except ``concept_check``, which build-bank also runs as a stage:
+  commands share the build through ``offline/build_context.py``, never through each other;
 - no route module (``service/routes_*.py``, ``service/*_route.py``,
   ``service/grpc_server.py``) imports another one;
 - only the app (``service/app.py``, and ``service/ray_serve.py``, which wraps it) imports a
@@ -20,6 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("conceptguard", "offline", "service")
 APP_MODULES = frozenset({"service.app", "service.ray_serve"})
+COMMANDS = {f"offline.{m}": frozenset({"offline.cli"}) for m in (
+    "pipeline", "inject_faults", "diagnose", "import_classifier", "folder_config")}
+COMMANDS["offline.concept_check"] = frozenset({"offline.cli", "offline.pipeline"})
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,8 @@ def violations(root: Path) -> list[str]:
         if in_package(imp.module, "offline") and in_package(imp.target, "service") and not (
                 imp.module == "offline.cli" and imp.lazy):
             bad.append(f"{where} (offline imports service only lazily, in offline.cli)")
+        if imp.target in COMMANDS and imp.module not in COMMANDS[imp.target] | {imp.target}:
+            bad.append(f"{where} (a command module is imported by offline.cli only)")
         if is_route(imp.target) and imp.module not in APP_MODULES and imp.target != imp.module:
             why = ("a route module imports another" if is_route(imp.module)
                    else "only the app imports route modules")
@@ -123,6 +132,9 @@ def test_the_rules_are_what_the_check_enforces() -> None:
                for i in found)
     assert any(i.module.startswith("service.") and i.target == "service.codecs"
                for i in found)
+    assert any(i.module == "offline.cli" and i.target == "offline.pipeline" for i in found)
+    assert any(i.module == "offline.inject_faults" and i.target == "offline.build_context"
+               for i in found)
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:
@@ -138,6 +150,9 @@ def test_each_kind_of_violation_is_caught(tmp_path: Path) -> None:
     root = _tree(tmp_path, {
         "conceptguard/core.py": "def f():\n    from service import settings\n",
         "offline/job.py": "import service.codecs\n",
+        "offline/diagnose.py": "from offline.pipeline import Context\n",
+        "offline/pipeline.py": "def f():\n    from offline import concept_check\n",
+        "offline/concept_check.py": "",
         "offline/cli.py": "from service.app import app\n\ndef serve():\n"
                           "    from service.settings import Settings\n",
         "service/codecs.py": "from .routes_v1 import router\n",
@@ -151,6 +166,8 @@ def test_each_kind_of_violation_is_caught(tmp_path: Path) -> None:
         "conceptguard.core -> service.settings "
         "(the core imports neither offline nor service)",
         "offline.cli -> service.app (offline imports service only lazily, in offline.cli)",
+        "offline.diagnose -> offline.pipeline (a command module is imported by offline.cli "
+        "only)",
         "offline.job -> service.codecs (offline imports service only lazily, in offline.cli)",
         "service.codecs -> service.routes_v1 (only the app imports route modules)",
         "service.routes_v1 -> service.routes_v2 (a route module imports another)",

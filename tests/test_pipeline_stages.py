@@ -13,11 +13,11 @@ import torch
 from conceptguard.calibration import Batch
 from conceptguard.classifier.io import ClassifierSpec, build_classifier, save_classifier
 from conceptguard.vlm import registry
+from offline.build_context import Context
 from offline.cache import ArrayCache
 from offline.config import JobConfig
 from offline.pipeline import (
     BuildState,
-    Context,
     Stage,
     aligner_stage,
     classifier_stage,

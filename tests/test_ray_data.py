@@ -56,7 +56,8 @@ def local_ray() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def single_process(fixture_set: dict[str, Any]) -> dict[str, np.ndarray]:
     """What the single-process build computes: offline.labelled_sets.served (the
-    served-outputs stage), torch features as pipeline.torch_features, and the monitor's scores."""
+    served-outputs stage), torch features as build_context.torch_features, and the
+    monitor's scores."""
     from conceptguard.bank import load_bank
     from conceptguard.classifier.inference import predict
     from conceptguard.classifier.io import load_classifier
