@@ -1,8 +1,9 @@
 """Labelled input sets for fitting and evaluating the trust model: corrupted, attacked and
 foreign images, run through the exported serving graph (so the monitor is fitted and
 evaluated on exactly what the service computes). The per-image work goes through ``m``
-(:class:`Models`: the build's served-outputs and attack stages on its engine); attacks are
-cached; corruptions and foreign sets are cheap and seeded, so they are recomputed."""
+(:class:`ServeAndAttack`: the build's served-outputs and attack stages on its engine);
+attacks are cached; corruptions and foreign sets are cheap and seeded, so they are
+recomputed."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from offline.stages import run_batched, served_outputs
 FOREIGN_SOURCE_OFFSET = 10_000_000  # source ids of foreign inputs (folds), past any split
 
 
-class Models(Protocol):
-    """The per-image stages this module needs (``offline.pipeline.Models``)."""
+class ServeAndAttack(Protocol):
+    """The per-image stages this module needs (``offline.pipeline.BuildModels``)."""
 
     def served(self, images: np.ndarray, labels: np.ndarray) -> Batch:
         """Outputs of the serving graph for uint8 images, labelled ``labels``."""
@@ -51,7 +52,7 @@ def _pick(n_total: int, n: int, seed: int, pool: np.ndarray | None = None) -> np
                                                       replace=False))
 
 
-def corrupted(m: Models, ds: ArrayDataset, kind: str, severities: list[int], n: int,
+def corrupted(m: ServeAndAttack, ds: ArrayDataset, kind: str, severities: list[int], n: int,
               seed: int) -> Batch:
     """``n`` images of ``ds`` under corruption ``kind``; image i gets severity
     ``severities[i % len]``. Labels are the true labels (the prediction may stay right)."""
@@ -63,7 +64,7 @@ def corrupted(m: Models, ds: ArrayDataset, kind: str, severities: list[int], n: 
     return m.served(images, ds.labels[idx]).tagged("corruption", kind, idx)
 
 
-def foreign(m: Models, name: str, n: int, shape: tuple[int, int, int], seed: int
+def foreign(m: ServeAndAttack, name: str, n: int, shape: tuple[int, int, int], seed: int
             ) -> Batch:
     """``n`` images of foreign set ``name``; label -1 (no prediction is right)."""
     h, _, c = shape
@@ -72,7 +73,7 @@ def foreign(m: Models, name: str, n: int, shape: tuple[int, int, int], seed: int
     return m.served(images, np.full(n, -1)).tagged("foreign", name, source)
 
 
-def attacked(m: Models, key: dict, ds: ArrayDataset, clean: Batch,
+def attacked(m: ServeAndAttack, key: dict, ds: ArrayDataset, clean: Batch,
              spec: AttackSpec, n: int, seed: int) -> tuple[Batch, int]:
     """Attack up to ``n`` correctly classified inputs of ``ds`` (cached) and return the served
     outputs of all of them (labels = the original labels; a failed attack stays right) and
@@ -87,7 +88,7 @@ def attacked(m: Models, key: dict, ds: ArrayDataset, clean: Batch,
         len(images)
 
 
-def fitting_stream(m: Models, cfg, key: dict, ds: ArrayDataset,
+def fitting_stream(m: ServeAndAttack, cfg, key: dict, ds: ArrayDataset,
                    clean: Batch, seed: int) -> Batch:
     """The calibration split's labelled stream: every clean input, each corruption kind,
     each fitting attack (failed attempts included) and each fitting foreign set."""
@@ -106,7 +107,7 @@ def fitting_stream(m: Models, cfg, key: dict, ds: ArrayDataset,
     return Batch.concat(parts)
 
 
-def evaluation_sets(m: Models, cfg, key: dict, ds: ArrayDataset,
+def evaluation_sets(m: ServeAndAttack, cfg, key: dict, ds: ArrayDataset,
                     clean: Batch, seed: int) -> tuple[dict[str, dict[str, Batch]],
                                                       dict[str, int]]:
     """The test split's corrupted, attacked (successful only) and foreign sets, by group and

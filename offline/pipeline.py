@@ -74,7 +74,7 @@ SCORE_CHUNK = 4096  # test-split rows scored per engine call
 
 
 @dataclass(frozen=True)
-class Models:
+class BuildModels:
     """The per-image stages bound to this build's files (what :mod:`offline.labelled_sets`
     calls)."""
 
@@ -169,7 +169,7 @@ class ProjectionOut:
 @dataclass(frozen=True)
 class ExportOut:
     onnx: Path
-    models: Models
+    models: BuildModels
 
 
 @dataclass(frozen=True)
@@ -318,7 +318,7 @@ def export_stage(ctx: Context, state: BuildState) -> ExportOut:
     rt = OnnxRuntime(onnx, device="cpu")
     check_onnx_matches(rt, c.model, state.data.ds["test"].images[:64],
                        state.projection.tensors)
-    return ExportOut(onnx, Models(ctx, c.path, onnx))
+    return ExportOut(onnx, BuildModels(ctx, c.path, onnx))
 
 
 def served_outputs_stage(ctx: Context, state: BuildState) -> ServedOut:
