@@ -1,0 +1,55 @@
+"""Image folders read as column batches (offline/streaming.py): the rows come in the order
+and with the labels of the core's folder listing (conceptguard.data.image_folder), a batch
+at a time, pixels unchanged; an empty folder is refused naming it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from offline.streaming import folder_label, image_files, iter_folder, run_streamed
+from tests.conftest import encode_png
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """Five 4x4 grey images under two class folders (one nested), plus files the listing
+    skips: a hidden image and a text file."""
+    rng = np.random.default_rng(0)
+    names = ["b/2.png", "a/1.png", "a/deeper/0.png", "b/1.png", "a/3.png"]
+    images = {n: rng.integers(0, 256, (4, 4, 1), dtype=np.uint8) for n in names}
+    for name, img in images.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(encode_png(img))
+    (tmp_path / "a" / ".hidden.png").write_bytes(encode_png(images["a/1.png"]))
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    return tmp_path, images
+
+
+def test_folder_rows_in_path_order_with_class_labels(folder) -> None:
+    root, images = folder
+    order = ["a/1.png", "a/3.png", "a/deeper/0.png", "b/1.png", "b/2.png"]
+    assert [p.relative_to(root).as_posix() for p in image_files(root)] == order
+    batches = list(iter_folder(root, channels=1, batch_size=2, classes=["a", "b"]))
+    assert [len(b["id"]) for b in batches] == [2, 2, 1]
+    out = run_streamed(lambda b: b, iter(batches))
+    assert out["id"].tolist() == [0, 1, 2, 3, 4]
+    assert out["label"].tolist() == [0, 0, 0, 1, 1]
+    np.testing.assert_array_equal(out["image"], np.stack([images[n] for n in order]))
+
+
+def test_folder_labels_without_or_outside_the_classes(folder) -> None:
+    root, _ = folder
+    assert folder_label(root / "b" / "1.png", root, None) == -1
+    assert folder_label(root / "b" / "1.png", root, ["a"]) == -1
+    assert folder_label(root / "a" / "deeper" / "0.png", root, ["b", "a"]) == 1
+
+
+def test_an_empty_folder_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        list(iter_folder(tmp_path, channels=1))
