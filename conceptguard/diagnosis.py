@@ -109,26 +109,45 @@ def _balanced_accuracy(pred_is_a: np.ndarray, is_a: np.ndarray) -> float:
     return 0.5 * (float(pred_is_a[is_a].mean()) + float((~pred_is_a[~is_a]).mean()))
 
 
+def balanced_probe_fit(x: np.ndarray, is_a: np.ndarray, l2: float = 1e-3
+                       ) -> tuple[np.ndarray, float]:
+    """The class-balanced logistic discriminant ``(w, c)`` of ``a`` against ``b`` on rows
+    ``x`` (``w . x + c > 0`` means ``a``), fitted on standardised columns with penalty
+    ``l2 |w|^2 / 2`` by Newton's method (:func:`conceptguard.heads.fit_logistic`; the same
+    optimum as a two-class multinomial fit with ``l2`` on both rows), and returned in ``x``'s
+    own coordinates."""
+    from conceptguard.heads import fit_logistic
+
+    y = is_a.astype(np.float64)
+    n1 = float(y.sum())
+    n0 = len(y) - n1
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    weight = np.where(y == 1, len(y) / (2 * n1), len(y) / (2 * n0))
+    w, c = fit_logistic((x - mean) / scale, y, l2, iters=100, sample_weight=weight)
+    w = w / scale
+    return w, float(c - w @ mean)
+
+
 def pair_probe(x: np.ndarray, is_a: np.ndarray, folds: int = 5, seed: int = 0,
                l2: float = 1e-3) -> tuple[float, np.ndarray, float]:
     """A linear probe for ``a`` vs. ``b`` on frozen rows ``x`` (class-balanced logistic
-    regression, :func:`conceptguard.repair.fit_logistic`): the ``folds``-fold
-    cross-validated balanced accuracy, and the discriminant ``(w, c)`` (``w . x + c > 0``
-    means ``a``) fitted on all rows, in ``x``'s own coordinates."""
+    regression, :func:`balanced_probe_fit`): the ``folds``-fold cross-validated balanced
+    accuracy, and the discriminant ``(w, c)`` (``w . x + c > 0`` means ``a``) fitted on all
+    rows, in ``x``'s own coordinates."""
     from sklearn.model_selection import StratifiedKFold  # the offline extra
-
-    from conceptguard.repair import fit_logistic  # torch
 
     x = np.asarray(x, np.float64)
     y = is_a.astype(np.int64)
     folds = max(2, min(folds, int(y.sum()), int((1 - y).sum())))
     hits = np.zeros(len(y), bool)
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
-        W, b = fit_logistic(x[train], y[train], 2, l2)
-        hits[test] = (x[test] @ W.T + b).argmax(1) == y[test]
+        w, c = balanced_probe_fit(x[train], is_a[train], l2)
+        hits[test] = (x[test] @ w + c > 0) == is_a[test]
     acc = 0.5 * (float(hits[y == 1].mean()) + float(hits[y == 0].mean()))
-    W, b = fit_logistic(x, y, 2, l2)
-    return acc, W[1] - W[0], float(b[1] - b[0])
+    w, c = balanced_probe_fit(x, is_a, l2)
+    return acc, w, c
 
 
 def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarray,
