@@ -37,7 +37,7 @@ HEADS: tuple[str, ...] = ("misclassification", "anomaly", "adversarial", "unfami
 HINGE_QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99)
 
 CONFIDENCE: tuple[str, ...] = tuple(n for n, c in DETECTORS.items() if c.group == "confidence")
-HINGED: tuple[str, ...] = ("mahalanobis", "knn", "vim", "react_energy", "concept_mahalanobis")
+HINGED: tuple[str, ...] = tuple(n for n, c in DETECTORS.items() if c.hinged)
 
 
 def misclassification_columns(with_density: bool) -> np.ndarray:
