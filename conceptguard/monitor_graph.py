@@ -49,10 +49,11 @@ RISK_NAMES: tuple[str, ...] = tuple(DETECTORS)
 MONITOR_INPUTS: tuple[str, ...] = OUTPUT_NAMES  # logits, features, concepts
 
 
-class NotFusable(NotImplementedError):
+class NotFusable(ValueError):
     """The monitor holds a detector the fused graph cannot express (no :meth:`~conceptguard.
-    detectors.Detector.fused` form, or a form the builder cannot widen): serve the classifier
-    graph and numpy :func:`~conceptguard.scoring.score` instead."""
+    detectors.Detector.fused` form, or a form the builder cannot widen): build-bank then
+    keeps the classifier graph and numpy :func:`~conceptguard.scoring.score`
+    (``fused_graph_stage`` in :mod:`offline.pipeline`); ``export-graph`` refuses."""
 
 
 def fused_forms(monitor: Monitor) -> dict[str, Fused]:
@@ -444,13 +445,18 @@ def add_fused_graph(path: Path | str, opset: int = 17) -> Path:
 
     path = Path(path)
     bank = bankio.load_bank(path)
+    reason = fusable(bank.monitor)
+    if reason is not None:
+        raise NotFusable(f"{path}: no fused graph for this bank: {reason}")
     staging = bankio.staging_dir(path)
     try:
         shutil.copytree(path, staging, dirs_exist_ok=True)
         export_bank_fused_onnx(bank, staging / bankio.FUSED_ONNX, opset)
         check_fused_graph(bank.monitor, staging / bankio.FUSED_ONNX,
                           bankio.probe_images(bank))
-        bankio.write_manifest(staging, bank.manifest.model_copy(deep=True))
+        manifest = bank.manifest.model_copy(deep=True)
+        manifest.fused_graph = {"written": True}
+        bankio.write_manifest(staging, manifest)
         bankio.load_bank(staging)  # every checksum, before the swap
         bankio.publish(staging, path)
     finally:

@@ -174,3 +174,37 @@ def test_monitor_graph_stays_small_after_onnx_runtime_optimisation(
     assert len(onnx.load(str(out)).graph.node) <= 72
     knn = bank.monitor.detectors["knn"]
     assert MonitorGraph(bank.monitor).knn_bank_t.shape == knn.bank.T.shape
+
+
+def test_a_rebuilt_graph_equals_the_banks_stored_graph(
+        bank: Bank, fused: dict[str, np.ndarray], sample_images: np.ndarray) -> None:
+    """The graph the registry builds today against ``monitor.onnx`` as the demo bank stores
+    it (exported by earlier code from the same tensors), on the same images: the served
+    outputs stay the same (float32 bound of d-term sums; booleans and codes equal)."""
+    stored = _session(bank.fused_onnx_path).run(list(FUSED_OUTPUTS), {"images": sample_images})
+    d = bank.manifest.dims.features
+    for key, old in zip(FUSED_OUTPUTS, stored, strict=True):
+        new = fused[key]
+        assert new.shape == old.shape and new.dtype == old.dtype, key
+        if new.dtype.kind in "biu":
+            np.testing.assert_array_equal(new, old, err_msg=key)
+        else:
+            assert_f32_close(new, old, terms=d, err_msg=key)
+
+
+def test_a_detector_without_a_fused_form_is_named_and_refused(bank: Bank) -> None:
+    from dataclasses import replace
+
+    from conceptguard.detectors import FeatureNorm
+    from conceptguard.monitor_graph import NotFusable, fusable
+
+    class Unfused(FeatureNorm):
+        def fused(self):  # type: ignore[override]
+            return None
+
+    assert fusable(bank.monitor) is None
+    monitor = replace(bank.monitor, detectors={**bank.monitor.detectors,
+                                               "feature_norm": Unfused()})
+    assert "'feature_norm' (Unfused) has no fused form" in (fusable(monitor) or "")
+    with pytest.raises(NotFusable, match="feature_norm"):
+        MonitorGraph(monitor)
