@@ -45,7 +45,8 @@ from conceptguard.graph import FUSED_OUTPUTS, INPUT_NAME, MONITOR_OUTPUTS, OUTPU
 from conceptguard.scoring import Monitor
 from conceptguard.trust import CONFIDENCE, HEADS, HINGED, REASON_KINDS
 
-RISK_NAMES: tuple[str, ...] = tuple(DETECTORS)
+RISK_NAMES: tuple[str, ...] = tuple(DETECTORS)  # at import; a graph reads the registry
+# when it is built (MonitorGraph.risk_names), so a detector registered later is covered
 MONITOR_INPUTS: tuple[str, ...] = OUTPUT_NAMES  # logits, features, concepts
 
 
@@ -86,7 +87,7 @@ def fused_forms(monitor: Monitor) -> dict[str, Fused]:
                 for a in ("h_ok", "h_bad", "h_adv")):
             raise NotFusable(f"detector {n!r} uses heatmaps other than the paper rule's")
     design_order = list(CONFIDENCE) + [n for n in DETECTORS if n not in CONFIDENCE]
-    if design_order != list(RISK_NAMES):
+    if design_order != list(DETECTORS):
         raise NotFusable("the trust model's design order is not the registry's")
     return forms
 
@@ -137,6 +138,8 @@ class MonitorGraph(nn.Module):
     def __init__(self, monitor: Monitor):
         super().__init__()
         forms = fused_forms(monitor)
+        self.risk_names = tuple(forms)  # the registry's order: the columns of ``risks``
+        self.paper_rule_column = self.risk_names.index("paper_rule")
         buf = self.register_buffer
         c = monitor.num_classes
         self.num_classes, self.num_concepts = c, monitor.num_concepts
@@ -238,11 +241,12 @@ class MonitorGraph(nn.Module):
                  "ok_bad": k, "contributions": k}
         starts = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
         count = {"gaussians": 0, "residuals": 0}
-        a = np.zeros((sum(sizes.values()), len(RISK_NAMES)))
-        a0 = np.zeros(len(RISK_NAMES))
-        lo = np.full((1, len(RISK_NAMES)), np.finfo(np.float32).min, np.float64)
-        power = np.ones((1, len(RISK_NAMES)))
-        for j, name in enumerate(RISK_NAMES):
+        names = self.risk_names
+        a = np.zeros((sum(sizes.values()), len(names)))
+        a0 = np.zeros(len(names))
+        lo = np.full((1, len(names)), np.finfo(np.float32).min, np.float64)
+        power = np.ones((1, len(names)))
+        for j, name in enumerate(names):
             form = forms[name]
             for t, v in form.terms.items():
                 if t != "own":
@@ -273,7 +277,7 @@ class MonitorGraph(nn.Module):
         self.has_power = bool((power != 1.0).any())
         # Detector.feature of every column at once: log(max(x, lo) + eps) or x itself
         # (a column whose feature reads r takes r, see forward)
-        feats = [forms[n].feature for n in RISK_NAMES]
+        feats = [forms[n].feature for n in names]
         buf("feature_is_r", torch.tensor([[f is not None and f.of_r for f in feats]]))
         buf("feature_is_log", torch.tensor([[f is not None for f in feats]]))
         buf("feature_lo", _f32([[f.lo if f else 1.0 for f in feats]]))
@@ -287,10 +291,10 @@ class MonitorGraph(nn.Module):
         trust), ``a_anom - a_mis``, ``a_unf - a_adv`` and a constant 1: the signs of the
         last three, weighted 3, 1, 4, index the reason table (:func:`conceptguard.trust.
         reasons`: the head carrying the evidence names the reason)."""
-        design_order = list(RISK_NAMES)  # fused_forms checked it is the trust model's
+        design_order = list(self.risk_names)  # fused_forms checked: the trust model's
         tm = monitor.trust_model
         q = tm.knots.shape[1]
-        sel = np.zeros((len(RISK_NAMES), len(HINGED) * q))
+        sel = np.zeros((len(design_order), len(HINGED) * q))
         for i, name in enumerate(HINGED):
             sel[design_order.index(name), i * q:(i + 1) * q] = 1.0
         buf = self.register_buffer
@@ -387,7 +391,7 @@ class MonitorGraph(nn.Module):
         code = (torch.sign(head_logits) @ self.reason_code).long()
         reason = torch.where(reject, self.reason_table[code], 0)
         return (torch.softmax(logits, 1), pred, risks, p_mis, p_anom, p_adv, p_unf, trust,
-                reject, reason, risks[:, RISK_NAMES.index("paper_rule")] > 0, contributions)
+                reject, reason, risks[:, self.paper_rule_column] > 0, contributions)
 
 
 class FusedMonitoredClassifier(nn.Module):
