@@ -3,8 +3,9 @@ scoring, logs why and records it in the manifest; the served scores equal the of
 path's.
 
 The fake detector (``ConceptNorm``: ``-|s|``, a statistic with no ``fused()``) is registered
-for one in-process build over the session's tiny bank config (its classifier and its
-per-image cache are reused; the trust model is fitted with the extra column)."""
+for the fused-graph stage alone on the demo bank's stored tensors (fast), and for one
+in-process build over the session's tiny bank config (slow: its classifier and per-image
+cache are reused; the trust model is fitted with the extra column)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,8 @@ from offline.config import load_config
 from offline.pipeline import SAMPLE_FILE, build_bank
 from service.bank_loader import open_bank
 from service.settings import Settings
-from tests.fixtures_bank import TinyBuild
+from tests.fixtures_bank import REPO, TinyBuild
 from tests.tolerance import assert_f32_close, f32_tolerance
-
-pytestmark = pytest.mark.slow  # one in-process build-bank over the tiny config
 
 
 class ConceptNorm(Detector):
@@ -38,6 +37,37 @@ class ConceptNorm(Detector):
 
     def risk(self, out: Outputs) -> np.ndarray:
         return -np.linalg.norm(np.asarray(out.concepts, np.float64), axis=1)
+
+
+def test_fused_graph_stage_falls_back_and_says_why(
+        demo_bank_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The stage on a state holding only what it reads before the fallback: the stored
+    tensors (the fake detector has no state) and the threshold. Nothing is written."""
+    from types import SimpleNamespace
+
+    from safetensors.numpy import load_file
+
+    from offline.pipeline import BuildState, Context, fused_graph_stage
+
+    threshold = load_bank(demo_bank_path).monitor.threshold  # loads with the real registry
+    monkeypatch.setitem(DETECTORS, ConceptNorm.name, ConceptNorm)
+    state = BuildState()
+    state.tensors = load_file(str(demo_bank_path / "tensors.safetensors"))
+    state.calibration = SimpleNamespace(  # type: ignore[assignment]
+        monitor=SimpleNamespace(threshold=threshold))
+    state.classifier = SimpleNamespace()  # type: ignore[assignment]  # unread on fallback
+    ctx = Context(load_config(REPO / "configs" / "fashion-mnist-demo.yaml"), None,
+                  progress=False, staging=tmp_path)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="conceptguard.build"):
+        out = fused_graph_stage(ctx, state)
+    assert out.path is None and "'test_concept_norm' (ConceptNorm)" in (out.fallback or "")
+    assert out.manifest_entry() == {"written": False,
+                                    "fallback": "classifier.onnx + numpy scoring",
+                                    "reason": out.fallback}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"no fused graph: {out.fallback}; the bank serves classifier.onnx with numpy scoring"]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
@@ -54,6 +84,7 @@ def fallback_bank(tiny_build: TinyBuild, tmp_path_factory: pytest.TempPathFactor
     return out
 
 
+@pytest.mark.slow  # one in-process build-bank over the tiny config
 def test_build_bank_falls_back_to_numpy_scoring_and_serves_the_same_scores(
         fallback_bank: Path, fashion_mnist_test) -> None:
     bank = load_bank(fallback_bank)
