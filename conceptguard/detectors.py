@@ -425,9 +425,15 @@ class KNN(Detector):
         k = min(data.settings.knn_k, len(rows))
         return cls(data.outputs.unit_features[rows].astype(np.float32), k)
 
+    @cached_property
+    def bank64_t(self) -> np.ndarray:
+        """The unit reference rows, transposed, in float64: converted once, not per call."""
+        return self.bank.T.astype(np.float64)
+
     def risk(self, out: Outputs) -> np.ndarray:
-        sim = out.unit_features @ self.bank.T.astype(np.float64)  # (N, n) cosine
-        kth = -np.partition(-sim, self.k - 1, axis=1)[:, self.k - 1]
+        sim = out.unit_features @ self.bank64_t  # (N, n) cosine
+        at = sim.shape[1] - self.k  # the k-th largest is the (n - k)-th smallest
+        kth = np.partition(sim, at, axis=1)[:, at]
         return np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
 
     def state(self) -> dict[str, np.ndarray]:
@@ -473,9 +479,13 @@ class ViM(Detector):
         alpha = float(np.asarray(data.outputs.logits).max(1).mean() / residual.mean())
         return cls(origin.astype(np.float32), basis.astype(np.float32), alpha)
 
+    @cached_property
+    def basis64(self) -> np.ndarray:
+        return self.residual_basis.astype(np.float64)
+
     def risk(self, out: Outputs) -> np.ndarray:
         x = np.asarray(out.features, np.float64) - self.origin
-        residual = np.linalg.norm(x @ self.residual_basis.astype(np.float64), axis=1)
+        residual = np.linalg.norm(x @ self.basis64, axis=1)
         return self.alpha * residual - logsumexp(out.logits)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -510,9 +520,13 @@ class ReActEnergy(Detector):
                                  data.settings.react_percentile))
         return cls(w.astype(np.float32), b.astype(np.float32), clip)
 
+    @cached_property
+    def weight64_t(self) -> np.ndarray:
+        return self.weight.T.astype(np.float64)
+
     def risk(self, out: Outputs) -> np.ndarray:
         z = np.minimum(np.asarray(out.features, np.float64), self.clip)
-        return -logsumexp(z @ self.weight.T.astype(np.float64) + self.bias)
+        return -logsumexp(z @ self.weight64_t + self.bias)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"weight": self.weight, "bias": self.bias,
