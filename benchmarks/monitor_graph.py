@@ -20,6 +20,7 @@ and calibrated with it); its cost is in ``fused`` and ``monitor_alone``.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()
     bank = load_bank(args.bank)
     d = bank.manifest.dims
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +118,11 @@ def main() -> None:
     knn = bank.monitor.detectors["knn"]
     emit("monitor_graph", {"runtime": f"onnxruntime {ort.__version__} CPU, 1 intra-op thread",
                            **machine(), "knn_reference": len(knn.bank),  # type: ignore[attr-defined]
-                           "optimised_nodes": nodes, "results": results})
+                           "optimised_nodes": nodes, "results": results,
+                           # 1-minute load average before and after: a shared machine's
+                           # load slows every candidate (read the ratios)
+                           "load_average_1min": [round(load_before[0], 2),
+                                                 round(os.getloadavg()[0], 2)]})
 
 
 if __name__ == "__main__":

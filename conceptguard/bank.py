@@ -100,6 +100,9 @@ class Manifest(BaseModel):
     files: dict[str, str]
     evaluation: dict[str, Any] = {}
     timings_s: dict[str, float] = {}
+    # {"written": true}, or {"written": false, "fallback": ..., "reason": ...} when a
+    # detector had no fused form (build-bank's fused_graph stage); {} for older banks
+    fused_graph: dict[str, Any] = {}
 
     @property
     def concept_names(self) -> list[str]:

@@ -62,8 +62,9 @@ class DetectorConfig(BaseModel):
     react_percentile: float = Field(0.9, gt=0, lt=1)
 
     def settings(self, shrinkage: float) -> DetectorSettings:
-        return DetectorSettings(self.knn_k, self.vim_dim, self.react_percentile, shrinkage,
-                                self.knn_reference, self.knn_seed)
+        """The detectors' settings, field by field by name (each field here is one of
+        :class:`~conceptguard.detectors.DetectorSettings`)."""
+        return DetectorSettings(shrinkage=shrinkage, **self.model_dump())
 
 
 class TrustVariant(BaseModel):

@@ -9,6 +9,13 @@ the metrics-key checks all iterate :data:`DETECTORS`; adding a detector is one c
 
 Every formula is stated in its class's docstring. ``p`` is the softmax of the logits ``l``,
 ``z`` the penultimate features, ``s`` the standardised concept scores.
+
+Besides its numpy risk, a detector declares the settings it reads (``settings_used``: fields
+of :class:`DetectorSettings`), whether the trust model puts hinges on it (``hinged``), and
+optionally its form in the fused ONNX graph (:meth:`Detector.fused`: a :class:`Fused`, a
+weighted sum of per-input quantities that :mod:`conceptguard.monitor_graph` computes in a
+few wide operations). A detector whose ``fused()`` is None makes build-bank fall back to the
+classifier graph plus numpy scoring, and say why.
 """
 
 from __future__ import annotations
@@ -93,6 +100,98 @@ class DetectorSettings:
     knn_seed: int = 0
 
 
+# ------------------------------------------------------------ the fused graph's view
+
+# MaxSoftmax.feature clips p to 1 - 1e-12: its feature log((1 - p) / p) >= log(MSP_FLOOR_R)
+MSP_FLOOR_R = 1e-12 / (1.0 - 1e-12)
+
+SHARED_QUANTITIES: tuple[str, ...] = ("l_max", "log1p_r", "neg_p_max", "entropy_t", "doctor",
+                                      "z_norm")
+"""Per-input quantities the fused graph computes whatever detectors it holds, with
+``r = sum_{c != argmax} exp(l_c - l_max)``: ``l_max``; ``log1p_r`` (``log(1 + r)``);
+``neg_p_max`` (``-1 / (1 + r)`` = ``-max_c p_c``); ``entropy_t`` (``sum_c p_c (l_c - l_max)``:
+the entropy is ``log1p_r - entropy_t``); ``doctor`` (``(1 - g) / g``); ``z_norm`` (``|z|``).
+The graph computes them in forms that keep float32 accurate for confident inputs
+(:mod:`conceptguard.monitor_graph`)."""
+
+
+@dataclass(frozen=True)
+class GaussianBlock:
+    """Own quantity: ``min_c |x L - mu_c L|^2`` of ``x`` = the features or the concepts.
+    The graph widens every Gaussian block into one ``Gemm`` (and one for the squares)."""
+
+    space: Literal["features", "concepts"]
+    gaussians: ClassGaussians
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """Own quantity: ``|(z - origin) basis|`` (widened into the same ``Gemm``)."""
+
+    origin: np.ndarray  # (d,)
+    basis: np.ndarray  # (d, r)
+
+
+@dataclass(frozen=True)
+class NearestBlock:
+    """Own quantity: the cosine of ``z`` to its ``k``-th nearest row of ``bank`` (unit
+    rows): one ``MatMul`` against the pre-normalised bank and one ``TopK``."""
+
+    bank: np.ndarray  # (n, d) unit rows
+    k: int
+
+
+@dataclass(frozen=True)
+class ClippedEnergyBlock:
+    """Own quantity: ``log sum_c exp(min(z, clip) W^T + b)_c``."""
+
+    weight: np.ndarray  # (C, d)
+    bias: np.ndarray  # (C,)
+    clip: float
+
+
+@dataclass(frozen=True)
+class HeatmapBlock:
+    """Own quantity: ``cos(s, H_ok[y^]) - cos(s, H_x[y^])`` as the sum of its per-concept
+    terms, with ``H_x = H_bad`` (``versus="bad"``) or the closer of ``H_bad`` and ``H_adv``
+    (``versus="bad_or_adv"``: the concept contributions). The graph computes both from the
+    monitor's heatmaps (the paper rule's), so the block's must be those."""
+
+    h_ok: np.ndarray
+    h_bad: np.ndarray
+    h_adv: np.ndarray
+    versus: Literal["bad", "bad_or_adv"]
+
+
+FusedBlock = (GaussianBlock | ResidualBlock | NearestBlock | ClippedEnergyBlock
+              | HeatmapBlock)
+
+
+@dataclass(frozen=True)
+class LogFeature:
+    """:meth:`Detector.feature` as ``log(max(x, lo) + eps)``; ``x`` is the risk, or ``r``
+    (``of_r``: the max-softmax feature, ``log((1 - p) / p) = log r``)."""
+
+    lo: float = 0.0
+    eps: float = 0.0
+    of_r: bool = False
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A detector's risk in the fused graph: ``max(sum_q terms[q] * q + bias, floor) **
+    power`` over per-input quantities ``q``: the shared ones (:data:`SHARED_QUANTITIES`)
+    and ``"own"``, the quantity of ``block`` (for a :class:`NearestBlock`, its k-th
+    cosine). ``feature``: :meth:`Detector.feature` in the graph (None: the risk itself)."""
+
+    terms: dict[str, float]
+    block: FusedBlock | None = None
+    bias: float = 0.0
+    floor: float | None = None
+    power: float = 1.0
+    feature: LogFeature | None = None
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     x = np.asarray(logits, np.float64)
     e = np.exp(x - x.max(1, keepdims=True))
@@ -114,6 +213,13 @@ class Detector(ABC):
     name: ClassVar[str]
     group: ClassVar[Group]
     summary: ClassVar[str]  # one line for docs and the report
+    settings_used: ClassVar[tuple[str, ...]] = ()  # DetectorSettings fields fit() reads
+    hinged: ClassVar[bool] = False  # the trust model adds hinges at its quantiles
+
+    def fused(self) -> Fused | None:
+        """This detector in the fused graph, or None: build-bank then falls back to the
+        classifier graph and numpy scoring (and the manifest says why)."""
+        return None
 
     @classmethod
     def fit(cls, data: FitData) -> Detector:
@@ -142,6 +248,9 @@ class MaxSoftmax(Detector):
     def risk(self, out: Outputs) -> np.ndarray:
         return -out.probabilities.max(1)
 
+    def fused(self) -> Fused:
+        return Fused({"neg_p_max": 1.0}, feature=LogFeature(lo=MSP_FLOOR_R, of_r=True))
+
     @staticmethod
     def feature(risk: np.ndarray) -> np.ndarray:
         p = np.clip(-np.asarray(risk, np.float64), 1e-12, 1 - 1e-12)
@@ -156,6 +265,9 @@ class MaxLogit(Detector):
     def risk(self, out: Outputs) -> np.ndarray:
         return -np.asarray(out.logits, np.float64).max(1)
 
+    def fused(self) -> Fused:
+        return Fused({"l_max": -1.0})
+
 
 class Energy(Detector):
     """``-log sum_c exp(l_c)``, the free energy (Liu et al., 2020)."""
@@ -164,6 +276,9 @@ class Energy(Detector):
 
     def risk(self, out: Outputs) -> np.ndarray:
         return -logsumexp(out.logits)
+
+    def fused(self) -> Fused:  # logsumexp l = l_max + log(1 + r)
+        return Fused({"l_max": -1.0, "log1p_r": -1.0})
 
 
 class Entropy(Detector):
@@ -179,6 +294,9 @@ class Entropy(Detector):
     def feature(risk: np.ndarray) -> np.ndarray:
         return np.log(np.asarray(risk, np.float64) + 1e-9)
 
+    def fused(self) -> Fused:
+        return Fused({"log1p_r": 1.0, "entropy_t": -1.0}, feature=LogFeature(eps=1e-9))
+
 
 class Doctor(Detector):
     """DOCTOR D_alpha: ``(1 - g) / g`` with ``g = sum_c p_c^2`` (Granese et al., 2021)."""
@@ -193,12 +311,22 @@ class Doctor(Detector):
     def feature(risk: np.ndarray) -> np.ndarray:
         return np.log(np.asarray(risk, np.float64) + 1e-9)
 
+    def fused(self) -> Fused:
+        return Fused({"doctor": 1.0}, feature=LogFeature(eps=1e-9))
+
 
 @dataclass(frozen=True)
 class _GaussianDetector(Detector):
     """Shared code of the two Mahalanobis detectors."""
 
     gaussians: ClassGaussians
+    space: ClassVar[Literal["features", "concepts"]]
+    settings_used = ("shrinkage",)
+    hinged = True
+
+    def fused(self) -> Fused:
+        return Fused({"own": 1.0}, GaussianBlock(self.space, self.gaussians),
+                     feature=LogFeature(eps=1.0))  # log1p(max(d, 0))
 
     def state(self) -> dict[str, np.ndarray]:
         return {"means": self.gaussians.means, "whiten": self.gaussians.whiten}
@@ -218,6 +346,7 @@ class Mahalanobis(_GaussianDetector):
     the reference features (Lee et al., 2018, without input preprocessing)."""
 
     name, group, summary = "mahalanobis", "density", "feature Mahalanobis distance"
+    space = "features"
 
     @classmethod
     def fit(cls, data: FitData) -> Detector:
@@ -234,6 +363,7 @@ class ConceptMahalanobis(_GaussianDetector):
 
     name, group, summary = ("concept_mahalanobis", "concept",
                             "concept-space Mahalanobis distance")
+    space = "concepts"
 
     @classmethod
     def fit(cls, data: FitData) -> Detector:
@@ -281,6 +411,12 @@ class KNN(Detector):
     name, group, summary = "knn", "density", "k-th nearest-neighbour distance (features)"
     bank: np.ndarray  # (n, d) unit reference features
     k: int
+    settings_used = ("knn_k", "knn_reference", "knn_seed")
+    hinged = True
+
+    def fused(self) -> Fused:  # sqrt(max(2 - 2 cos_k, 0))
+        return Fused({"own": -2.0}, NearestBlock(self.bank, min(self.k, len(self.bank))),
+                     bias=2.0, floor=0.0, power=0.5, feature=LogFeature(eps=1e-6))
 
     @classmethod
     def fit(cls, data: FitData) -> Detector:
@@ -289,9 +425,15 @@ class KNN(Detector):
         k = min(data.settings.knn_k, len(rows))
         return cls(data.outputs.unit_features[rows].astype(np.float32), k)
 
+    @cached_property
+    def bank64_t(self) -> np.ndarray:
+        """The unit reference rows, transposed, in float64: converted once, not per call."""
+        return self.bank.T.astype(np.float64)
+
     def risk(self, out: Outputs) -> np.ndarray:
-        sim = out.unit_features @ self.bank.T.astype(np.float64)  # (N, n) cosine
-        kth = -np.partition(-sim, self.k - 1, axis=1)[:, self.k - 1]
+        sim = out.unit_features @ self.bank64_t  # (N, n) cosine
+        at = sim.shape[1] - self.k  # the k-th largest is the (n - k)-th smallest
+        kth = np.partition(sim, at, axis=1)[:, at]
         return np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
 
     def state(self) -> dict[str, np.ndarray]:
@@ -317,6 +459,12 @@ class ViM(Detector):
     origin: np.ndarray  # (d,)
     residual_basis: np.ndarray  # (d, d - D)
     alpha: float
+    settings_used = ("vim_dim",)
+    hinged = True
+
+    def fused(self) -> Fused:  # alpha |(z - u) R| - (l_max + log(1 + r))
+        return Fused({"own": self.alpha, "l_max": -1.0, "log1p_r": -1.0},
+                     ResidualBlock(self.origin, self.residual_basis))
 
     @classmethod
     def fit(cls, data: FitData) -> Detector:
@@ -331,9 +479,13 @@ class ViM(Detector):
         alpha = float(np.asarray(data.outputs.logits).max(1).mean() / residual.mean())
         return cls(origin.astype(np.float32), basis.astype(np.float32), alpha)
 
+    @cached_property
+    def basis64(self) -> np.ndarray:
+        return self.residual_basis.astype(np.float64)
+
     def risk(self, out: Outputs) -> np.ndarray:
         x = np.asarray(out.features, np.float64) - self.origin
-        residual = np.linalg.norm(x @ self.residual_basis.astype(np.float64), axis=1)
+        residual = np.linalg.norm(x @ self.basis64, axis=1)
         return self.alpha * residual - logsumexp(out.logits)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -355,6 +507,11 @@ class ReActEnergy(Detector):
     weight: np.ndarray  # (C, d)
     bias: np.ndarray  # (C,)
     clip: float
+    settings_used = ("react_percentile",)
+    hinged = True
+
+    def fused(self) -> Fused:
+        return Fused({"own": -1.0}, ClippedEnergyBlock(self.weight, self.bias, self.clip))
 
     @classmethod
     def fit(cls, data: FitData) -> Detector:
@@ -363,9 +520,13 @@ class ReActEnergy(Detector):
                                  data.settings.react_percentile))
         return cls(w.astype(np.float32), b.astype(np.float32), clip)
 
+    @cached_property
+    def weight64_t(self) -> np.ndarray:
+        return self.weight.T.astype(np.float64)
+
     def risk(self, out: Outputs) -> np.ndarray:
         z = np.minimum(np.asarray(out.features, np.float64), self.clip)
-        return -logsumexp(z @ self.weight.T.astype(np.float64) + self.bias)
+        return -logsumexp(z @ self.weight64_t + self.bias)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"weight": self.weight, "bias": self.bias,
@@ -416,6 +577,9 @@ class HeatmapCosine(_HeatmapDetector):
         ok, bad, _ = self.sims(out)
         return bad - ok
 
+    def fused(self) -> Fused:
+        return Fused({"own": -1.0}, HeatmapBlock(self.h_ok, self.h_bad, self.h_adv, "bad"))
+
 
 class PaperRule(_HeatmapDetector):
     """The source paper's rule as a score: ``max(cos(s, H_bad), cos(s, H_adv)) - cos(s,
@@ -427,6 +591,10 @@ class PaperRule(_HeatmapDetector):
         ok, bad, adv = self.sims(out)
         return np.maximum(bad, adv) - ok
 
+    def fused(self) -> Fused:
+        return Fused({"own": -1.0},
+                     HeatmapBlock(self.h_ok, self.h_bad, self.h_adv, "bad_or_adv"))
+
 
 class FeatureNorm(Detector):
     """``-|z|``: the features' Euclidean norm, negated (small activations: a dim, washed-out
@@ -436,6 +604,9 @@ class FeatureNorm(Detector):
 
     def risk(self, out: Outputs) -> np.ndarray:
         return -np.linalg.norm(np.asarray(out.features, np.float64), axis=1)
+
+    def fused(self) -> Fused:
+        return Fused({"z_norm": -1.0})
 
 
 DETECTORS: dict[str, type[Detector]] = {

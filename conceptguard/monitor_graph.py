@@ -24,7 +24,6 @@ Outputs (:data:`MONITOR_OUTPUTS`): ``risks`` is ``(N, len(DETECTORS))`` in regis
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -33,26 +32,86 @@ from torch import nn
 
 from conceptguard.detectors import (
     DETECTORS,
-    KNN,
-    ConceptMahalanobis,
-    Mahalanobis,
-    PaperRule,
-    ReActEnergy,
-    ViM,
+    SHARED_QUANTITIES,
+    ClippedEnergyBlock,
+    Fused,
+    GaussianBlock,
+    HeatmapBlock,
+    NearestBlock,
+    ResidualBlock,
 )
 from conceptguard.export import MonitoredClassifier, onnx_export
 from conceptguard.graph import FUSED_OUTPUTS, INPUT_NAME, MONITOR_OUTPUTS, OUTPUT_NAMES
 from conceptguard.scoring import Monitor
 from conceptguard.trust import CONFIDENCE, HEADS, HINGED, REASON_KINDS
 
-RISK_NAMES: tuple[str, ...] = tuple(DETECTORS)
+RISK_NAMES: tuple[str, ...] = tuple(DETECTORS)  # at import; a graph reads the registry
+# when it is built (MonitorGraph.risk_names), so a detector registered later is covered
 MONITOR_INPUTS: tuple[str, ...] = OUTPUT_NAMES  # logits, features, concepts
 
-# MaxSoftmax.feature clips p to 1 - 1e-12: log((1 - p) / p) >= this.
-_MSP_FLOOR = math.log(1e-12 / (1.0 - 1e-12))
-_GRAPH_DETECTORS = ("msp", "max_logit", "energy", "entropy", "doctor", "mahalanobis", "knn",
-                    "vim", "react_energy", "concept_mahalanobis", "heatmap_cosine",
-                    "paper_rule", "feature_norm")
+
+class NotFusable(ValueError):
+    """The monitor holds a detector the fused graph cannot express (no :meth:`~conceptguard.
+    detectors.Detector.fused` form, or a form the builder cannot widen): build-bank then
+    keeps the classifier graph and numpy :func:`~conceptguard.scoring.score`
+    (``fused_graph_stage`` in :mod:`offline.pipeline`); ``export-graph`` refuses."""
+
+
+def fused_forms(monitor: Monitor) -> dict[str, Fused]:
+    """Every registered detector's :class:`~conceptguard.detectors.Fused` form, in registry
+    order; raises :class:`NotFusable` naming the first detector without one, or a set of
+    forms the graph cannot hold (two nearest-neighbour or two clipped-energy blocks, heatmap
+    blocks other than the monitor's heatmaps, a trust design order not the registry's)."""
+    forms: dict[str, Fused] = {}
+    for name in DETECTORS:
+        det = monitor.detectors.get(name)
+        if det is None:
+            raise NotFusable(f"the monitor has no fitted detector {name!r}")
+        form = det.fused()
+        if form is None:
+            raise NotFusable(f"detector {name!r} ({type(det).__name__}) has no fused form")
+        unknown = set(form.terms) - {*SHARED_QUANTITIES, "own"}
+        if unknown or ("own" in form.terms) != (form.block is not None):
+            raise NotFusable(f"detector {name!r}: fused terms {sorted(form.terms)} do not "
+                             f"match its block")
+        forms[name] = form
+    for kind in (NearestBlock, ClippedEnergyBlock):
+        names = [n for n, f in forms.items() if isinstance(f.block, kind)]
+        if len(names) > 1:
+            raise NotFusable(f"the graph holds one {kind.__name__}, not {names}")
+    rule = monitor.heatmaps
+    for n, f in forms.items():
+        b = f.block
+        if isinstance(b, HeatmapBlock) and not all(
+                np.array_equal(getattr(b, a), getattr(rule, a))
+                for a in ("h_ok", "h_bad", "h_adv")):
+            raise NotFusable(f"detector {n!r} uses heatmaps other than the paper rule's")
+    design_order = list(CONFIDENCE) + [n for n in DETECTORS if n not in CONFIDENCE]
+    if design_order != list(DETECTORS):
+        raise NotFusable("the trust model's design order is not the registry's")
+    return forms
+
+
+def fusable(monitor: Monitor) -> str | None:
+    """None when :class:`MonitorGraph` can express ``monitor``, else why not (one line)."""
+    try:
+        fused_forms(monitor)
+    except NotFusable as exc:
+        return str(exc)
+    return None
+
+
+def _feature_size(forms: dict[str, Fused]) -> int:
+    """The feature size ``d``, read from the first block that has it."""
+    for f in forms.values():
+        b = f.block
+        if isinstance(b, GaussianBlock) and b.space == "features":
+            return int(b.gaussians.whiten.shape[0])
+        if isinstance(b, ResidualBlock):
+            return int(b.basis.shape[0])
+        if isinstance(b, NearestBlock | ClippedEnergyBlock):
+            return int((b.bank if isinstance(b, NearestBlock) else b.weight).shape[1])
+    raise NotFusable("no fused block tells the feature size")
 
 
 def _f32(a: np.ndarray | float) -> torch.Tensor:
@@ -60,43 +119,45 @@ def _f32(a: np.ndarray | float) -> torch.Tensor:
 
 
 class MonitorGraph(nn.Module):
-    """``(logits, features, concepts) -> MONITOR_OUTPUTS``, built from a loaded monitor.
+    """``(logits, features, concepts) -> MONITOR_OUTPUTS``, built from a loaded monitor: the
+    registry says which detectors it covers (each detector's :class:`~conceptguard.
+    detectors.Fused` form), the builder widens their blocks into shared operations.
 
     At batch 1 the graph's cost is mostly its node count (ONNX Runtime dispatches each node
-    in ~1-2 us, whatever its size), so the formulas are arranged into few, wide operations:
-    one ``Gemm`` for the linear maps of ``[features, concepts]`` (both whitenings, the
-    Mahalanobis cross terms, the ViM residual, the squared norms' inputs), one ``MatMul``
-    for the KNN dot products, one ``Gemm`` for every squared norm (on the squares), one for
-    every risk (from a few per-input quantities), one for the hinges and one for the heads.
-    The Mahalanobis distances use ``|y|^2 - 2 y m_c + |m_c|^2`` with ``y = x L - c`` and
-    ``m_c = mu_c L - c``, centred on the mean ``c`` of the whitened class means; in float32
-    this loses ~1e-6 of the distances (relative), within the test tolerance
-    (``tests/test_monitor_graph.py``)."""
+    in microseconds, whatever its size), so the formulas are arranged into few, wide
+    operations: one ``Gemm`` for the linear maps of ``[features, concepts]`` (every
+    Gaussian block's whitening and its Mahalanobis cross terms, every residual block, the
+    squared norms' inputs), one ``MatMul`` for the nearest-neighbour block's dot products
+    (against the pre-normalised reference rows, a constant), one ``Gemm`` for every squared
+    norm (on the squares), one for every risk (from the per-input quantities), one for the
+    hinges and one for the heads. The Mahalanobis distances use ``|y|^2 - 2 y m_c + |m_c|^2``
+    with ``y = x L - c`` and ``m_c = mu_c L - c``, centred on the mean ``c`` of the whitened
+    class means; in float32 this loses ~1e-6 of the distances (relative), within the test
+    tolerance (``tests/test_monitor_graph.py``)."""
 
     def __init__(self, monitor: Monitor):
         super().__init__()
-        unknown = [n for n in DETECTORS if n not in _GRAPH_DETECTORS]
-        if unknown:
-            raise NotImplementedError(f"no graph for detectors {unknown}: use numpy score()")
-        det = monitor.detectors
-        maha, cmaha = det["mahalanobis"], det["concept_mahalanobis"]
-        knn, vim, react, rule = det["knn"], det["vim"], det["react_energy"], det["paper_rule"]
-        assert isinstance(maha, Mahalanobis) and isinstance(cmaha, ConceptMahalanobis)
-        assert isinstance(knn, KNN) and isinstance(vim, ViM)
-        assert isinstance(react, ReActEnergy) and isinstance(rule, PaperRule)
-        hc = det["heatmap_cosine"]
-        if not all(np.array_equal(getattr(hc, a), getattr(rule, a))
-                   for a in ("h_ok", "h_bad", "h_adv")):
-            raise NotImplementedError("heatmap_cosine and paper_rule use different heatmaps")
+        forms = fused_forms(monitor)
+        self.risk_names = tuple(forms)  # the registry's order: the columns of ``risks``
+        self.paper_rule_column = self.risk_names.index("paper_rule")
         buf = self.register_buffer
         c = monitor.num_classes
-        self.knn_k = int(min(knn.k, len(knn.bank)))
-        self._build_linear(maha, cmaha, knn, vim, c)
-        buf("react_weight_t", _f32(np.ascontiguousarray(react.weight.T)))
-        buf("react_bias", _f32(react.bias))
-        self.react_clip = float(react.clip)
+        self.num_classes, self.num_concepts = c, monitor.num_concepts
+        self._build_linear(forms, c, monitor.num_concepts)
+        nearest = [f.block for f in forms.values() if isinstance(f.block, NearestBlock)]
+        self.knn_k = 0
+        if nearest:
+            knn = nearest[0]
+            self.knn_k = int(min(knn.k, len(knn.bank)))
+            buf("knn_bank_t", _f32(np.ascontiguousarray(knn.bank.T)))
+        energy = [f.block for f in forms.values() if isinstance(f.block, ClippedEnergyBlock)]
+        self.has_energy = bool(energy)
+        if energy:
+            buf("react_weight_t", _f32(np.ascontiguousarray(energy[0].weight.T)))
+            buf("react_bias", _f32(energy[0].bias))
+            self.react_clip = float(energy[0].clip)
         # (C, 2K): per class, the unit rows H_ok - H_bad and H_adv - H_bad
-        ok, bad, adv = rule.units
+        ok, bad, adv = monitor.heatmaps.units
         buf("heatmap_diffs", _f32(np.hstack([ok - bad, adv - bad])))
         buf("is_class", torch.eye(c, dtype=torch.bool))  # one-hot rows of the prediction
         # [e_off, e_off^2, e_off * d] (N, 3C) -> [r, q, t]
@@ -109,108 +170,118 @@ class MonitorGraph(nn.Module):
         num_den[0, 6] = 1.0
         buf("num_den_w", _f32(num_den))
         buf("num_den_b", _f32([-1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]))
-        self._build_risks(vim.alpha, self.knn_k, rule.h_ok.shape[1])
+        self._build_risks(forms, monitor.num_concepts)
         self._build_trust(monitor)
         self.threshold = float(monitor.threshold)
 
-    def _build_linear(self, maha: Mahalanobis, cmaha: ConceptMahalanobis, knn: KNN,
-                      vim: ViM, c: int) -> None:
-        """One ``Gemm`` on ``u = [z, s]``: ``Y = [z L - c, s L' - c', z, s, (z - o) R]`` (whose
-        squares, summed by blocks, give ``|z L|^2``, ``|s L'|^2``, ``|z|^2``, ``|s|^2``,
-        the ViM residual``^2``), the cross terms ``-2 x L (mu L)^T + |mu L|^2`` of both
-        Mahalanobis detectors, and ``[s, s]`` (the factor of the heatmap terms)."""
-        lm, lc = maha.gaussians.whiten64, cmaha.gaussians.whiten64
-        mm, mc = maha.gaussians.whitened_means, cmaha.gaussians.whitened_means
-        basis = vim.residual_basis.astype(np.float64)
-        origin = vim.origin.astype(np.float64)
-        d, k = lm.shape[0], lc.shape[0]
-        blocks = [(lm, 0), (lc, 1), (np.eye(d), 0), (np.eye(k), 1), (basis, 0)]
-        concepts_twice = np.hstack([np.eye(k), np.eye(k)])  # s, s: the heatmap terms' factor
-        y_cols = sum(b.shape[1] for b, _ in blocks)
-        cross = 2 * c + 3  # both distances (C each), then |z|^2, |s|^2, residual^2
+    def _build_linear(self, forms: dict[str, Fused], c: int, k: int) -> None:
+        """One ``Gemm`` on ``u = [z, s]``: ``Y = [x_g L_g - c_g (each Gaussian block g),
+        z, s, (z - o_j) R_j (each residual block j)]`` (whose squares, summed by blocks,
+        give ``|x_g L_g|^2``, ``|z|^2``, ``|s|^2``, the residuals``^2``), the cross terms
+        ``-2 x L (mu L)^T + |mu L|^2`` of every Gaussian block, and ``[s, s]`` (the factor of
+        the heatmap terms)."""
+        gauss = [f.block for f in forms.values() if isinstance(f.block, GaussianBlock)]
+        resid = [f.block for f in forms.values() if isinstance(f.block, ResidualBlock)]
+        d = _feature_size(forms)
+        side = {"features": slice(0, d), "concepts": slice(d, d + k)}
+        # (matrix, input rows, square-sum column): Gaussian blocks first (C columns each)
+        blocks: list[tuple[np.ndarray, slice, slice | int]] = []
+        for g, b in enumerate(gauss):
+            blocks.append((b.gaussians.whiten64, side[b.space], slice(g * c, (g + 1) * c)))
+        n_g = len(gauss) * c
+        blocks += [(np.eye(d), side["features"], n_g), (np.eye(k), side["concepts"], n_g + 1)]
+        blocks += [(b.basis.astype(np.float64), side["features"], n_g + 2 + j)
+                   for j, b in enumerate(resid)]
+        y_cols = sum(m.shape[1] for m, _, _ in blocks)
+        cross = n_g + 2 + len(resid)  # distances (C per block), |z|^2, |s|^2, residuals^2
         w = np.zeros((d + k, y_cols + cross + 2 * k))
-        b = np.zeros(y_cols + cross + 2 * k)
-        w[d:, y_cols + cross:] = concepts_twice
+        bias = np.zeros(y_cols + cross + 2 * k)
+        w[d:, y_cols + cross:] = np.hstack([np.eye(k), np.eye(k)])  # s, s: heatmap factor
         sums = np.zeros((y_cols, cross))
         col = 0
-        for i, (m, side) in enumerate(blocks):
-            rows = slice(0, d) if side == 0 else slice(d, d + k)
+        for m, rows, out in blocks:
             w[rows, col:col + m.shape[1]] = m
-            out = [slice(0, c), slice(c, 2 * c), 2 * c, 2 * c + 1, 2 * c + 2][i]
             sums[col:col + m.shape[1], out] = 1.0
             col += m.shape[1]
-        b[col - basis.shape[1]:col] = -origin @ basis
+        col = y_cols - sum(b.basis.shape[1] for b in resid)
+        for b in resid:
+            basis = b.basis.astype(np.float64)
+            bias[col:col + basis.shape[1]] = -b.origin.astype(np.float64) @ basis
+            col += basis.shape[1]
         # unit_rows divides by |x| + 1e-12: here by sqrt(|x|^2 + 1e-24), the same in float32
-        b[y_cols + 2 * c:y_cols + 2 * c + 2] = 1e-24
+        bias[y_cols + n_g:y_cols + n_g + 2] = 1e-24
         # whitened coordinates centred on the mean of the class means (smaller squares,
         # less cancellation): y = x L - m, distances |y|^2 - 2 y (mu_c L - m) + |mu_c L - m|^2
-        for i, (whiten, means) in enumerate(((lm, mm), (lc, mc))):
+        first = 0
+        for g, b in enumerate(gauss):
+            whiten, means = b.gaussians.whiten64, b.gaussians.whitened_means
             centre = means.mean(0)
             rel = means - centre
-            rows = slice(0, d) if i == 0 else slice(d, d + k)
-            first = 0 if i == 0 else lm.shape[1]
-            b[first:first + whiten.shape[1]] = -centre
-            out = slice(y_cols + i * c, y_cols + (i + 1) * c)
-            w[rows, out] = -2.0 * whiten @ rel.T
-            b[out] = 2.0 * centre @ rel.T + (rel * rel).sum(1)
-        # the KNN dot products z . b: a MatMul of their own (no zero rows for s to read)
-        self.register_buffer("knn_bank_t", _f32(np.ascontiguousarray(knn.bank.T)))
+            bias[first:first + whiten.shape[1]] = -centre
+            first += whiten.shape[1]
+            out = slice(y_cols + g * c, y_cols + (g + 1) * c)
+            w[side[b.space], out] = -2.0 * whiten @ rel.T
+            bias[out] = 2.0 * centre @ rel.T + (rel * rel).sum(1)
         self.register_buffer("lin_w", _f32(w))
-        self.register_buffer("lin_b", _f32(b))
+        self.register_buffer("lin_b", _f32(bias))
         self.register_buffer("square_sums", _f32(sums))
         self.split_linear = [y_cols, cross, 2 * k]
-        self.num_classes, self.num_concepts = c, k
+        self.num_gaussians, self.num_residuals = len(gauss), len(resid)
 
-    def _build_risks(self, vim_alpha: float, knn_k: int, k: int) -> None:
+    def _build_risks(self, forms: dict[str, Fused], k: int) -> None:
         """``risks`` from the per-input quantities (forward's ``quantities``) by one
-        ``Gemm``, then ``max(., lo) ** power`` (the KNN column: ``sqrt(max(2 - 2 cos, 0))``);
-        and ``Detector.feature`` of every column as ``log(max(x, lo) + eps)`` or ``x``.
-        The concept terms enter as they are: ``cos(s, H_bad) - cos(s, H_ok)`` is minus the
-        sum of ``ok_bad``, the paper rule ``max(bad, adv) - ok`` minus the sum of the
-        contributions."""
-        sizes = {"l_max": 1, "log1p_r": 1, "msp": 1, "t_ratio": 1, "doctor": 1, "maha": 1,
-                 "cmaha": 1, "residual": 1, "z_norm": 1, "nearest": knn_k, "react_lse": 1,
+        ``Gemm`` (each detector's ``Fused.terms`` and ``bias``), then ``max(., floor) **
+        power``; and ``Detector.feature`` of every column as ``log(max(x, lo) + eps)`` or
+        ``x`` (``Fused.feature``). The heatmap terms enter per concept: ``cos(s, H_ok) -
+        cos(s, H_bad)`` is the sum of ``ok_bad``, the paper rule's ``cos(s, H_ok) - max(
+        cos(s, H_bad), cos(s, H_adv))`` the sum of the contributions."""
+        sizes = {"l_max": 1, "log1p_r": 1, "neg_p_max": 1, "entropy_t": 1, "doctor": 1,
+                 "gaussians": self.num_gaussians, "residuals": self.num_residuals,
+                 "z_norm": 1, "nearest": self.knn_k, "energy": int(self.has_energy),
                  "ok_bad": k, "contributions": k}
         starts = dict(zip(sizes, np.cumsum([0, *sizes.values()])[:-1].tolist(), strict=True))
-        combos = {
-            "msp": {"msp": 1.0}, "max_logit": {"l_max": -1.0},
-            "energy": {"l_max": -1.0, "log1p_r": -1.0},
-            "entropy": {"log1p_r": 1.0, "t_ratio": -1.0}, "doctor": {"doctor": 1.0},
-            "mahalanobis": {"maha": 1.0}, "knn": {"nearest": -2.0},
-            "vim": {"residual": vim_alpha, "l_max": -1.0, "log1p_r": -1.0},
-            "react_energy": {"react_lse": -1.0}, "concept_mahalanobis": {"cmaha": 1.0},
-            "heatmap_cosine": {"ok_bad": -1.0},
-            "paper_rule": {"contributions": -1.0},
-            "feature_norm": {"z_norm": -1.0},
-        }
-        a = np.zeros((sum(sizes.values()), len(RISK_NAMES)))
-        for j, name in enumerate(RISK_NAMES):
-            for t, v in combos[name].items():
-                rows = slice(starts[t], starts[t] + sizes[t])
-                if t == "nearest":  # the k-th nearest only
-                    rows = slice(starts[t] + knn_k - 1, starts[t] + knn_k)
-                a[rows, j] = v
-        knn = RISK_NAMES.index("knn")
-        a0 = np.zeros(len(RISK_NAMES))
-        a0[knn] = 2.0
-        lo = np.full((1, len(RISK_NAMES)), np.finfo(np.float32).min, np.float64)
-        lo[0, knn] = 0.0
-        power = np.ones((1, len(RISK_NAMES)))
-        power[0, knn] = 0.5
+        count = {"gaussians": 0, "residuals": 0}
+        names = self.risk_names
+        a = np.zeros((sum(sizes.values()), len(names)))
+        a0 = np.zeros(len(names))
+        lo = np.full((1, len(names)), np.finfo(np.float32).min, np.float64)
+        power = np.ones((1, len(names)))
+        for j, name in enumerate(names):
+            form = forms[name]
+            for t, v in form.terms.items():
+                if t != "own":
+                    a[starts[t], j] = v
+                    continue
+                b = form.block
+                if isinstance(b, GaussianBlock | ResidualBlock):
+                    kind = "gaussians" if isinstance(b, GaussianBlock) else "residuals"
+                    a[starts[kind] + count[kind], j] = v
+                    count[kind] += 1
+                elif isinstance(b, NearestBlock):  # the k-th nearest only
+                    a[starts["nearest"] + self.knn_k - 1, j] = v
+                elif isinstance(b, ClippedEnergyBlock):
+                    a[starts["energy"], j] = v
+                elif isinstance(b, HeatmapBlock):
+                    t = "ok_bad" if b.versus == "bad" else "contributions"
+                    a[starts[t]:starts[t] + k, j] = v
+            a0[j] = form.bias
+            if form.floor is not None:
+                lo[0, j] = form.floor
+            power[0, j] = form.power
+        self.quantity_sizes = sizes
         buf = self.register_buffer
         buf("risk_w", _f32(a))
         buf("risk_b", _f32(a0))
         buf("risk_lo", _f32(lo))
         buf("risk_power", _f32(power))
+        self.has_power = bool((power != 1.0).any())
         # Detector.feature of every column at once: log(max(x, lo) + eps) or x itself
-        # (the msp column holds r, see forward; log r >= _MSP_FLOOR is MaxSoftmax's clip)
-        log_cols = {"msp": (math.exp(_MSP_FLOOR), 0.0), "entropy": (0.0, 1e-9),
-                    "doctor": (0.0, 1e-9), "mahalanobis": (0.0, 1.0), "knn": (0.0, 1e-6),
-                    "concept_mahalanobis": (0.0, 1.0)}
-        buf("feature_is_msp", torch.tensor([[n == "msp" for n in RISK_NAMES]]))
-        buf("feature_is_log", torch.tensor([[n in log_cols for n in RISK_NAMES]]))
-        buf("feature_lo", _f32([[log_cols.get(n, (1.0, 0.0))[0] for n in RISK_NAMES]]))
-        buf("feature_eps", _f32([[log_cols.get(n, (1.0, 0.0))[1] for n in RISK_NAMES]]))
+        # (a column whose feature reads r takes r, see forward)
+        feats = [forms[n].feature for n in names]
+        buf("feature_is_r", torch.tensor([[f is not None and f.of_r for f in feats]]))
+        buf("feature_is_log", torch.tensor([[f is not None for f in feats]]))
+        buf("feature_lo", _f32([[f.lo if f else 1.0 for f in feats]]))
+        buf("feature_eps", _f32([[f.eps if f else 0.0 for f in feats]]))
 
     def _build_trust(self, monitor: Monitor) -> None:
         """The hinges as one ``Gemm`` (a 0/1 selection minus the knots) and a ``Relu``; the
@@ -220,12 +291,10 @@ class MonitorGraph(nn.Module):
         trust), ``a_anom - a_mis``, ``a_unf - a_adv`` and a constant 1: the signs of the
         last three, weighted 3, 1, 4, index the reason table (:func:`conceptguard.trust.
         reasons`: the head carrying the evidence names the reason)."""
-        design_order = list(CONFIDENCE) + [n for n in DETECTORS if n not in CONFIDENCE]
-        if design_order != list(RISK_NAMES):
-            raise NotImplementedError("the trust model's design order is not the registry's")
+        design_order = list(self.risk_names)  # fused_forms checked: the trust model's
         tm = monitor.trust_model
         q = tm.knots.shape[1]
-        sel = np.zeros((len(RISK_NAMES), len(HINGED) * q))
+        sel = np.zeros((len(design_order), len(HINGED) * q))
         for i, name in enumerate(HINGED):
             sel[design_order.index(name), i * q:(i + 1) * q] = 1.0
         buf = self.register_buffer
@@ -280,28 +349,36 @@ class MonitorGraph(nn.Module):
         y, lin, s2 = torch.addmm(self.lin_b, torch.cat([z, s], 1), self.lin_w
                                    ).split(self.split_linear, 1)
         sq = torch.addmm(lin, y * y, self.square_sums)
-        dist, norms2 = sq.split([2 * c, 3], 1)
-        maha = dist.reshape(-1, 2, c).min(2).values  # feature and concept Mahalanobis
-        z_norm, s_norm, residual = (norms2 ** 0.5).split(1, 1)  # |z|, |s|: + 1e-24 inside
-        # every k nearest; the risk reads the k-th (the others have weight 0)
-        nearest = torch.topk(z @ self.knn_bank_t, self.knn_k, dim=1).values / z_norm
-        react_lse = torch.logsumexp(
-            torch.clamp(z, max=self.react_clip) @ self.react_weight_t + self.react_bias, 1,
-            keepdim=True)
-        # --- concept detectors: with u = s / |s| and the predicted class's unit heatmap
-        # rows, ok_bad = u (H_ok - H_bad), adv_bad = u (H_adv - H_bad) per concept; the
+        g = self.num_gaussians
+        dist, norms2 = sq.split([g * c, 2 + self.num_residuals], 1)
+        quantities = [l_max, log1p_r, ratios]
+        if g:  # every Gaussian block's distance to the nearest class
+            quantities.append(dist.reshape(-1, g, c).min(2).values)
+        # |z|, |s| (+ 1e-24 inside), the residual norms
+        z_norm, s_norm, residual = (norms2 ** 0.5).split([1, 1, self.num_residuals], 1)
+        quantities += [residual, z_norm]
+        if self.knn_k:  # every k nearest; the risk reads the k-th (the others: weight 0)
+            quantities.append(torch.topk(z @ self.knn_bank_t, self.knn_k, dim=1).values
+                              / z_norm)
+        if self.has_energy:
+            quantities.append(torch.logsumexp(
+                torch.clamp(z, max=self.react_clip) @ self.react_weight_t + self.react_bias,
+                1, keepdim=True))
+        # --- concept terms: with u = s / |s| and the predicted class's unit heatmap rows,
+        # ok_bad = u (H_ok - H_bad), adv_bad = u (H_adv - H_bad) per concept; the
         # contributions are ok_bad where cos(s, H_adv) <= cos(s, H_bad), else
         # ok_bad - adv_bad (= u (H_ok - H_adv))
         ok_bad, adv_bad = (self.heatmap_diffs[pred] * (s2 / s_norm)).split(self.num_concepts, 1)
         adv_wins = adv_bad.sum(1, keepdim=True) > 0
         contributions = ok_bad - torch.where(adv_wins, adv_bad, 0.0)
         # --- every risk from the per-input quantities (_build_risks)
-        quantities = torch.cat([l_max, log1p_r, ratios, maha, residual, z_norm, nearest,
-                                react_lse, ok_bad, contributions], 1)
-        risks = torch.addmm(self.risk_b, quantities, self.risk_w)
-        risks = torch.maximum(risks, self.risk_lo) ** self.risk_power
+        risks = torch.addmm(self.risk_b, torch.cat([*quantities, ok_bad, contributions], 1),
+                            self.risk_w)
+        risks = torch.maximum(risks, self.risk_lo)
+        if self.has_power:
+            risks = risks ** self.risk_power
         # --- trust model: Detector.feature of each risk, hinges, the heads
-        x = torch.where(self.feature_is_msp, r, risks)
+        x = torch.where(self.feature_is_r, r, risks)
         x = torch.where(self.feature_is_log,
                         torch.log(torch.maximum(x, self.feature_lo) + self.feature_eps), x)
         hinges = torch.relu(torch.addmm(self.hinge_knots, x, self.hinge_select))
@@ -314,7 +391,7 @@ class MonitorGraph(nn.Module):
         code = (torch.sign(head_logits) @ self.reason_code).long()
         reason = torch.where(reject, self.reason_table[code], 0)
         return (torch.softmax(logits, 1), pred, risks, p_mis, p_anom, p_adv, p_unf, trust,
-                reject, reason, risks[:, RISK_NAMES.index("paper_rule")] > 0, contributions)
+                reject, reason, risks[:, self.paper_rule_column] > 0, contributions)
 
 
 class FusedMonitoredClassifier(nn.Module):
@@ -372,13 +449,18 @@ def add_fused_graph(path: Path | str, opset: int = 17) -> Path:
 
     path = Path(path)
     bank = bankio.load_bank(path)
+    reason = fusable(bank.monitor)
+    if reason is not None:
+        raise NotFusable(f"{path}: no fused graph for this bank: {reason}")
     staging = bankio.staging_dir(path)
     try:
         shutil.copytree(path, staging, dirs_exist_ok=True)
         export_bank_fused_onnx(bank, staging / bankio.FUSED_ONNX, opset)
         check_fused_graph(bank.monitor, staging / bankio.FUSED_ONNX,
                           bankio.probe_images(bank))
-        bankio.write_manifest(staging, bank.manifest.model_copy(deep=True))
+        manifest = bank.manifest.model_copy(deep=True)
+        manifest.fused_graph = {"written": True}
+        bankio.write_manifest(staging, manifest)
         bankio.load_bank(staging)  # every checksum, before the swap
         bankio.publish(staging, path)
     finally:

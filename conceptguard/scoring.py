@@ -152,14 +152,15 @@ def scores_from_graph(outputs: Mapping[str, np.ndarray], threshold: float) -> Sc
     stays the one source of the decision; the graph's own ``reject``/``reason`` outputs
     hold the threshold it was exported with."""
     f64 = functools.partial(np.asarray, dtype=np.float64)
-    risks = np.asarray(outputs["risks"])
+    # one float64 copy, detector-major: each detector's risks are a contiguous row view
+    risks = np.ascontiguousarray(np.asarray(outputs["risks"], np.float64).T)
     p_adv, p_unf = f64(outputs["p_adversarial"]), f64(outputs["p_unfamiliar"])
     trust = f64(outputs["trust"])
     reject = trust < threshold
     return Scores(
         probabilities=f64(outputs["probabilities"]),
         predictions=np.asarray(outputs["predictions"], dtype=np.int64),
-        risks={name: f64(risks[:, i]) for i, name in enumerate(DETECTORS)},
+        risks=dict(zip(DETECTORS, risks, strict=True)),
         p_misclassification=f64(outputs["p_misclassification"]),
         p_anomaly=f64(outputs["p_anomaly"]),
         p_adversarial=p_adv,

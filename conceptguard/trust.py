@@ -37,7 +37,7 @@ HEADS: tuple[str, ...] = ("misclassification", "anomaly", "adversarial", "unfami
 HINGE_QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99)
 
 CONFIDENCE: tuple[str, ...] = tuple(n for n, c in DETECTORS.items() if c.group == "confidence")
-HINGED: tuple[str, ...] = ("mahalanobis", "knn", "vim", "react_energy", "concept_mahalanobis")
+HINGED: tuple[str, ...] = tuple(n for n, c in DETECTORS.items() if c.hinged)
 
 
 def misclassification_columns(with_density: bool) -> np.ndarray:
@@ -102,17 +102,9 @@ def reasons(reject: np.ndarray, p_misclassification: np.ndarray, p_anomaly: np.n
     larger (its factor pulled trust down more), the kind heads say which anomaly
     (``adversarial-like`` when ``p_adversarial >= p_unfamiliar``, else ``unfamiliar``);
     otherwise the input is ``misclassification-like``."""
-    out: list[ReasonKind] = []
-    for r, m, n, a, u in zip(reject.tolist(), p_misclassification.tolist(),
-                             p_anomaly.tolist(), p_adversarial.tolist(),
-                             p_unfamiliar.tolist(), strict=True):
-        if not r:
-            out.append("accepted")
-        elif n <= m:
-            out.append("misclassification-like")
-        else:
-            out.append("adversarial-like" if a >= u else "unfamiliar")
-    return out
+    kind = np.where(np.asarray(p_anomaly) <= p_misclassification, 1,
+                    np.where(np.asarray(p_adversarial) >= p_unfamiliar, 2, 3))
+    return [REASON_KINDS[i] for i in np.where(reject, kind, 0).tolist()]
 
 
 def evaluate_trust(model: TrustModel, risks: dict[str, np.ndarray], threshold: float

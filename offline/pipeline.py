@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import shutil
 import sys
 from collections.abc import Callable
@@ -46,7 +47,7 @@ from conceptguard.data.splits import Splits
 from conceptguard.export import MonitoredClassifier, export_onnx
 from conceptguard.faults import encoder_view_labels, fault_report, zero_shot_labels
 from conceptguard.heatmaps import Heatmaps, binarise, build_heatmaps
-from conceptguard.monitor_graph import check_fused_graph, export_fused_onnx
+from conceptguard.monitor_graph import check_fused_graph, export_fused_onnx, fusable
 from conceptguard.monitor_io import monitor_from_tensors, monitor_tensors
 from conceptguard.projection import project_features, raw_concept_scores
 from conceptguard.runtime import OnnxRuntime
@@ -68,6 +69,8 @@ from offline.streaming import (
     served_streamed,
     split_datasets,
 )
+
+log = logging.getLogger("conceptguard.build")
 
 SERVE_CHUNK = 2048  # test-split rows per engine call (decoded, served, appended to disk)
 SCORE_CHUNK = 4096  # test-split rows scored per engine call
@@ -205,6 +208,22 @@ class VLMTestOut:
     outs: Batch  # the served outputs of those rows
 
 
+@dataclass(frozen=True)
+class FusedGraphOut:
+    """The fused graph (``monitor.onnx``) build-bank wrote, or None and why it fell back to
+    the classifier graph plus numpy scoring (a detector without a fused form)."""
+
+    path: Path | None
+    fallback: str | None = None
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The manifest's ``fused_graph``: whether the graph was written, else why not."""
+        if self.path is not None:
+            return {"written": True}
+        return {"written": False, "fallback": "classifier.onnx + numpy scoring",
+                "reason": self.fallback}
+
+
 @dataclass
 class BuildState:
     """Each stage's output under the stage's name; a field is unset until its stage ran
@@ -228,7 +247,7 @@ class BuildState:
     fault_localisation: dict = field(init=False)
     concept_check: tuple[dict, dict] = field(init=False)
     tensors: dict = field(init=False)
-    fused_graph: Path = field(init=False)
+    fused_graph: FusedGraphOut = field(init=False)
     report: bankio.Manifest = field(init=False)
 
 
@@ -459,14 +478,24 @@ def tensors_stage(ctx: Context, state: BuildState) -> dict[str, np.ndarray]:
     return tensors
 
 
-def fused_graph_stage(ctx: Context, state: BuildState) -> Path:
-    """The monitor as the bank stores it (float32 tensors) in one graph with the model."""
+def fused_graph_stage(ctx: Context, state: BuildState) -> FusedGraphOut:
+    """The monitor as the bank stores it (float32 tensors) in one graph with the model; or,
+    when a registered detector has no fused form, no graph: the bank is served from
+    ``classifier.onnx`` with numpy scoring, the log and the manifest (``fused_graph``) say
+    why."""
     c, path = state.classifier, ctx.staging / bankio.FUSED_ONNX
     stored = monitor_from_tensors(state.tensors, state.calibration.monitor.threshold)
+    reason = fusable(stored)
+    if reason is not None:
+        log.warning("no fused graph: %s; the bank serves classifier.onnx with numpy scoring",
+                    reason)
+        print(f"fused graph skipped: {reason} (served: classifier.onnx + numpy scoring)",
+              file=sys.stderr, flush=True)
+        return FusedGraphOut(None, reason)
     export_fused_onnx(MonitoredClassifier(c.model, state.projection.tensors), stored,
                       c.spec.input_shape, path)
     check_fused_graph(stored, path, to_tensor(state.data.ds["test"].images[:64]).numpy())
-    return path
+    return FusedGraphOut(path)
 
 
 def build_metrics(ctx: Context, state: BuildState) -> dict:
@@ -483,6 +512,7 @@ def report_stage(ctx: Context, state: BuildState) -> bankio.Manifest:
                              fitted.monitor.threshold, state.data.classes,
                              state.vlm.T.shape[1], c.model.feature_dim)
     manifest.concept_competence = state.concept_check[0]
+    manifest.fused_graph = state.fused_graph.manifest_entry()
     write_report(ctx.staging / "report", manifest, state.tensors, metrics)
     return manifest
 

@@ -198,3 +198,52 @@ def test_shipped_bank_knn_holds_its_stratified_subset(demo) -> None:
     assert isinstance(again, KNN)
     np.testing.assert_array_equal(again.bank, knn.bank)
     assert again.k == knn.k
+
+
+def test_each_detector_declares_settings_that_exist_and_config_maps_by_name() -> None:
+    """``settings_used`` names fields of DetectorSettings, every config field is read by a
+    detector, and DetectorConfig fills DetectorSettings field by field by name."""
+    from dataclasses import fields
+
+    settings = {f.name for f in fields(DetectorSettings)}
+    used = {s for cls in DETECTORS.values() for s in cls.settings_used}
+    assert used <= settings, used - settings
+    assert set(DetectorConfig.model_fields) <= used
+    cfg = DetectorConfig(knn_k=3, knn_reference=70, knn_seed=5, vim_dim=4,
+                         react_percentile=0.8)
+    got = cfg.settings(shrinkage=0.02)
+    assert (got.knn_k, got.knn_reference, got.knn_seed, got.vim_dim, got.react_percentile,
+            got.shrinkage) == (3, 70, 5, 4, 0.8, 0.02)
+
+
+def test_hinged_detectors_are_the_trust_models_hinges() -> None:
+    from conceptguard.trust import HINGE_QUANTILES, HINGED, feature_names
+
+    # the order of the knots stored in every bank (trust.knots rows)
+    assert HINGED == ("mahalanobis", "knn", "vim", "react_energy", "concept_mahalanobis")
+    assert {c.group for c in DETECTORS.values() if c.hinged} <= {"density", "concept"}
+    hinge_cols = [n for n in feature_names() if ">q" in n]
+    assert hinge_cols == [f"{n}>q{int(q * 100)}" for n in HINGED for q in HINGE_QUANTILES]
+
+
+def test_fused_feature_forms_equal_the_numpy_features(demo) -> None:
+    """Each detector's ``Fused.feature`` (what the graph computes for the trust model)
+    gives :meth:`Detector.feature` of its risk, on the demo bank's test outputs."""
+    bank, _, tst, _ = demo
+    risks = detector_risks(bank.monitor.detectors, tst.outputs)
+    p_max = tst.outputs.probabilities.max(1)
+    r = (1.0 - p_max) / p_max
+    for name, det in bank.monitor.detectors.items():
+        form = det.fused()
+        assert form is not None, name
+        want = DETECTORS[name].feature(risks[name])
+        f = form.feature
+        if f is None:
+            got = risks[name]
+        else:
+            x = r if f.of_r else risks[name]
+            got = np.log(np.maximum(x, f.lo) + f.eps)
+        # both float64, a few operations apart (log vs. log1p of distances >> 1)
+        eps64 = float(np.finfo(np.float64).eps)
+        np.testing.assert_allclose(got, want, rtol=64 * eps64,
+                                   atol=64 * eps64 * float(np.abs(want).max()), err_msg=name)

@@ -76,8 +76,9 @@ def assert_matches(got: dict[str, np.ndarray], ref: Scores, threshold: float) ->
     """Every monitor output of the graph against ``score()`` (tolerances: module doc)."""
     np.testing.assert_array_equal(got["predictions"], ref.predictions)
     np.testing.assert_allclose(got["probabilities"], ref.probabilities, rtol=0, atol=1e-5)
-    assert got["risks"].shape == (len(ref), len(RISK_NAMES))
-    for i, name in enumerate(RISK_NAMES):
+    assert got["risks"].shape == (len(ref), len(ref.risks))
+    assert list(ref.risks)[:len(RISK_NAMES)] == list(RISK_NAMES)  # registry order
+    for i, name in enumerate(ref.risks):
         scale = max(float(np.abs(ref.risks[name]).max()), 1.0)
         np.testing.assert_allclose(got["risks"][:, i], ref.risks[name], rtol=0,
                                    atol=1e-5 * scale, err_msg=name)
@@ -174,3 +175,88 @@ def test_monitor_graph_stays_small_after_onnx_runtime_optimisation(
     assert len(onnx.load(str(out)).graph.node) <= 72
     knn = bank.monitor.detectors["knn"]
     assert MonitorGraph(bank.monitor).knn_bank_t.shape == knn.bank.T.shape
+
+
+def test_a_rebuilt_graph_equals_the_banks_stored_graph(
+        bank: Bank, fused: dict[str, np.ndarray], sample_images: np.ndarray) -> None:
+    """The graph the registry builds today against ``monitor.onnx`` as the demo bank stores
+    it (exported by earlier code from the same tensors), on the same images: the served
+    outputs stay the same (float32 bound of d-term sums; booleans and codes equal)."""
+    stored = _session(bank.fused_onnx_path).run(list(FUSED_OUTPUTS), {"images": sample_images})
+    d = bank.manifest.dims.features
+    for key, old in zip(FUSED_OUTPUTS, stored, strict=True):
+        new = fused[key]
+        assert new.shape == old.shape and new.dtype == old.dtype, key
+        if new.dtype.kind in "biu":
+            np.testing.assert_array_equal(new, old, err_msg=key)
+        else:
+            assert_f32_close(new, old, terms=d, err_msg=key)
+
+
+def test_a_detector_without_a_fused_form_is_named_and_refused(bank: Bank) -> None:
+    from dataclasses import replace
+
+    from conceptguard.detectors import FeatureNorm
+    from conceptguard.monitor_graph import NotFusable, fusable
+
+    class Unfused(FeatureNorm):
+        def fused(self):  # type: ignore[override]
+            return None
+
+    assert fusable(bank.monitor) is None
+    monitor = replace(bank.monitor, detectors={**bank.monitor.detectors,
+                                               "feature_norm": Unfused()})
+    assert "'feature_norm' (Unfused) has no fused form" in (fusable(monitor) or "")
+    with pytest.raises(NotFusable, match="feature_norm"):
+        MonitorGraph(monitor)
+
+
+def test_a_registered_detector_with_a_fused_form_enters_the_graph(
+        bank: Bank, fused: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry drives the graph: a detector registered after import, whose fused form
+    is a combination of shared quantities (``logsumexp l = l_max + log(1 + r)``), becomes a
+    ``risks`` column equal to its numpy risk, with no edit to the graph builder. The trust
+    model gets a zero-weight column for it, so trust stays the bank's."""
+    from dataclasses import replace
+
+    from conceptguard.detectors import DETECTORS, Detector, Fused, logsumexp
+    from conceptguard.heads import LogisticHead
+    from conceptguard.trust import TrustModel
+
+    class LogSumExp(Detector):
+        name, group, summary = "test_logsumexp", "statistic", "logsumexp (test only)"
+
+        def risk(self, out):
+            return logsumexp(out.logits)
+
+        def fused(self) -> Fused:
+            return Fused({"l_max": 1.0, "log1p_r": 1.0})
+
+    monkeypatch.setitem(DETECTORS, LogSumExp.name, LogSumExp)
+    col = list(DETECTORS).index(LogSumExp.name)  # its design column: last before hinges
+    tm = bank.monitor.trust_model
+
+    def widened(h: LogisticHead, mis: bool) -> LogisticHead:
+        if mis:  # the misclassification head reads the confidence columns only
+            return h
+        return LogisticHead(np.insert(h.mean, col, 0.0), np.insert(h.scale, col, 1.0),
+                            np.insert(h.w, col, 0.0), h.b)
+
+    trust_model = TrustModel(tm.knots, {k: widened(h, k == "misclassification")
+                                        for k, h in tm.heads.items()},
+                             np.insert(tm.mis_columns, col, False))
+    monitor = replace(bank.monitor, trust_model=trust_model,
+                      detectors={**bank.monitor.detectors, LogSumExp.name: LogSumExp()})
+    graph = MonitorGraph(monitor)
+    assert graph.risk_names[-1] == LogSumExp.name
+    inputs = [fused[k] for k in MONITOR_INPUTS]
+    with torch.no_grad():
+        out = graph(*(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs))
+    got = dict(zip(MONITOR_OUTPUTS, (t.numpy() for t in out), strict=True))
+    ref = score(monitor, *inputs)
+    assert_matches(got, ref, monitor.threshold)  # every column, the new one included
+    c = bank.manifest.dims.classes
+    assert_f32_close(got["risks"][:, -1], ref.risks[LogSumExp.name], terms=c,
+                     err_msg="the new detector's column")
+    assert_f32_close(got["trust"], fused["trust"], terms=bank.manifest.dims.features,
+                     err_msg="trust with a zero-weight column")
