@@ -1,3 +1,44 @@
-"""Repository-level pytest plugins: shared fixtures usable by every test module."""
+"""Repository-level pytest plugins: shared fixtures usable by every test module, and how
+pytest-xdist shares the tests out (``scripts/test.sh`` runs ``-n 2 --dist loadgroup``)."""
+
+from __future__ import annotations
+
+import pytest
 
 pytest_plugins = ["tests.fixtures_bank"]
+
+# Modules that start a local Ray run one after another on one worker: two local Ray
+# clusters at once would each claim the machine's CPUs.
+SHARED_GROUPS: dict[str, str] = {
+    "test_ray_data": "ray",
+    "test_ray_serve": "ray",
+    "test_build_engine": "ray",
+}
+
+# The longest groups go out first, so that neither worker is left with one at the end (the
+# scheduler hands the groups out in collection order). The tiny bank's users are spread:
+# the first one on each worker would otherwise wait for the other's build.
+LONGEST_FIRST: tuple[str, ...] = (
+    "test_your_model", "test_offline_e2e", "ray", "test_streaming_build", "test_diagnose_cli",
+    "test_fused_fallback", "test_dashboard_truth",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` every module is one group (its module-scoped servers and
+    builds are made once, on one worker) unless a test names its own ``xdist_group``."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    groups: dict[str, str] = {}
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is None:
+            module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
+            group = SHARED_GROUPS.get(module, module)
+            item.add_marker(pytest.mark.xdist_group(group))
+        else:
+            group = str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+        groups[item.nodeid] = group
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(groups[it.nodeid], len(rank)))  # stable: order kept within

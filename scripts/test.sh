@@ -2,6 +2,9 @@
 # The test suite: set up .venv with the dev set (and the Debian packages the tests run), then
 # pytest. `scripts/test.sh --fast` runs the fast tier only (every module's unit tests, no bank
 # builds, no Ray, no load or soak tests: pytest -m "not slow"). Other arguments go to pytest.
+# The tests run on two pytest-xdist workers (CONCEPTGUARD_TEST_WORKERS, default 2; 0 runs them in
+# this process); each test module stays on one worker (conftest.py), and the session's tiny
+# bank is built once for both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=()
@@ -10,4 +13,6 @@ for a in "$@"; do
 done
 scripts/setup.sh --dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m pytest -q "${args[@]}"
+workers=${CONCEPTGUARD_TEST_WORKERS:-2}
+if [[ $workers == 0 ]]; then xdist=(); else xdist=(-n "$workers" --dist loadgroup); fi
+exec .venv/bin/python -m pytest -q "${xdist[@]}" "${args[@]}"

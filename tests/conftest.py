@@ -280,8 +280,11 @@ class ServerPool:
 def server_pool(request: pytest.FixtureRequest,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
     pool = ServerPool(tmp_path_factory.mktemp("servers"))
-    wanted = {name for item in request.session.items
-              for name in getattr(item, "fixturenames", ()) if name in AUX_SERVERS}
+    # launched together up front, except under pytest-xdist: a worker collects every test but
+    # runs only its share, so there each server starts on first use
+    wanted = set() if os.environ.get("PYTEST_XDIST_WORKER") else {
+        name for item in request.session.items
+        for name in getattr(item, "fixturenames", ()) if name in AUX_SERVERS}
     try:
         for name in sorted(wanted):
             pool.launch(name, **AUX_SERVERS[name])

@@ -69,12 +69,10 @@ class TinyBuild:
     workdir: Path
 
 
-@pytest.fixture(scope="session")
-def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> TinyBuild:
-    """train-demo + build-bank on :data:`TINY_CONFIG`, once per session."""
+def _build_tiny(workdir: Path) -> TinyBuild:
     import yaml
 
-    workdir = tmp_path_factory.mktemp("tiny-build")
+    workdir.mkdir(parents=True, exist_ok=True)
     cfg = {**TINY_CONFIG, "classifier": {"path": str(workdir / "clf.safetensors")},
            "cache_dir": str(workdir / "cache")}
     cfg_path = workdir / "tiny.yaml"
@@ -85,3 +83,23 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> TinyBuild:
     r = run_cli("build-bank", "--config", str(cfg_path), "--out", str(workdir / "bank"))
     assert r.returncode == 0, r.stderr[-3000:]
     return TinyBuild(cfg_path, workdir / "bank", workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> TinyBuild:
+    """train-demo + build-bank on :data:`TINY_CONFIG`, once per session. Under pytest-xdist
+    the workers share one build: the first to arrive builds it in the run's common temporary
+    folder while the others wait on a file lock."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _build_tiny(tmp_path_factory.mktemp("tiny-build"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, common to the workers
+    workdir = shared / "tiny-build"
+    with FileLock(str(shared / "tiny-build.lock")):
+        done = workdir / "built"
+        if done.is_file():
+            return TinyBuild(workdir / "tiny.yaml", workdir / "bank", workdir)
+        build = _build_tiny(workdir)
+        done.write_text("ok")
+        return build
