@@ -18,11 +18,18 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from conceptguard.scoring import Scores
-from service.codecs import OUTPUTS, InputTensor, json_values, output_array, raw_bytes
+from service.codecs import (
+    OUTPUTS,
+    InputTensor,
+    json_bytes,
+    json_values,
+    output_array,
+    raw_bytes,
+)
 from service.errors import ServiceError, invalid_request
 from service.runtime_state import Loaded
 from service.schemas import InferenceRequest
@@ -139,8 +146,8 @@ def rest_response(req: InferenceRequest, plan: list[tuple[str, bool]], loaded: L
             out["data"] = json_values(datatype, values)
         outputs.append(out)
     header["outputs"] = outputs
+    head = json_bytes(header)
     if not blobs:
-        return JSONResponse(header)
-    head = json.dumps(header, separators=(",", ":")).encode()
+        return Response(head, media_type="application/json")
     return Response(head + b"".join(blobs), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})
