@@ -312,3 +312,32 @@ def test_the_json_guard_runs_once_per_request(demo_bank_dir: Path, sample_png: b
                            headers={"Content-Type": "application/json"})
         assert deep.status_code == 400 and "nested" in deep.json()["error"]["message"]
         assert len(calls) == 1
+
+
+def _request_path_script():  # -> the module scripts/request_path_files.py
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("request_path_files",
+                                                  REPO / "scripts" / "request_path_files.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_v1_classify_runs_at_most_8_service_files_and_no_framework_routing() -> None:
+    """One POST /v1/classify (raw and multipart bodies; the demo bank, in-process): at most
+    8 service/ modules run, and neither the framework's router nor FastAPI's request
+    handling (dependencies, validation): the middleware answers the hot route itself."""
+    script = _request_path_script()
+    for body in ("raw", "multipart"):
+        status, files = script.files_run(REPO / "banks" / "demo", body)
+        assert status == 200
+        ours = script.project_files(files)
+        service = [f for f in ours if f.startswith("service" + os.sep)]
+        assert len(service) <= 8, service
+        assert {"service/middleware.py", "service/routes_v1.py", "service/dataplane.py",
+                "service/codecs.py"} <= set(service), service  # the walk saw the request
+        framework = [f for f in files if f.endswith((os.path.join("starlette", "routing.py"),
+                                                     os.path.join("fastapi", "routing.py")))]
+        assert framework == [], framework
