@@ -70,18 +70,16 @@ def observe_rows(histograms: Sequence[Any], rows: np.ndarray) -> None:
     # observe() counts a value in the first bucket whose bound is >= it; NaN in none
     index = np.searchsorted(bounds, rows, side="left")
     flat = (index + nb * np.arange(len(histograms))[:, None])[index < nb]
-    counts = np.bincount(flat, minlength=nb * len(histograms)).tolist()
+    counts = np.bincount(flat, minlength=nb * len(histograms))
+    touched = np.flatnonzero(counts)  # only the buckets the batch touched are written
     sums = rows.sum(axis=1).tolist()
     for h, histogram in enumerate(histograms):
         if len(histogram._upper_bounds) != nb:
             raise ValueError("observe_rows needs histograms with the same buckets")
         histogram._raise_if_not_observable()
         histogram._sum.inc(sums[h])
-        buckets = histogram._buckets
-        for i in range(nb):
-            c = counts[h * nb + i]
-            if c:
-                buckets[i].inc(c)
+    for k, c in zip(touched.tolist(), counts[touched].tolist(), strict=True):
+        histograms[k // nb]._buckets[k % nb].inc(c)
 
 
 _BOUNDS: dict[tuple[float, ...], np.ndarray] = {}
