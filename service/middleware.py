@@ -175,7 +175,7 @@ class ServiceMiddleware:
     def _match(self, scope: Scope) -> tuple[HotRoute | None, dict[str, str]]:
         if scope.get("method") != "POST":
             return None, {}
-        path = scope.get("path", "")
+        path = route_path(scope)
         for route in self.hot:
             m = route.pattern.fullmatch(path)
             if m is not None:
@@ -195,7 +195,7 @@ class ServiceMiddleware:
                      head: dict[bytes, bytes]) -> Receive | None:
         """Checks before the app runs; None when an error response was already sent."""
         method = scope.get("method")
-        if method == "POST" and _QUEUED_ROUTES.match(scope.get("path", "")):
+        if method == "POST" and _QUEUED_ROUTES.match(route_path(scope)):
             app_state = getattr(scope.get("app"), "state", None)
             dp: DataPlane | None = getattr(app_state, "dataplane", None)
             if dp is not None and dp.saturated():
@@ -242,9 +242,17 @@ def _read_headers(scope: Scope) -> dict[bytes, bytes]:
     return out
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes see: without the ``root_path`` the server was mounted under (as
+    the framework's router matches it)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def _endpoint_guess(scope: Scope) -> str | None:
     """The route template for a request answered before routing (admission, JSON guard)."""
-    path = scope.get("path", "")
+    path = route_path(scope)
     if path.rstrip("/") == "/v1/classify":
         return "/v1/classify"
     if _QUEUED_ROUTES.match(path):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -341,3 +342,77 @@ def test_v1_classify_runs_at_most_8_service_files_and_no_framework_routing() -> 
         framework = [f for f in files if f.endswith((os.path.join("starlette", "routing.py"),
                                                      os.path.join("fastapi", "routing.py")))]
         assert framework == [], framework
+
+
+def _call(app: Any, path: str, headers: list[tuple[bytes, bytes]] | None = None,
+          method: str = "POST") -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request through an ASGI app, in a fresh event loop: (status, headers, body)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "",
+             "query_string": b"", "headers": headers or [],
+             "app": SimpleNamespace(state=SimpleNamespace(settings=Settings()))}
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = messages[0]
+    assert [k for k, _ in start["headers"]].count(b"x-request-id") == 1
+    return (start["status"], dict(start["headers"]),
+            b"".join(m.get("body", b"") for m in messages[1:]))
+
+
+def test_the_middleware_answers_hot_routes_itself_with_the_apps_errors() -> None:
+    """A hot route's handler gets its path parameters and runs without the app; what it
+    raises is answered as the app's handler would (v1 / v2 body, 500 for the unexpected);
+    every answer, the app's too, carries the request id (the client's when valid) once."""
+    import re
+
+    from prometheus_client import REGISTRY
+
+    from service.middleware import HotRoute, ServiceMiddleware, send_json
+
+    seen: list[dict[str, str]] = []
+
+    async def hot(scope: Any, receive: Any, send: Any, params: dict[str, str]) -> None:
+        seen.append(params)
+        if params["name"] == "bad":
+            raise ServiceError("no such model", 404, "unknown_model")
+        if params["name"] == "boom":
+            raise KeyError("x")
+        await send_json(send, b'{"ok":true}')
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append({"app": scope["path"]})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-request-id", b"from-the-app")]})
+        await send({"type": "http.response.body", "body": b"app"})
+
+    mw = ServiceMiddleware(app, hot=[HotRoute(re.compile(r"/v2/models/(?P<name>[^/]+)/infer"),
+                                              "/v2/models/{name}/infer", hot)])
+
+    def count(status: str) -> float:
+        return REGISTRY.get_sample_value("conceptguard_requests_total", {
+            "endpoint": "/v2/models/{name}/infer", "status": status}) or 0.0
+
+    before = count("200")
+    status, headers, body = _call(mw, "/v2/models/m1/infer",
+                                  [(b"x-request-id", b"client-7")])
+    assert (status, body, headers[b"x-request-id"]) == (200, b'{"ok":true}', b"client-7")
+    assert seen == [{"name": "m1"}] and count("200") == before + 1
+    status, headers, body = _call(mw, "/v2/models/bad/infer", [(b"x-request-id", b" no")])
+    assert (status, json.loads(body)) == (404, {"error": "no such model"})
+    assert len(headers[b"x-request-id"]) == 32  # an invalid client id is replaced
+    status, _, body = _call(mw, "/v2/models/boom/infer")
+    assert (status, json.loads(body)) == (500, {"error": "internal error: KeyError"})
+    # not hot: another path, or another method on the same path, goes to the app
+    for path, method in (("/v2/models/m1/infer/extra", "POST"), ("/v2/models/m1/infer", "GET")):
+        status, headers, body = _call(mw, path, method=method)
+        assert (status, body) == (200, b"app") and headers[b"x-request-id"] != b"from-the-app"
+    assert seen[-2:] == [{"app": "/v2/models/m1/infer/extra"}, {"app": "/v2/models/m1/infer"}]
