@@ -98,8 +98,8 @@ def parse_json(body: bytes, max_depth: int, *, guarded: bool = False) -> Any:
 
 def json_bytes(value: Any) -> bytes:
     """An answer as compact UTF-8 JSON (orjson: several times faster than ``json`` on the
-    answers' many floats); 500 rather than a non-standard ``NaN`` when a float is not finite
-    (the codecs check scores first, :func:`check_finite`)."""
+    answers' many floats). orjson writes a NaN or infinite float as ``null``: the codecs
+    refuse non-finite scores before (:func:`check_finite`, 422)."""
     return orjson.dumps(value)
 
 

@@ -25,6 +25,7 @@ from conceptguard.scoring import Scores
 from service.codecs import (
     OUTPUTS,
     InputTensor,
+    check_finite,
     json_bytes,
     json_values,
     output_array,
@@ -143,6 +144,8 @@ def rest_response(req: InferenceRequest, plan: list[tuple[str, bool]], loaded: L
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
+            if datatype == "FP32":  # JSON has no NaN: 422 as v1 (binary data carries it)
+                check_finite(name, values)
             out["data"] = json_values(datatype, values)
         outputs.append(out)
     header["outputs"] = outputs

@@ -416,3 +416,25 @@ def test_the_middleware_answers_hot_routes_itself_with_the_apps_errors() -> None
         status, headers, body = _call(mw, path, method=method)
         assert (status, body) == (200, b"app") and headers[b"x-request-id"] != b"from-the-app"
     assert seen[-2:] == [{"app": "/v2/models/m1/infer/extra"}, {"app": "/v2/models/m1/infer"}]
+
+
+def test_v2_json_answers_refuse_non_finite_scores_as_v1() -> None:
+    """orjson would write NaN as null: a non-finite score in a JSON output is a 422 (as v1
+    answers it); the binary form carries the float as it is."""
+    from types import SimpleNamespace
+
+    from service.schemas import InferenceRequest
+    from service.v2_binary import rest_response
+
+    scores = _scores(2)
+    scores.trust[1] = np.nan
+    loaded = SimpleNamespace(model_name="m", bank_id="b")
+    req = InferenceRequest.model_validate({"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1], "data": [0.0]}]})
+    with pytest.raises(ServiceError) as info:
+        rest_response(req, [("trust", False)], loaded, scores)
+    assert info.value.status == 422 and "trust" in info.value.message
+    binary = rest_response(req, [("trust", True)], loaded, scores)
+    assert binary.status_code == 200 and np.isnan(np.frombuffer(binary.body[-8:], "<f4")[1])
+    ok = json.loads(rest_response(req, [("reject", False)], loaded, scores).body)
+    assert ok["outputs"][0]["data"] == scores.reject.tolist()
