@@ -363,9 +363,16 @@ def reason_summary(label: str, concepts: list[tuple[str, float]],
 def concept_gate(loaded: Loaded, names: Sequence[str]) -> dict[str, str | None]:
     """For each predicted class name: why concepts may not be named for it under the bank's
     concept competence check (:func:`conceptguard.concept_check.concepts_unavailable`), or
-    None where they may. v1 and v2 both name concepts only where this allows."""
-    competence = (loaded.manifest.model_extra or {}).get("concept_competence")
-    return {c: concepts_unavailable(competence, c) for c in set(names)}
+    None where they may. v1 and v2 both name concepts only where this allows. Worked out
+    once per bank for all its classes (kept with the bank, :class:`Loaded`)."""
+    cache: dict[Any, Any] | None = getattr(loaded, "_cache", None)
+    gate = None if cache is None else cache.get("concept_gate")
+    if gate is None:
+        competence = (loaded.manifest.model_extra or {}).get("concept_competence")
+        gate = {c: concepts_unavailable(competence, c) for c in {*loaded.classes, *names}}
+        if cache is not None:
+            cache["concept_gate"] = gate
+    return gate
 
 
 def v1_rows(loaded: Loaded, scores: Scores, settings: Settings) -> list[dict[str, Any]]:
