@@ -8,7 +8,10 @@ CPU time (every thread) / requests, after a warm-up.
 add``), each served from its own code by the same driver in a subprocess; rounds alternate
 the checkouts, and the median round is reported, so a before/after on a shared machine
 reads the ratio of two medians taken side by side. The server process is pinned to CPU 0
-when ``taskset`` is there, ONNX Runtime at one intra-op thread.
+when ``taskset`` is there, ONNX Runtime at one intra-op thread. Also timed, for the raw PNG
+without HTTP: the batch function alone (``run_batch``: decode, runtime, scores, metrics)
+and the data plane's whole round (``classify_images``: queue, batcher, the inference
+thread and back); their difference is what the thread hop costs a lone request.
 
     .venv/bin/python benchmarks/hot_path.py [--requests 500] [--rounds 5] [--repo ../main]
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from _common import REPO, emit, machine
 
-KINDS = ("raw", "multipart", "v2")
+KINDS = ("raw", "multipart", "v2", "run_batch", "classify_images")
 
 _DRIVER = r"""
 import asyncio, base64, io, json, os, sys, time
@@ -93,6 +96,19 @@ async def main():
             for _ in range(n):
                 await one(*args)
             out[kind] = (time.process_time() - c0) / n * 1e3
+        # the raw PNG without HTTP: the batch function alone (decode, runtime, scores,
+        # metrics) and through the data plane (queue, batcher, inference thread and back)
+        from service.dataplane import Job
+        dp = app.state.dataplane
+        loaded = dp.state.require()
+        c0 = time.process_time()
+        for _ in range(n):
+            dp.run_batch([Job(loaded, png)])
+        out["run_batch"] = (time.process_time() - c0) / n * 1e3
+        c0 = time.process_time()
+        for _ in range(n):
+            await dp.classify_images(loaded, [png])
+        out["classify_images"] = (time.process_time() - c0) / n * 1e3
         print(json.dumps(out))
 
 asyncio.run(main())
