@@ -1,5 +1,6 @@
 """The FastAPI application: lifespan (settings, bank, runtime, batcher), the routers, the
-middleware (:mod:`service.middleware`) and one error handler.
+middleware (:mod:`service.middleware`, which also serves the hot routes of the v1 and v2
+route modules) and one error handler.
 
 ``uvicorn service.app:app`` serves the bank named by ``CONCEPTGUARD_BANK``. Importing this
 module needs no bank: settings are read and the bank is loaded at startup (lifespan), and a
@@ -34,10 +35,11 @@ from service.middleware import ServiceMiddleware
 from service.oip import ModelStats
 from service.openapi import with_limits
 from service.report_route import router as report_router
-from service.request_ids import RequestIdMiddleware
 from service.routes_feedback import router as feedback_router
 from service.routes_sink import router as sink_router
+from service.routes_v1 import HOT_ROUTES as V1_HOT_ROUTES
 from service.routes_v1 import router as v1_router
+from service.routes_v2 import HOT_ROUTES as V2_HOT_ROUTES
 from service.routes_v2 import router as v2_router
 from service.runtime_state import RuntimeState
 from service.settings import Settings, SettingsError, load_settings
@@ -149,8 +151,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def current_settings() -> Settings | None:
         return getattr(app.state, "settings", None)
 
-    app.add_middleware(ServiceMiddleware)
-    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
+    # one middleware layer; it answers the hot routes itself (service.middleware)
+    app.add_middleware(ServiceMiddleware, hot=(*V1_HOT_ROUTES, *V2_HOT_ROUTES))
     base_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -12,6 +12,7 @@ tenth of a request.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 import time
@@ -65,23 +66,38 @@ def observe_rows(histograms: Sequence[Any], rows: np.ndarray) -> None:
     rows = np.asarray(rows, dtype=np.float64)
     if rows.size == 0:
         return
+    if rows.shape[1] == 1:  # a batch of one: one value per histogram, no numpy per bucket
+        _observe_column(histograms, rows[:, 0].tolist())
+        return
     bounds = _bounds(histograms[0])
     nb = len(bounds)
     # observe() counts a value in the first bucket whose bound is >= it; NaN in none
     index = np.searchsorted(bounds, rows, side="left")
     flat = (index + nb * np.arange(len(histograms))[:, None])[index < nb]
-    counts = np.bincount(flat, minlength=nb * len(histograms)).tolist()
+    counts = np.bincount(flat, minlength=nb * len(histograms))
+    touched = np.flatnonzero(counts)  # only the buckets the batch touched are written
     sums = rows.sum(axis=1).tolist()
     for h, histogram in enumerate(histograms):
         if len(histogram._upper_bounds) != nb:
             raise ValueError("observe_rows needs histograms with the same buckets")
         histogram._raise_if_not_observable()
         histogram._sum.inc(sums[h])
-        buckets = histogram._buckets
-        for i in range(nb):
-            c = counts[h * nb + i]
-            if c:
-                buckets[i].inc(c)
+    for k, c in zip(touched.tolist(), counts[touched].tolist(), strict=True):
+        histograms[k // nb]._buckets[k % nb].inc(c)
+
+
+def _observe_column(histograms: Sequence[Any], values: list[float]) -> None:
+    """One value per histogram, as ``observe`` counts it: the first bucket whose bound is
+    >= the value (the last bound is +Inf), none for NaN; the value added to the sum."""
+    nb = len(histograms[0]._upper_bounds)
+    for histogram, v in zip(histograms, values, strict=True):
+        bounds = histogram._upper_bounds
+        if len(bounds) != nb:
+            raise ValueError("observe_rows needs histograms with the same buckets")
+        histogram._raise_if_not_observable()
+        histogram._sum.inc(v)
+        if v == v:  # not NaN
+            histogram._buckets[bisect.bisect_left(bounds, v)].inc(1)
 
 
 _BOUNDS: dict[tuple[float, ...], np.ndarray] = {}
@@ -224,14 +240,19 @@ class ModelMetrics:
             return
         values = np.asarray(concepts, dtype=np.float64)
         n = len(values)
-        # EMA over the batch in one step: ema_n = (1-a)^n ema_0 + sum_i a (1-a)^(n-i) x_i
-        decay = (1.0 - EMA_ALPHA) ** np.arange(n - 1, -1, -1, dtype=np.float64)
         with self._lock:
             if self._ema is None:
                 self._ema = values[0].copy()
-            self._ema = (1.0 - EMA_ALPHA) ** n * self._ema + EMA_ALPHA * (decay @ values)
-            total = values.sum(axis=0)
-            positive = np.maximum(values, 0.0).sum(axis=0)
+            if n == 1:  # a batch of one: the same sums without the batch reductions
+                total = values[0]
+                self._ema = (1.0 - EMA_ALPHA) * self._ema + EMA_ALPHA * total
+                positive = np.maximum(total, 0.0)
+            else:
+                # EMA over the batch in one step: ema_n = (1-a)^n ema_0 + sum_i a (1-a)^(n-i) x_i
+                decay = (1.0 - EMA_ALPHA) ** np.arange(n - 1, -1, -1, dtype=np.float64)
+                self._ema = (1.0 - EMA_ALPHA) ** n * self._ema + EMA_ALPHA * (decay @ values)
+                total = values.sum(axis=0)
+                positive = np.maximum(values, 0.0).sum(axis=0)
             self._pending_n += n
             self._pending_sums += total
             self._pending_pos += positive

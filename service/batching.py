@@ -184,6 +184,8 @@ class Batcher(Generic[T, R]):
         self._arrived.set()
         if self._task is None:  # not started: run the loop lazily in this event loop
             await self.start()
+        if n == 1:  # one item (most requests): its future, without a gathering future
+            return [await items[0].future]
         outcomes = await asyncio.gather(*(i.future for i in items), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):

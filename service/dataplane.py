@@ -208,11 +208,15 @@ def scores_of(loaded: Loaded, o: RuntimeOutputs) -> Scores:
 
 
 def gather(rows: Sequence[Row]) -> Scores:
-    """One request's rows as one :class:`Scores`, in order: a slice of the batch's scores
-    (views, no copy) when they ran side by side in one batch, else joined."""
+    """One request's rows as one :class:`Scores`, in order: the batch's scores when they
+    are all of it, a slice of them (views, no copy) when they ran side by side in one batch,
+    else joined."""
     if not rows:
         raise ValueError("gather needs at least one row")
     first, start = rows[0]
+    if start == 0 and len(rows) == len(first) and all(
+            s is first and j == k for k, (s, j) in enumerate(rows)):
+        return first  # the whole batch was this request's (a lone request): no slicing
     if all(s is first and j == start + k for k, (s, j) in enumerate(rows)):
         return first.rows(slice(start, start + len(rows)))
     return Scores.concat([s.rows(slice(j, j + 1)) for s, j in rows])

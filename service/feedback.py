@@ -36,9 +36,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import ServiceError
+
+if TYPE_CHECKING:
+    from conceptguard.scoring import Scores
 
 PREFIX = "cg1"
 KEY_FILE = "conceptguard-feedback.key"
@@ -239,6 +242,11 @@ class FeedbackBook:
         return sign_many(request_id, bank_id, ts, predictions, rejects, reasons, self.key,
                          secrets.token_hex(8))
 
+    def issue_for(self, request_id: str, bank_id: str, scores: Scores) -> list[str]:
+        """One receipt per scored input of a request, in order."""
+        return self.issue(request_id, bank_id, scores.predictions.tolist(),
+                          scores.reject.tolist(), list(scores.reason))
+
     def take(self, token: str, label_index: int, bank_id: str, request_id: str | None = None,
              now: float | None = None) -> Outcome:
         """Check a receipt (403 forged; 404 expired, of a bank no longer served, or not of
@@ -258,3 +266,26 @@ class FeedbackBook:
                                "not_found")
         counted = self.seen.add(receipt.input_id, receipt.issued_at, now)
         return Outcome(receipt, counted, label_index == receipt.class_index)
+
+
+_BOOK_LOCK = threading.Lock()
+
+
+def app_book(app: Any) -> FeedbackBook:
+    """The app's feedback book (one per process), made on first use from its settings
+    (``app.state.settings``): it issues the receipts of the v1 and v2 answers and takes
+    them back in ``POST /v1/feedback``."""
+    got = getattr(app.state, "feedback_book", None)
+    if got is not None:
+        return got
+    with _BOOK_LOCK:
+        got = getattr(app.state, "feedback_book", None)
+        if got is None:
+            s = app.state.settings
+            folder = state_folder()
+            key = resolve_key(s.feedback_key.get_secret_value() if s.feedback_key else None,
+                              folder)
+            seen = SeenStore(None if folder is None else folder / SEEN_FILE,
+                             s.feedback_ttl_s, s.feedback_max_seen)
+            got = app.state.feedback_book = FeedbackBook(key, seen, s.feedback_ttl_s)
+    return got

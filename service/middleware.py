@@ -1,32 +1,81 @@
-"""The HTTP middleware, pure ASGI: every request's checks before any route runs.
+"""The HTTP middleware, pure ASGI, one layer: every request's preamble before any route
+runs, and the hot endpoints served straight from here.
 
-Request metrics by route template; the latency start (:func:`latency_ms`); admission
-before the body is read (a queued route gets 503 when the batcher has no room for one more
-image, :meth:`service.batching.Batcher.has_room`); the streaming body limit and read
-timeout; compressed bodies refused; and the JSON guard (:func:`service.codecs.json_problem`,
-nesting depth and encoding) run once for every JSON body before any parser sees it, the
-request marked so that a route reading the body itself does not run it again.
+For every request: the request id (``x-request-id``: the client's when valid, else a new
+one; in the scope under :data:`REQUEST_ID_KEY` and on every answer), the latency start
+(:func:`latency_ms`), request metrics by route template (their children resolved once per
+label pair), admission before the body is read (a queued route gets 503 when the batcher
+has no room for one more image, :meth:`service.batching.Batcher.has_room`), the streaming
+body limit and read timeout, compressed bodies refused, and the JSON guard
+(:func:`service.codecs.json_problem`, nesting depth and encoding) run once for every JSON
+body before any parser sees it, the request marked so that a route reading the body itself
+does not run it again.
+
+The hot endpoints (``POST /v1/classify``, ``POST /v2/models/{name}[/versions/{version}]/infer``)
+are :class:`HotRoute` entries handed to the middleware by the app: a matching request is
+answered by the route's plain ASGI handler, without the framework's routing, dependency
+and validation layers (the same handlers also sit behind the framework's routes, which
+give the OpenAPI document). An exception there is answered as the app's error handler
+would (:func:`send_exception`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
-from typing import TYPE_CHECKING
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
 from service.codecs import json_problem
-from service.errors import BodyTimeout, BodyTooLarge, ServiceError, error_response
+from service.errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    ServiceError,
+    as_service_error,
+    error_response,
+)
+from service.metrics import QUEUE_FULL, REQUEST_DURATION, REQUESTS
 from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.dataplane import DataPlane
 
+log = logging.getLogger("conceptguard.service")
+
 START_KEY = "conceptguard.start"  # the request's start time (perf_counter), in its scope
 JSON_CHECKED_KEY = "conceptguard.json_checked"  # True once the JSON guard passed the body
+REQUEST_ID_KEY = "conceptguard.request_id"  # the request id, in its scope
+REQUEST_ID_HEADER = b"x-request-id"
+_VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+# ---------------------------------------------------------------- request ids
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def pick_request_id(supplied: str | None) -> str:
+    """The client's id when valid (1 to 128 characters of ``A-Z a-z 0-9 . _ : -``, starting
+    with a letter or digit), else a new one (32 hex characters, random)."""
+    if supplied is not None and _VALID_ID.fullmatch(supplied):
+        return supplied
+    return new_request_id()
+
+
+def request_id(scope: Scope) -> str:
+    """The request id of a request (a new one outside the middleware, e.g. in unit tests)."""
+    rid = scope.get(REQUEST_ID_KEY)
+    if not isinstance(rid, str):
+        rid = scope[REQUEST_ID_KEY] = new_request_id()
+    return rid
 
 
 def latency_ms(scope: Scope) -> float:
@@ -35,18 +84,47 @@ def latency_ms(scope: Scope) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3) if start else 0.0
 
 
+# ---------------------------------------------------------------- hot routes
+
+# a hot route's handler: (scope, receive, send, path parameters) -> None, answering itself
+HotHandler = Callable[[Scope, Receive, Send, dict[str, str]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class HotRoute:
+    """A POST endpoint served straight from the middleware: ``pattern`` matches the whole
+    path (named groups: the path parameters), ``template`` is its metrics label."""
+
+    pattern: re.Pattern[str]
+    template: str
+    handle: HotHandler
+
+
+async def send_json(send: Send, body: bytes, status: int = 200,
+                    headers: Sequence[tuple[bytes, bytes]] = (),
+                    media_type: bytes = b"application/json") -> None:
+    """A complete response in two ASGI messages (``body``: already encoded)."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", media_type),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 # the routes whose work is queued: a request is refused with 503 before its body is read
 # when the queue cannot take one more image
 _QUEUED_ROUTES = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)/?$")
 
 
 class ServiceMiddleware:
-    """Pure ASGI: request metrics by route template, latency start, admission before the
-    body is read, streaming body limit and read timeout, a JSON guard (nesting depth and
-    encoding checked once for every JSON body, before any parser sees it)."""
+    """Pure ASGI, the only middleware layer: request id, latency start, request metrics,
+    admission, body limit and timeout, the JSON guard; then the hot route's handler or the
+    app (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, hot: Sequence[HotRoute] = ()):
         self.app = app
+        self.hot = tuple(hot)
+        # (endpoint, status) -> the request counter's and duration histogram's children
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,48 +132,89 @@ class ServiceMiddleware:
             return
         start = time.perf_counter()
         scope[START_KEY] = start
-        status = 500
+        head = _read_headers(scope)
+        supplied = head.get(REQUEST_ID_HEADER)
+        rid = scope[REQUEST_ID_KEY] = pick_request_id(
+            None if supplied is None else supplied.decode("latin-1"))
+        id_header = (REQUEST_ID_HEADER, rid.encode("ascii"))
+        status = 0  # 0 until the response starts
 
-        async def send_status(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = [h for h in message.get("headers", ())
+                           if h[0].lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, id_header]}
             await send(message)
 
+        route, params = self._match(scope)
         try:
             # the app's settings, set by its lifespan (None before the startup)
             s: Settings | None = getattr(getattr(scope.get("app"), "state", None),
                                          "settings", None)
             if s is not None:
-                receive = await self._guard(scope, receive, send_status, s)
-            if receive is not None:
-                await self.app(scope, receive, send_status)
+                receive = await self._guard(scope, receive, send_with_id, s, head)
+            if receive is None:
+                return
+            if route is None:
+                await self.app(scope, receive, send_with_id)
+                return
+            try:
+                await route.handle(scope, receive, send_with_id, params)
+            except Exception as exc:
+                if status:  # the answer has begun: nothing else can be sent
+                    raise
+                await send_exception(scope, send_with_id, exc, s)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or _endpoint_guess(scope) or "unmatched"
-            metrics.observe_request(endpoint, status, time.perf_counter() - start)
+            endpoint = (route.template if route is not None else
+                        getattr(scope.get("route"), "path", None) or _endpoint_guess(scope)
+                        or "unmatched")
+            self._observe(endpoint, status or 500, time.perf_counter() - start)
 
-    async def _guard(self, scope: Scope, receive: Receive, send: Send, s: Settings
-                     ) -> Receive | None:
+    def _match(self, scope: Scope) -> tuple[HotRoute | None, dict[str, str]]:
+        if scope.get("method") != "POST":
+            return None, {}
+        path = route_path(scope)
+        for route in self.hot:
+            m = route.pattern.fullmatch(path)
+            if m is not None:
+                return route, m.groupdict()
+        return None, {}
+
+    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups once per (endpoint, status), not per request
+            children = self._children[key] = (REQUESTS.labels(endpoint, str(status)),
+                                              REQUEST_DURATION.labels(endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    async def _guard(self, scope: Scope, receive: Receive, send: Send, s: Settings,
+                     head: dict[bytes, bytes]) -> Receive | None:
         """Checks before the app runs; None when an error response was already sent."""
-        path = scope.get("path", "")
-        if scope.get("method") == "POST" and _QUEUED_ROUTES.match(path):
+        method = scope.get("method")
+        if method == "POST" and _QUEUED_ROUTES.match(route_path(scope)):
             app_state = getattr(scope.get("app"), "state", None)
             dp: DataPlane | None = getattr(app_state, "dataplane", None)
             if dp is not None and dp.saturated():
-                metrics.QUEUE_FULL.inc()
+                QUEUE_FULL.inc()
                 await send_error(scope, send, ServiceError("the queue is full; retry later",
                                                            503, "queue_full"),
                                  s.retry_after_s)
                 return None
-        receive = _limited(receive, scope, s.max_upload_bytes, s.body_timeout_s)
-        encoding = _content_encoding(scope)
-        if scope.get("method") in ("POST", "PUT", "PATCH") and encoding is not None:
+        receive = _limited(receive, head.get(b"content-length"), s.max_upload_bytes,
+                           s.body_timeout_s)
+        if method not in ("POST", "PUT", "PATCH"):
+            return receive
+        encoding = _content_encoding(head.get(b"content-encoding"))
+        if encoding is not None:
             await send_error(scope, send, ServiceError(
                 f"Content-Encoding {encoding!r} is not supported (send the body uncompressed)",
                 415, "unsupported_media_type"))
             return None
-        if scope.get("method") in ("POST", "PUT", "PATCH") and _is_json(scope):
+        if _is_json(head.get(b"content-type")):
             try:
                 body = await _read_all(receive)
             except ServiceError as exc:  # BodyTooLarge, BodyTimeout
@@ -110,9 +229,30 @@ class ServiceMiddleware:
         return receive
 
 
+# the request headers the middleware reads, found in one pass (the first of each)
+_WANTED = frozenset({b"content-length", b"content-type", b"content-encoding",
+                     REQUEST_ID_HEADER})
+
+
+def _read_headers(scope: Scope) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for key, value in scope.get("headers", ()):
+        if key in _WANTED and key not in out:
+            out[key] = value
+    return out
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes see: without the ``root_path`` the server was mounted under (as
+    the framework's router matches it)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def _endpoint_guess(scope: Scope) -> str | None:
     """The route template for a request answered before routing (admission, JSON guard)."""
-    path = scope.get("path", "")
+    path = route_path(scope)
     if path.rstrip("/") == "/v1/classify":
         return "/v1/classify"
     if _QUEUED_ROUTES.match(path):
@@ -122,22 +262,25 @@ def _endpoint_guess(scope: Scope) -> str | None:
     return path if path in known else None
 
 
-def _content_encoding(scope: Scope) -> str | None:
+def _content_encoding(value: bytes | None) -> str | None:
     """The request's Content-Encoding when it is not the identity (no body is decoded, so
     a compressed one is refused before any parser reads it)."""
-    for key, value in scope.get("headers", ()):
-        if key == b"content-encoding":
-            encoding = value.decode("latin-1").strip().lower()
-            return None if encoding in ("", "identity") else encoding
-    return None
+    if value is None:
+        return None
+    encoding = value.decode("latin-1").strip().lower()
+    return None if encoding in ("", "identity") else encoding
 
 
-def _is_json(scope: Scope) -> bool:
-    for key, value in scope.get("headers", ()):
-        if key == b"content-type":
-            ctype = value.split(b";")[0].strip().lower()
-            return ctype == b"application/json" or ctype.endswith(b"+json")
-    return False
+def _is_json(content_type: bytes | None) -> bool:
+    if content_type is None:
+        return False
+    ctype = content_type.split(b";")[0].strip().lower()
+    return ctype == b"application/json" or ctype.endswith(b"+json")
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body (what the guard's receive lets through)."""
+    return await _read_all(receive)
 
 
 async def _read_all(receive: Receive) -> bytes:
@@ -149,7 +292,7 @@ async def _read_all(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             break
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -172,18 +315,29 @@ async def send_error(scope: Scope, send: Send, err: ServiceError, retry_after_s:
     await response(scope, _no_receive, send)
 
 
+async def send_exception(scope: Scope, send: Send, exc: Exception,
+                         settings: Settings | None) -> None:
+    """What the app's error handler answers for ``exc`` (:func:`service.errors.as_service_error`;
+    an unexpected exception is logged and answered 500)."""
+    ctype = _read_headers(scope).get(b"content-type", b"").decode("latin-1")
+    err = as_service_error(exc, ctype)
+    if err.status >= 500 and not isinstance(exc, ServiceError):
+        log.exception("unhandled error on %s", scope.get("path", ""), exc_info=exc)
+    await send_error(scope, send, err, settings.retry_after_s if settings else 1)
+
+
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _limited(receive: Receive, scope: Scope, limit: int, timeout_s: float) -> Receive:
+def _limited(receive: Receive, content_length: bytes | None, limit: int, timeout_s: float
+             ) -> Receive:
     declared = None
-    for key, value in scope.get("headers", ()):
-        if key == b"content-length":
-            try:
-                declared = int(value)
-            except ValueError:
-                declared = None
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            declared = None
     seen = 0
     done = False
 

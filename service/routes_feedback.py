@@ -1,5 +1,5 @@
 """``POST /v1/feedback``: a true label for a scored input, by its receipt (the receipts are
-issued by :mod:`service.receipts`)."""
+issued with the v1 and v2 answers, :func:`service.feedback.app_book`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import metrics
 from service.errors import ServiceError
-from service.receipts import book
+from service.feedback import app_book
 from service.runtime_state import RuntimeState
 from service.schemas import ErrorResponse
 
@@ -65,7 +65,7 @@ def feedback(request: Request, body: FeedbackRequest) -> JSONResponse:  # sync: 
     state: RuntimeState = request.app.state.runtime_state
     loaded = state.require()
     label = _label_index(body.label, list(loaded.classes))
-    outcome = book(request.app).take(body.receipt, label, loaded.bank_id, body.request_id)
+    outcome = app_book(request.app).take(body.receipt, label, loaded.bank_id, body.request_id)
     r = outcome.receipt
     decision = "reject" if r.reject else "accept"
     reason = metrics.REJECT_REASON_LABELS.get(r.reason, "accepted")

@@ -1,24 +1,44 @@
-"""The v1 REST API: classify images, sidecar monitoring, bank summary and reload."""
+"""The v1 REST API: classify images, sidecar monitoring, bank summary and reload.
+
+``POST /v1/classify`` is a hot route (:data:`HOT_ROUTES`): the middleware answers it with
+:func:`classify_asgi`, a plain ASGI handler; the framework's route of the same path runs
+the same :func:`classify_answer` and gives the OpenAPI document.
+"""
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from conceptguard.bank import BankError
 from service import metrics
-from service.codecs import as_float_array, check_count, decode_base64, parse_json, v1_body
+from service.codecs import (
+    as_float_array,
+    check_count,
+    decode_base64,
+    json_bytes,
+    parse_json,
+    v1_body,
+)
 from service.dataplane import DataPlane
 from service.errors import ServiceError
+from service.feedback import app_book
 from service.lifecycle import SharedBank
-from service.middleware import JSON_CHECKED_KEY, latency_ms
-from service.receipts import attach_v1
+from service.middleware import (
+    JSON_CHECKED_KEY,
+    HotRoute,
+    latency_ms,
+    request_id,
+    send_json,
+)
 from service.runtime_state import RuntimeState
 from service.schemas import (
     BankSummary,
@@ -165,26 +185,43 @@ def _first_error(exc: ValidationError) -> str:
 # ---------------------------------------------------------------- routes
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse | BatchResponse,
-             responses=_ERRORS, openapi_extra=_CLASSIFY_BODY,
-             summary="Classify images and judge each prediction")
-async def classify(request: Request) -> JSONResponse:
-    """Upload images as multipart (``file``: one image; ``files``: several), as JSON
-    ``{"images": ["<base64>", ...]}`` (a batch) or ``{"image": "<base64>"}``, or as a raw
-    ``image/*`` body. Returns the prediction, top-k probabilities, the calibrated trust,
-    the reject decision with its reason and concepts, and both defect-head scores."""
+async def classify_answer(request: Request) -> bytes:
+    """``POST /v1/classify``: read the images, score them through the data plane, and the
+    v1 answer (with the request id and a receipt per input) as JSON bytes."""
     dp = _dataplane(request)
     loaded = dp.state.require()  # not ready: 503 before the body is read
     blobs, single = await read_images(request, dp.settings)  # admitted by the middleware
     scores = await dp.classify_images(loaded, blobs)  # decode, batch run (runtime + scores)
+    rid = request_id(request.scope)
     body = v1_body(loaded, scores, dp.settings, single=single,
-                   latency_ms=latency_ms(request.scope))
-    return JSONResponse(attach_v1(request, loaded, scores, body))
+                   latency_ms=latency_ms(request.scope), request_id=rid,
+                   receipts=app_book(request.app).issue_for(rid, loaded.bank_id, scores))
+    return json_bytes(body)
+
+
+async def classify_asgi(scope: Scope, receive: Receive, send: Send,
+                        params: dict[str, str]) -> None:
+    """The hot route's handler (see the module docstring)."""
+    await send_json(send, await classify_answer(Request(scope, receive)))
+
+
+HOT_ROUTES = (HotRoute(re.compile(r"/v1/classify"), "/v1/classify", classify_asgi),)
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse | BatchResponse,
+             responses=_ERRORS, openapi_extra=_CLASSIFY_BODY,
+             summary="Classify images and judge each prediction")
+async def classify(request: Request) -> Response:
+    """Upload images as multipart (``file``: one image; ``files``: several), as JSON
+    ``{"images": ["<base64>", ...]}`` (a batch) or ``{"image": "<base64>"}``, or as a raw
+    ``image/*`` body. Returns the prediction, top-k probabilities, the calibrated trust,
+    the reject decision with its reason and concepts, and both defect-head scores."""
+    return Response(await classify_answer(request), media_type="application/json")
 
 
 @router.post("/v1/monitor", response_model=BatchResponse, responses=_ERRORS,
              summary="Sidecar mode: judge predictions from features (and logits)")
-async def monitor(request: Request, body: MonitorRequest) -> JSONResponse:
+async def monitor(request: Request, body: MonitorRequest) -> Response:
     """The classifier ran elsewhere: send its penultimate-layer ``features`` [N, d] and,
     optionally, its ``logits`` [N, C] (computed with the bank's classifier head if absent)."""
     dp = _dataplane(request)
@@ -192,9 +229,11 @@ async def monitor(request: Request, body: MonitorRequest) -> JSONResponse:
     features = as_float_array(body.features, "features")
     logits = None if body.logits is None else as_float_array(body.logits, "logits")
     scores = await dp.monitor(loaded, features, logits)
-    body = v1_body(loaded, scores, dp.settings, single=False,
-                   latency_ms=latency_ms(request.scope))
-    return JSONResponse(attach_v1(request, loaded, scores, body))
+    rid = request_id(request.scope)
+    answer = v1_body(loaded, scores, dp.settings, single=False,
+                     latency_ms=latency_ms(request.scope), request_id=rid,
+                     receipts=app_book(request.app).issue_for(rid, loaded.bank_id, scores))
+    return Response(json_bytes(answer), media_type="application/json")
 
 
 @router.get("/v1/bank", response_model=BankSummary, summary="The bank being served")

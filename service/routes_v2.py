@@ -2,21 +2,28 @@
 
 One model is served: its name is ``CONCEPTGUARD_MODEL_NAME`` (default: the bank's name)
 and its single version is the bank id. Errors answer ``{"error": "<message>"}``.
+
+The two infer paths are hot routes (:data:`HOT_ROUTES`): the middleware answers them with
+:func:`infer_asgi`, a plain ASGI handler; the framework's routes of the same paths run the
+same :func:`infer_response` and give the OpenAPI document.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from service import __version__, v2_binary
 from service.codecs import IMAGE_INPUT, OUTPUTS, TENSOR_INPUT, requested_outputs
 from service.dataplane import DataPlane
+from service.feedback import app_book
+from service.middleware import HotRoute, request_id
 from service.oip import EXTENSIONS, ModelStats, model_metadata, platform, resolve_model
 from service.oip import infer as infer_tensors
-from service.receipts import v2_parameters
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import (
     InferenceRequest,
@@ -29,7 +36,8 @@ from service.schemas import (
     V2ErrorResponse,
 )
 
-__all__ = ["IMAGE_INPUT", "OUTPUTS", "TENSOR_INPUT", "model_metadata", "platform", "router"]
+__all__ = ["HOT_ROUTES", "IMAGE_INPUT", "OUTPUTS", "TENSOR_INPUT", "model_metadata",
+           "platform", "router"]
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
 
@@ -156,26 +164,47 @@ async def infer(request: Request, name: str) -> Response:
     or nested data, or binary data). ``outputs`` selects outputs by name (default: all).
     The body is JSON whatever its Content-Type; the binary tensor data extension applies
     when ``Inference-Header-Content-Length`` is set (see docs/service.md)."""
-    return await _infer(request, _model(request, name))
+    return await infer_response(request, name)
 
 
 @router.post("/v2/models/{name}/versions/{version}/infer", response_model=InferenceResponse,
              responses=_ERRORS, summary="Inference (one version)", openapi_extra=_INFER_BODY)
 async def infer_version(request: Request, name: str, version: str) -> Response:
-    return await _infer(request, _model(request, name, version))
+    return await infer_response(request, name, version)
 
 
-async def _infer(request: Request, loaded: Loaded) -> Response:
-    """Read body -> decode, batch run (runtime + scores) -> encode (admitted by the
-    middleware, ``loaded`` resolved from the path)."""
+async def infer_response(request: Request, name: str, version: str | None = None
+                         ) -> Response:
+    """Resolve the model from the path -> read body -> decode, batch run (runtime +
+    scores) -> encode (admitted by the middleware)."""
+    loaded = _model(request, name, version)
     req, tensors = v2_binary.parse_request(await request.body(), request.headers)
     plan = v2_binary.output_plan(req)
     requested_outputs([name for name, _ in plan])
     scores = await infer_tensors(_dataplane(request), loaded, tensors, model_stats(request))
     settings = getattr(request.app.state, "settings", None)
     k = settings.reason_concepts if settings is not None else 3
+    rid = request_id(request.scope)
+    receipts = app_book(request.app).issue_for(rid, loaded.bank_id, scores)
     return v2_binary.rest_response(req, plan, loaded, scores, k,
-                                   parameters=v2_parameters(request, loaded, scores))
+                                   parameters={"request_id": rid,
+                                               "receipts": ",".join(receipts)})
+
+
+async def infer_asgi(scope: Scope, receive: Receive, send: Send,
+                     params: dict[str, str]) -> None:
+    """The hot routes' handler (see the module docstring)."""
+    response = await infer_response(Request(scope, receive), params["name"],
+                                    params.get("version"))
+    await response(scope, receive, send)
+
+
+HOT_ROUTES = (
+    HotRoute(re.compile(r"/v2/models/(?P<name>[^/]+)/infer"), "/v2/models/{name}/infer",
+             infer_asgi),
+    HotRoute(re.compile(r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer"),
+             "/v2/models/{name}/versions/{version}/infer", infer_asgi),
+)
 
 
 # ---------------------------------------------------------------- statistics

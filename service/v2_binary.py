@@ -18,11 +18,19 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from conceptguard.scoring import Scores
-from service.codecs import OUTPUTS, InputTensor, json_values, output_array, raw_bytes
+from service.codecs import (
+    OUTPUTS,
+    InputTensor,
+    check_finite,
+    json_bytes,
+    json_values,
+    output_array,
+    raw_bytes,
+)
 from service.errors import ServiceError, invalid_request
 from service.runtime_state import Loaded
 from service.schemas import InferenceRequest
@@ -136,11 +144,13 @@ def rest_response(req: InferenceRequest, plan: list[tuple[str, bool]], loaded: L
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
+            if datatype == "FP32":  # JSON has no NaN: 422 as v1 (binary data carries it)
+                check_finite(name, values)
             out["data"] = json_values(datatype, values)
         outputs.append(out)
     header["outputs"] = outputs
+    head = json_bytes(header)
     if not blobs:
-        return JSONResponse(header)
-    head = json.dumps(header, separators=(",", ":")).encode()
+        return Response(head, media_type="application/json")
     return Response(head + b"".join(blobs), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})

@@ -52,12 +52,13 @@ def test_clothing_set_carries_a_valid_class_to_concept_table() -> None:
         ConceptSet.model_validate(raw)
 
 
-def test_v1_names_concepts_only_for_competent_classes() -> None:
+def _bag_competent_only() -> tuple[object, object]:
+    """A stand-in bank (the demo manifest, whose check lets only Bag name concepts) and the
+    scores of two inputs predicted Bag and Coat."""
     from types import SimpleNamespace
 
     from conceptguard.bank import Manifest
     from conceptguard.scoring import Scores
-    from service.codecs import v1_rows as rows
 
     raw = json.loads((DEMO_BANK / "manifest.json").read_text())
     classes = raw["classes"]
@@ -75,14 +76,42 @@ def test_v1_names_concepts_only_for_competent_classes() -> None:
                   contributions=np.tile(np.linspace(-1, 1, k), (n, 1)),
                   reject=np.array([False, False]), paper_rule_reject=np.array([False, False]),
                   reason=["accepted", "accepted"])
-    scores = Scores(**fields)
     loaded = SimpleNamespace(classes=classes, concept_names=manifest.concept_names,
                              manifest=manifest)
+    return loaded, Scores(**fields)
+
+
+def test_v1_names_concepts_only_for_competent_classes() -> None:
+    from types import SimpleNamespace
+
+    from service.codecs import v1_rows as rows
+
+    loaded, scores = _bag_competent_only()
     out = rows(loaded, scores, SimpleNamespace(reason_concepts=3, top_k=3))
     bag, coat = out[0]["reason"], out[1]["reason"]
     assert len(bag["concepts"]) == 3 and "concepts_unavailable" not in bag
     assert coat["concepts"] == [] and "Coat" in coat["concepts_unavailable"]
     assert "0.60" in coat["concepts_unavailable"] and "no concepts named" in coat["summary"]
+
+
+def test_v2_reason_outputs_pass_the_same_check_as_v1() -> None:
+    """v2's reason_concepts / reason_contributions name concepts only where v1 does; a row
+    whose class the check rules out keeps the [N, k] shape with "" and 0.0."""
+    from types import SimpleNamespace
+
+    from service.codecs import output_array, v1_rows
+
+    loaded, scores = _bag_competent_only()
+    v1 = v1_rows(loaded, scores, SimpleNamespace(reason_concepts=3, top_k=3))
+    dtype, shape, names = output_array("reason_concepts", loaded, scores, 3)
+    assert (dtype, shape) == ("BYTES", [2, 3])
+    assert [n.decode() for n in names[0]] == [c["concept"] for c in v1[0]["reason"]["concepts"]]
+    assert names[0].tolist() != [b""] * 3 and names[1].tolist() == [b""] * 3
+    dtype, shape, values = output_array("reason_contributions", loaded, scores, 3)
+    assert (dtype, shape) == ("FP32", [2, 3])
+    want = np.array([c["contribution"] for c in v1[0]["reason"]["concepts"]], np.float32)
+    assert np.array_equal(values[0], want) and np.abs(values[0]).min() > 0
+    assert values[1].tolist() == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Label feedback: signed receipts, counted once, refused when forged, expired or unknown;
-request ids in headers and bodies. Unit tests of service/feedback.py and service/request_ids.py,
-then real servers: two workers sharing the state folder, and a restart."""
+request ids in headers and bodies. Unit tests of service/feedback.py and of the request ids
+(service/middleware.py), then real servers: two workers sharing the state folder, and a restart."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import httpx
 import numpy as np
 import pytest
 
-from service import request_ids
 from service.errors import ServiceError
 from service.feedback import (
     KEY_FILE,
@@ -29,6 +28,7 @@ from service.feedback import (
     sign_many,
     verify,
 )
+from service.middleware import pick_request_id
 from tests.conftest import ServerProcess, encode_png, metric_sum
 from tests.test_prometheus_scrape import _per_pid_requests
 
@@ -146,11 +146,11 @@ def test_key_comes_from_the_setting_else_the_state_folder(tmp_path: Path) -> Non
 
 
 def test_request_ids_keep_a_valid_client_id_and_replace_others() -> None:
-    assert request_ids.pick("order-17:a.b_c") == "order-17:a.b_c"
+    assert pick_request_id("order-17:a.b_c") == "order-17:a.b_c"
     for bad in ("", " x", "-x", "a" * 129, "a b", "ü", "x\n"):
-        got = request_ids.pick(bad)
+        got = pick_request_id(bad)
         assert got != bad and len(got) == 32 and int(got, 16) >= 0
-    assert request_ids.pick(None) != request_ids.pick(None)
+    assert pick_request_id(None) != pick_request_id(None)
 
 
 # ---------------------------------------------------------------- real servers

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,6 +69,26 @@ def test_observe_many_equals_one_observe_per_value() -> None:
     observe_many(h2, np.array([]))
     observe_summary_many(s2, len(VALUES), float(VALUES.sum()))
     _same(_samples(one), _samples(many))
+
+
+def test_batches_of_one_observe_as_observe_does() -> None:
+    """A batch of one takes a shorter path (one value per histogram): the same buckets and
+    sums as ``observe``, at bounds, between them, for +Inf and NaN (no bucket), with several
+    histograms at once."""
+    from service.batch_metrics import observe_rows
+
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("t_one", "x", ["head"], buckets=SCORE_BUCKETS, registry=one)
+    h2 = Histogram("t_one", "x", ["head"], buckets=SCORE_BUCKETS, registry=many)
+    values = [*VALUES.tolist(), np.inf, -np.inf, np.nan]
+    for a, b in zip(values, reversed(values), strict=True):
+        h1.labels("a").observe(a)
+        h1.labels("b").observe(b)
+        observe_rows([h2.labels("a"), h2.labels("b")], np.array([[a], [b]]))
+    got, want = _samples(many), _samples(one)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == want[key] or (np.isnan(got[key]) and np.isnan(want[key])), key
 
 
 def test_labelled_children_and_the_exposition_text() -> None:
@@ -312,3 +333,128 @@ def test_the_json_guard_runs_once_per_request(demo_bank_dir: Path, sample_png: b
                            headers={"Content-Type": "application/json"})
         assert deep.status_code == 400 and "nested" in deep.json()["error"]["message"]
         assert len(calls) == 1
+
+
+def _request_path_script():  # -> the module scripts/request_path_files.py
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("request_path_files",
+                                                  REPO / "scripts" / "request_path_files.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_v1_classify_runs_at_most_8_service_files_and_no_framework_routing() -> None:
+    """One POST /v1/classify (raw and multipart bodies; the demo bank, in-process): at most
+    8 service/ modules run, and neither the framework's router nor FastAPI's request
+    handling (dependencies, validation): the middleware answers the hot route itself."""
+    script = _request_path_script()
+    for body in ("raw", "multipart"):
+        status, files = script.files_run(REPO / "banks" / "demo", body)
+        assert status == 200
+        ours = script.project_files(files)
+        service = [f for f in ours if f.startswith("service" + os.sep)]
+        assert len(service) <= 8, service
+        assert {"service/middleware.py", "service/routes_v1.py", "service/dataplane.py",
+                "service/codecs.py"} <= set(service), service  # the walk saw the request
+        framework = [f for f in files if f.endswith((os.path.join("starlette", "routing.py"),
+                                                     os.path.join("fastapi", "routing.py")))]
+        assert framework == [], framework
+
+
+def _call(app: Any, path: str, headers: list[tuple[bytes, bytes]] | None = None,
+          method: str = "POST") -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request through an ASGI app, in a fresh event loop: (status, headers, body)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "",
+             "query_string": b"", "headers": headers or [],
+             "app": SimpleNamespace(state=SimpleNamespace(settings=Settings()))}
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = messages[0]
+    assert [k for k, _ in start["headers"]].count(b"x-request-id") == 1
+    return (start["status"], dict(start["headers"]),
+            b"".join(m.get("body", b"") for m in messages[1:]))
+
+
+def test_the_middleware_answers_hot_routes_itself_with_the_apps_errors() -> None:
+    """A hot route's handler gets its path parameters and runs without the app; what it
+    raises is answered as the app's handler would (v1 / v2 body, 500 for the unexpected);
+    every answer, the app's too, carries the request id (the client's when valid) once."""
+    import re
+
+    from prometheus_client import REGISTRY
+
+    from service.middleware import HotRoute, ServiceMiddleware, send_json
+
+    seen: list[dict[str, str]] = []
+
+    async def hot(scope: Any, receive: Any, send: Any, params: dict[str, str]) -> None:
+        seen.append(params)
+        if params["name"] == "bad":
+            raise ServiceError("no such model", 404, "unknown_model")
+        if params["name"] == "boom":
+            raise KeyError("x")
+        await send_json(send, b'{"ok":true}')
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append({"app": scope["path"]})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-request-id", b"from-the-app")]})
+        await send({"type": "http.response.body", "body": b"app"})
+
+    mw = ServiceMiddleware(app, hot=[HotRoute(re.compile(r"/v2/models/(?P<name>[^/]+)/infer"),
+                                              "/v2/models/{name}/infer", hot)])
+
+    def count(status: str) -> float:
+        return REGISTRY.get_sample_value("conceptguard_requests_total", {
+            "endpoint": "/v2/models/{name}/infer", "status": status}) or 0.0
+
+    before = count("200")
+    status, headers, body = _call(mw, "/v2/models/m1/infer",
+                                  [(b"x-request-id", b"client-7")])
+    assert (status, body, headers[b"x-request-id"]) == (200, b'{"ok":true}', b"client-7")
+    assert seen == [{"name": "m1"}] and count("200") == before + 1
+    status, headers, body = _call(mw, "/v2/models/bad/infer", [(b"x-request-id", b" no")])
+    assert (status, json.loads(body)) == (404, {"error": "no such model"})
+    assert len(headers[b"x-request-id"]) == 32  # an invalid client id is replaced
+    status, _, body = _call(mw, "/v2/models/boom/infer")
+    assert (status, json.loads(body)) == (500, {"error": "internal error: KeyError"})
+    # not hot: another path, or another method on the same path, goes to the app
+    for path, method in (("/v2/models/m1/infer/extra", "POST"), ("/v2/models/m1/infer", "GET")):
+        status, headers, body = _call(mw, path, method=method)
+        assert (status, body) == (200, b"app") and headers[b"x-request-id"] != b"from-the-app"
+    assert seen[-2:] == [{"app": "/v2/models/m1/infer/extra"}, {"app": "/v2/models/m1/infer"}]
+
+
+def test_v2_json_answers_refuse_non_finite_scores_as_v1() -> None:
+    """orjson would write NaN as null: a non-finite score in a JSON output is a 422 (as v1
+    answers it); the binary form carries the float as it is."""
+    from types import SimpleNamespace
+
+    from service.schemas import InferenceRequest
+    from service.v2_binary import rest_response
+
+    scores = _scores(2)
+    scores.trust[1] = np.nan
+    loaded = SimpleNamespace(model_name="m", bank_id="b")
+    req = InferenceRequest.model_validate({"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1], "data": [0.0]}]})
+    with pytest.raises(ServiceError) as info:
+        rest_response(req, [("trust", False)], loaded, scores)
+    assert info.value.status == 422 and "trust" in info.value.message
+    binary = rest_response(req, [("trust", True)], loaded, scores)
+    assert binary.status_code == 200 and np.isnan(np.frombuffer(binary.body[-8:], "<f4")[1])
+    ok = json.loads(rest_response(req, [("reject", False)], loaded, scores).body)
+    assert ok["outputs"][0]["data"] == scores.reject.tolist()
