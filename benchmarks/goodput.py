@@ -169,6 +169,8 @@ def main() -> None:
         "abusive_non_2xx": [r["non_2xx"] for r in abusive],
         "queue_full_total": shed,
         "load_avg_1m": [r["load_avg_1m"] for r in abusive],
+        "load_avg_range": [min(v for r in peak + abusive for v in r["load_avg_1m"]),
+                           max(v for r in peak + abusive for v in r["load_avg_1m"])],
         "server_memory": memory, "peak_runs": peak, "abusive_runs": abusive})
 
 
