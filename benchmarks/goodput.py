@@ -7,8 +7,9 @@ abusive load (``--connections``, 1000), on the same server.
 
 Goodput is answers with a monitor result (2xx) per second: wrk's requests minus its non-2xx
 responses over the run's duration. The ratio is the best round at 1000 connections over the
-best round at the peak (and the medians, to show the spread). The machine is shared: the
-1-minute load average is recorded before and after each wrk run.
+best round at the peak; the medians, and each round's ratio to the same round's peak (the
+worst of them too), show the spread. The machine is shared: the 1-minute load average is
+recorded before and after each wrk run.
 
     .venv/bin/python benchmarks/goodput.py [--seconds 8] [--rounds 3]
         [--env CONCEPTGUARD_ADMISSION_HOLD_S=0]   # extra server settings (0: no holding)
@@ -166,6 +167,13 @@ def main() -> None:
         "ratio": round(best / best_peak, 3),
         "median_peak_answers_per_s": med_peak, "median_abusive_answers_per_s": med,
         "median_ratio": round(med / med_peak, 3),
+        # each round's 1000 connections over the same round's peak (minutes apart, so the
+        # shared machine's load is about the same for both)
+        "round_ratios": [round(a["answers_per_s"] / p["answers_per_s"], 3)
+                         for p, a in zip(peak, abusive, strict=True)],
+        "worst_round_ratio": round(min(a["answers_per_s"] / p["answers_per_s"]
+                                       for p, a in zip(peak, abusive, strict=True)), 3),
+        "worst_abusive_answers_per_s": min(r["answers_per_s"] for r in abusive),
         "abusive_non_2xx": [r["non_2xx"] for r in abusive],
         "queue_full_total": shed,
         "load_avg_1m": [r["load_avg_1m"] for r in abusive],
