@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from conceptguard.bank import BankError, check_bank_quickly
 from conceptguard.threads import single_threaded_blas
 from service import __version__, metrics_export
+from service.admission_hold import gate as admission_gate
 from service.dataplane import DataPlane
 from service.docs_route import router as docs_router
 from service.errors import ServiceError, as_service_error, error_response
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = s
         app.state.runtime_state = state
         app.state.dataplane = dataplane
+        admission_gate().bind(dataplane.saturated, s.queue_size)  # service.protocol's holds
         app.state.v2_stats = ModelStats()
         metrics_export.initialise(app)
         grpc_server = await start_grpc(s, state, dataplane, app.state.v2_stats)
@@ -135,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if grpc_server is not None:
                 await grpc_server.stop()
             state.stop()
+            admission_gate().unbind()
             await dataplane.close()
             metrics_export.mark_process_dead()
 

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         512, ge=1, le=1_000_000,
         description="open connections per worker; at the cap the longest-idle one is closed")
+    admission_hold_s: float = Field(
+        5.0, ge=0, le=60,
+        description="longest a request to a queued route on a keep-alive connection is held, "
+                    "reading paused, while the worker is at capacity, before the ordinary "
+                    "admission (503 if still full); 0 = never held")
     http_parser: Literal["httptools", "h11"] = Field(
         "httptools", description="HTTP/1.1 parser of `conceptguard serve`: httptools (C, less "
                                  "CPU per request) or h11 (pure Python); both run the "
