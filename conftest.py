@@ -8,19 +8,21 @@ import pytest
 pytest_plugins = ["tests.fixtures_bank"]
 
 # Modules that start a local Ray run one after another on one worker: two local Ray
-# clusters at once would each claim the machine's CPUs.
+# clusters at once would each claim the machine's CPUs. The users of the session's tiny bank
+# run on one worker too: it builds the bank once while the other worker does other work.
 SHARED_GROUPS: dict[str, str] = {
     "test_ray_data": "ray",
     "test_ray_serve": "ray",
     "test_build_engine": "ray",
+    "test_offline_e2e": "tiny-bank",
+    "test_fused_fallback": "tiny-bank",
 }
 
 # The longest groups go out first, so that neither worker is left with one at the end (the
-# scheduler hands the groups out in collection order). The tiny bank's users are spread:
-# the first one on each worker would otherwise wait for the other's build.
+# scheduler hands the groups out in collection order).
 LONGEST_FIRST: tuple[str, ...] = (
-    "test_your_model", "test_offline_e2e", "ray", "test_streaming_build", "test_diagnose_cli",
-    "test_fused_fallback", "test_dashboard_truth",
+    "test_your_model", "tiny-bank", "ray", "test_streaming_build", "test_diagnose_cli",
+    "test_dashboard_truth",
 )
 
 
