@@ -1,6 +1,7 @@
 """Wall time of the two test tiers on this machine: the fast tier (``scripts/test.sh
 --fast``, ``pytest -m "not slow"``) and the whole suite (``scripts/test.sh``), run one after
-the other in this checkout with its .venv (set up first, so install time is not counted).
+the other in this checkout with its .venv (set up first, so install time is not counted),
+on the pytest-xdist workers scripts/test.sh uses (CONCEPTGUARD_TEST_WORKERS, default 2).
 The load average is recorded: on a shared machine the times grow.
 
     .venv/bin/python benchmarks/test_tiers.py [--tier fast|full|both]
@@ -22,19 +23,26 @@ TIERS = {"fast": ["-m", "not slow"], "full": []}
 GOALS_S = {"fast": 90, "full": 360}
 
 
+def workers() -> int:
+    return int(os.environ.get("CONCEPTGUARD_TEST_WORKERS", "2"))
+
+
 def run_tier(name: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    xdist = ["-n", str(workers()), "--dist", "loadgroup"] if workers() else []
     load_before = os.getloadavg()[0]
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        *TIERS[name]], cwd=REPO, env=env, capture_output=True, text=True)
+                        *xdist, *TIERS[name]], cwd=REPO, env=env, capture_output=True,
+                       text=True)
     wall = time.monotonic() - start
     tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|error)",
                                               tail)}
     failures = [line.split(" - ")[0] for line in r.stdout.splitlines()
                 if line.startswith(("FAILED ", "ERROR "))]
-    return {"tier": name, "seconds": round(wall, 1), "exit_code": r.returncode,
+    return {"tier": name, "workers": workers(), "seconds": round(wall, 1),
+            "exit_code": r.returncode,
             "summary": tail.strip("= "), **counts, "failures": failures,
             "goal_seconds": GOALS_S[name],
             "load_average_before": round(load_before, 2),
