@@ -138,9 +138,10 @@ def replay(server: ServerProcess, images: np.ndarray, model_classes: list[str]) 
     """Good v1 and v2 request/response events with bad ones in between; returns what the
     good ones should add up to."""
     with server.client() as c:
-        truth = c.post("/v1/classify", files=[("files", (f"{i}.png", encode_png(im),
-                                                         "image/png"))
-                                              for i, im in enumerate(images)]).json()["results"]
+        r = c.post("/v1/classify", files=[("files", (f"{i}.png", encode_png(im), "image/png"))
+                                          for i, im in enumerate(images)])
+    assert r.status_code == 200 and "results" in r.json(), (r.status_code, r.text[:500])
+    truth = r.json()["results"]
     bank_classes = [r["class_index"] for r in truth]
     pngs = _pngs(images)
     good: list[tuple[dict[str, str], bytes]] = []
