@@ -455,12 +455,23 @@ def evaluation_stage(ctx: Context, state: BuildState) -> EvaluationOut:
         "classifier": {"test_accuracy": round(state.served_outputs.test_accuracy, 5),
                        "hash": state.classifier.hash, "n_test": len(t)},
         "aligner": state.aligner.info,
-        **evaluate(cfg, fitted, state.stream, clean, t.labels, e.sets, e.attempted, cfg.seed),
+        **evaluate(cfg, fitted, state.stream, clean, t.labels, e.sets, e.attempted, cfg.seed,
+                   clean_probabilities=_probabilities(t)),
         "calibration": fitted.info,
     }
     if ctx.attacks_skipped:
         metrics["attacks_skipped"] = ctx.attacks_skipped
     return EvaluationOut(clean, metrics)
+
+
+def _probabilities(outs) -> np.ndarray:
+    """The predicted probabilities of streamed served outputs (N x C float32: small)."""
+    parts = []
+    for b in outs.batches(SCORE_CHUNK):
+        z = np.asarray(b.logits, np.float64)
+        z = np.exp(z - z.max(1, keepdims=True))
+        parts.append((z / z.sum(1, keepdims=True)).astype(np.float32))
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
 def vlm_test_stage(ctx: Context, state: BuildState) -> VLMTestOut:

@@ -35,6 +35,7 @@ from service.oip import ModelStats
 from service.openapi import with_limits
 from service.report_route import router as report_router
 from service.request_ids import RequestIdMiddleware
+from service.routes_admin import router as admin_router
 from service.routes_feedback import router as feedback_router
 from service.routes_sink import router as sink_router
 from service.routes_v1 import router as v1_router
@@ -166,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(docs_router)
     app.include_router(feedback_router)
     app.include_router(sink_router)
+    app.include_router(admin_router)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text format)",
              response_class=Response)

@@ -1,0 +1,72 @@
+"""``/v1/admin/operating-point``: read or choose the reject threshold from the bank's stored
+operating curve at serve time (see :mod:`service.operating`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from conceptguard.operating_point import OperatingTarget
+from service.errors import ServiceError
+from service.operating import NoOperatingCurve, threshold_view
+from service.routes_v1 import _authorize, _first_error, read_json
+from service.runtime_state import RuntimeState
+from service.schemas import ErrorResponse
+
+router = APIRouter()
+
+PATH = "/v1/admin/operating-point"
+SCOPE = ("this worker: with several workers every one serves CONCEPTGUARD_OPERATING_POINT "
+         "(set it to move them all); this call moves the worker that answers it")
+
+
+def _answer(request: Request, loaded: Any, status: str) -> JSONResponse:
+    workers = getattr(request.app.state, "shared_bank", None)
+    return JSONResponse({"status": status, "threshold": threshold_view(loaded),
+                         "scope": SCOPE if workers is not None else "the service"})
+
+
+@router.get(PATH, summary="The reject threshold in use and where it comes from")
+async def get_operating_point(request: Request) -> JSONResponse:
+    state: RuntimeState = request.app.state.runtime_state
+    return _answer(request, state.require(), "current")
+
+
+@router.put(PATH, responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                             409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/json": {"schema": OperatingTarget.model_json_schema()}}}},
+            summary="Choose the reject threshold for a coverage or risk target (admin)")
+async def put_operating_point(request: Request) -> JSONResponse:
+    """``Authorization: Bearer <admin token>``; body ``{"target": "coverage" |
+    "accept_correct" | "risk", "value": V}`` with V in (0, 1). The threshold is read from
+    the bank's operating curve: 409 when the bank has none, 422 when the body is invalid or
+    the target unreachable on the curve (the current threshold keeps serving)."""
+    _authorize(request, request.app.state.settings)
+    try:
+        target = OperatingTarget.model_validate(await read_json(request))
+    except ValidationError as exc:
+        raise ServiceError(f"expected {{\"target\": \"coverage\" | \"accept_correct\" | "
+                           f"\"risk\", \"value\": <number in (0, 1)>}}: {_first_error(exc)}",
+                           422, "invalid_request") from exc
+    state: RuntimeState = request.app.state.runtime_state
+    state.require()
+    try:
+        loaded = await state.set_operating_point(target)
+    except NoOperatingCurve as exc:
+        raise ServiceError(str(exc), 409, "no_operating_curve") from exc
+    except ValueError as exc:  # UnreachableTarget
+        raise ServiceError(str(exc), 422, "unreachable_target") from exc
+    return _answer(request, loaded, "set")
+
+
+@router.delete(PATH, responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+               summary="Serve the bank's own threshold again (admin)")
+async def delete_operating_point(request: Request) -> JSONResponse:
+    _authorize(request, request.app.state.settings)
+    state: RuntimeState = request.app.state.runtime_state
+    state.require()
+    return _answer(request, await state.set_operating_point(None), "bank")
