@@ -63,3 +63,31 @@ def test_cbpe_says_when_nannyml_is_missing_or_estimates_a_calibrated_stream() ->
         return
     realised = float((test_p.argmax(1) == test_y).mean())
     assert abs(out["estimates"]["test"] - realised) < 0.04  # sampling sd ~0.01
+
+
+def test_report_section_shows_ece_target_and_estimates(tmp_path) -> None:
+    from offline.report_calibration import FIGURE, calibration_html, estimation_png
+
+    sec = {
+        "ece": {"clean": {"calibrated": 0.0123, "raw": 0.0987, "n": 300},
+                "fitting_stream": {"calibrated": 0.02, "raw": 0.03, "n": 700},
+                "fitting_stream_by_kind": {"clean": {"calibrated": 0.01}}},
+        "ece_bins": 10,
+        "reject_target_heldout": {"target": "accept_correct", "target_value": 0.95,
+                                  "measured": 0.9512, "what": "share accepted",
+                                  "ci95": [0.94, 0.96], "met": True, "n": 200},
+        "estimated_accuracy": {
+            "clean": {"kind": "clean", "n": 300, "realised": 0.9, "estimated": 0.8876,
+                      "error": -0.0124, "cbpe": 0.9111, "cbpe_error": 0.0111},
+            "foreign/digits": {"kind": "foreign", "n": 80, "realised": 0.0,
+                               "estimated": 0.2, "error": 0.2}},
+        "cbpe": {"version": "0.13.1", "fitted_on": "the calibration split"},
+        "note": "a note",
+    }
+    page = calibration_html({"trust_calibration": sec})
+    for text in ("0.0123", "0.0987", "0.9512", "0.9400 to 0.9600", "met", "0.8876",
+                 "0.9111", "NannyML 0.13.1", "foreign/digits", FIGURE):
+        assert text in page, text
+    assert calibration_html({}) == ""
+    estimation_png(sec, tmp_path / FIGURE)
+    assert (tmp_path / FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
