@@ -472,7 +472,8 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, stream: Batch, spec: Calib
                              "(strictly increasing: rankings and decisions unchanged)",
                       "knots": len(trust_map.x)},
         "stream_ece": stream_ece(oof, stream, weights, spec.folds, seed),
-        "operating_curve": operating_curve(oof, bad, weights, correct_clean, trust_map),
+        "operating_curve": operating_curve(oof, bad, weights, correct_clean, trust_map,
+                                           include=(threshold,)),
     }
     return FittedMonitor(Monitor(detectors, model, threshold, trust_map), info, risks, x,
                          variant)

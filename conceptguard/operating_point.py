@@ -53,25 +53,27 @@ class UnreachableTarget(ValueError):
 
 def operating_curve(raw: np.ndarray, bad: np.ndarray, weights: np.ndarray,
                     correct_clean: np.ndarray, calibration: TrustMap,
-                    points: int = CURVE_POINTS) -> dict:
+                    points: int = CURVE_POINTS, include: tuple[float, ...] = ()) -> dict:
     """The curve (see the module doc) at up to ``points`` thresholds: the stream's distinct
-    raw scores at evenly spaced ranks, the lowest always included (it accepts everything).
-    Rows ascend in threshold."""
+    raw scores at evenly spaced ranks, the lowest always included (it accepts everything),
+    plus the thresholds in ``include`` (the build's own). Rows ascend in threshold."""
     raw = np.asarray(raw, np.float64)
     w = np.asarray(weights, np.float64)
     bad = np.asarray(bad, bool)
     distinct = np.unique(raw)
     pick = np.unique(np.linspace(0, len(distinct) - 1, min(points, len(distinct)))
                      .round().astype(np.int64))
-    thresholds = distinct[pick]
+    thresholds = np.union1d(distinct[pick], np.asarray(include, np.float64))
     accepted = raw[None, :] >= thresholds[:, None]  # (points, N)
     wa = (accepted * w).sum(1)
     risk = (accepted * (w * bad)).sum(1) / np.maximum(wa, 1e-12)
     coverage = wa / max(w.sum(), 1e-12)
     n_cc = max(int(correct_clean.sum()), 1)
     accept_correct = accepted[:, correct_clean].sum(1) / n_cc
-    rows = np.stack([thresholds, calibration(thresholds), accept_correct, risk, coverage], 1)
-    return {"columns": list(COLUMNS), "rows": rows.round(7).tolist(),
+    # thresholds at full precision (the build's own must be found again), figures at 7 digits
+    rows = np.stack([thresholds, calibration(thresholds),
+                     *(np.round(c, 7) for c in (accept_correct, risk, coverage))], 1)
+    return {"columns": list(COLUMNS), "rows": rows.tolist(),
             "from": "out-of-fold trust of the weighted fitting stream"}
 
 
