@@ -11,28 +11,40 @@ from pydantic import ValidationError
 
 from conceptguard.operating_point import OperatingTarget
 from service.errors import ServiceError
+from service.lifecycle import SharedBank
 from service.operating import NoOperatingCurve, threshold_view
-from service.routes_v1 import _authorize, _first_error, read_json
+from service.routes_v1 import RELOAD_WAIT_S, _authorize, _first_error, read_json
 from service.runtime_state import RuntimeState
 from service.schemas import ErrorResponse
 
 router = APIRouter()
 
 PATH = "/v1/admin/operating-point"
-SCOPE = ("this worker: with several workers every one serves CONCEPTGUARD_OPERATING_POINT "
-         "(set it to move them all); this call moves the worker that answers it")
 
 
-def _answer(request: Request, loaded: Any, status: str) -> JSONResponse:
-    workers = getattr(request.app.state, "shared_bank", None)
-    return JSONResponse({"status": status, "threshold": threshold_view(loaded),
-                         "scope": SCOPE if workers is not None else "the service"})
+async def _answer(request: Request, loaded: Any, status: str, publish: bool = False
+                  ) -> JSONResponse:
+    """The threshold in use; after a change with several workers (a shared state folder),
+    the change is published through the bank pointer and the answer comes once every live
+    worker serves it (``workers``, as for a reload)."""
+    out: dict[str, Any] = {"status": status, "threshold": threshold_view(loaded)}
+    shared: SharedBank | None = getattr(request.app.state, "shared_bank", None)
+    if publish and shared is not None:
+        state: RuntimeState = request.app.state.runtime_state
+        t = state.operating_target
+        generation = shared.publish(state.bank_ref, None if t is None
+                                    else f"{t.target}:{t.value:g}")
+        out["workers"] = await shared.wait_all(generation, RELOAD_WAIT_S)
+    elif publish:
+        out["workers"] = {"generation": None, "workers": 1, "serving": 1, "failed": 0,
+                          "all_serving": True}
+    return JSONResponse(out)
 
 
 @router.get(PATH, summary="The reject threshold in use and where it comes from")
 async def get_operating_point(request: Request) -> JSONResponse:
     state: RuntimeState = request.app.state.runtime_state
-    return _answer(request, state.require(), "current")
+    return await _answer(request, state.require(), "current")
 
 
 @router.put(PATH, responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
@@ -60,7 +72,7 @@ async def put_operating_point(request: Request) -> JSONResponse:
         raise ServiceError(str(exc), 409, "no_operating_curve") from exc
     except ValueError as exc:  # UnreachableTarget
         raise ServiceError(str(exc), 422, "unreachable_target") from exc
-    return _answer(request, loaded, "set")
+    return await _answer(request, loaded, "set", publish=True)
 
 
 @router.delete(PATH, responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
@@ -69,4 +81,4 @@ async def delete_operating_point(request: Request) -> JSONResponse:
     _authorize(request, request.app.state.settings)
     state: RuntimeState = request.app.state.runtime_state
     state.require()
-    return _answer(request, await state.set_operating_point(None), "bank")
+    return await _answer(request, await state.set_operating_point(None), "bank", publish=True)

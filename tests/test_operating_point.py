@@ -171,3 +171,52 @@ def test_curve_columns_are_what_the_service_reads(demo_bank_path: Path) -> None:
     assert _curve()["columns"] == list(COLUMNS)
     assert "operating_curve" not in load_bank(demo_bank_path).manifest.calibration or \
         curve_array(load_bank(demo_bank_path).manifest.calibration["operating_curve"]).size
+
+
+def test_the_bank_pointer_carries_the_operating_point(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from service.lifecycle import SharedBank, _adopt_operating_point
+
+    shared = SharedBank(tmp_path, load_settings(grpc_port=0), host="h", pid=1)
+    pointer = tmp_path / "conceptguard-bank.json"
+    shared.publish("demo", "coverage:0.9")
+    assert json.loads(pointer.read_text())["operating_point"] == "coverage:0.9"
+    shared.publish("demo")  # a reload keeps it
+    assert json.loads(pointer.read_text())["operating_point"] == "coverage:0.9"
+    state = SimpleNamespace(operating_target=None)
+    _adopt_operating_point(state, json.loads(pointer.read_text()))
+    assert state.operating_target == OperatingTarget(target="coverage", value=0.9)
+    shared.publish("demo", None)  # back to the bank's own
+    _adopt_operating_point(state, json.loads(pointer.read_text()))
+    assert state.operating_target is None
+    _adopt_operating_point(state, {"generation": 1, "path": "demo"})  # an older pointer
+    assert state.operating_target is None
+
+
+@pytest.mark.slow
+def test_two_workers_move_together(curve_bank: Path, tmp_path: Path) -> None:
+    """``conceptguard serve --workers 2``: the admin call answers once both workers serve
+    the new threshold; fresh connections (spread over the workers) all see it."""
+    import httpx
+
+    from tests.conftest import launch_server, wait_ready
+
+    srv = wait_ready(launch_server(tmp_path / "logs", bank=curve_bank, workers=2,
+                                   use_cli=True, settings={"admin_token": ADMIN_TOKEN}))
+    try:
+        r = httpx.put(f"{srv.url}{PATH}", json={"target": "risk", "value": 0.2},
+                      headers=AUTH, timeout=90)
+        assert r.status_code == 200, r.text
+        workers = r.json()["workers"]
+        assert workers["workers"] == 2 and workers["all_serving"], workers
+        raw = r.json()["threshold"]["raw"]
+        seen = set()
+        for _ in range(30):
+            with httpx.Client(base_url=srv.url, timeout=10) as c:  # a fresh connection
+                seen.add(c.get("/v1/bank").json()["threshold"]["raw"])
+        assert seen == {raw}
+        text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+        assert 'target="risk:0.2"' in text
+    finally:
+        srv.stop()
