@@ -10,16 +10,30 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from conceptguard.operating_point import OperatingTarget
+from service.admin_auth import authorize
+from service.codecs import parse_json
 from service.errors import ServiceError
 from service.lifecycle import SharedBank
+from service.middleware import JSON_CHECKED_KEY
 from service.operating import NoOperatingCurve, threshold_view
-from service.routes_v1 import RELOAD_WAIT_S, _authorize, _first_error, read_json
 from service.runtime_state import RuntimeState
 from service.schemas import ErrorResponse
 
 router = APIRouter()
 
 PATH = "/v1/admin/operating-point"
+WAIT_S = 60.0  # longest wait for every worker to serve the new point (as for a reload)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+
+
+async def _body(request: Request) -> Any:
+    settings = request.app.state.settings
+    return parse_json(await request.body(), settings.max_json_depth,
+                      guarded=bool(request.scope.get(JSON_CHECKED_KEY)))
 
 
 async def _answer(request: Request, loaded: Any, status: str, publish: bool = False
@@ -34,7 +48,7 @@ async def _answer(request: Request, loaded: Any, status: str, publish: bool = Fa
         t = state.operating_target
         generation = shared.publish(state.bank_ref, None if t is None
                                     else f"{t.target}:{t.value:g}")
-        out["workers"] = await shared.wait_all(generation, RELOAD_WAIT_S)
+        out["workers"] = await shared.wait_all(generation, WAIT_S)
     elif publish:
         out["workers"] = {"generation": None, "workers": 1, "serving": 1, "failed": 0,
                           "all_serving": True}
@@ -57,9 +71,9 @@ async def put_operating_point(request: Request) -> JSONResponse:
     "accept_correct" | "risk", "value": V}`` with V in (0, 1). The threshold is read from
     the bank's operating curve: 409 when the bank has none, 422 when the body is invalid or
     the target unreachable on the curve (the current threshold keeps serving)."""
-    _authorize(request, request.app.state.settings)
+    authorize(request, request.app.state.settings)
     try:
-        target = OperatingTarget.model_validate(await read_json(request))
+        target = OperatingTarget.model_validate(await _body(request))
     except ValidationError as exc:
         raise ServiceError(f"expected {{\"target\": \"coverage\" | \"accept_correct\" | "
                            f"\"risk\", \"value\": <number in (0, 1)>}}: {_first_error(exc)}",
@@ -78,7 +92,7 @@ async def put_operating_point(request: Request) -> JSONResponse:
 @router.delete(PATH, responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
                summary="Serve the bank's own threshold again (admin)")
 async def delete_operating_point(request: Request) -> JSONResponse:
-    _authorize(request, request.app.state.settings)
+    authorize(request, request.app.state.settings)
     state: RuntimeState = request.app.state.runtime_state
     state.require()
     return await _answer(request, await state.set_operating_point(None), "bank", publish=True)
