@@ -61,7 +61,8 @@ async def get_operating_point(request: Request) -> JSONResponse:
     return await _answer(request, state.require(), "current")
 
 
-@router.put(PATH, responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+@router.put(PATH, responses={400: {"model": ErrorResponse, "description": "not JSON"},
+                             401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
                              409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
             openapi_extra={"requestBody": {"required": True, "content": {
                 "application/json": {"schema": OperatingTarget.model_json_schema()}}}},
