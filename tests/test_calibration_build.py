@@ -36,26 +36,26 @@ def test_bank_carries_the_map_the_raw_threshold_and_the_curve(tiny_build: TinyBu
 
 
 def test_the_map_keeps_every_decision_and_ranking(tiny_build: TinyBuild) -> None:
+    from conceptguard.classifier.inference import to_tensor
+    from conceptguard.data import DataSpec, load_source
+    from conceptguard.runtime import OnnxRuntime
+
     bank = load_bank(tiny_build.bank)
-    d = bank.manifest.dims
-    rng = np.random.default_rng(0)
-    means = bank.tensors["detector.mahalanobis.means"].astype(np.float64)
-    cls = rng.integers(0, d.classes, 600)
-    scale = rng.uniform(0.0, 0.3, (600, 1))  # typical to far-off inputs
-    feats = means[cls] + rng.normal(0, 1, (600, d.features)) * means.std() * scale
-    w = bank.tensors["detector.react_energy.weight"].astype(np.float64)
-    logits = feats @ w.T + bank.tensors["detector.react_energy.bias"]
-    concepts = rng.normal(0, 1, (600, d.concepts))
-    got = score(bank.monitor, logits, feats, concepts)
-    ref = score(dataclasses.replace(bank.monitor, calibration=IDENTITY), logits, feats,
-                concepts)
+    _, test = load_source(DataSpec())
+    images = test.images[:400].astype(np.float64)
+    noisy = np.random.default_rng(0).normal(0, 60, images.shape)  # a shifted half
+    images[200:] = np.clip(images[200:] + noisy[200:], 0, 255)
+    o = OnnxRuntime(bank.onnx_path, device="cpu").run(to_tensor(images.astype(np.uint8)).numpy())
+    got = score(bank.monitor, o.logits, o.features, o.concepts)
+    ref = score(dataclasses.replace(bank.monitor, calibration=IDENTITY), o.logits,
+                o.features, o.concepts)
     assert 0 < got.reject.sum() < len(got)  # both decisions occur
     np.testing.assert_array_equal(got.reject, ref.reject)
     np.testing.assert_array_equal(got.reject, got.trust < bank.monitor.calibrated_threshold)
     order = np.argsort(ref.trust, kind="mergesort")
     assert (np.diff(got.trust[order]) >= 0).all()
-    label = got.predictions != cls
-    assert auroc(1 - got.trust, label) == auroc(1 - ref.trust, label)
+    wrong = got.predictions != test.labels[:400]
+    assert auroc(1 - got.trust, wrong) == auroc(1 - ref.trust, wrong)
 
 
 def test_metrics_and_report_hold_the_calibration_section(tiny_build: TinyBuild) -> None:
