@@ -25,6 +25,7 @@ from conceptguard.operating_point import (
 from conceptguard.trust_map import IDENTITY
 from service.settings import Settings, SettingsError, load_settings
 from tests.conftest import ADMIN_TOKEN
+from tests.fixtures_bank import as_schema2
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PATH = "/v1/admin/operating-point"
@@ -41,15 +42,16 @@ def _curve() -> dict:
 
 @pytest.fixture(scope="module")
 def curve_bank(demo_bank_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo bank with an operating curve in its manifest (schema version 3)."""
+    """The demo bank with the identity map and a synthetic operating curve in its manifest
+    (schema version 3); ``old``: the demo bank as schema version 2 (no curve)."""
     root = tmp_path_factory.mktemp("op-banks")
     bank = root / "curve"
-    shutil.copytree(demo_bank_path, bank)
+    as_schema2(shutil.copytree(demo_bank_path, bank))  # identity map: raw = calibrated
     m = json.loads((bank / "manifest.json").read_text())
     m["schema_version"] = 3
     m["calibration"]["operating_curve"] = _curve()
     (bank / "manifest.json").write_text(json.dumps(m))
-    shutil.copytree(demo_bank_path, root / "old")
+    as_schema2(shutil.copytree(demo_bank_path, root / "old"))
     return bank
 
 
@@ -200,11 +202,20 @@ def test_two_workers_move_together(curve_bank: Path, tmp_path: Path) -> None:
     the new threshold; fresh connections (spread over the workers) all see it."""
     import httpx
 
-    from tests.conftest import launch_server, wait_ready
+    from tests.conftest import launch_server, metric_samples, wait_ready
 
     srv = wait_ready(launch_server(tmp_path / "logs", bank=curve_bank, workers=2,
                                    use_cli=True, settings={"admin_token": ADMIN_TOKEN}))
     try:
+        deadline = time.monotonic() + 120
+        while True:  # both workers serving: one bank_info series per pid
+            text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+            pids = {lab.get("pid") for lab, v in metric_samples(text, "conceptguard_bank_info")
+                    if v == 1}
+            if len(pids) >= 2:
+                break
+            assert time.monotonic() < deadline, "the second worker never served"
+            time.sleep(0.2)
         r = httpx.put(f"{srv.url}{PATH}", json={"target": "risk", "value": 0.2},
                       headers=AUTH, timeout=90)
         assert r.status_code == 200, r.text

@@ -174,12 +174,22 @@ def demo_outputs(demo_bank_path: Path):
     return bank, logits, feats, concepts
 
 
-def test_old_bank_loads_with_the_identity_map(demo_outputs) -> None:
-    bank = demo_outputs[0]
-    if "trust.calibration.x" in bank.tensors:
-        pytest.skip("the demo bank carries a map")
-    assert bank.monitor.calibration.is_identity
-    assert bank.monitor.calibrated_threshold == bank.monitor.threshold
+def test_old_bank_loads_with_the_identity_map(demo_outputs, demo_bank_path: Path,
+                                               tmp_path: Path) -> None:
+    import shutil
+
+    from tests.fixtures_bank import as_schema2
+
+    new = demo_outputs[0]
+    old = load_bank(as_schema2(shutil.copytree(demo_bank_path, tmp_path / "old")))
+    assert old.manifest.schema_version == 2
+    assert old.monitor.calibration.is_identity
+    assert old.monitor.calibrated_threshold == old.monitor.threshold == new.monitor.threshold
+    # the same decisions as the bank with its map; trust is the raw score
+    _, logits, feats, concepts = demo_outputs
+    a, b = (score(x.monitor, logits, feats, concepts) for x in (old, new))
+    np.testing.assert_array_equal(a.reject, b.reject)
+    np.testing.assert_array_equal(a.trust, b.raw_trust)
 
 
 def test_score_applies_the_map_and_keeps_every_decision(demo_outputs) -> None:
