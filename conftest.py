@@ -16,6 +16,7 @@ SHARED_GROUPS: dict[str, str] = {
     "test_build_engine": "ray",
     "test_offline_e2e": "tiny-bank",
     "test_fused_fallback": "tiny-bank",
+    "test_calibration_build": "tiny-bank",
 }
 
 # The longest groups go out first, so that neither worker is left with one at the end (the

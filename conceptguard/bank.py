@@ -36,7 +36,10 @@ from conceptguard.projection import PROJECTION_KEYS
 from conceptguard.scoring import Monitor
 from conceptguard.trust import feature_names
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # what this build writes
+# 2: no calibration map (identity) and no operating curve; 3 adds the map's knots
+# (``trust.calibration.{x,y}``), ``threshold.raw`` and ``calibration.operating_curve``
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 ONNX = "classifier.onnx"
@@ -172,9 +175,10 @@ def _read_manifest(path: Path) -> Manifest:
     except (json.JSONDecodeError, RecursionError) as exc:
         raise BankError(f"{mpath} is not valid JSON: {exc}") from exc
     version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise BankError(f"{mpath}: schema_version {version!r}, this build reads "
-                        f"{SCHEMA_VERSION}; rebuild the bank with this version")
+                        f"{' and '.join(map(str, READABLE_VERSIONS))}; rebuild the bank "
+                        "with this version")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
@@ -188,13 +192,16 @@ def _read_manifest(path: Path) -> Manifest:
 
 def _check_manifest_values(mpath: Path, m: Manifest) -> None:
     """Values the schema's types do not pin down; each error names the field."""
-    value = m.threshold.get("value")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BankError(f"{mpath}: field 'threshold.value' must be a number, got "
-                        f"{type(value).__name__ if value is not None else 'nothing'}")
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise BankError(f"{mpath}: field 'threshold.value' must be a finite number in "
-                        f"[0, 1], got {value!r}")
+    for key in ("value", "raw"):
+        if key == "raw" and key not in m.threshold:  # banks without a calibration map
+            continue
+        value = m.threshold.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BankError(f"{mpath}: field 'threshold.{key}' must be a number, got "
+                            f"{type(value).__name__ if value is not None else 'nothing'}")
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise BankError(f"{mpath}: field 'threshold.{key}' must be a finite number in "
+                            f"[0, 1], got {value!r}")
     for field, n in (("dims.classes", m.dims.classes), ("dims.concepts", m.dims.concepts),
                      ("dims.features", m.dims.features), ("dims.vlm", m.dims.vlm),
                      ("preprocessing.input_size", m.preprocessing.input_size)):
@@ -283,10 +290,23 @@ def load_bank(path: Path | str, expected_classifier_hash: str | None = None) -> 
         raise BankError(f"bank was built for classifier {manifest.classifier.hash[:12]}…, "
                         f"expected {expected_classifier_hash[:12]}…")
     try:
-        monitor = monitor_from_tensors(tensors, manifest.threshold["value"])
+        monitor = monitor_from_tensors(tensors, raw_threshold(manifest))
     except (KeyError, ValueError) as exc:
         raise BankError(f"{path / TENSORS}: the monitor cannot be built: {exc}") from exc
+    if "raw" in manifest.threshold:
+        want = monitor.calibrated_threshold
+        if abs(want - float(manifest.threshold["value"])) > 1e-9:
+            raise BankError(f"{path / MANIFEST}: field 'threshold.value' "
+                            f"{manifest.threshold['value']!r} is not the calibration map of "
+                            f"'threshold.raw' ({want!r})")
     return Bank(path, manifest, tensors, monitor)
+
+
+def raw_threshold(manifest: Manifest) -> float:
+    """The reject threshold on the trust model's own scale: ``threshold.raw`` where the bank
+    has a calibration map (``threshold.value`` is then on the calibrated scale, the scale of
+    the ``trust`` the service returns), else ``threshold.value`` (identity map)."""
+    return float(manifest.threshold.get("raw", manifest.threshold["value"]))
 
 
 def write_tensors(folder: Path, tensors: dict[str, np.ndarray]) -> None:

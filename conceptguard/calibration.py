@@ -22,6 +22,7 @@ from conceptguard.detectors import (
 from conceptguard.heads import fit_head, never_head
 from conceptguard.heatmaps import Heatmaps
 from conceptguard.metrics import auroc
+from conceptguard.operating_point import operating_curve
 from conceptguard.scoring import Monitor
 from conceptguard.trust import (
     HEADS,
@@ -31,6 +32,7 @@ from conceptguard.trust import (
     hinge_knots,
     misclassification_columns,
 )
+from conceptguard.trust_map import TrustMap, expected_calibration_error, fit_trust_map
 
 GROUPS: tuple[str, ...] = ("clean", "corruption", "attack", "foreign")
 
@@ -386,12 +388,48 @@ def select_variant(x: np.ndarray, stream: Batch, risks: dict[str, np.ndarray],
 
 def _fit_with_threshold(x: np.ndarray, stream: Batch, risks: dict[str, np.ndarray],
                         knots: np.ndarray, spec: CalibrationSpec, seed: int,
-                        variant: TrustVariant) -> tuple[TrustModel, float, np.ndarray]:
+                        variant: TrustVariant
+                        ) -> tuple[TrustModel, float, np.ndarray, TrustMap]:
+    """The trust model on the whole stream; its out-of-fold scores; the raw threshold and
+    the calibration map, both chosen on those scores."""
     model = fit_trust_model(x, stream, knots, spec, variant)
     oof = out_of_fold_trust(x, stream, knots, spec, risks, seed, variant)
     weights = stream_weights(stream.group, stream.family, spec.shares)
     correct_clean = (stream.group == "clean") & ~stream.wrong
-    return model, choose_threshold(oof, stream.wrong, weights, correct_clean, spec), oof
+    threshold = choose_threshold(oof, stream.wrong, weights, correct_clean, spec)
+    return model, threshold, oof, fit_trust_map(oof, ~stream.wrong, weights)
+
+
+def cross_fitted_calibration(oof: np.ndarray, stream: Batch, weights: np.ndarray,
+                             folds: int, seed: int) -> np.ndarray:
+    """Each input's calibrated trust from a map fitted on the other folds' out-of-fold
+    scores (the folds of :func:`fold_of`): the fitting stream's ECE without scoring the
+    map on the scores it was fitted to."""
+    fold = fold_of(stream.source, folds, seed + 1)
+    out = np.empty(len(oof))
+    for k in range(folds):
+        test = fold == k
+        m = fit_trust_map(oof[~test], ~stream.wrong[~test], weights[~test])
+        out[test] = m(oof[test])
+    return out
+
+
+def stream_ece(oof: np.ndarray, stream: Batch, weights: np.ndarray, folds: int, seed: int
+               ) -> dict:
+    """The fitting stream's ECE (weighted as the stream is), raw and cross-fitted
+    calibrated, over the whole stream and per kind."""
+    cal = cross_fitted_calibration(oof, stream, weights, folds, seed)
+    right = ~stream.wrong
+    out: dict = {}
+    for g in ("stream", *GROUPS):
+        rows = np.ones(len(oof), bool) if g == "stream" else stream.group == g
+        if rows.any():
+            out[g] = {"raw": round(expected_calibration_error(oof[rows], right[rows],
+                                                              weights[rows]), 4),
+                      "calibrated": round(expected_calibration_error(cal[rows], right[rows],
+                                                                     weights[rows]), 4),
+                      "n": int(rows.sum())}
+    return out
 
 
 def fit_monitor(reference: Batch, heatmaps: Heatmaps, stream: Batch, spec: CalibrationSpec,
@@ -406,11 +444,13 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, stream: Batch, spec: Calib
         variant, selection = select_variant(x, stream, risks, knots, spec, seed)
     else:
         variant, selection = spec.variants[0], {"chosen": spec.variants[0].name}
-    model, threshold, oof = _fit_with_threshold(x, stream, risks, knots, spec, seed, variant)
+    model, threshold, oof, trust_map = _fit_with_threshold(x, stream, risks, knots, spec,
+                                                           seed, variant)
     weights = stream_weights(stream.group, stream.family, spec.shares)
     bad = stream.wrong
     accepted = oof >= threshold
     clean = stream.group == "clean"
+    correct_clean = clean & ~bad
     info = {
         "stream": {g: int((stream.group == g).sum()) for g in GROUPS},
         "families": {str(f): int((stream.family == f).sum())
@@ -426,8 +466,18 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, stream: Batch, spec: Calib
         "calibration_accept_correct": float(accepted[clean & ~bad].mean()),
         "calibration_weighted_risk_at_threshold": weighted_error_at(oof, bad, weights,
                                                                     threshold),
+        "threshold_calibrated": float(trust_map(threshold)),
+        "trust_map": {"fit": "weighted isotonic regression (pool adjacent violators) of "
+                             "right/wrong on the out-of-fold trust of the fitting stream, "
+                             "knots at the pooled blocks, blended with the identity "
+                             "(strictly increasing: rankings and decisions unchanged)",
+                      "knots": len(trust_map.x)},
+        "stream_ece": stream_ece(oof, stream, weights, spec.folds, seed),
+        "operating_curve": operating_curve(oof, bad, weights, correct_clean, trust_map,
+                                           include=(threshold,)),
     }
-    return FittedMonitor(Monitor(detectors, model, threshold), info, risks, x, variant)
+    return FittedMonitor(Monitor(detectors, model, threshold, trust_map), info, risks, x,
+                         variant)
 
 
 def refit_without(fitted: FittedMonitor, stream: Batch, family: str, spec: CalibrationSpec,
@@ -438,7 +488,7 @@ def refit_without(fitted: FittedMonitor, stream: Batch, family: str, spec: Calib
     keep = stream.family != family
     sub = stream.select(keep)
     risks = {k: v[keep] for k, v in fitted.stream_risks.items()}
-    model, threshold, _ = _fit_with_threshold(fitted.design[keep], sub, risks,
-                                              fitted.monitor.trust_model.knots, spec, seed,
-                                              fitted.variant)
-    return Monitor(fitted.monitor.detectors, model, threshold)
+    model, threshold, _, trust_map = _fit_with_threshold(
+        fitted.design[keep], sub, risks, fitted.monitor.trust_model.knots, spec, seed,
+        fitted.variant)
+    return Monitor(fitted.monitor.detectors, model, threshold, trust_map)

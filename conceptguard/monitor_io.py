@@ -1,5 +1,7 @@
 """The monitor as bank tensors and back: ``detector.<name>.<key>`` (each detector's fitted
-state), ``trust.knots`` and ``trust.<head>.{mean,scale,w,b}``."""
+state), ``trust.knots``, ``trust.<head>.{mean,scale,w,b}`` and the calibration map's knots
+``trust.calibration.{x,y}`` (float64; optional: a bank written before the map existed gets
+the identity)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ from conceptguard.detectors import detectors_from_state, detectors_state
 from conceptguard.heads import LogisticHead
 from conceptguard.scoring import Monitor
 from conceptguard.trust import HEADS, HINGE_QUANTILES, HINGED, TrustModel, feature_names
+from conceptguard.trust_map import IDENTITY, TrustMap, check_knots
+
+CALIBRATION_KEYS = ("trust.calibration.x", "trust.calibration.y")
 
 
 def monitor_tensors(monitor: Monitor) -> dict[str, np.ndarray]:
@@ -20,7 +25,26 @@ def monitor_tensors(monitor: Monitor) -> dict[str, np.ndarray]:
         out[f"trust.{key}.scale"] = head.scale
         out[f"trust.{key}.w"] = head.w
         out[f"trust.{key}.b"] = np.array([head.b])
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    out = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    # float64: the knots' y must stay strictly increasing (float32 could merge close ones)
+    out["trust.calibration.x"] = np.ascontiguousarray(monitor.calibration.x, np.float64)
+    out["trust.calibration.y"] = np.ascontiguousarray(monitor.calibration.y, np.float64)
+    return out
+
+
+def calibration_from_tensors(t: dict[str, np.ndarray]) -> TrustMap:
+    """The stored map, or the identity when the bank has none; ValueError when the knots
+    are not a valid map."""
+    present = [k for k in CALIBRATION_KEYS if k in t]
+    if not present:
+        return IDENTITY
+    if len(present) == 1:
+        raise ValueError(f"{present[0]} is stored without its partner")
+    x, y = (np.asarray(t[k], np.float64) for k in CALIBRATION_KEYS)
+    problem = check_knots(x, y)
+    if problem:
+        raise ValueError(f"trust.calibration: {problem}")
+    return TrustMap(x, y)
 
 
 def monitor_from_tensors(t: dict[str, np.ndarray], threshold: float) -> Monitor:
@@ -35,7 +59,8 @@ def monitor_from_tensors(t: dict[str, np.ndarray], threshold: float) -> Monitor:
     if len(heads["misclassification"].w) != int(cols.sum()):
         raise ValueError("trust.misclassification.w does not match its column mask")
     model = TrustModel(t["trust.knots"].astype(np.float64), heads, cols)
-    return Monitor(detectors_from_state(t), model, float(threshold))
+    return Monitor(detectors_from_state(t), model, float(threshold),
+                   calibration_from_tensors(t))
 
 
 def monitor_shapes(classes: int, concepts: int, features: int) -> dict[str, tuple[int, ...]]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from conceptguard.detectors import DETECTORS, Detector, Outputs, PaperRule, detector_risks
 from conceptguard.trust import ReasonKind, TrustModel, evaluate_trust, reasons
+from conceptguard.trust_map import IDENTITY, TrustMap
 
 RejectReason = ReasonKind  # the name the service has used since v1
 
@@ -26,7 +27,14 @@ class Monitor:
 
     detectors: dict[str, Detector]
     trust_model: TrustModel
-    threshold: float  # reject when trust < threshold
+    threshold: float  # reject when the raw trust < threshold (the trust model's own scale)
+    calibration: TrustMap = IDENTITY  # raw trust -> calibrated trust, strictly increasing
+
+    @property
+    def calibrated_threshold(self) -> float:
+        """The threshold on the calibrated scale: ``trust < calibrated_threshold`` is the
+        same decision as ``raw trust < threshold`` (the map is strictly increasing)."""
+        return float(self.calibration(self.threshold))
 
     @property
     def heatmaps(self) -> PaperRule:
@@ -59,6 +67,9 @@ class Scores:
     reason: list[RejectReason]
     paper_rule_reject: np.ndarray
     contributions: np.ndarray  # (N, K): per-concept share of sim_ok - max(sim_bad, sim_adv)
+    # the trust model's score before the calibration map (None: not kept, e.g. rebuilt
+    # from stored columns); ``trust`` is the calibrated one
+    raw_trust: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.trust)
@@ -78,7 +89,8 @@ class Scores:
             p_unfamiliar=self.p_unfamiliar[index], trust=self.trust[index],
             reject=self.reject[index], reason=reason,
             paper_rule_reject=self.paper_rule_reject[index],
-            contributions=self.contributions[index])
+            contributions=self.contributions[index],
+            raw_trust=None if self.raw_trust is None else self.raw_trust[index])
 
     @staticmethod
     def concat(parts: Sequence[Scores]) -> Scores:
@@ -105,7 +117,9 @@ class Scores:
             p_adversarial=cat("p_adversarial"), p_unfamiliar=cat("p_unfamiliar"),
             trust=cat("trust"), reject=cat("reject"),
             reason=[r for p in parts for r in p.reason],
-            paper_rule_reject=cat("paper_rule_reject"), contributions=cat("contributions"))
+            paper_rule_reject=cat("paper_rule_reject"), contributions=cat("contributions"),
+            raw_trust=(None if any(p.raw_trust is None for p in parts)
+                       else np.concatenate([p.raw_trust for p in parts])))
 
 
 def concept_contributions(out: Outputs, rule: PaperRule) -> np.ndarray:
@@ -121,7 +135,10 @@ def concept_contributions(out: Outputs, rule: PaperRule) -> np.ndarray:
 
 def score(monitor: Monitor, logits: np.ndarray, features: np.ndarray,
           concepts: np.ndarray) -> Scores:
-    """Score a batch. Shapes: ``logits (N,C)``, ``features (N,d)``, ``concepts (N,K)``."""
+    """Score a batch. Shapes: ``logits (N,C)``, ``features (N,d)``, ``concepts (N,K)``.
+    ``trust`` is the calibrated one (the bank's map applied to the trust model's score);
+    the reject decision is made on the raw score against the raw threshold (the same
+    decision as calibrated trust against :attr:`Monitor.calibrated_threshold`)."""
     out = Outputs(np.asarray(logits, np.float32), np.asarray(features, np.float32),
                   np.asarray(concepts, np.float32))
     risks = detector_risks(monitor.detectors, out)
@@ -134,15 +151,17 @@ def score(monitor: Monitor, logits: np.ndarray, features: np.ndarray,
         p_anomaly=t.p["anomaly"],
         p_adversarial=t.p["adversarial"],
         p_unfamiliar=t.p["unfamiliar"],
-        trust=t.trust,
+        trust=monitor.calibration(t.trust),
         reject=t.reject,
         reason=t.reason,
         paper_rule_reject=risks["paper_rule"] > 0,
         contributions=concept_contributions(out, monitor.heatmaps),
+        raw_trust=t.trust,
     )
 
 
-def scores_from_graph(outputs: Mapping[str, np.ndarray], threshold: float) -> Scores:
+def scores_from_graph(outputs: Mapping[str, np.ndarray], threshold: float,
+                      calibration: TrustMap = IDENTITY) -> Scores:
     """:class:`Scores` from the outputs of the fused graph (``monitor.onnx``, names in
     :data:`conceptguard.graph.MONITOR_OUTPUTS`), without running :func:`score`.
 
@@ -150,7 +169,9 @@ def scores_from_graph(outputs: Mapping[str, np.ndarray], threshold: float) -> Sc
     ``reject`` and ``reason`` are recomputed here from the graph's trust and heads with
     ``threshold`` (the manifest's, as :func:`score` does), so that the bank's threshold
     stays the one source of the decision; the graph's own ``reject``/``reason`` outputs
-    hold the threshold it was exported with."""
+    hold the threshold it was exported with. The graph's ``trust`` is the raw score (the
+    graph does not hold the calibration map): ``calibration`` (the bank's,
+    :attr:`Monitor.calibration`) maps it, as :func:`score` does."""
     f64 = functools.partial(np.asarray, dtype=np.float64)
     # one float64 copy, detector-major: each detector's risks are a contiguous row view
     risks = np.ascontiguousarray(np.asarray(outputs["risks"], np.float64).T)
@@ -165,12 +186,13 @@ def scores_from_graph(outputs: Mapping[str, np.ndarray], threshold: float) -> Sc
         p_anomaly=f64(outputs["p_anomaly"]),
         p_adversarial=p_adv,
         p_unfamiliar=p_unf,
-        trust=trust,
+        trust=calibration(trust),
         reject=reject,
         reason=reasons(reject, f64(outputs["p_misclassification"]),
                        f64(outputs["p_anomaly"]), p_adv, p_unf),
         paper_rule_reject=np.asarray(outputs["paper_rule_reject"], dtype=bool),
         contributions=np.asarray(outputs["contributions"], dtype=np.float32),
+        raw_trust=trust,
     )
 
 
@@ -181,11 +203,14 @@ def graph_disagreement(ref: Scores, got: Scores, atol: float = GRAPH_TOLERANCE) 
     """None when ``got`` (from the fused graph) matches ``ref`` (:func:`score` on the same
     inputs): predictions equal, probabilities, trust and the four heads within ``atol``;
     else what differs. Used on a probe batch when a bank with a fused graph is loaded or
-    written, so a graph exported from other tensors is refused, not served."""
+    written, so a graph exported from other tensors is refused, not served. Trust is
+    compared before the calibration map (``raw_trust`` where both hold it): the map's
+    slope would scale the float32 rounding."""
     if not np.array_equal(ref.predictions, got.predictions):
         return "predictions differ"
-    for name in ("probabilities", "trust", "p_misclassification", "p_anomaly",
-                 "p_adversarial", "p_unfamiliar"):
+    raw = ref.raw_trust is not None and got.raw_trust is not None
+    for name in ("probabilities", "raw_trust" if raw else "trust", "p_misclassification",
+                 "p_anomaly", "p_adversarial", "p_unfamiliar"):
         a, b = np.asarray(getattr(ref, name)), np.asarray(getattr(got, name))
         if a.shape != b.shape:
             return f"{name} has shape {b.shape}, expected {a.shape}"

@@ -403,12 +403,22 @@ def evaluation_stage(ctx: Context, state: BuildState) -> EvaluationOut:
                        "hash": state.classifier.hash, "n_test": len(t)},
         "aligner": state.aligner.info,
         **evaluate(cfg, fitted, state.fitting_stream, clean, t.labels, e.sets, e.attempted,
-                   cfg.seed),
+                   cfg.seed, clean_probabilities=_probabilities(t)),
         "calibration": fitted.info,
     }
     if ctx.attacks_skipped:
         metrics["attacks_skipped"] = ctx.attacks_skipped
     return EvaluationOut(clean, metrics)
+
+
+def _probabilities(outs) -> np.ndarray:
+    """The predicted probabilities of streamed served outputs (N x C float32: small)."""
+    parts = []
+    for b in outs.batches(SCORE_CHUNK):
+        z = np.asarray(b.logits, np.float64)
+        z = np.exp(z - z.max(1, keepdims=True))
+        parts.append((z / z.sum(1, keepdims=True)).astype(np.float32))
+    return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
 
 def vlm_test_stage(ctx: Context, state: BuildState) -> VLMTestOut:
@@ -605,6 +615,8 @@ def score_sample(clean: Scores, test_indices: np.ndarray, n: int) -> dict:
         "test_indices": test_indices[:n].tolist(),
         "predictions": clean.predictions[:n].tolist(),
         "trust": clean.trust[:n].round(7).tolist(),
+        **({"raw_trust": clean.raw_trust[:n].round(7).tolist()}
+           if clean.raw_trust is not None else {}),
         "p_misclassification": clean.p_misclassification[:n].round(7).tolist(),
         "p_anomaly": clean.p_anomaly[:n].round(7).tolist(),
         "p_adversarial": clean.p_adversarial[:n].round(7).tolist(),
@@ -642,6 +654,11 @@ def bank_tensors(projection: dict[str, np.ndarray], class_T: np.ndarray, hm_mode
     return out
 
 
+THRESHOLD_SCALE = ("value: on the calibrated scale of the trust the service returns (reject "
+                   "when trust < value); raw: the same threshold on the trust model's own "
+                   "score, before the calibration map")
+
+
 def make_manifest(cfg: JobConfig, metrics: dict, cs: ConceptSet, cspec, chash: str, splits,
                   hm: Heatmaps, calib_info: dict, threshold: float, classes: list[str],
                   vlm_dim: int, feature_dim: int) -> bankio.Manifest:
@@ -675,8 +692,9 @@ def make_manifest(cfg: JobConfig, metrics: dict, cs: ConceptSet, cspec, chash: s
         calibration={"spec": cfg.calibration.model_dump(), **calib_info,
                      "fit_attacks": [a.name for a in cfg.adversarial.fit_attacks],
                      "heatmap_attack": cfg.adversarial.heatmap_attack.name},
-        threshold={"value": threshold, "target": cfg.calibration.target,
-                   "target_value": cfg.calibration.value},
+        threshold={"value": calib_info.get("threshold_calibrated", threshold),
+                   "raw": threshold, "scale": THRESHOLD_SCALE,
+                   "target": cfg.calibration.target, "target_value": cfg.calibration.value},
         signal_features=feature_names(),
         files={},
         evaluation={k: metrics[k] for k in ("classifier", "aligner", "threshold", "vlm")},

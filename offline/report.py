@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from conceptguard.bank import Manifest
+from offline.report_calibration import FIGURE as ESTIMATION_FIGURE
+from offline.report_calibration import calibration_html, estimation_png
 
 HEATMAP_FIGURES: tuple[tuple[str, str, str], ...] = (
     ("heatmaps.model.ok", "model view: correct H_ok", "RdBu_r"),
@@ -288,6 +290,7 @@ img{{max-width:100%}}.note{{color:#666;font-size:0.9em}}
 (<code>{html.escape(manifest.concept_set)}</code>).</p>
 {verdict_html(metrics)}
 {evidence}
+{calibration_html(metrics)}
 {fault_injection_html(metrics)}
 {concepts_html(metrics)}
 <h2>Confusion pairs: the paper's per-input rule (a reported mode)</h2>
@@ -366,6 +369,9 @@ def write_report(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray
                     folder / name, cmap)
         images.append((name, title))
         written.append(folder / name)
+    if isinstance(metrics.get("trust_calibration"), dict):
+        estimation_png(metrics["trust_calibration"], folder / ESTIMATION_FIGURE)
+        written.append(folder / ESTIMATION_FIGURE)
     bar_png(metrics, folder / "auroc.png")
     images.insert(0, ("auroc.png", "detection AUROC per method and task"))
     written.append(folder / "auroc.png")

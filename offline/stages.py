@@ -65,6 +65,7 @@ def scoring(monitor: Monitor, batch: Columns) -> Columns:
     s = score(monitor, batch["logits"], batch["features"], batch["concepts"])
     return {**{k: np.asarray(v) for k, v in batch.items() if k != IMAGE},
             "prediction": s.predictions.astype(np.int64), "trust": s.trust,
+            "raw_trust": s.raw_trust,
             "p_misclassification": s.p_misclassification, "p_adversarial": s.p_adversarial,
             "p_unfamiliar": s.p_unfamiliar, "reject": s.reject.astype(bool),
             "p_anomaly": s.p_anomaly, "probabilities": s.probabilities,
@@ -84,7 +85,8 @@ def scores_from_columns(b: Columns) -> Scores:
         p_misclassification=b["p_misclassification"], p_anomaly=b["p_anomaly"],
         p_adversarial=b["p_adversarial"], p_unfamiliar=b["p_unfamiliar"], trust=b["trust"],
         reject=b["reject"], reason=[str(r) for r in b["reason"]],
-        paper_rule_reject=b["paper_rule_reject"], contributions=b["contributions"])
+        paper_rule_reject=b["paper_rule_reject"], contributions=b["contributions"],
+        raw_trust=b.get("raw_trust"))
 
 
 def vlm_image_embeddings(vlm: Any, batch: Columns) -> Columns:

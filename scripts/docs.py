@@ -207,7 +207,38 @@ def noise_sample() -> str:
             f"{named}.\n")
 
 
+def trust_calibration_table() -> str:
+    """Trust as P(right) on the shipped bank: ECE per traffic kind, the reject target on the
+    test split, and estimated vs. realised accuracy per stream beside CBPE (metrics.json's
+    ``trust_calibration``)."""
+    sec = metrics().get("trust_calibration")
+    if not isinstance(sec, dict):
+        return ("(The shipped bank was built before trust's calibration map: rebuild it to "
+                "see these figures.)\n")
+
+    def f(x: Any) -> str:
+        return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    ece = "\n".join(f"| {k} | {f(v.get('raw'))} | {f(v.get('calibrated'))} | {v.get('n')} |"
+                     for k, v in sec["ece"].items() if k != "fitting_stream_by_kind" and v)
+    chk = sec["reject_target_heldout"]
+    rows = "\n".join(
+        f"| {k} | {v['n']} | {f(v['realised'])} | {f(v['estimated'])} | {f(v['error'])} | "
+        f"{f(v.get('cbpe'))} | {f(v.get('cbpe_error'))} |"
+        for k, v in sec["estimated_accuracy"].items())
+    cbpe = sec.get("cbpe", {})
+    cbpe_text = (f"NannyML {cbpe['version']} CBPE fitted on {cbpe.get('fitted_on')}"
+                 if "version" in cbpe else f"CBPE not run: {cbpe.get('unavailable')}")
+    return (f"| traffic kind | ECE raw | ECE calibrated | n |\n| --- | --- | --- | --- |\n{ece}\n\n"
+            f"Reject target on the test split: {chk['what']} {chk['measured']:.4f} (95% "
+            f"bootstrap interval {chk['ci95'][0]:.4f} to {chk['ci95'][1]:.4f}) against "
+            f"{chk['target_value']}: {'met' if chk['met'] else 'not met'}.\n\n"
+            f"| stream | n | realised | trust estimate | error | CBPE | CBPE error |\n"
+            f"| --- | --- | --- | --- | --- | --- | --- |\n{rows}\n\n({cbpe_text}.)\n")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "trust-calibration": trust_calibration_table,
     "results-summary": _results("summary_table"),
     "results-streams": _results("streams_table"),
     "results-shift": _results("shift_table"),

@@ -36,6 +36,7 @@ from service.middleware import ServiceMiddleware
 from service.oip import ModelStats
 from service.openapi import with_limits
 from service.report_route import router as report_router
+from service.routes_admin import router as admin_router
 from service.routes_feedback import router as feedback_router
 from service.routes_sink import router as sink_router
 from service.routes_v1 import HOT_ROUTES as V1_HOT_ROUTES
@@ -171,6 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(docs_router)
     app.include_router(feedback_router)
     app.include_router(sink_router)
+    app.include_router(admin_router)
 
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text format)",
              response_class=Response)

@@ -101,8 +101,8 @@ def _smoke_test(bank: Bank, runtime: Runtime) -> None:
             raise BankError(f"scoring the probe batch gives non-finite {name}")
     if out.monitor is not None:
         try:
-            problem = graph_disagreement(s, scores_from_graph(out.monitor,
-                                                              bank.monitor.threshold))
+            problem = graph_disagreement(s, scores_from_graph(
+                out.monitor, bank.monitor.threshold, bank.monitor.calibration))
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
         if problem:

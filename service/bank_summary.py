@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.operating import threshold_view
+
 if TYPE_CHECKING:
     from conceptguard.runtime import Runtime
     from service.runtime_state import Loaded
@@ -30,7 +32,7 @@ def bank_summary(loaded: Loaded, path: str) -> dict[str, Any]:
         "classifier": {"hash": m.classifier.hash, "arch": m.classifier.spec.get("arch"),
                        "feature_dim": m.classifier.feature_dim,
                        "test_accuracy": m.classifier.test_accuracy},
-        "threshold": m.threshold,
+        "threshold": threshold_view(loaded),
         "evaluation": {**m.evaluation, **_report_headline(loaded.bank.path)},
         "runtime": {"backend": loaded.runtime.name, "device": loaded.runtime.device,
                     "provider": getattr(loaded.runtime, "provider", loaded.runtime.device),

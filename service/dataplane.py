@@ -203,7 +203,7 @@ def scores_of(loaded: Loaded, o: RuntimeOutputs) -> Scores:
     numpy :func:`~conceptguard.scoring.score` on the classifier's outputs."""
     monitor = loaded.bank.monitor
     if o.monitor is not None:
-        return scores_from_graph(o.monitor, monitor.threshold)
+        return scores_from_graph(o.monitor, monitor.threshold, monitor.calibration)
     return score(monitor, o.logits, o.features, o.concepts)
 
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("conceptguard.service")
 
 POINTER = "conceptguard-bank.json"
+KEEP = object()  # publish(): keep the pointer's operating point
 ACK_PREFIX = "conceptguard-worker-"
 POLL_S = 0.25
 HEARTBEAT_S = 5.0  # a following worker rewrites its acknowledgement this often
@@ -95,6 +96,17 @@ def drain_on_sigterm(timeout_s: float) -> None:
         previous(sig, frame)
 
     signal.signal(signal.SIGTERM, on_term)
+
+
+def _adopt_operating_point(state: RuntimeState, pointer: dict[str, Any]) -> None:
+    """The pointer's operating point (set by ``PUT /v1/admin/operating-point`` in another
+    worker) becomes this worker's, applied by the reload that follows."""
+    if "operating_point" not in pointer:
+        return
+    from conceptguard.operating_point import OperatingTarget
+
+    text = pointer["operating_point"]
+    state.operating_target = None if text is None else OperatingTarget.parse(str(text))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -161,14 +173,21 @@ class SharedBank:
         self._ack()
         self.generation = 0
 
-    def publish(self, path: str) -> int:
-        """Point every worker at ``path`` (relative to the banks root); the new generation."""
+    def publish(self, path: str, operating_point: str | object | None = KEEP) -> int:
+        """Point every worker at ``path`` (relative to the banks root) and, when given, at
+        ``operating_point`` (``"coverage:0.9"``; None: the bank's own threshold; by default
+        the pointer's current one is kept); the new generation."""
         with open(self.folder / ".conceptguard-bank.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             current = self.read_pointer()
             generation = (current["generation"] if current else 0) + 1
-            self._write_json(POINTER, {"generation": generation, "path": path,
-                                       "time": time.time()})
+            data: dict[str, Any] = {"generation": generation, "path": path,
+                                    "time": time.time()}
+            if operating_point is not KEEP:
+                data["operating_point"] = operating_point
+            elif current is not None and "operating_point" in current:
+                data["operating_point"] = current["operating_point"]
+            self._write_json(POINTER, data)
         self.generation = generation
         self._ack()
         return generation
@@ -226,6 +245,8 @@ class SharedBank:
         with contextlib.suppress(Exception):
             state.path, state.bank_ref = confine(state.root, str(pointer["path"]))
             self.generation = pointer["generation"]
+        with contextlib.suppress(Exception):
+            _adopt_operating_point(state, pointer)
 
     def start_following(self, state: RuntimeState) -> None:
         self._ack()
@@ -247,6 +268,7 @@ class SharedBank:
             last_ack = time.monotonic()
             generation = pointer["generation"]
             try:
+                _adopt_operating_point(state, pointer)
                 if state.bank_ref != pointer["path"] or generation > self.generation:
                     await state.reload(str(pointer["path"]))
                 self.generation = generation

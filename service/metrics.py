@@ -71,6 +71,12 @@ EXPECTED_REJECTION_RATE = Gauge("conceptguard_expected_rejection_rate",
                                 "Fraction of clean test inputs the bank's threshold rejects "
                                 "(1 - coverage in the bank's evaluation): the baseline of the "
                                 "rejection-spike alert", ["model"], multiprocess_mode="max")
+REJECT_THRESHOLD = Gauge("conceptguard_reject_threshold",
+                         "The reject threshold in use, on the calibrated trust scale (reject "
+                         "when trust < value); target: bank (the bank's own) or the operating "
+                         "point's target, e.g. coverage:0.9 (CONCEPTGUARD_OPERATING_POINT or "
+                         "PUT /v1/admin/operating-point), per worker",
+                         ["model", "target"], multiprocess_mode="mostrecent")
 QUEUE_CAPACITY = Gauge("conceptguard_queue_capacity",
                        "Most images the batching queue admits (CONCEPTGUARD_QUEUE_SIZE); "
                        "queue_depth / queue_capacity is the saturation",
@@ -111,7 +117,7 @@ ERROR_CODES = ("empty", "not_an_image", "corrupt", "invalid_base64", "invalid_js
                "timeout", "too_large", "too_many_pixels", "too_many_images",
                "unsupported_mode", "unsupported_format", "unsupported_media_type",
                "invalid_request", "invalid_tensor", "invalid_bank", "http_error",
-               "invalid_event")
+               "invalid_event", "no_operating_curve", "unreachable_target")
 # Statuses pre-created for every route (others appear when first answered).
 INITIAL_STATUSES = ("200", "400", "401", "403", "404", "408", "413", "415", "422", "500",
                     "503")

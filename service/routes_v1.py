@@ -8,7 +8,6 @@ the same :func:`classify_answer` and gives the OpenAPI document.
 from __future__ import annotations
 
 import re
-import secrets
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from conceptguard.bank import BankError
 from service import metrics
+from service.admin_auth import authorize as _authorize
 from service.codecs import (
     as_float_array,
     check_count,
@@ -241,22 +241,6 @@ async def bank(request: Request) -> JSONResponse:
     state: RuntimeState = request.app.state.runtime_state
     loaded = state.require()
     return JSONResponse(loaded.summary(state.bank_ref))
-
-
-def _authorize(request: Request, settings: Settings) -> None:
-    if not settings.reload_enabled():
-        raise ServiceError("bank reload is disabled: set CONCEPTGUARD_ADMIN_TOKEN to enable it",
-                           403, "reload_disabled")
-    assert settings.admin_token is not None
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise ServiceError("missing 'Authorization: Bearer <admin token>'", 401,
-                           "unauthorized", headers={"WWW-Authenticate": "Bearer"})
-    expected = settings.admin_token.get_secret_value().encode()
-    if not secrets.compare_digest(token.encode("utf-8", "replace"), expected):
-        raise ServiceError("the admin token is wrong", 403, "forbidden")
 
 
 @router.post("/v1/bank/reload", response_model=ReloadResponse,

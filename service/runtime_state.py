@@ -32,6 +32,7 @@ from service.bank_summary import (
 )
 from service.batch_metrics import ModelMetrics
 from service.errors import NotReady
+from service.operating import publish_threshold, with_operating_point
 from service.settings import Settings
 from service.sidecar_head import classifier_module, linear_head
 
@@ -49,6 +50,8 @@ class Loaded:
     runtime: Runtime
     model_name: str
     metrics: ModelMetrics
+    # the serve-time operating point in use (service.operating), None: the bank's threshold
+    operating_point: dict[str, Any] | None = None
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     _head_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -157,6 +160,8 @@ class RuntimeState:
         self._current: Loaded | None = None
         self._reload_lock = asyncio.Lock()
         self.warmed = False
+        # the operating point every bank this worker loads is served at (None: the bank's)
+        self.operating_target = settings.operating_target
 
     @property
     def ready(self) -> bool:
@@ -174,8 +179,32 @@ class RuntimeState:
 
     async def start(self) -> Loaded:
         loaded = await anyio.to_thread.run_sync(load, self.path, self.settings)
+        loaded = self._at_operating_point(loaded, self.operating_target)
         self._swap(loaded)
         return loaded
+
+    @staticmethod
+    def _at_operating_point(loaded: Loaded, target: Any) -> Loaded:
+        """``loaded`` at ``target`` (see :mod:`service.operating`); BankError when the bank
+        has no curve or the target is unreachable on it."""
+        if target is None:
+            return loaded
+        try:
+            return with_operating_point(loaded, target)
+        except ValueError as exc:
+            raise BankError(f"CONCEPTGUARD_OPERATING_POINT={target.target}:{target.value:g}: "
+                            f"{exc}") from exc
+
+    async def set_operating_point(self, target: Any) -> Loaded:
+        """Serve the current bank at ``target`` (an ``OperatingTarget``; None: the bank's own
+        threshold), swapped in atomically; ValueError (no curve, unreachable) leaves the
+        current one serving."""
+        async with self._reload_lock:
+            current = self.require()
+            new = with_operating_point(current, target)
+            self.operating_target = target
+            self._swap(new)
+            return new
 
     async def reload(self, path: str | None = None) -> tuple[Loaded, Loaded | None]:
         """Load ``path`` (relative to the banks root; default: the current bank) and swap
@@ -188,6 +217,7 @@ class RuntimeState:
                 target, ref = confine(self.root, path)
             try:
                 new = await anyio.to_thread.run_sync(load, target, self.settings)
+                new = self._at_operating_point(new, self.operating_target)
             except BankPathError:
                 raise
             except BankError as exc:
@@ -204,6 +234,7 @@ class RuntimeState:
                                                                          new.metrics.info):
             old.metrics.deactivate()
         new.metrics.activate()
+        publish_threshold(new)
 
     def stop(self) -> None:
         loaded, self._current = self._current, None

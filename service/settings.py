@@ -99,8 +99,15 @@ class Settings(BaseSettings):
                                    description="most inputs whose label is remembered (to "
                                                "count each once) over one TTL")
 
+    operating_point: str | None = Field(
+        None, description="reject threshold chosen from the bank's stored operating curve: "
+                          "coverage:V (accept at least V of the weighted fitting stream), "
+                          "accept_correct:V (at least V of correct clean predictions) or "
+                          "risk:V (error rate among accepted at most V); V in (0, 1); unset: "
+                          "the bank's own threshold")
+
     @field_validator("admin_token", "expected_classifier_hash", "model_name", "banks_root",
-                     "feedback_key", mode="before")
+                     "feedback_key", "operating_point", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():
@@ -116,6 +123,28 @@ class Settings(BaseSettings):
         if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
             raise ValueError("must be a sha256 hex digest (64 hex characters)")
         return value
+
+    @field_validator("operating_point")
+    @classmethod
+    def _operating_target(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from conceptguard.operating_point import OperatingTarget
+
+        try:
+            t = OperatingTarget.parse(value.strip())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return f"{t.target}:{t.value:g}"
+
+    @property
+    def operating_target(self):
+        """:attr:`operating_point` parsed (an ``OperatingTarget``), or None."""
+        from conceptguard.operating_point import OperatingTarget
+
+        return None if self.operating_point is None else OperatingTarget.parse(
+            self.operating_point)
 
     @field_validator("feedback_key")
     @classmethod

@@ -103,3 +103,25 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> TinyBuild:
         build = _build_tiny(workdir)
         done.write_text("ok")
         return build
+
+
+def as_schema2(bank: Path) -> Path:
+    """Rewrite the bank folder ``bank`` (a copy) as a schema-version-2 bank, as written before
+    trust's calibration map and the operating curve existed: no ``trust.calibration.*``
+    tensors, ``threshold.value`` the raw threshold, no ``threshold.raw`` and no curve;
+    checksums refreshed."""
+    from safetensors.numpy import load_file
+
+    from conceptguard import bank as bankio
+
+    tensors = {k: v for k, v in load_file(str(bank / bankio.TENSORS)).items()
+               if not k.startswith("trust.calibration.")}
+    bankio.write_tensors(bank, tensors)
+    raw = json.loads((bank / bankio.MANIFEST).read_text())
+    raw["schema_version"] = 2
+    threshold = raw["threshold"]
+    threshold["value"] = threshold.pop("raw", threshold["value"])
+    threshold.pop("scale", None)
+    raw["calibration"].pop("operating_curve", None)
+    bankio.write_manifest(bank, bankio.Manifest.model_validate(raw))
+    return bank

@@ -48,6 +48,15 @@ def missing_keys(m: dict) -> list[str]:
         paths += [["mixed_compositions", mix, x, "aurc"] for x in MIXED_METHODS]
         paths += [["mixed_compositions", mix, "trust_minus"]]
     paths += [["mixed", "trust_minus"], ["summary_streams"]]
+    # trust as P(right) (issue 22): ECE per kind, the reject target on held-out data, and
+    # estimated vs. realised accuracy per stream
+    paths += [["trust_calibration", "ece", k, "calibrated"]
+              for k in ("clean", "corruption", "attack", "foreign", "fitting_stream")]
+    paths += [["trust_calibration", "reject_target_heldout", k]
+              for k in ("measured", "ci95", "met")]
+    paths += [["trust_calibration", "estimated_accuracy", "clean", k]
+              for k in ("estimated", "realised", "error")]
+    paths += [["threshold", "raw"]]
     paths += [["timings_s", s] for s in ("data", "classifier", "vlm", "aligner", "adversarial",
                                          "stream", "heatmaps", "calibration", "evaluation",
                                          "report")]

@@ -32,7 +32,10 @@ def test_bank_round_trips(demo_bank_path: Path) -> None:
     assert m.dims.concepts == len(m.concept_names) == bank.monitor.num_concepts
     raw = load_file(str(demo_bank_path / "tensors.safetensors"))
     np.testing.assert_array_equal(raw["heatmaps.model.ok"], bank.monitor.heatmaps.h_ok)
-    assert bank.monitor.threshold == m.threshold["value"]
+    # value: the calibrated scale (the map of the raw threshold); raw: the trust model's
+    # own (a schema-2 bank has no map and no raw: the two are one)
+    assert bank.monitor.calibrated_threshold == m.threshold["value"]
+    assert bank.monitor.threshold == m.threshold.get("raw", m.threshold["value"])
 
 
 def test_onnx_torch_and_numpy_paths_agree(demo_bank_path: Path) -> None:

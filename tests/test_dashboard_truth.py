@@ -247,6 +247,7 @@ def test_every_panel_and_rule_matches_the_traffic(
     classes = demo_manifest["classes"]
     n_concepts = len(demo_manifest["concepts"])
     expected_reject = 1.0 - demo_manifest["evaluation"]["threshold"]["coverage"]
+    threshold = demo_manifest["threshold"]["value"]  # the bank's own: no operating point
     with running_prometheus(srv.port, tmp_path, (RULES,)) as prom:
         # the series exist at 0 before any traffic, and Prometheus has stored that
         wait_for(prom, "count(conceptguard_predictions_total)", 2.0 * len(classes))
@@ -263,11 +264,12 @@ def test_every_panel_and_rule_matches_the_traffic(
         time.sleep(3.0)  # every rule evaluated on the final samples
         with httpx.Client(base_url=srv.url, timeout=30.0) as c:
             text = c.get("/metrics").text
-        check_everything(prom, text, traffic, classes, n_concepts, expected_reject, workers)
+        check_everything(prom, text, traffic, classes, n_concepts, expected_reject, workers,
+                         threshold)
 
 
 def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_concepts: int,
-                     expected_reject: float, workers: int) -> None:
+                     expected_reject: float, workers: int, threshold: float) -> None:
     cls, trust, reject = t.arrays()
     n = t.n
     # every query at one instant: rate()'s extrapolation changes as time passes. A second
@@ -451,6 +453,8 @@ def check_everything(prom: str, text: str, t: Traffic, classes: list[str], n_con
             assert res and all(v == 0.0 for _, v in res), res  # no event was sent
         elif key == ("Inference-logger sink pairs", "A"):
             assert res and all(v == 0.0 for _, v in res), res
+        elif key == ("Reject threshold in use", "A"):
+            close_all(by(res, "target"), {"bank": threshold}, "reject threshold")
         elif key == ("Bank info", "A"):
             assert {lab["bank_id"] for lab, _ in res} == {expo_bank_id(text)}
         else:

@@ -53,7 +53,8 @@ HISTOGRAMS = {"conceptguard_trust_score", "conceptguard_head_score",
 SUMMARIES = {"conceptguard_concept_score"}
 GAUGES = {"conceptguard_queue_depth", "conceptguard_concept_score_mean",
           "conceptguard_bank_info", "conceptguard_estimated_accuracy",
-          "conceptguard_expected_rejection_rate", "conceptguard_queue_capacity"}
+          "conceptguard_expected_rejection_rate", "conceptguard_queue_capacity",
+          "conceptguard_reject_threshold"}
 FAMILIES = COUNTERS | HISTOGRAMS | SUMMARIES | GAUGES
 SERIES_NAMES = (COUNTERS | GAUGES
                 | {f"{h}{s}" for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}

@@ -85,11 +85,14 @@ def assert_matches(got: dict[str, np.ndarray], ref: Scores, threshold: float) ->
     for key in HEADS:
         np.testing.assert_allclose(got[key], getattr(ref, key), rtol=0, atol=1e-5,
                                    err_msg=key)
-    np.testing.assert_allclose(got["trust"], ref.trust, rtol=0, atol=1e-5)
+    # the graph's trust is the raw score: the calibration map is applied after it
+    # (scoring.scores_from_graph), and ``threshold`` is on the raw scale
+    raw = ref.trust if ref.raw_trust is None else ref.raw_trust
+    np.testing.assert_allclose(got["trust"], raw, rtol=0, atol=1e-5)
     assert_f32_close(got["contributions"], ref.contributions,
                      terms=got["contributions"].shape[-1], err_msg="contributions")
 
-    near = np.abs(ref.trust - threshold) < 1e-5
+    near = np.abs(raw - threshold) < 1e-5
     assert got["reject"].dtype == np.bool_
     np.testing.assert_array_equal(got["reject"][~near], ref.reject[~near])
     reasons = [REASON_KINDS[int(i)] for i in got["reason"]]
@@ -103,7 +106,7 @@ def assert_matches(got: dict[str, np.ndarray], ref: Scores, threshold: float) ->
 def test_fused_graph_matches_numpy_score_on_its_own_outputs(
         bank: Bank, fused: dict[str, np.ndarray]) -> None:
     ref = score(bank.monitor, fused["logits"], fused["features"], fused["concepts"])
-    assert not (np.abs(ref.trust - bank.monitor.threshold) < 1e-5).any()
+    assert not (np.abs(ref.raw_trust - bank.monitor.threshold) < 1e-5).any()
     assert_matches(fused, ref, bank.monitor.threshold)
     assert set(ref.reason) >= {"accepted", "misclassification-like"}  # the sample rejects some
 
@@ -123,7 +126,8 @@ def test_fused_graph_reproduces_the_offline_sample(fused: dict[str, np.ndarray],
                                                    test_scores_sample: dict[str, Any]) -> None:
     s = test_scores_sample
     assert fused["predictions"].tolist() == s["predictions"]
-    np.testing.assert_allclose(fused["trust"], s["trust"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fused["trust"], s.get("raw_trust", s["trust"]), rtol=0,
+                               atol=1e-5)
     for key in ("p_misclassification", "p_anomaly", "p_adversarial", "p_unfamiliar"):
         np.testing.assert_allclose(fused[key], s[key], rtol=0, atol=1e-5, err_msg=key)
     assert fused["reject"].tolist() == s["reject"]

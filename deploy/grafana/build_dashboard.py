@@ -362,7 +362,14 @@ def build() -> dict[str, Any]:
                "excludeByName": {"Time": True, "Value": True},
                "indexByName": {"job": 0, "instance": 1, "model": 2, "bank_id": 3, "vlm": 4,
                                "classifier_hash": 5, "schema_version": 6},
-               "renameByName": {}}}]}, w=24, h=7)
+               "renameByName": {}}}]}, w=16, h=7)
+    L.add(timeseries("Reject threshold in use",
+                     "The reject threshold each instance serves, on the calibrated trust scale "
+                     "(reject when trust < it), by target: bank (the bank's own) or the "
+                     "operating point chosen at serve time (CONCEPTGUARD_OPERATING_POINT, "
+                     "PUT /v1/admin/operating-point), e.g. coverage:0.9.",
+                     targets((f"max by (target) (conceptguard_reject_threshold{{{FM}}})",
+                              "{{target}}")), min_=0, max_=1), w=8, h=7)
 
     def query_var(name: str, label: str, query: str) -> dict[str, Any]:
         return {"name": name, "label": label, "type": "query", "datasource": DS,
