@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,3 +127,48 @@ f:close()
 wrk.headers["Content-Type"] = "{ctype}"
 """
 """A wrk script that POSTs one file's bytes with a Content-Type (fill ``body``, ``ctype``)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_pinned(bank: Path, port: int, log: Path, extra: dict[str, str], cpu: str,
+                 ready_s: float = 120.0) -> subprocess.Popen:
+    """``conceptguard serve`` on CPU ``cpu`` (taskset), one inference thread, no CONCEPTGUARD_*
+    setting inherited but ``extra`` (applied last); returns once it is ready."""
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTGUARD_")}
+    env.update({"CONCEPTGUARD_THREADS": "1", "CONCEPTGUARD_DEVICE": "cpu",
+                "CONCEPTGUARD_GRPC_PORT": "0"})
+    env.update(extra)
+    cmd = ["taskset", "-c", cpu, sys.executable, "-m", "offline.cli", "serve", "--bank",
+           str(bank), "--port", str(port), "--log-level", "warning"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + ready_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError("server not ready")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL after ``timeout`` seconds."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

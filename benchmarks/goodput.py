@@ -23,59 +23,25 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
-from _common import DEMO_BANK, REPO, WRK_POST_LUA, emit, machine
+from _common import (
+    DEMO_BANK,
+    REPO,
+    WRK_POST_LUA,
+    emit,
+    free_port,
+    machine,
+    serve_pinned,
+    stop_server,
+)
 
 IMAGE = REPO / "examples" / "coat.png"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(bank: Path, port: int, log: Path, extra: dict[str, str], cpu: str
-          ) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTGUARD_")}
-    env.update({"CONCEPTGUARD_THREADS": "1", "CONCEPTGUARD_DEVICE": "cpu",
-                "CONCEPTGUARD_GRPC_PORT": "0"})
-    env.update(extra)
-    cmd = ["taskset", "-c", cpu, sys.executable, "-m", "offline.cli", "serve", "--bank",
-           str(bank), "--port", str(port), "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop(proc)
-    raise RuntimeError("server not ready")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def rss_mib(pid: int) -> dict[str, float]:
@@ -137,7 +103,7 @@ def main() -> None:
         lua = folder / "post.lua"
         lua.write_text(WRK_POST_LUA.format(body=IMAGE, ctype="image/png"))
         port = free_port()
-        proc = serve(args.bank, port, folder / "server.log", extra, args.server_cpu)
+        proc = serve_pinned(args.bank, port, folder / "server.log", extra, args.server_cpu)
         url = f"http://127.0.0.1:{port}/v1/classify"
         peak: list[dict] = []
         abusive: list[dict] = []
@@ -152,7 +118,7 @@ def main() -> None:
             memory = rss_mib(proc.pid)
             metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         finally:
-            stop(proc)
+            stop_server(proc)
     shed = sum(float(v) for v in re.findall(
         r"^conceptguard_queue_full_total(?:\{[^}]*\})? ([\d.e+]+)", metrics, re.M))
     best_peak = max(r["answers_per_s"] for r in peak)

@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-from _common import DEMO_BANK, REPO, WRK_POST_LUA, emit, machine, test_images
+from _common import (
+    DEMO_BANK,
+    WRK_POST_LUA,
+    emit,
+    free_port,
+    machine,
+    serve_pinned,
+    stop_server,
+    test_images,
+)
 
 
 def png_body(boundary: str) -> bytes:
@@ -39,46 +43,6 @@ def png_body(boundary: str) -> bytes:
     return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
             f"filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n").encode() + \
         buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(bank: Path, port: int, log: Path, extra: dict[str, str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTGUARD_")}
-    env.update(extra)
-    env.update({"CONCEPTGUARD_THREADS": "1", "CONCEPTGUARD_DEVICE": "cpu",
-                "CONCEPTGUARD_GRPC_PORT": str(free_port()),
-                "CONCEPTGUARD_GRPC_HOST": "127.0.0.1"})
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "offline.cli", "serve", "--bank",
-           str(bank), "--port", str(port), "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop(proc)
-    raise RuntimeError("server not ready")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def wrk(url: str, lua: Path, connections: int, seconds: int) -> dict:
@@ -120,7 +84,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, bank in banks.items():
                 port = free_port()
-                proc = serve(bank, port, folder / f"{name}.log", extra)
+                proc = serve_pinned(bank, port, folder / f"{name}.log",
+                                    {**extra, "CONCEPTGUARD_GRPC_PORT": str(free_port()),
+                                     "CONCEPTGUARD_GRPC_HOST": "127.0.0.1"}, "0")
                 try:
                     graph = httpx.get(f"http://127.0.0.1:{port}/v1/bank").json()["runtime"]
                     assert graph["graph"] == ("fused" if name == "fused" else "classifier")
@@ -129,7 +95,7 @@ def main() -> None:
                     for c in args.connections:
                         runs[name][c].append(wrk(url, lua, c, args.seconds))
                 finally:
-                    stop(proc)
+                    stop_server(proc, 15)
     emit("wrk_fused", {**machine(), "seconds": args.seconds, "server_env": extra,
                        "runs": runs})
 
