@@ -19,19 +19,28 @@ SHARED_GROUPS: dict[str, str] = {
     "test_calibration_build": "tiny-bank",
 }
 
-# The longest groups go out first, so that neither worker is left with one at the end (the
-# scheduler hands the groups out in collection order).
+# The longest groups go out first, so that neither worker is left with one at the end: the
+# scheduler hands the groups out in collection order once its own reordering (by the number
+# of tests in a group, which put the four-test walkthrough last) is off (pytest_configure).
 LONGEST_FIRST: tuple[str, ...] = (
     "test_your_model", "tiny-bank", "ray", "test_streaming_build", "test_diagnose_cli",
     "test_dashboard_truth",
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's --no-loadscope-reorder
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``--dist loadgroup`` every module is one group (its module-scoped servers and
     builds are made once, on one worker) unless a test names its own ``xdist_group``."""
-    if getattr(config.option, "dist", "no") != "loadgroup":
+    # the workers, which collect and whose order the scheduler uses, see --dist as "no" and
+    # xdist's own flag ``loadgroup`` instead; the controller sees --dist itself
+    if not (getattr(config.option, "loadgroup", False)
+            or getattr(config.option, "dist", "no") == "loadgroup"):
         return
     groups: dict[str, str] = {}
     for item in items:
@@ -45,3 +54,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         groups[item.nodeid] = group
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda it: rank.get(groups[it.nodeid], len(rank)))  # stable: order kept within
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--dist loadgroup`` every collected id must carry its group (pytest-xdist adds
+    ``@group``). pytest 9.2 keeps node ids where pytest-xdist 3.8 no longer writes them, and
+    the groups were then silently ignored: modules were split across the workers, each
+    building its module fixtures (servers, banks, Ray clusters) again. Stop instead."""
+    if not getattr(session.config.option, "loadgroup", False) or not session.items:
+        return
+    lost = [item.nodeid for item in session.items if "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist's --dist loadgroup lost the test groups ({len(lost)} ids without "
+            f"@group, e.g. {lost[0]}): pytest {pytest.__version__} with this pytest-xdist "
+            "splits modules across workers; install the versions of requirements/dev.lock")
