@@ -154,7 +154,9 @@ def _build_bank(args: argparse.Namespace) -> int:
                          use_cache=not args.no_cache, engine=engine)
     finally:
         engine.close()
-    render_report(out)  # the full report: curves and examples from the published bank
+    # the full report: curves and examples from the published bank, beside the figures
+    # the build drew
+    render_report(out, redraw=False)
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     print(json.dumps(headline(metrics), indent=2))
     print(f"done in {time.perf_counter() - t0:.0f} s; report: {out / 'report' / 'index.html'}",
@@ -264,9 +266,10 @@ def _check_concepts(args: argparse.Namespace) -> int:
 
 
 def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = True,
-                  attacks: bool = True) -> list[Path]:
+                  attacks: bool = True, redraw: bool = True) -> list[Path]:
     """(Re-)render a bank's report from its metrics.json; with ``evidence``, also the curves
-    and example thumbnails regenerated from the bank's own graph."""
+    and example thumbnails regenerated from the bank's own graph. ``redraw=False`` keeps
+    the figures the build drew (``write_report``)."""
     from conceptguard.bank import load_bank
     from offline.report import write_report
 
@@ -277,7 +280,8 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
         from offline.report_evidence import compute_evidence
         # a bank built without attacks (no gradients) has no attack examples either
         ev = compute_evidence(bank, attacks=attacks and "attacks_skipped" not in metrics)
-    return write_report(out or bank.path / "report", bank.manifest, bank.tensors, metrics, ev)
+    return write_report(out or bank.path / "report", bank.manifest, bank.tensors, metrics, ev,
+                        redraw=redraw)
 
 
 def _report(args: argparse.Namespace) -> int:

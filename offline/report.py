@@ -348,10 +348,12 @@ than 0.005 (the whole interval); Holm's adjustment across tasks.</p>
 
 
 def write_report(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray],
-                 metrics: dict, evidence=None) -> list[Path]:
+                 metrics: dict, evidence=None, *, redraw: bool = True) -> list[Path]:
     """Write the PNGs, ``index.html`` and ``metrics.json`` into ``folder``. With
     ``evidence`` (:func:`offline.report_evidence.compute_evidence`), also the curves,
-    the reliability diagram and the example thumbnails."""
+    the reliability diagram and the example thumbnails. ``redraw=False`` keeps the heatmap,
+    estimation and AUROC figures already in ``folder`` (drawn from the same tensors and
+    metrics by the build a moment before) instead of drawing them again."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("ex_*.png"):  # thumbnails of an earlier rendering
         old.unlink()
@@ -365,14 +367,17 @@ def write_report(folder: Path, manifest: Manifest, tensors: dict[str, np.ndarray
         if key not in tensors:
             continue
         name = key.replace("heatmaps.", "").replace(".", "_") + ".png"
-        heatmap_png(tensors[key], manifest.classes, manifest.concept_names, title,
-                    folder / name, cmap)
+        if redraw or not (folder / name).is_file():
+            heatmap_png(tensors[key], manifest.classes, manifest.concept_names, title,
+                        folder / name, cmap)
         images.append((name, title))
         written.append(folder / name)
     if isinstance(metrics.get("trust_calibration"), dict):
-        estimation_png(metrics["trust_calibration"], folder / ESTIMATION_FIGURE)
+        if redraw or not (folder / ESTIMATION_FIGURE).is_file():
+            estimation_png(metrics["trust_calibration"], folder / ESTIMATION_FIGURE)
         written.append(folder / ESTIMATION_FIGURE)
-    bar_png(metrics, folder / "auroc.png")
+    if redraw or not (folder / "auroc.png").is_file():
+        bar_png(metrics, folder / "auroc.png")
     images.insert(0, ("auroc.png", "detection AUROC per method and task"))
     written.append(folder / "auroc.png")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
