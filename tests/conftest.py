@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -82,6 +83,7 @@ class ServerProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     grpc_port: int = 0  # the Open Inference Protocol gRPC port (0: none)
+    workers: int = 1
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -153,18 +155,30 @@ def launch_server(log_dir: Path, *, bank: Path = DEMO_BANK,
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die_with_parent)
     return ServerProcess(f"http://127.0.0.1:{port}", port, proc, log_path, env,
-                         int(env["CONCEPTGUARD_GRPC_PORT"]))
+                         int(env["CONCEPTGUARD_GRPC_PORT"]), workers)
+
+
+def ready_workers(server: ServerProcess) -> int:
+    """How many worker processes serve their bank: the live ``conceptguard_bank_info``
+    series at 1, one per process id (several workers share a multiprocess metrics folder;
+    the CLI makes one when none is given)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=5.0).text
+    return len(set(re.findall(r'^conceptguard_bank_info\{[^}]*\bpid="(\d+)"[^}]*\} 1\.0$',
+                              text, flags=re.M)))
 
 
 def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> ServerProcess:
-    """Poll ``/v2/health/ready`` until 200; fail with the server log otherwise."""
+    """Poll ``/v2/health/ready`` until 200, and with several workers until every one of them
+    serves its bank (a ready answer comes from whichever worker took the connection); fail
+    with the server log otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not server.alive():
             raise RuntimeError(f"server exited with {server.process.returncode}:\n"
                                f"{server.log_tail()}")
         try:
-            if httpx.get(f"{server.url}/v2/health/ready", timeout=2.0).status_code == 200:
+            if httpx.get(f"{server.url}/v2/health/ready", timeout=2.0).status_code == 200 \
+                    and (server.workers <= 1 or ready_workers(server) >= server.workers):
                 return server
         except httpx.HTTPError:
             pass

@@ -248,7 +248,9 @@ def test_every_panel_and_rule_matches_the_traffic(
     n_concepts = len(demo_manifest["concepts"])
     expected_reject = 1.0 - demo_manifest["evaluation"]["threshold"]["coverage"]
     threshold = demo_manifest["threshold"]["value"]  # the bank's own: no operating point
-    with running_prometheus(srv.port, tmp_path, (RULES,)) as prom:
+    # rules every 1.5 s against scrapes every 1 s: consecutive recordings fall at different
+    # distances after a scrape (recorded_matches_expression picks one far from it)
+    with running_prometheus(srv.port, tmp_path, (RULES,), evaluation_interval="1500ms") as prom:
         # the series exist at 0 before any traffic, and Prometheus has stored that
         wait_for(prom, "count(conceptguard_predictions_total)", 2.0 * len(classes))
         wait_for(prom, "sum(conceptguard_predictions_total)", 0.0)
@@ -576,19 +578,44 @@ def ema(values: np.ndarray, alpha: float = 0.01) -> float:
 
 def recorded_matches_expression(prom: str, name: str, expr: str, at: float) -> None:
     """What Prometheus recorded for a rule equals the rule's expression evaluated at the
-    time of that recording."""
-    recorded = instant(prom, name, at)
+    time of that recording.
+
+    Prometheus 2.42 (Debian's) evaluates a rule on the samples stored when it runs: a scrape
+    stamped just before the evaluation but still being ingested is missing from the rule's
+    view and present in a later query at the same time (rate5m then differs by a third).
+    Rules run every 1.5 s and scrapes every 1 s, so of the last recordings one lies at least
+    a quarter of a second after its scrape; that one is compared."""
+    recorded = ranged(prom, f"{name}[6s]", at)
     assert recorded, f"{name} was not recorded"
-    when = {json.dumps(lab, sort_keys=True): v
-            for lab, v in instant(prom, f"timestamp({name})", at)}
-    for lab, value in recorded:
+    scrapes = sorted(t for _, pts in ranged(prom, 'up{job="conceptguard"}[8s]', at)
+                     for t, _ in pts)
+    for lab, points in recorded:
         key = json.dumps({k: v for k, v in lab.items() if k != "__name__"}, sort_keys=True)
-        fresh = _at(prom, expr, when[key])
-        want = fresh[key]
+
+        def after_scrape(t: float) -> float:
+            return t - max((s for s in scrapes if s <= t), default=t - 1.0)
+
+        when, value = max(points, key=lambda p: after_scrape(p[0]))
+        assert after_scrape(when) >= 0.2, (name, points, scrapes)
+        want = _at(prom, expr, when)[key]
         if math.isnan(want):
             assert math.isnan(value), (name, lab, value)
         else:
-            close(value, want, f"{name} recorded {lab}", floor=1e-12)
+            close(value, want, f"{name} recorded {lab} at {when}", floor=1e-12)
+
+
+Series = list[tuple[dict[str, str], list[tuple[float, float]]]]
+
+
+def ranged(prom: str, expr: str, at: float) -> Series:
+    """A range-vector query (``metric[window]``) at ``at``: each series' raw samples."""
+    resp = httpx.get(f"{prom}/api/v1/query", params={"query": expr, "time": f"{at:.3f}"},
+                     timeout=10.0)
+    assert resp.status_code == 200, (expr, resp.text)
+    body = resp.json()
+    assert body["status"] == "success" and body["data"]["resultType"] == "matrix", body
+    return [(r["metric"], [(float(t), float(v)) for t, v in r["values"]])
+            for r in body["data"]["result"]]
 
 
 _CACHE: dict[tuple[str, str, float], dict[str, float]] = {}

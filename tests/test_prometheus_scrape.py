@@ -41,15 +41,16 @@ REJECT_RATE_RATIO = ("sum(rate(conceptguard_rejections_total[1m])) "
 
 @contextlib.contextmanager
 def running_prometheus(port_to_scrape: int, folder: Path,
-                       rule_files: tuple[Path, ...] = ()) -> Iterator[str]:
+                       rule_files: tuple[Path, ...] = (),
+                       evaluation_interval: str = "1s") -> Iterator[str]:
     """Prometheus scraping 127.0.0.1:``port_to_scrape`` every second (and evaluating
-    ``rule_files`` every second); yields its base URL."""
+    ``rule_files`` every ``evaluation_interval``); yields its base URL."""
     if not os.access(PROMETHEUS, os.X_OK):
         pytest.skip(f"{PROMETHEUS} is not installed")
     port = free_port()
     config = folder / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "1s", "evaluation_interval": evaluation_interval},
         "rule_files": [str(f) for f in rule_files],
         "scrape_configs": [{
             "job_name": "conceptguard", "scrape_interval": "1s", "scrape_timeout": "900ms",

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -100,12 +101,18 @@ def test_two_workers_drain_reload_and_clean_up(tmp_path: Path, demo_bank_dir: Pa
                 return type(exc).__name__
 
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
-            futures = [pool.submit(call, i) for i in range(n)]
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # wait until requests are in the queues
-                text = httpx.get(f"{srv.url}/metrics", timeout=30).text
-                if metric_sum(text, "conceptguard_queue_depth") > 0:
+            # bursts until a scrape sees requests in the queues (a fast machine may answer a
+            # whole burst between two scrapes); earlier bursts are answered in full
+            for _ in range(20):
+                futures = [pool.submit(call, i) for i in range(n)]
+                queued = False
+                while not queued and not all(f.done() for f in futures):
+                    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+                    queued = metric_sum(text, "conceptguard_queue_depth") > 0
+                if queued:
                     break
+                assert [f.result() for f in futures] == [200] * n
+            assert queued, "no scrape saw a request in the queues: the drain would prove nothing"
             # the whole process group, as `docker stop` through a shell or an init does: every
             # worker gets SIGTERM from there and again from the supervisor
             os.killpg(srv.process.pid, signal.SIGTERM)
@@ -132,25 +139,37 @@ def test_queue_depth_forgets_a_killed_worker(tmp_path: Path) -> None:
         wait_ready(srv)
         batch = _images(32, 1)
 
-        def call(_: int) -> int | str:
-            try:
-                return httpx.post(f"{srv.url}/v1/classify", files=batch, timeout=60,
-                                  headers={"Connection": "close"}).status_code
-            except httpx.HTTPError as exc:
-                return type(exc).__name__
+        stop = threading.Event()
+
+        def load(_: int) -> list[int | str]:
+            """Requests one after another until ``stop``: the queue stays busy however fast
+            the machine is."""
+            out: list[int | str] = []
+            while not stop.is_set():
+                try:
+                    out.append(httpx.post(f"{srv.url}/v1/classify", files=batch, timeout=60,
+                                          headers={"Connection": "close"}).status_code)
+                except httpx.HTTPError as exc:
+                    out.append(type(exc).__name__)
+            return out
 
         deadline = time.monotonic() + 60
         while len(_children(srv.process.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         victim = _children(srv.process.pid)[0]
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(call, i) for i in range(16)]
-            while time.monotonic() < deadline:
-                text = httpx.get(f"{srv.url}/metrics", timeout=30).text
-                if metric_sum(text, "conceptguard_queue_depth") > 0:
-                    break
-            os.kill(victim, signal.SIGKILL)
-            [f.result() for f in futures]
+            futures = [pool.submit(load, i) for i in range(16)]
+            try:
+                seen = False
+                while not seen and time.monotonic() < deadline:
+                    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+                    seen = metric_sum(text, "conceptguard_queue_depth") > 0
+                assert seen, "the queue never held a request: the kill would prove nothing"
+                os.kill(victim, signal.SIGKILL)
+            finally:
+                stop.set()
+            answered = [r for f in futures for r in f.result()]
+        assert 200 in answered, answered[:20]
         # the supervisor restarts the worker; the dead one's gauge must not linger
         wait_ready(srv)
         text = httpx.get(f"{srv.url}/metrics", timeout=30).text
