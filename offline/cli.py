@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -355,16 +357,23 @@ def _serve_ray(args: argparse.Namespace) -> int:
         ray.init(address=address)
     else:
         ray.init(num_cpus=args.ray_num_cpus, include_dashboard=False)
+    # Ctrl-C and SIGTERM only set a flag: the replica answers through Serve's proxy before
+    # serve.run() returns, so a client may stop us while Ray's own code runs, where a
+    # KeyboardInterrupt was lost and the process stayed up. Stopping happens below, once.
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build(), name="conceptguard", route_prefix="/", blocking=False)
         print(f"conceptguard on Ray Serve: http://{args.host}:{args.port} "
               "(ready at /v2/health/ready); Ctrl-C stops it", file=sys.stderr)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        while not stop.wait(0.5):
+            pass
         return 0
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         # A local Ray started here goes down whole with ray.shutdown(): its processes, Serve's
         # controller and replicas included, in a few seconds. serve.shutdown() first would
         # drain every replica gracefully (tens of seconds on a loaded machine) for nothing.
