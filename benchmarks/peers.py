@@ -11,8 +11,8 @@ one intra-op thread, one process):
   (``benchmarks/peers/fastapi_ort.py``: decode, 28x28 grey, ``classifier.onnx``, softmax,
   JSON), raw body and multipart; its venv holds ``fastapi uvicorn[standard] onnxruntime
   pillow numpy python-multipart`` (uvloop + httptools); the same server once more with
-  ``uvicorn --http h11``, the HTTP/1.1 parser conceptguard serves with, to tell the
-  parser's share of the gap from the rest;
+  ``uvicorn --http h11`` (uvicorn's pure-Python parser; conceptguard
+  serves with httptools) to tell the parser's share of a gap from the rest;
 * MLServer 1.7.1 with a small custom ONNX Runtime runtime (``benchmarks/peers/mlserver_ort``)
   on v2 JSON with the PNG as a base64 BYTES element, ``parallel_workers: 0`` (inference in
   the server process), no monitor.
@@ -251,8 +251,8 @@ ROWS = [  # (row label, server, path, body)
     ("hand-written FastAPI + ORT, raw body (no monitor)", "fastapi", "/classify", "raw"),
     ("hand-written FastAPI + ORT, multipart (no monitor)", "fastapi", "/classify/file",
      "multipart"),
-    ("hand-written FastAPI + ORT on h11 (the HTTP/1.1 parser conceptguard serves with), raw "
-     "body (no monitor)", "fastapi-h11", "/classify", "raw"),
+    ("hand-written FastAPI + ORT on h11 (uvicorn's pure-Python parser), raw body "
+     "(no monitor)", "fastapi-h11", "/classify", "raw"),
     ("MLServer 1.7.1 + custom ORT runtime, v2 JSON base64 (no monitor)", "mlserver",
      "/v2/models/classifier/infer", "v2"),
 ]
