@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -158,13 +157,13 @@ def launch_server(log_dir: Path, *, bank: Path = DEMO_BANK,
                          int(env["CONCEPTGUARD_GRPC_PORT"]), workers)
 
 
-def ready_workers(server: ServerProcess) -> int:
-    """How many worker processes serve their bank: the live ``conceptguard_bank_info``
+def serving_pids(metrics_text: str) -> set[str]:
+    """The worker processes that serve their bank: the live ``conceptguard_bank_info``
     series at 1, one per process id (several workers share a multiprocess metrics folder;
     the CLI makes one when none is given)."""
-    text = httpx.get(f"{server.url}/metrics", timeout=5.0).text
-    return len(set(re.findall(r'^conceptguard_bank_info\{[^}]*\bpid="(\d+)"[^}]*\} 1\.0$',
-                              text, flags=re.M)))
+    return {lab.get("pid", "") for lab, v in metric_samples(metrics_text,
+                                                             "conceptguard_bank_info")
+            if v == 1}
 
 
 def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> ServerProcess:
@@ -178,7 +177,8 @@ def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> Serve
                                f"{server.log_tail()}")
         try:
             if httpx.get(f"{server.url}/v2/health/ready", timeout=2.0).status_code == 200 \
-                    and (server.workers <= 1 or ready_workers(server) >= server.workers):
+                    and (server.workers <= 1 or len(serving_pids(httpx.get(
+                        f"{server.url}/metrics", timeout=5.0).text)) >= server.workers):
                 return server
         except httpx.HTTPError:
             pass

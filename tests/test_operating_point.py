@@ -202,20 +202,13 @@ def test_two_workers_move_together(curve_bank: Path, tmp_path: Path) -> None:
     the new threshold; fresh connections (spread over the workers) all see it."""
     import httpx
 
-    from tests.conftest import launch_server, metric_samples, wait_ready
+    from tests.conftest import launch_server, serving_pids, wait_ready
 
     srv = wait_ready(launch_server(tmp_path / "logs", bank=curve_bank, workers=2,
                                    use_cli=True, settings={"admin_token": ADMIN_TOKEN}))
     try:
-        deadline = time.monotonic() + 120
-        while True:  # both workers serving: one bank_info series per pid
-            text = httpx.get(f"{srv.url}/metrics", timeout=10).text
-            pids = {lab.get("pid") for lab, v in metric_samples(text, "conceptguard_bank_info")
-                    if v == 1}
-            if len(pids) >= 2:
-                break
-            assert time.monotonic() < deadline, "the second worker never served"
-            time.sleep(0.2)
+        # wait_ready waited for both workers to serve (one bank_info series per pid)
+        assert len(serving_pids(httpx.get(f"{srv.url}/metrics", timeout=10).text)) == 2
         r = httpx.put(f"{srv.url}{PATH}", json={"target": "risk", "value": 0.2},
                       headers=AUTH, timeout=90)
         assert r.status_code == 200, r.text

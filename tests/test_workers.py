@@ -23,8 +23,8 @@ from tests.conftest import (
     ADMIN_TOKEN,
     encode_png,
     launch_server,
-    metric_samples,
     metric_sum,
+    serving_pids,
     wait_ready,
 )
 
@@ -47,11 +47,6 @@ def _images(n: int, seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:
                        "image/png")) for i in range(n)]
 
 
-def _serving_pids(text: str) -> set[str]:
-    return {lab.get("pid", "") for lab, v in metric_samples(text, "conceptguard_bank_info")
-            if v == 1}
-
-
 def _tmp_dirs() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "conceptguard-prom-*")))
 
@@ -70,11 +65,8 @@ def test_two_workers_drain_reload_and_clean_up(tmp_path: Path, demo_bank_dir: Pa
         while len(_children(srv.process.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         with srv.client(timeout=120) as c:
-            while time.monotonic() < deadline:  # both workers serving (one bank_info per pid)
-                if len(_serving_pids(c.get("/metrics").text)) >= 2:
-                    break
-                time.sleep(0.2)
-            assert len(_serving_pids(c.get("/metrics").text)) == 2
+            # wait_ready waited for both workers to serve (one bank_info per pid)
+            assert len(serving_pids(c.get("/metrics").text)) == 2
             # ---- a reload reaches every worker before it answers
             resp = c.post("/v1/bank/reload", json={"path": "v2"}, headers=AUTH)
             assert resp.status_code == 200, resp.text
