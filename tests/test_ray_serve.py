@@ -263,3 +263,36 @@ def test_bank_reload_reaches_every_replica(ray_client: httpx.Client,
         assert len(live) >= REPLICAS and set(live.values()) == {want}, live
     pointer = json.loads((ray_env["state"] / "conceptguard-bank.json").read_text())
     assert pointer["path"] == "demo" and pointer["generation"] >= 2
+
+
+def test_feedback_across_replicas_counts_each_input_once(ray_client: httpx.Client) -> None:
+    """Receipts issued by either replica are taken by either one: every label is sent until
+    both replicas have answered feedback, each input is counted once whichever replica took
+    its first label (the node's state folder holds the ids already counted), and the
+    feedback series that both replicas write add up to the inputs labelled."""
+    issued = _by_replica(ray_client, "POST", "/v1/classify", files=_files()[:3])
+    results = [x for rs in issued.values() for r in rs for x in r.json()["results"]]
+    receipts = {x["receipt"]: x["class_index"] for x in results}  # one per input answered
+    assert len(receipts) >= 2, results[:2]
+
+    def total(text: str) -> float:
+        return sum(v for _, v in _samples(text, "conceptguard_feedback_total"))
+
+    before = total(ray_client.get("/metrics").text)
+    counted: dict[str, list[bool]] = {}
+    answered_by: set[str] = set()
+    for _ in range(10):  # rounds until both replicas have taken feedback
+        for receipt, label in receipts.items():
+            r = ray_client.post("/v1/feedback", json={"receipt": receipt, "label": label})
+            assert r.status_code == 200, r.text
+            answered_by.add(r.headers[REPLICA_HEADER])
+            counted.setdefault(receipt, []).append(r.json()["counted"])
+        if len(answered_by) == REPLICAS:
+            break
+    assert len(answered_by) == REPLICAS, answered_by
+    assert all(c[0] is True and not any(c[1:]) for c in counted.values()), counted
+    deadline = time.monotonic() + 10.0  # both replicas' series, read from the shared folder
+    while total(ray_client.get("/metrics").text) < before + len(receipts):
+        assert time.monotonic() < deadline, "the feedback series never reached the count"
+        time.sleep(0.2)
+    assert total(ray_client.get("/metrics").text) == before + len(receipts)
