@@ -21,6 +21,10 @@ workers=${CONCEPTGUARD_TEST_WORKERS:-2}
 # one OpenMP thread per process (torch's CPU kernels) unless the caller says otherwise: the
 # workers already keep the cores busy, and the extra threads of each build or server spun
 # against the other worker's (measured on 2 cores: whole suite 553 s -> 409 s)
-if [[ $workers != 0 ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
-if [[ $workers == 0 ]]; then xdist=(); else xdist=(-n "$workers" --dist loadgroup); fi
+if [[ $workers == 0 ]]; then
+  xdist=()
+else
+  xdist=(-n "$workers" --dist loadgroup)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
 exec .venv/bin/python -m pytest -q "${xdist[@]}" "${args[@]}"

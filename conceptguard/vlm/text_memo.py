@@ -50,10 +50,10 @@ class TextMemo:
     """``encode(texts, compute)``: the memo's rows for known texts, ``compute`` (a list of
     texts -> ``(n, dim)`` float32) for the others, which are then added to the memo."""
 
-    def __init__(self, key: str, folder: Path | None = None, *, enabled: bool = True) -> None:
+    def __init__(self, key: str, folder: Path | None = None) -> None:
         folder = folder if folder is not None else memo_dir()
-        self.path = (folder / f"{re.sub(r'[^A-Za-z0-9._+-]', '_', key)}.safetensors"
-                     if enabled and folder is not None else None)
+        self.path = (None if folder is None
+                     else folder / f"{re.sub(r'[^A-Za-z0-9._+-]', '_', key)}.safetensors")
 
     def _read(self) -> dict[bytes, np.ndarray]:
         if self.path is None or not self.path.is_file():
