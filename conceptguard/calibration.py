@@ -26,13 +26,14 @@ from conceptguard.operating_point import operating_curve
 from conceptguard.scoring import Monitor
 from conceptguard.trust import (
     HEADS,
+    TrustMap,
     TrustModel,
     design,
     evaluate_trust,
     hinge_knots,
     misclassification_columns,
 )
-from conceptguard.trust_map import TrustMap, expected_calibration_error, fit_trust_map
+from conceptguard.trust_map import expected_calibration_error, fit_trust_map
 
 GROUPS: tuple[str, ...] = ("clean", "corruption", "attack", "foreign")
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from conceptguard.detectors import DETECTORS, Detector, Outputs, PaperRule, detector_risks
-from conceptguard.trust import ReasonKind, TrustModel, evaluate_trust, reasons
-from conceptguard.trust_map import IDENTITY, TrustMap
+from conceptguard.trust import IDENTITY, ReasonKind, TrustMap, TrustModel, evaluate_trust, reasons
 
 RejectReason = ReasonKind  # the name the service has used since v1
 

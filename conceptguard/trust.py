@@ -30,6 +30,28 @@ import numpy as np
 from conceptguard.detectors import DETECTORS
 from conceptguard.heads import LogisticHead, sigmoid
 
+SLOPE = 1e-3  # the identity's share: the least slope of the map anywhere on [0, 1]
+
+
+@dataclass(frozen=True)
+class TrustMap:
+    """The calibration map of trust, raw score -> P(right) (fitted by
+    :mod:`conceptguard.trust_map`): ``x``: strictly increasing knots on the raw scale from 0
+    to 1; ``y``: the calibrated values there, strictly increasing."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __call__(self, raw: np.ndarray | float) -> np.ndarray:
+        return np.interp(np.asarray(raw, np.float64), self.x, self.y)
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(np.array_equal(self.x, self.y))
+
+
+IDENTITY = TrustMap(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+
 ReasonKind = Literal["accepted", "misclassification-like", "adversarial-like", "unfamiliar"]
 REASON_KINDS: tuple[ReasonKind, ...] = ("accepted", "misclassification-like",
                                         "adversarial-like", "unfamiliar")

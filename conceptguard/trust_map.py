@@ -1,5 +1,6 @@
-"""The calibration map of ``trust``: a strictly increasing piecewise-linear function of the
-trust model's raw score, fitted after the ranking so that ``trust`` reads as P(right).
+"""Fitting the calibration map of ``trust`` (:class:`conceptguard.trust.TrustMap`, applied
+by the one scoring function): a strictly increasing piecewise-linear function of the trust
+model's raw score, fitted after the ranking so that ``trust`` reads as P(right).
 
 The fit: weighted isotonic regression (pool adjacent violators) of "the prediction is right"
 on the raw out-of-fold trust of the fitting stream; one knot per pooled block at the block's
@@ -13,30 +14,9 @@ what a bank written without one gets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-SLOPE = 1e-3  # the identity's share: the least slope of the map anywhere on [0, 1]
-
-
-@dataclass(frozen=True)
-class TrustMap:
-    """``x``: strictly increasing knots on the raw scale from 0 to 1; ``y``: the calibrated
-    values there, strictly increasing."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __call__(self, raw: np.ndarray | float) -> np.ndarray:
-        return np.interp(np.asarray(raw, np.float64), self.x, self.y)
-
-    @property
-    def is_identity(self) -> bool:
-        return bool(np.array_equal(self.x, self.y))
-
-
-IDENTITY = TrustMap(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+from conceptguard.trust import IDENTITY, SLOPE, TrustMap
 
 
 def check_knots(x: np.ndarray, y: np.ndarray) -> str | None:

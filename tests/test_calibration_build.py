@@ -14,7 +14,8 @@ from conceptguard.bank import load_bank
 from conceptguard.metrics import auroc
 from conceptguard.operating_point import COLUMNS, curve_array
 from conceptguard.scoring import score
-from conceptguard.trust_map import IDENTITY, check_knots
+from conceptguard.trust import IDENTITY
+from conceptguard.trust_map import check_knots
 from tests.fixtures_bank import TinyBuild
 
 pytestmark = pytest.mark.slow  # the session's tiny bank

@@ -22,7 +22,7 @@ from conceptguard.operating_point import (
     operating_curve,
     pick,
 )
-from conceptguard.trust_map import IDENTITY
+from conceptguard.trust import IDENTITY
 from service.settings import Settings, SettingsError, load_settings
 from tests.conftest import ADMIN_TOKEN
 from tests.fixtures_bank import as_schema2

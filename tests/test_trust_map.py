@@ -1,6 +1,7 @@
-"""The calibration map of trust (conceptguard/trust_map.py) and the operating curve
-(conceptguard/operating_point.py): pure functions on synthetic scores, and the map applied by
-the one scoring function on the demo bank's monitor (fast: no bank build)."""
+"""The calibration map of trust (conceptguard/trust.py applies it, conceptguard/trust_map.py
+fits it) and the operating curve (conceptguard/operating_point.py): pure functions on
+synthetic scores, and the map applied by the one scoring function on the demo bank's monitor
+(fast: no bank build)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,8 @@ from conceptguard.operating_point import (
     pick,
 )
 from conceptguard.scoring import score
+from conceptguard.trust import IDENTITY, SLOPE, TrustMap
 from conceptguard.trust_map import (
-    IDENTITY,
-    SLOPE,
-    TrustMap,
     check_knots,
     expected_calibration_error,
     fit_trust_map,
