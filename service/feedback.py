@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.errors import ServiceError
+from service.settings import state_folder
 
 if TYPE_CHECKING:
     from conceptguard.scoring import Scores
@@ -130,12 +131,6 @@ def verify(token: str, key: bytes) -> Receipt:
 
 
 # ---------------------------------------------------------------- the key
-
-
-def state_folder() -> Path | None:
-    folder = os.environ.get("CONCEPTGUARD_STATE_DIR") or os.environ.get(
-        "PROMETHEUS_MULTIPROC_DIR")
-    return Path(folder) if folder and os.path.isdir(folder) else None
 
 
 def resolve_key(configured: str | None, folder: Path | None) -> bytes:

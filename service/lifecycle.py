@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conceptguard.atomic import atomic_write_text
+from service.settings import state_folder
 
 if TYPE_CHECKING:
     from service.runtime_state import RuntimeState
@@ -140,11 +141,8 @@ class SharedBank:
 
     @classmethod
     def from_env(cls, settings: Settings) -> SharedBank | None:
-        folder = os.environ.get("CONCEPTGUARD_STATE_DIR") or os.environ.get(
-            "PROMETHEUS_MULTIPROC_DIR")
-        if not folder or not os.path.isdir(folder):
-            return None
-        return cls(Path(folder), settings)
+        folder = state_folder()
+        return None if folder is None else cls(folder, settings)
 
     # ---------------------------------------------------------------- files
 

@@ -4,8 +4,10 @@ An event is checked at once (its ``ce-*`` headers and payload structure: 4xx whe
 answered ``202 Accepted`` before anything is scored, so the serving stack that logs to it
 waits for nothing. Request events go to a bounded queue that one task per worker drains
 through the data plane (the same batching, scoring and metrics as ``/v1/classify``);
-response events are paired with their request by ``ce-id``. A bad event changes nothing
-for the others: it is refused before it is queued.
+response events are paired with their request by ``ce-id`` in one table for every worker
+of the host (``conceptguard-sink.sqlite`` in the state folder, which also keeps the halves
+waiting across a restart; in memory without a folder). A bad event changes nothing for the
+others: it is refused before it is queued.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -27,6 +31,7 @@ from service.errors import ServiceError
 from service.oip import infer as infer_tensors
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import ErrorResponse
+from service.settings import state_folder
 from service.sink import (
     EventHead,
     PairResult,
@@ -43,15 +48,22 @@ router = APIRouter()
 QUEUE_EVENTS = 256  # request events waiting to be scored, per worker
 PAIR_TTL_S = 60.0  # a half waits this long for its other half
 PAIR_CAP = 10_000  # halves waiting, at most
+PAIRS_FILE = "conceptguard-sink.sqlite"  # in the state folder
+
+
+def _pairs() -> Pairs:
+    folder = state_folder()
+    return Pairs(PAIR_TTL_S, PAIR_CAP, None if folder is None else folder / PAIRS_FILE)
 
 
 @dataclass
 class Sink:
-    """One per worker: the queue of request events, its task, the pairing table."""
+    """One per worker: the queue of request events, its task, the pairing table (shared
+    with the host's other workers through the state folder)."""
 
     queue: asyncio.Queue[tuple[EventHead, Loaded, list[InputTensor]]] = field(
         default_factory=lambda: asyncio.Queue(QUEUE_EVENTS))
-    pairs: Pairs = field(default_factory=lambda: Pairs(PAIR_TTL_S, PAIR_CAP))
+    pairs: Pairs = field(default_factory=_pairs)
     task: asyncio.Task[None] | None = None
     reported: tuple[int, int] = (0, 0)  # expired, evicted already counted
 
@@ -98,8 +110,13 @@ async def _drain(sink: Sink, dp: DataPlane) -> None:
         finally:
             sink.queue.task_done()
         metrics.SINK_EVENTS.labels("request", "monitored").inc()
-        sink.pair_done(sink.pairs.monitored(head.id, scores.predictions.tolist(),
-                                            time.monotonic()))
+        try:  # SQLite, possibly waiting on another worker's write: not on the event loop
+            result = await anyio.to_thread.run_sync(
+                sink.pairs.monitored, head.id, scores.predictions.tolist(), time.time())
+        except sqlite3.Error as exc:
+            log.warning("inference-logger event %s: not paired: %s", head.id, exc)
+            continue
+        sink.pair_done(result)
         sink.count_dropped()
 
 
@@ -126,7 +143,8 @@ def _checked_tensors(body: dict[str, Any], loaded: Loaded, dp: DataPlane
                                                                      "payload that is not JSON"},
                         422: {"model": ErrorResponse, "description": "a payload of the wrong "
                                                                      "structure"},
-                        503: {"model": ErrorResponse, "description": "the event queue is full"}},
+                        503: {"model": ErrorResponse, "description": "the event queue is full, "
+                                                                     "or the pairing table busy"}},
              summary="Inference-logger sink: KServe's request and response CloudEvents")
 async def events(request: Request) -> JSONResponse:
     """A CloudEvent in binary mode (``ce-id``, ``ce-type``, ``ce-source``,
@@ -143,7 +161,13 @@ async def events(request: Request) -> JSONResponse:
         sink = _sink(request)
         if head.kind == "response":
             served = served_predictions(payload, list(loaded.classes))
-            sink.pair_done(sink.pairs.served(head.id, served, time.monotonic()))
+            try:
+                result = await anyio.to_thread.run_sync(sink.pairs.served, head.id, served,
+                                                        time.time())
+            except sqlite3.Error as exc:
+                raise ServiceError(f"the pairing table is busy ({exc}); retry later", 503,
+                                   "pairing_busy") from exc
+            sink.pair_done(result)
             sink.count_dropped()
         else:
             dp: DataPlane = request.app.state.dataplane

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import base64
 import json
-from collections import OrderedDict
+import sqlite3
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -227,14 +229,6 @@ def _v2_predictions(outputs: list[Any], classes: list[str]) -> list[int] | None:
 # ---------------------------------------------------------------- pairing
 
 
-@dataclass
-class _Half:
-    at: float
-    monitored: list[int] | None = None  # the bank classifier's classes
-    served: list[int] | None = None  # the served model's classes
-    served_unreadable: bool = False
-
-
 @dataclass(frozen=True)
 class PairResult:
     agree: int
@@ -244,53 +238,103 @@ class PairResult:
 
 class Pairs:
     """Halves of ``ce-id`` pairs waiting for the other half: at most ``cap`` of them, each
-    for at most ``ttl_s`` seconds (then dropped and counted)."""
+    for at most ``ttl_s`` seconds (then dropped and counted).
 
-    def __init__(self, ttl_s: float, cap: int):
+    The table is SQLite: in memory, or with ``path`` a file in the state folder, so that the
+    workers of a host (and the replicas sharing the folder) pair the halves any of them took,
+    and halves still waiting survive a restart. Each step is one transaction
+    (``BEGIN IMMEDIATE``), so two workers taking the two halves of one id at once pair them
+    once. ``now`` is wall-clock time (Unix seconds), which every process shares.
+    ``expired``/``evicted`` count the halves this process dropped."""
+
+    def __init__(self, ttl_s: float, cap: int, path: Path | None = None):
         self.ttl_s = ttl_s
         self.cap = cap
-        self._waiting: OrderedDict[str, _Half] = OrderedDict()
         self.expired = 0
         self.evicted = 0
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(":memory:" if path is None else str(path), timeout=10.0,
+                                   check_same_thread=False, isolation_level=None)
+        if path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS halves (id TEXT PRIMARY KEY, "
+                         "at REAL NOT NULL, monitored TEXT, served TEXT, "
+                         "unreadable INTEGER NOT NULL DEFAULT 0)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS halves_at ON halves (at)")
 
     def __len__(self) -> int:
-        return len(self._waiting)
-
-    def _half(self, event_id: str, now: float) -> _Half:
-        self.expire(now)
-        half = self._waiting.get(event_id)
-        if half is None:
-            while len(self._waiting) >= self.cap:
-                self._waiting.popitem(last=False)
-                self.evicted += 1
-            half = self._waiting[event_id] = _Half(now)
-        return half
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM halves").fetchone()[0])
 
     def monitored(self, event_id: str, classes: list[int], now: float) -> PairResult | None:
-        half = self._half(event_id, now)
-        half.monitored = classes
-        return self._done(event_id, half)
+        """The bank classifier's classes for the request of ``event_id``; the pair's result
+        once the response's half is there too."""
+        return self._put(event_id, "monitored", classes, now)
 
     def served(self, event_id: str, classes: list[int] | None, now: float
                ) -> PairResult | None:
-        half = self._half(event_id, now)
-        half.served = classes
-        half.served_unreadable = classes is None
-        return self._done(event_id, half)
+        """The served model's classes from the response of ``event_id`` (None: unreadable)."""
+        return self._put(event_id, "served", classes, now)
 
-    def _done(self, event_id: str, half: _Half) -> PairResult | None:
-        if half.monitored is None or (half.served is None and not half.served_unreadable):
-            return None
-        del self._waiting[event_id]
-        if half.served is None or len(half.served) != len(half.monitored):
-            return PairResult(0, 0, True)
-        agree = sum(int(a == b) for a, b in zip(half.monitored, half.served, strict=True))
-        return PairResult(agree, len(half.served) - agree, False)
+    def _put(self, event_id: str, column: str, classes: list[int] | None, now: float
+             ) -> PairResult | None:
+        value = None if classes is None else json.dumps([int(c) for c in classes])
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._expire(now)
+                row = db.execute("SELECT monitored, served, unreadable FROM halves "
+                                 "WHERE id = ?", (event_id,)).fetchone()
+                if row is None:
+                    self._make_room()
+                    row = (None, None, 0)
+                monitored, served, unreadable = row
+                if column == "monitored":
+                    monitored = value
+                else:
+                    served, unreadable = value, int(classes is None)
+                if monitored is not None and (served is not None or unreadable):
+                    result = _result(json.loads(monitored),
+                                     None if served is None else json.loads(served))
+                    db.execute("DELETE FROM halves WHERE id = ?", (event_id,))
+                    db.execute("COMMIT")
+                    return result
+                db.execute("INSERT INTO halves (id, at, monitored, served, unreadable) "
+                           "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                           "monitored = excluded.monitored, served = excluded.served, "
+                           "unreadable = excluded.unreadable",
+                           (event_id, now, monitored, served, unreadable))
+                db.execute("COMMIT")
+                return None
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _make_room(self) -> None:
+        over = int(self._db.execute("SELECT COUNT(*) FROM halves").fetchone()[0]) - self.cap + 1
+        if over > 0:  # the oldest go
+            cur = self._db.execute("DELETE FROM halves WHERE id IN (SELECT id FROM halves "
+                                   "ORDER BY at, rowid LIMIT ?)", (over,))
+            self.evicted += cur.rowcount
+
+    def _expire(self, now: float) -> None:
+        cur = self._db.execute("DELETE FROM halves WHERE at < ?", (now - self.ttl_s,))
+        self.expired += cur.rowcount
 
     def expire(self, now: float) -> None:
-        while self._waiting:
-            event_id, half = next(iter(self._waiting.items()))
-            if now - half.at <= self.ttl_s:
-                break
-            del self._waiting[event_id]
-            self.expired += 1
+        """Drop (and count) the halves older than the TTL."""
+        with self._lock:
+            self._expire(now)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _result(monitored: list[int], served: list[int] | None) -> PairResult:
+    if served is None or len(served) != len(monitored):
+        return PairResult(0, 0, True)
+    agree = sum(int(a == b) for a, b in zip(monitored, served, strict=True))
+    return PairResult(agree, len(served) - agree, False)

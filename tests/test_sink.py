@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import multiprocessing
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +113,55 @@ def test_pairs_match_in_either_order_and_stay_bounded() -> None:
     assert len(pairs) == 3 and pairs.evicted == 2
     pairs.expire(now=100.0)  # and none waits longer than the TTL
     assert len(pairs) == 0 and pairs.expired == 3
+
+
+def test_pairs_in_a_shared_file_pair_across_tables_and_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.sqlite"
+    a, b = Pairs(60.0, 100, path), Pairs(60.0, 100, path)  # two workers of one host
+    assert a.monitored("x", [1, 2], now=0.0) is None
+    done = b.served("x", [1, 1], now=1.0)  # the other half reached the other worker
+    assert done is not None and (done.agree, done.disagree) == (1, 1)
+    assert len(a) == 0 and len(b) == 0
+    assert b.served("y", [0], now=2.0) is None
+    b.close()
+    a.close()
+    restarted = Pairs(60.0, 100, path)  # the halves still waiting outlive the processes
+    assert len(restarted) == 1
+    done = restarted.monitored("y", [0], now=3.0)
+    assert done is not None and (done.agree, done.disagree) == (1, 0)
+    assert restarted.served("z", [0], now=4.0) is None
+    restarted.expire(now=65.0)  # the TTL runs on wall-clock time, which processes share
+    assert len(restarted) == 0 and restarted.expired == 1
+
+
+def _one_half_each(path: str, kind: str, n: int, out: multiprocessing.Queue) -> None:
+    pairs = Pairs(60.0, 10 * n, Path(path))
+    now = time.time()
+    done = [pairs.monitored(f"e{i}", [i % 3], now) if kind == "monitored"
+            else pairs.served(f"e{i}", [i % 3 if i % 4 else 9], now) for i in range(n)]
+    out.put([(d.agree, d.disagree) for d in done if d is not None])
+
+
+def test_two_processes_racing_on_the_same_ids_pair_each_once(tmp_path: Path) -> None:
+    """One process takes every request half, another every response half, at the same
+    time: each id is paired exactly once (one transaction per step), whoever comes last."""
+    n, path = 300, str(tmp_path / "pairs.sqlite")
+    Pairs(60.0, 10 * n, Path(path)).close()  # the table exists before the race
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_one_half_each, args=(path, kind, n, out))
+             for kind in ("monitored", "served")]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    pairs = [r for got in results for r in got]
+    assert len(pairs) == n  # every id once, by one of the two
+    assert sum(a for a, _ in pairs) == sum(1 for i in range(n) if i % 4)
+    assert sum(d for _, d in pairs) == sum(1 for i in range(n) if not i % 4)
+    assert len(Pairs(60.0, 10 * n, Path(path))) == 0
 
 
 # ---------------------------------------------------------------- a real server
@@ -232,14 +282,88 @@ def test_replayed_events_are_monitored_and_bad_ones_refused(
                       result="accepted") == want["requests"]
     invalid = metric_sum(text, "conceptguard_sink_events_total", result="invalid")
     assert invalid == want["bad"]
-    if workers == 1:  # one worker holds both halves of every pair
-        assert metric_sum(text, "conceptguard_sink_pairs_total", result="agree") == want["agree"]
-        assert metric_sum(text, "conceptguard_sink_pairs_total",
-                          result="disagree") == want["disagree"]
-    else:  # halves that reached different workers wait, then expire (counted)
-        paired = (metric_sum(text, "conceptguard_sink_pairs_total", result="agree")
-                  + metric_sum(text, "conceptguard_sink_pairs_total", result="disagree"))
-        assert paired <= want["inputs"]
+    # every pair is matched, its halves at one worker or two (one table in the state folder)
+    _wait_metric(srv, "conceptguard_sink_pairs_total", want["agree"], result="agree")
+    text = _wait_metric(srv, "conceptguard_sink_pairs_total", want["disagree"],
+                        result="disagree")
+    assert metric_sum(text, "conceptguard_sink_pairs_total", result="agree") == want["agree"]
+    assert metric_sum(text, "conceptguard_sink_pairs_total",
+                      result="disagree") == want["disagree"]
+    for dropped in ("expired", "evicted", "unreadable"):
+        assert metric_sum(text, "conceptguard_sink_pairs_total", result=dropped) == 0
+
+
+@pytest.mark.slow
+def test_halves_pair_across_servers_sharing_a_state_folder(
+        server_factory: Callable[..., ServerProcess], tmp_path: Path, fashion_mnist_test: Any,
+        demo_manifest: dict[str, Any]) -> None:
+    """Two servers (as two workers or replicas of one host) with one state folder: every
+    pair whose halves went to different servers is matched once, in either order."""
+    state = tmp_path / "state"
+    state.mkdir()
+    env = {"CONCEPTGUARD_STATE_DIR": str(state)}
+    a, b = server_factory(extra_env=env), server_factory(extra_env=env)
+    images = np.asarray(fashion_mnist_test.images[320:328])
+    with a.client() as c:
+        r = c.post("/v1/classify", files=[("files", (f"{i}.png", encode_png(im), "image/png"))
+                                          for i, im in enumerate(images)])
+    assert r.status_code == 200, r.text
+    cls = [x["class_index"] for x in r.json()["results"]]
+    pngs, k = _pngs(images), len(demo_manifest["classes"])
+    with a.client() as ca, b.client() as cb:
+        for i in range(len(images)):
+            served = [cls[i] if i % 2 else (cls[i] + 1) % k]  # the even ones disagree
+            req = event("request", f"x-{i}", {"instances": [pngs[i]]})
+            resp = event("response", f"x-{i}", {"predictions": served})
+            first, second = (ca, cb) if i % 4 < 2 else (cb, ca)
+            for client, (h, body) in ((first, req), (second, resp)) if i % 3 else (
+                    (second, resp), (first, req)):
+                assert client.post("/v1/events", headers=h, content=body).status_code == 202
+
+    def paired(result: str) -> float:
+        total = 0.0
+        for srv in (a, b):
+            with srv.client() as c:
+                total += metric_sum(c.get("/metrics").text, "conceptguard_sink_pairs_total",
+                                    result=result)
+        return total
+
+    deadline = time.monotonic() + 60
+    while paired("agree") + paired("disagree") < len(images) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (paired("agree"), paired("disagree")) == (len(images) / 2, len(images) / 2)
+    assert paired("expired") == paired("evicted") == paired("unreadable") == 0
+
+
+@pytest.mark.slow
+def test_halves_waiting_outlive_a_restart(server_factory: Callable[..., ServerProcess],
+                                          tmp_path: Path, fashion_mnist_test: Any,
+                                          demo_manifest: dict[str, Any]) -> None:
+    """A request event monitored before a restart pairs with its response after it: the
+    table is in the state folder, which outlives the process."""
+    state = tmp_path / "state"
+    state.mkdir()
+    env = {"CONCEPTGUARD_STATE_DIR": str(state)}
+    images = np.asarray(fashion_mnist_test.images[300:306])
+    first = server_factory(extra_env=env)
+    with first.client() as c:
+        r = c.post("/v1/classify", files=[("files", (f"{i}.png", encode_png(im), "image/png"))
+                                          for i, im in enumerate(images)])
+        assert r.status_code == 200, r.text
+        cls = [x["class_index"] for x in r.json()["results"]]
+        h, b = event("request", "evt-restart", {"instances": _pngs(images)})
+        assert c.post("/v1/events", headers=h, content=b).status_code == 202
+    _wait_metric(first, "conceptguard_sink_events_total", 1, type="request",
+                 result="monitored")
+    first.stop()
+    assert first.process.returncode is not None
+    second = server_factory(extra_env=env)
+    served = [*cls[:-1], (cls[-1] + 1) % len(demo_manifest["classes"])]
+    with second.client() as c:
+        h, b = event("response", "evt-restart", {"predictions": served})
+        assert c.post("/v1/events", headers=h, content=b).status_code == 202
+    text = _wait_metric(second, "conceptguard_sink_pairs_total", len(cls) - 1, result="agree")
+    assert metric_sum(text, "conceptguard_sink_pairs_total", result="disagree") == 1
 
 
 def test_sink_answers_before_scoring(server: ServerProcess) -> None:
