@@ -100,7 +100,9 @@ def _default_variants() -> list[TrustVariant]:
 
 
 class CalibrationSpec(BaseModel):
-    """``accept_correct``: accept at least ``value`` of the correct clean predictions.
+    """``accept_correct``: accept at least ``value`` of the correct clean predictions, on new
+    inputs of the same kind with probability ``confidence`` (an exact binomial bound on the
+    out-of-fold scores of the correct clean inputs; 0.5: about the plain quantile).
     ``max_risk``: the largest coverage whose weighted error rate among accepted inputs of the
     fitting stream is at most ``value``. Both on out-of-fold trust scores."""
 
@@ -108,6 +110,7 @@ class CalibrationSpec(BaseModel):
 
     target: Literal["accept_correct", "max_risk"] = "accept_correct"
     value: float = Field(0.95, gt=0.0, lt=1.0)
+    confidence: float = Field(0.95, ge=0.5, lt=1.0)
     l2: float = 1e-2
     shrinkage: float = 1e-3
     folds: int = Field(5, ge=2)
@@ -253,8 +256,9 @@ def choose_threshold(trust: np.ndarray, bad: np.ndarray, weights: np.ndarray,
     """Reject when trust < threshold; see :class:`CalibrationSpec` for the targets."""
     if spec.target == "accept_correct":
         t = np.sort(trust[correct_clean])
-        k = int(np.floor((1 - spec.value) * len(t)))
-        return float(t[k]) if len(t) else 0.0
+        if not len(t):
+            return 0.0
+        return float(t[accept_index(len(t), spec.value, spec.confidence)])
     order = np.argsort(-trust, kind="mergesort")
     cum_bad = np.cumsum((bad * weights)[order])
     cum_w = np.cumsum(weights[order])
@@ -262,6 +266,22 @@ def choose_threshold(trust: np.ndarray, bad: np.ndarray, weights: np.ndarray,
     if len(ok) == 0:
         return float(trust.max() + 1e-9)
     return float(trust[order][ok[-1]])
+
+
+def accept_index(n: int, value: float, confidence: float) -> int:
+    """The 0-based index ``k`` into ``n`` sorted scores of correct inputs such that the
+    threshold ``t[k]`` accepts at least ``value`` of new exchangeable correct inputs with
+    probability at least ``confidence``, the largest such ``k`` (the strictest threshold).
+
+    The share of new inputs at or above the (k+1)-th smallest of ``n`` scores is
+    Beta(n - k, k + 1), and P(Beta(n - k, k + 1) >= value) = P(Binomial(n, value) <= n-k-1).
+    With ``confidence`` 0.5 this is about ``floor((1 - value) * n)``; 0 when no ``k``
+    qualifies (accept every score seen)."""
+    from scipy.stats import binom
+
+    ks = np.arange(n)
+    ok = binom.cdf(n - ks - 1, n, value) >= confidence
+    return int(ks[ok].max()) if ok.any() else 0
 
 
 @dataclass(frozen=True)
@@ -390,36 +410,80 @@ def select_variant(x: np.ndarray, stream: Batch, risks: dict[str, np.ndarray],
 def _fit_with_threshold(x: np.ndarray, stream: Batch, risks: dict[str, np.ndarray],
                         knots: np.ndarray, spec: CalibrationSpec, seed: int,
                         variant: TrustVariant
-                        ) -> tuple[TrustModel, float, np.ndarray, TrustMap]:
+                        ) -> tuple[TrustModel, float, np.ndarray, TrustMap, float, dict]:
     """The trust model on the whole stream; its out-of-fold scores; the raw threshold and
-    the calibration map, both chosen on those scores."""
+    the calibration map, both chosen on those scores; the map's clean share and the table
+    it was chosen from (:func:`choose_map_share`)."""
     model = fit_trust_model(x, stream, knots, spec, variant)
     oof = out_of_fold_trust(x, stream, knots, spec, risks, seed, variant)
     weights = stream_weights(stream.group, stream.family, spec.shares)
     correct_clean = (stream.group == "clean") & ~stream.wrong
     threshold = choose_threshold(oof, stream.wrong, weights, correct_clean, spec)
-    return model, threshold, oof, fit_trust_map(oof, ~stream.wrong, weights)
+    share, table = choose_map_share(oof, stream, weights, spec.folds, seed)
+    trust_map = fit_trust_map(oof, ~stream.wrong, map_weights(stream, weights, share))
+    return model, threshold, oof, trust_map, share, table
 
 
-def cross_fitted_calibration(oof: np.ndarray, stream: Batch, weights: np.ndarray,
+# the calibration map is fitted on the stream's weights blended with clean inputs alone;
+# the clean share is chosen among these by cross-fitting (choose_map_share)
+MAP_CLEAN_SHARES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def map_weights(stream: Batch, weights: np.ndarray, clean_share: float) -> np.ndarray:
+    """The weights the calibration map is fitted with: ``1 - clean_share`` of the mass as
+    the fitting stream weighs it, ``clean_share`` spread evenly over its clean inputs. One
+    monotone map cannot be exact on clean traffic and on the mixed stream at once (other
+    kinds share the raw scores of some clean inputs, and are wrong more often there), so
+    the blend trades the two."""
+    w = weights / weights.sum()
+    clean = stream.group == "clean"
+    if clean_share <= 0.0 or not clean.any():
+        return w
+    return (1.0 - clean_share) * w + clean_share * clean / clean.sum()
+
+
+def choose_map_share(oof: np.ndarray, stream: Batch, weights: np.ndarray, folds: int,
+                     seed: int) -> tuple[float, dict[str, dict[str, float]]]:
+    """The clean share of :func:`map_weights` whose cross-fitted map has the smallest worse
+    ECE of the two: on the stream's clean inputs and on the whole stream (weighted); ties:
+    the smaller share. Returns it and the table of both ECEs per share."""
+    right = ~stream.wrong
+    clean = stream.group == "clean"
+    table: dict[str, dict[str, float]] = {}
+    best, best_key = MAP_CLEAN_SHARES[0], (np.inf, np.inf)
+    for share in MAP_CLEAN_SHARES:
+        cal = cross_fitted_calibration(oof, stream, map_weights(stream, weights, share),
+                                       folds, seed)
+        e_clean = expected_calibration_error(cal[clean], right[clean]) if clean.any() else 0.0
+        e_stream = expected_calibration_error(cal, right, weights)
+        table[f"{share:g}"] = {"ece_clean": round(e_clean, 4), "ece_stream": round(e_stream, 4)}
+        key = (round(max(e_clean, e_stream), 4), share)
+        if key < best_key:
+            best, best_key = share, key
+    return best, table
+
+
+def cross_fitted_calibration(oof: np.ndarray, stream: Batch, fit_weights: np.ndarray,
                              folds: int, seed: int) -> np.ndarray:
-    """Each input's calibrated trust from a map fitted on the other folds' out-of-fold
-    scores (the folds of :func:`fold_of`): the fitting stream's ECE without scoring the
-    map on the scores it was fitted to."""
+    """Each input's calibrated trust from a map fitted (with ``fit_weights``) on the other
+    folds' out-of-fold scores (the folds of :func:`fold_of`): the fitting stream's ECE
+    without scoring the map on the scores it was fitted to."""
     fold = fold_of(stream.source, folds, seed + 1)
     out = np.empty(len(oof))
     for k in range(folds):
         test = fold == k
-        m = fit_trust_map(oof[~test], ~stream.wrong[~test], weights[~test])
+        m = fit_trust_map(oof[~test], ~stream.wrong[~test], fit_weights[~test])
         out[test] = m(oof[test])
     return out
 
 
-def stream_ece(oof: np.ndarray, stream: Batch, weights: np.ndarray, folds: int, seed: int
-               ) -> dict:
+def stream_ece(oof: np.ndarray, stream: Batch, weights: np.ndarray, folds: int, seed: int,
+               clean_share: float = 0.0) -> dict:
     """The fitting stream's ECE (weighted as the stream is), raw and cross-fitted
-    calibrated, over the whole stream and per kind."""
-    cal = cross_fitted_calibration(oof, stream, weights, folds, seed)
+    calibrated (the map fitted as :func:`map_weights` with ``clean_share`` weighs), over
+    the whole stream and per kind."""
+    cal = cross_fitted_calibration(oof, stream, map_weights(stream, weights, clean_share),
+                                   folds, seed)
     right = ~stream.wrong
     out: dict = {}
     for g in ("stream", *GROUPS):
@@ -445,8 +509,8 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, stream: Batch, spec: Calib
         variant, selection = select_variant(x, stream, risks, knots, spec, seed)
     else:
         variant, selection = spec.variants[0], {"chosen": spec.variants[0].name}
-    model, threshold, oof, trust_map = _fit_with_threshold(x, stream, risks, knots, spec,
-                                                           seed, variant)
+    model, threshold, oof, trust_map, share, share_table = _fit_with_threshold(
+        x, stream, risks, knots, spec, seed, variant)
     weights = stream_weights(stream.group, stream.family, spec.shares)
     bad = stream.wrong
     accepted = oof >= threshold
@@ -462,6 +526,7 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, stream: Batch, spec: Calib
         "comparators": choose_comparators(stream, risks),
         "threshold": threshold,
         "threshold_from": "out-of-fold trust scores",
+        "threshold_confidence": spec.confidence if spec.target == "accept_correct" else None,
         "folds": spec.folds,
         "calibration_coverage_clean": float(accepted[clean].mean()),
         "calibration_accept_correct": float(accepted[clean & ~bad].mean()),
@@ -470,10 +535,14 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, stream: Batch, spec: Calib
         "threshold_calibrated": float(trust_map(threshold)),
         "trust_map": {"fit": "weighted isotonic regression (pool adjacent violators) of "
                              "right/wrong on the out-of-fold trust of the fitting stream, "
-                             "knots at the pooled blocks, blended with the identity "
-                             "(strictly increasing: rankings and decisions unchanged)",
-                      "knots": len(trust_map.x)},
-        "stream_ece": stream_ece(oof, stream, weights, spec.folds, seed),
+                             "its weights blended with the clean inputs alone (the clean "
+                             "share chosen by cross-fitting: the smallest worse ECE of clean "
+                             "and stream), knots at the pooled blocks, blended with the "
+                             "identity (strictly increasing: rankings and decisions "
+                             "unchanged)",
+                      "knots": len(trust_map.x), "clean_share": share,
+                      "clean_share_selection": share_table},
+        "stream_ece": stream_ece(oof, stream, weights, spec.folds, seed, share),
         "operating_curve": operating_curve(oof, bad, weights, correct_clean, trust_map,
                                            include=(threshold,)),
     }
@@ -489,7 +558,7 @@ def refit_without(fitted: FittedMonitor, stream: Batch, family: str, spec: Calib
     keep = stream.family != family
     sub = stream.select(keep)
     risks = {k: v[keep] for k, v in fitted.stream_risks.items()}
-    model, threshold, _, trust_map = _fit_with_threshold(
+    model, threshold, _, trust_map, _, _ = _fit_with_threshold(
         fitted.design[keep], sub, risks, fitted.monitor.trust_model.knots, spec, seed,
         fitted.variant)
     return Monitor(fitted.monitor.detectors, model, threshold, trust_map)

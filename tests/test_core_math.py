@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from conceptguard.aligner import fit_aligner, mean_cosine, r2_score
-from conceptguard.calibration import CalibrationSpec, StreamShares, choose_threshold, stream_weights
+from conceptguard.calibration import (
+    CalibrationSpec,
+    StreamShares,
+    accept_index,
+    choose_threshold,
+    stream_weights,
+)
 from conceptguard.faults import localise
 from conceptguard.gaussian import fit_class_gaussians
 from conceptguard.heads import fit_head, fit_logistic, sigmoid
@@ -150,14 +156,38 @@ def test_threshold_accepts_the_target_share_of_correct_inputs() -> None:
     rng = np.random.default_rng(7)
     trust = rng.random(1000)
     correct = rng.random(1000) < 0.9
-    spec = CalibrationSpec(target="accept_correct", value=0.95)
+    spec = CalibrationSpec(target="accept_correct", value=0.95, confidence=0.5)
     t = choose_threshold(trust, ~correct, np.ones(1000), correct, spec)
     assert (trust[correct] >= t).mean() >= 0.95
     assert (trust[correct] >= t).mean() < 0.96
+    # with confidence 0.95 (the default) the threshold is stricter on the fitting data
+    strict = choose_threshold(trust, ~correct, np.ones(1000), correct, CalibrationSpec())
+    assert strict < t and (trust[correct] >= strict).mean() > 0.95
     risk_spec = CalibrationSpec(target="max_risk", value=0.05)
     bad = trust < 0.2  # errors live at low trust
     t2 = choose_threshold(trust, bad, np.ones(1000), correct, risk_spec)
     assert bad[trust >= t2].mean() <= 0.05
+
+
+def test_accept_index_holds_the_target_on_new_data_with_its_confidence() -> None:
+    """Simulated: n uniform scores of correct inputs; the share of new ones the threshold
+    accepts is 1 - t[k]. Over many draws it reaches the target in at least ``confidence``
+    of them (up to Monte Carlo error), and the next stricter index would not."""
+    from scipy.stats import binom
+
+    rng = np.random.default_rng(11)
+    n, value, confidence, draws = 400, 0.9, 0.9, 4000
+    k = accept_index(n, value, confidence)
+    assert binom.cdf(n - k - 1, n, value) >= confidence > binom.cdf(n - k - 2, n, value)
+    held = np.mean([1.0 - np.sort(rng.random(n))[k] >= value for _ in range(draws)])
+    mc = 3.0 * np.sqrt(confidence * (1 - confidence) / draws)  # three standard errors
+    assert held >= confidence - mc
+    # the plain quantile (confidence 0.5) holds it about half the time only
+    k_half = accept_index(n, value, 0.5)
+    assert k_half == pytest.approx((1 - value) * n, abs=1.0)
+    half = np.mean([1.0 - np.sort(rng.random(n))[k_half] >= value for _ in range(draws)])
+    assert abs(half - 0.5) < 0.1
+    assert accept_index(5, 0.99, 0.95) == 0  # too few scores: accept every one seen
 
 
 def test_stream_weights_give_each_kind_its_share_and_families_equal_weight() -> None:

@@ -12,6 +12,13 @@ import numpy as np
 import pytest
 
 from conceptguard.bank import load_bank
+from conceptguard.calibration import (
+    MAP_CLEAN_SHARES,
+    Batch,
+    choose_map_share,
+    cross_fitted_calibration,
+    map_weights,
+)
 from conceptguard.metrics import aurc, auroc
 from conceptguard.monitor_io import monitor_from_tensors, monitor_tensors
 from conceptguard.operating_point import (
@@ -221,3 +228,45 @@ def test_score_applies_the_map_and_keeps_every_decision(demo_outputs) -> None:
 def test_identity_map_is_the_default() -> None:
     assert TrustMap(np.array([0.0, 1.0]), np.array([0.0, 1.0])).is_identity
     np.testing.assert_array_equal(IDENTITY(np.array([0.2, 0.9])), [0.2, 0.9])
+
+
+def _stream_with_hidden_errors(n: int, seed: int) -> tuple[Batch, np.ndarray, np.ndarray]:
+    """A stream whose clean inputs are right with P = raw (the raw score is calibrated on
+    them) and whose attacked inputs share the raw scores of clean ones but are always
+    wrong: one map cannot be exact on both."""
+    rng = np.random.default_rng(seed)
+    raw = rng.random(2 * n)
+    group = np.array(["clean"] * n + ["attack"] * n, dtype=object)
+    right = np.r_[rng.random(n) < raw[:n], np.zeros(n, bool)]
+    labels = np.zeros(2 * n, np.int64)
+    logits = np.where(right[:, None], [[1.0, 0.0]], [[0.0, 1.0]])
+    empty = np.zeros((2 * n, 1))
+    stream = Batch(logits, empty, empty, labels, group, group.copy(),
+                   np.arange(2 * n, dtype=np.int64))
+    weights = np.where(group == "clean", 0.5 / n, 0.5 / n)
+    return stream, raw, weights
+
+
+def test_map_weights_blend_the_stream_with_clean_inputs_alone() -> None:
+    stream, _, weights = _stream_with_hidden_errors(100, 0)
+    clean = stream.group == "clean"
+    for share in MAP_CLEAN_SHARES:
+        w = map_weights(stream, weights, share)
+        assert w.sum() == pytest.approx(1.0, rel=1e-12)
+        # clean inputs hold their stream share (0.5) plus the clean share of the rest
+        assert w[clean].sum() == pytest.approx(0.5 + 0.5 * share, rel=1e-12)
+    assert np.all(map_weights(stream, weights, 1.0)[~clean] == 0.0)
+
+
+def test_the_map_share_is_chosen_for_the_smaller_worse_ece() -> None:
+    stream, raw, weights = _stream_with_hidden_errors(3000, 1)
+    share, table = choose_map_share(raw, stream, weights, folds=5, seed=0)
+    worst = {float(k): max(v.values()) for k, v in table.items()}
+    assert worst[share] == min(worst.values())
+    assert share > 0.0  # the stream-only map under-states P(right) on clean inputs
+    assert table[f"{share:g}"]["ece_clean"] < table["0"]["ece_clean"]
+    right = ~stream.wrong
+    clean = stream.group == "clean"
+    cal = cross_fitted_calibration(raw, stream, map_weights(stream, weights, share), 5, 0)
+    assert expected_calibration_error(cal[clean], right[clean]) == pytest.approx(
+        table[f"{share:g}"]["ece_clean"], abs=1e-4)  # the table's figures, rounded to 4
