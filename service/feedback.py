@@ -31,7 +31,6 @@ import hmac
 import json
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.errors import ServiceError
-from service.settings import state_folder
+from service.shared_state import connect, state_folder
 
 if TYPE_CHECKING:
     from conceptguard.scoring import Scores
@@ -172,11 +171,7 @@ class SeenStore:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(":memory:" if path is None else str(path), timeout=10.0,
-                                   check_same_thread=False, isolation_level=None)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = connect(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, "
                          "ts INTEGER NOT NULL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts)")

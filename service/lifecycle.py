@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conceptguard.atomic import atomic_write_text
-from service.settings import state_folder
+from service.shared_state import state_folder
 
 if TYPE_CHECKING:
     from service.runtime_state import RuntimeState

@@ -31,7 +31,7 @@ from service.errors import ServiceError
 from service.oip import infer as infer_tensors
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import ErrorResponse
-from service.settings import state_folder
+from service.shared_state import state_folder
 from service.sink import (
     EventHead,
     PairResult,

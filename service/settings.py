@@ -174,15 +174,6 @@ class Settings(BaseSettings):
         return self.admin_token is not None and bool(self.admin_token.get_secret_value())
 
 
-def state_folder() -> Path | None:
-    """The folder the workers of a host (and, shared, the replicas of a deployment) keep
-    their common state in: ``CONCEPTGUARD_STATE_DIR``, else ``PROMETHEUS_MULTIPROC_DIR``;
-    None when neither names an existing folder (one worker: state in memory)."""
-    folder = os.environ.get("CONCEPTGUARD_STATE_DIR") or os.environ.get(
-        "PROMETHEUS_MULTIPROC_DIR")
-    return Path(folder) if folder and os.path.isdir(folder) else None
-
-
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment (``overrides`` win); :class:`SettingsError` names a bad setting."""
     try:

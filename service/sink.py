@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.errors import ServiceError
+from service.shared_state import connect
 
 EventKind = Literal["request", "response"]
 SPEC_VERSIONS = ("1.0", "0.3")
@@ -253,11 +253,7 @@ class Pairs:
         self.expired = 0
         self.evicted = 0
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(":memory:" if path is None else str(path), timeout=10.0,
-                                   check_same_thread=False, isolation_level=None)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = connect(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS halves (id TEXT PRIMARY KEY, "
                          "at REAL NOT NULL, monitored TEXT, served TEXT, "
                          "unreadable INTEGER NOT NULL DEFAULT 0)")
