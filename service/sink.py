@@ -278,6 +278,7 @@ class Pairs:
         value = None if classes is None else json.dumps([int(c) for c in classes])
         with self._lock:
             db = self._db
+            counted = (self.expired, self.evicted)  # restored if the transaction rolls back
             db.execute("BEGIN IMMEDIATE")
             try:
                 self._expire(now)
@@ -306,6 +307,7 @@ class Pairs:
                 return None
             except BaseException:
                 db.execute("ROLLBACK")
+                self.expired, self.evicted = counted
                 raise
 
     def _make_room(self) -> None:
