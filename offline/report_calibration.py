@@ -62,6 +62,16 @@ def calibration_html(metrics: dict) -> str:
     cbpe_note = (f"NannyML {html.escape(str(cbpe['version']))} CBPE fitted on "
                  f"{html.escape(str(cbpe.get('fitted_on', '')))}" if "version" in cbpe else
                  f"CBPE: {html.escape(str(cbpe.get('unavailable', 'not run')))}")
+    fitted_map = metrics.get("calibration", {}).get("trust_map", {})
+    selection = fitted_map.get("clean_share_selection") or {}
+    share_html = "" if not selection else (
+        f"<p class=note>The calibration map is fitted on the fitting stream's weights blended "
+        f"with its clean inputs alone; the clean share "
+        f"{html.escape(str(fitted_map.get('clean_share')))} was chosen by cross-fitting, for "
+        f"the smaller worse ECE of the two below (on the calibration split: the stream's "
+        f"clean inputs, and the whole weighted stream).</p>"
+        + _table([[k, v.get("ece_clean"), v.get("ece_stream")] for k, v in selection.items()],
+                 ["clean share", "ECE, clean inputs", "ECE, stream"]))
     acc_rows = [[k, v["n"], v["realised"], v["estimated"], v["error"], v.get("cbpe"),
                  v.get("cbpe_error"), v.get("estimated_raw")]
                 for k, v in sec["estimated_accuracy"].items()]
@@ -72,6 +82,7 @@ scored by the monitor that never saw their family; the fitting stream's figure i
 cross-fitted (the map fitted on the other folds' out-of-fold scores) and weighted as the
 stream is. raw: the trust model's score before the calibration map.</p>
 {_table(ece_rows, ["traffic kind", "ECE (calibrated)", "ECE (raw)", "n"])}
+{share_html}
 <p>Reject target on held-out data: {html.escape(chk['what'])} {chk['measured']:.4f}
 (95% bootstrap interval {chk['ci95'][0]:.4f} to {chk['ci95'][1]:.4f}, n={chk['n']}) against
 the target {chk['target_value']} ({html.escape(chk['target'])}):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conceptguard.bank import load_bank
+from conceptguard.calibration import MAP_CLEAN_SHARES, CalibrationSpec
 from conceptguard.metrics import auroc
 from conceptguard.operating_point import COLUMNS, curve_array
 from conceptguard.scoring import score
@@ -77,6 +78,14 @@ def test_metrics_and_report_hold_the_calibration_section(tiny_build: TinyBuild) 
         assert all("cbpe" in r for r in rows.values())
     page = (report / "index.html").read_text()
     assert "Trust as P(right)" in page and "estimated_accuracy.png" in page
+    # the map's clean share: one of the candidates, the smallest worse ECE of its table
+    fitted_map = metrics["calibration"]["trust_map"]
+    table = fitted_map["clean_share_selection"]
+    assert set(table) == {f"{x:g}" for x in MAP_CLEAN_SHARES}
+    worst = {k: max(v["ece_clean"], v["ece_stream"]) for k, v in table.items()}
+    assert worst[f"{fitted_map['clean_share']:g}"] == min(worst.values())
+    assert "clean share" in page
+    assert metrics["calibration"]["threshold_confidence"] == CalibrationSpec().confidence
     assert (report / "estimated_accuracy.png").stat().st_size > 5000
     assert metrics["threshold"]["value"] == pytest.approx(
         load_bank(tiny_build.bank).monitor.calibrated_threshold, abs=1e-4)

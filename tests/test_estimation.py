@@ -84,10 +84,15 @@ def test_report_section_shows_ece_target_and_estimates(tmp_path) -> None:
         "cbpe": {"version": "0.13.1", "fitted_on": "the calibration split"},
         "note": "a note",
     }
-    page = calibration_html({"trust_calibration": sec})
+    selection = {"0": {"ece_clean": 0.0567, "ece_stream": 0.0069},
+                 "0.5": {"ece_clean": 0.0304, "ece_stream": 0.0323}}
+    page = calibration_html({"trust_calibration": sec, "calibration": {
+        "trust_map": {"clean_share": 0.5, "clean_share_selection": selection}}})
     for text in ("0.0123", "0.0987", "0.9512", "0.9400 to 0.9600", "met", "0.8876",
-                 "0.9111", "NannyML 0.13.1", "foreign/digits", FIGURE):
+                 "0.9111", "NannyML 0.13.1", "foreign/digits", FIGURE, "clean share 0.5",
+                 "0.0567", "0.0323"):
         assert text in page, text
+    assert "clean share" not in calibration_html({"trust_calibration": sec})  # older banks
     assert calibration_html({}) == ""
     estimation_png(sec, tmp_path / FIGURE)
     assert (tmp_path / FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
