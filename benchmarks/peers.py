@@ -51,7 +51,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from _common import DEMO_BANK, REPO, WRK_POST_LUA, machine, test_images
+from _common import DEMO_BANK, REPO, WRK_POST_LUA, machine, provenance, test_images
 
 PEERS = REPO / "benchmarks" / "peers"
 CACHE = REPO / ".cache" / "peers"
@@ -425,7 +425,7 @@ def main() -> None:
     print("\nVersions:", json.dumps(peer_versions))
     if args.json:
         args.json.write_text(json.dumps({
-            "benchmark": "peers", **machine(), "date": started.isoformat(),
+            "benchmark": "peers", **provenance(), **machine(), "date": started.isoformat(),
             "seconds": args.seconds, "rounds": args.rounds, "versions": peer_versions,
             "failed": failed, "runs": results, "goals": summary}, indent=2, default=float))
 
