@@ -5,7 +5,7 @@ the reject threshold for a stated target, chosen on out-of-fold trust scores."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -407,21 +407,37 @@ def select_variant(x: np.ndarray, stream: Batch, risks: dict[str, np.ndarray],
                   "chosen": best.name, "variants": table}
 
 
+class MapChoice(NamedTuple):
+    """The calibration map's clean share (:func:`choose_map_share`), the ECEs of every
+    candidate, and the chosen share's cross-fitted calibrated trust of the stream."""
+
+    share: float
+    table: dict[str, dict[str, float]]
+    cross_fitted: np.ndarray
+
+
+class ThresholdFit(NamedTuple):
+    """The trust model on the whole stream; its out-of-fold scores; the raw threshold and
+    the calibration map, both chosen on those scores, and how the map was chosen."""
+
+    model: TrustModel
+    threshold: float
+    oof: np.ndarray
+    trust_map: TrustMap
+    map_choice: MapChoice
+
+
 def _fit_with_threshold(x: np.ndarray, stream: Batch, risks: dict[str, np.ndarray],
                         knots: np.ndarray, spec: CalibrationSpec, seed: int,
-                        variant: TrustVariant
-                        ) -> tuple[TrustModel, float, np.ndarray, TrustMap, float, dict]:
-    """The trust model on the whole stream; its out-of-fold scores; the raw threshold and
-    the calibration map, both chosen on those scores; the map's clean share and the table
-    it was chosen from (:func:`choose_map_share`)."""
+                        variant: TrustVariant) -> ThresholdFit:
     model = fit_trust_model(x, stream, knots, spec, variant)
     oof = out_of_fold_trust(x, stream, knots, spec, risks, seed, variant)
     weights = stream_weights(stream.group, stream.family, spec.shares)
     correct_clean = (stream.group == "clean") & ~stream.wrong
     threshold = choose_threshold(oof, stream.wrong, weights, correct_clean, spec)
-    share, table = choose_map_share(oof, stream, weights, spec.folds, seed)
-    trust_map = fit_trust_map(oof, ~stream.wrong, map_weights(stream, weights, share))
-    return model, threshold, oof, trust_map, share, table
+    choice = choose_map_share(oof, stream, weights, spec.folds, seed)
+    trust_map = fit_trust_map(oof, ~stream.wrong, map_weights(stream, weights, choice.share))
+    return ThresholdFit(model, threshold, oof, trust_map, choice)
 
 
 # the calibration map is fitted on the stream's weights blended with clean inputs alone;
@@ -443,14 +459,15 @@ def map_weights(stream: Batch, weights: np.ndarray, clean_share: float) -> np.nd
 
 
 def choose_map_share(oof: np.ndarray, stream: Batch, weights: np.ndarray, folds: int,
-                     seed: int) -> tuple[float, dict[str, dict[str, float]]]:
+                     seed: int) -> MapChoice:
     """The clean share of :func:`map_weights` whose cross-fitted map has the smallest worse
     ECE of the two: on the stream's clean inputs and on the whole stream (weighted); ties:
-    the smaller share. Returns it and the table of both ECEs per share."""
+    the smaller share. Returns it with the table of both ECEs per share and its
+    cross-fitted calibrated trust."""
     right = ~stream.wrong
     clean = stream.group == "clean"
     table: dict[str, dict[str, float]] = {}
-    best, best_key = MAP_CLEAN_SHARES[0], (np.inf, np.inf)
+    best, best_key, best_cal = MAP_CLEAN_SHARES[0], (np.inf, np.inf), oof
     for share in MAP_CLEAN_SHARES:
         cal = cross_fitted_calibration(oof, stream, map_weights(stream, weights, share),
                                        folds, seed)
@@ -459,8 +476,8 @@ def choose_map_share(oof: np.ndarray, stream: Batch, weights: np.ndarray, folds:
         table[f"{share:g}"] = {"ece_clean": round(e_clean, 4), "ece_stream": round(e_stream, 4)}
         key = (round(max(e_clean, e_stream), 4), share)
         if key < best_key:
-            best, best_key = share, key
-    return best, table
+            best, best_key, best_cal = share, key, cal
+    return MapChoice(best, table, best_cal)
 
 
 def cross_fitted_calibration(oof: np.ndarray, stream: Batch, fit_weights: np.ndarray,
@@ -477,13 +494,11 @@ def cross_fitted_calibration(oof: np.ndarray, stream: Batch, fit_weights: np.nda
     return out
 
 
-def stream_ece(oof: np.ndarray, stream: Batch, weights: np.ndarray, folds: int, seed: int,
-               clean_share: float = 0.0) -> dict:
-    """The fitting stream's ECE (weighted as the stream is), raw and cross-fitted
-    calibrated (the map fitted as :func:`map_weights` with ``clean_share`` weighs), over
-    the whole stream and per kind."""
-    cal = cross_fitted_calibration(oof, stream, map_weights(stream, weights, clean_share),
-                                   folds, seed)
+def stream_ece(oof: np.ndarray, stream: Batch, weights: np.ndarray, cal: np.ndarray
+               ) -> dict:
+    """The fitting stream's ECE (weighted as the stream is), of the raw out-of-fold trust
+    ``oof`` and of its cross-fitted calibration ``cal`` (:attr:`MapChoice.cross_fitted`),
+    over the whole stream and per kind."""
     right = ~stream.wrong
     out: dict = {}
     for g in ("stream", *GROUPS):
@@ -509,8 +524,8 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, stream: Batch, spec: Calib
         variant, selection = select_variant(x, stream, risks, knots, spec, seed)
     else:
         variant, selection = spec.variants[0], {"chosen": spec.variants[0].name}
-    model, threshold, oof, trust_map, share, share_table = _fit_with_threshold(
-        x, stream, risks, knots, spec, seed, variant)
+    model, threshold, oof, trust_map, choice = _fit_with_threshold(x, stream, risks, knots,
+                                                                   spec, seed, variant)
     weights = stream_weights(stream.group, stream.family, spec.shares)
     bad = stream.wrong
     accepted = oof >= threshold
@@ -540,9 +555,9 @@ def fit_monitor(reference: Batch, heatmaps: Heatmaps, stream: Batch, spec: Calib
                              "and stream), knots at the pooled blocks, blended with the "
                              "identity (strictly increasing: rankings and decisions "
                              "unchanged)",
-                      "knots": len(trust_map.x), "clean_share": share,
-                      "clean_share_selection": share_table},
-        "stream_ece": stream_ece(oof, stream, weights, spec.folds, seed, share),
+                      "knots": len(trust_map.x), "clean_share": choice.share,
+                      "clean_share_selection": choice.table},
+        "stream_ece": stream_ece(oof, stream, weights, choice.cross_fitted),
         "operating_curve": operating_curve(oof, bad, weights, correct_clean, trust_map,
                                            include=(threshold,)),
     }
@@ -558,7 +573,6 @@ def refit_without(fitted: FittedMonitor, stream: Batch, family: str, spec: Calib
     keep = stream.family != family
     sub = stream.select(keep)
     risks = {k: v[keep] for k, v in fitted.stream_risks.items()}
-    model, threshold, _, trust_map, _, _ = _fit_with_threshold(
-        fitted.design[keep], sub, risks, fitted.monitor.trust_model.knots, spec, seed,
-        fitted.variant)
-    return Monitor(fitted.monitor.detectors, model, threshold, trust_map)
+    fit = _fit_with_threshold(fitted.design[keep], sub, risks,
+                              fitted.monitor.trust_model.knots, spec, seed, fitted.variant)
+    return Monitor(fitted.monitor.detectors, fit.model, fit.threshold, fit.trust_map)

@@ -260,7 +260,7 @@ def test_map_weights_blend_the_stream_with_clean_inputs_alone() -> None:
 
 def test_the_map_share_is_chosen_for_the_smaller_worse_ece() -> None:
     stream, raw, weights = _stream_with_hidden_errors(3000, 1)
-    share, table = choose_map_share(raw, stream, weights, folds=5, seed=0)
+    share, table, _ = choose_map_share(raw, stream, weights, folds=5, seed=0)
     worst = {float(k): max(v.values()) for k, v in table.items()}
     assert worst[share] == min(worst.values())
     assert share > 0.0  # the stream-only map under-states P(right) on clean inputs
