@@ -110,7 +110,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except BankError as exc:
             log.error("conceptguard: cannot serve bank %s: %s", s.bank, exc)
             raise
-        dataplane = DataPlane(state, s)
+        # a lone request may skip the inference thread: the HTTP connections count the
+        # requests in progress (service.protocol); gRPC requests are not counted, so a
+        # worker serving only gRPC never runs inline
+        dataplane = DataPlane(state, s, alone=lambda: admission_gate().in_progress == 1)
         await dataplane.start()
         app.state.settings = s
         app.state.runtime_state = state

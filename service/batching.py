@@ -17,6 +17,17 @@ A lone request is dispatched at once instead of after ``max_wait_s``; concurrent
 still merge (their places are reserved before they are queued), and while a batch runs the next one
 fills, so under load batches grow as before. ``max_wait_s`` stays the upper bound.
 
+Inline (``inline_below_s > 0`` with adaptive batching): a request's single item that is alone
+runs on the event loop's own thread, skipping the hand-off to the worker thread and back
+(two thread wake-ups, a future and a loop pass: on a small model a large share of a lone
+request's CPU). Alone means: nothing else admitted or queued here (``pending`` is this
+item), and ``alone()``, the caller's word that no other request is in progress anywhere in
+the worker (the service asks its HTTP connections, :mod:`service.admission_hold`; without
+that word, never). And only while one-item batches take at most ``inline_below_s``
+(their recent time, rising at once on a slow one and falling back slowly), so the loop is
+never blocked for long: a request that arrives meanwhile waits at most that long, as it
+would have waited for the running batch anyway.
+
 "Pending" counts items admitted and not yet answered (waiting or in the running batch).
 """
 
@@ -42,6 +53,13 @@ R = TypeVar("R")
 # one result per item, in order: a value, or an exception instance that fails that item alone
 BatchFunction = Callable[[list[T]], Sequence[R | BaseException]]
 ThreadRunner = Callable[..., Awaitable[Any]]
+
+# how fast the recent time of one-item batches falls back after a slow one (per batch)
+LONE_DECAY = 0.2
+
+
+def _never() -> bool:
+    return False
 
 
 class BatchObserver(Protocol):
@@ -81,11 +99,13 @@ class _Item(Generic[T, R]):
 
 
 class Batcher(Generic[T, R]):
-    """Merge concurrent submissions into batches for ``fn`` (run in a worker thread)."""
+    """Merge concurrent submissions into batches for ``fn`` (run in a worker thread, or
+    inline for a lone item: see the module docstring)."""
 
     def __init__(self, fn: BatchFunction[T, R], *, max_batch_size: int, max_wait_s: float,
                  queue_size: int, observer: BatchObserver | None = None,
-                 run_sync: ThreadRunner | None = None, adaptive: bool = False):
+                 run_sync: ThreadRunner | None = None, adaptive: bool = False,
+                 alone: Callable[[], bool] = _never, inline_below_s: float = 0.0):
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
         self.fn = fn
@@ -93,6 +113,9 @@ class Batcher(Generic[T, R]):
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self.adaptive = adaptive
+        self.alone = alone
+        self.inline_below_s = inline_below_s
+        self._lone_s: float | None = None  # recent time of a one-item batch (None: none yet)
         self.observer: BatchObserver = observer or NullObserver()
         self._run_sync: ThreadRunner = run_sync or anyio.to_thread.run_sync
         self._queue: deque[_Item[T, R]] = deque()
@@ -177,6 +200,8 @@ class Batcher(Generic[T, R]):
             self._admit(n)
         if not self.batching:
             return await self._straight_through(values)
+        if n == 1 and self._inline():
+            return [self._run_inline(values[0])]
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = [_Item(v, loop.create_future(), now) for v in values]
@@ -205,9 +230,33 @@ class Batcher(Generic[T, R]):
             self.observer.depth(self._pending)
         return results
 
+    def _inline(self) -> bool:
+        """True when a lone item may run on the event loop (see the module docstring)."""
+        lone = self._lone_s
+        return (self.adaptive and lone is not None and lone <= self.inline_below_s
+                and self._pending == 1 and not self._queue and self.alone())
+
+    def _run_inline(self, value: T) -> R:
+        try:
+            (result,) = self._call([value], (0.0,))
+        finally:
+            self._pending -= 1
+            self.observer.depth(self._pending)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _note_lone(self, seconds: float) -> None:
+        lone = self._lone_s
+        self._lone_s = (seconds if lone is None or seconds > lone
+                        else lone + LONE_DECAY * (seconds - lone))
+
     def _call(self, values: list[T], waits: Sequence[float]) -> Sequence[R | BaseException]:
         self.observer.batch(len(values), waits)
+        start = time.perf_counter()
         results = self.fn(values)
+        if len(values) == 1:
+            self._note_lone(time.perf_counter() - start)
         if len(results) != len(values):
             raise RuntimeError(f"batch function returned {len(results)} results for "
                                f"{len(values)} items")

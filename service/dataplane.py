@@ -9,7 +9,8 @@ calls this module; it knows nothing about HTTP. The request path, one phase per 
    is read);
 2. decode (:class:`service.codecs.Decoder`): small images are decoded by the batch worker,
    large ones in the thread pool before they are queued;
-3. batch run (:meth:`DataPlane.run_batch`, on the single inference thread): decode, one
+3. batch run (:meth:`DataPlane.run_batch`, on the single inference thread, or for a lone
+   image on the event loop's: :mod:`service.batching`): decode, one
    runtime call per batch (on the bank's fused graph ``monitor.onnx`` it returns every
    score too, :func:`conceptguard.scoring.scores_from_graph`; otherwise it is followed by
    :func:`conceptguard.scoring.score`, the function the offline evaluation uses), the
@@ -72,10 +73,16 @@ class DataPlane:
     """Owns the batcher and the decoder; turns inputs into :class:`Scores` for a bank.
 
     Inference (the batch function) runs on its own single thread, apart from the thread
-    pool that decodes large images and serves the sync routes.
+    pool that decodes large images and serves the sync routes; a lone image may run on the
+    event loop's thread instead (see ``__init__``).
     """
 
-    def __init__(self, state: RuntimeState, settings: Settings):
+    def __init__(self, state: RuntimeState, settings: Settings,
+                 alone: Callable[[], bool] | None = None):
+        """``alone``: whether no request but the caller's is in progress in this worker (the
+        app's HTTP connections know: :mod:`service.admission_hold`); with it, a lone image
+        may run on the event loop's thread (``CONCEPTGUARD_INLINE_MAX_MS``,
+        :mod:`service.batching`). Without it, every batch runs on the inference thread."""
         self.state = state
         self.settings = settings
         self.decoder = Decoder(settings)
@@ -85,7 +92,8 @@ class DataPlane:
             self.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s, queue_size=settings.queue_size,
             observer=QueueObserver(), run_sync=self._run_inference,
-            adaptive=settings.adaptive_batching)
+            adaptive=settings.adaptive_batching, alone=alone or (lambda: False),
+            inline_below_s=settings.inline_max_ms / 1000.0)
 
     async def _run_inference(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()

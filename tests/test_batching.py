@@ -335,3 +335,155 @@ def test_an_exception_result_fails_only_its_own_item() -> None:
         assert first == [2] and last == [10]
         assert isinstance(bad, ValueError) and str(bad) == "bad -3"
         assert pending == 0  # the failed request's places were given back
+
+
+# ---------------------------------------------------------------- a lone item inline
+
+
+class ThreadRecorder(Recorder):
+    """A :class:`Recorder` that also records which thread ran each batch."""
+
+    def __init__(self, delays_s: Sequence[float] = ()):
+        super().__init__()
+        self.threads: list[int] = []
+        self.delays_s = list(delays_s)
+
+    def __call__(self, items: list[int]) -> list[int | BaseException]:
+        self.threads.append(threading.get_ident())
+        if self.delays_s:
+            time.sleep(self.delays_s.pop(0))
+        if items == [-1]:
+            return [ValueError("bad -1")]
+        if items == [-2]:
+            raise RuntimeError("the runtime failed")
+        return super().__call__(items)
+
+
+def lone_batcher(fn: ThreadRecorder, alone: bool = True, inline_below_s: float = 1.0,
+                 adaptive: bool = True) -> tuple[Batcher[int, int], Observed]:
+    observed = Observed()
+    b = Batcher(fn, max_batch_size=32, max_wait_s=30.0 if adaptive else 0.01, queue_size=10,
+                adaptive=adaptive, observer=observed, alone=lambda: alone,
+                inline_below_s=inline_below_s)
+    return b, observed
+
+
+def test_a_lone_item_runs_on_the_loop_thread_once_lone_runs_are_known_to_be_short() -> None:
+    """The first lone item runs on the worker thread (no lone run timed yet); the next ones,
+    alone and short, run on the event loop's thread, with the same results, the batch
+    observed and the places given back."""
+    fn = ThreadRecorder()
+
+    async def main() -> tuple[list[list[int]], int, int]:
+        b, observed = lone_batcher(fn)
+        await b.start()
+        try:
+            results = [await asyncio.wait_for(b.submit([i]), timeout=10.0) for i in (1, 2, 3)]
+            return results, b.pending, len(observed.batches)
+        finally:
+            await b.close()
+
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop in this thread
+    results, pending, batches = run(main())
+    assert results == [[2], [4], [6]] and pending == 0 and batches == 3
+    assert fn.threads[0] != loop_thread
+    assert fn.threads[1:] == [loop_thread, loop_thread]
+
+
+@pytest.mark.parametrize("case", ["not alone", "disabled", "not adaptive"])
+def test_a_lone_item_stays_on_the_worker_thread_unless_every_condition_holds(case: str
+                                                                             ) -> None:
+    fn = ThreadRecorder()
+
+    async def main() -> list[list[int]]:
+        b, _ = lone_batcher(fn, alone=case != "not alone",
+                            inline_below_s=0.0 if case == "disabled" else 1.0,
+                            adaptive=case != "not adaptive")
+        await b.start()
+        try:
+            return [await asyncio.wait_for(b.submit([i]), timeout=10.0) for i in (1, 2, 3)]
+        finally:
+            await b.close()
+
+    loop_thread = threading.get_ident()
+    assert run(main()) == [[2], [4], [6]]
+    assert loop_thread not in fn.threads
+
+
+def test_items_that_are_not_alone_in_the_batcher_still_merge() -> None:
+    """With a request still holding a place (decoding), the next one is not alone: it is
+    queued and the two run as one batch on the worker thread."""
+    fn = ThreadRecorder()
+
+    async def main() -> tuple[list[int], list[int]]:
+        b, _ = lone_batcher(fn)
+        await b.start()
+        try:
+            await b.submit([0])  # a lone run timed: inline is open from now on
+            with b.reserve(1) as ticket:
+                first = asyncio.create_task(b.submit([1]))
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                second = await asyncio.wait_for(b.submit([2], ticket=ticket), timeout=10.0)
+            return await asyncio.wait_for(first, timeout=10.0), second
+        finally:
+            await b.close()
+
+    loop_thread = threading.get_ident()
+    assert run(main()) == ([2], [4])
+    assert fn.sizes == [1, 2] and fn.threads[1] != loop_thread
+
+
+def test_a_slow_lone_run_sends_the_next_ones_to_the_worker_thread_until_runs_are_short(
+        ) -> None:
+    """Lone runs: about 0 s (thread: the first), then 0.05 s (inline: the recent time is
+    short); the recent time is then at least 0.05 s, above the 0.02 s bound, so the next
+    ones run on the thread while it falls back by LONE_DECAY of the gap per short run: at
+    least ``n`` of them (``n`` from the exact 0.05 s; a sleep lasts at least that long),
+    and inline reopens within a few more."""
+    from service.batching import LONE_DECAY
+
+    fn = ThreadRecorder(delays_s=[0.0, 0.05])
+    bound = 0.02
+    n = 1  # short runs that bring 0.05 s to the bound: 0.05 (1 - d)^n <= bound
+    while 0.05 * (1 - LONE_DECAY) ** n > bound:
+        n += 1
+
+    async def main() -> None:
+        b, _ = lone_batcher(fn, inline_below_s=bound)
+        await b.start()
+        try:
+            for i in range(n + 12):
+                assert await asyncio.wait_for(b.submit([i]), timeout=10.0) == [2 * i]
+        finally:
+            await b.close()
+
+    loop_thread = threading.get_ident()
+    run(main())
+    on_loop = [t == loop_thread for t in fn.threads]
+    assert on_loop[:2] == [False, True]
+    assert on_loop[2:2 + n] == [False] * n
+    assert on_loop[-1] is True
+
+
+def test_an_inline_failure_fails_its_request_and_gives_its_place_back() -> None:
+    fn = ThreadRecorder()
+
+    async def main() -> tuple[object, object, int, list[int]]:
+        b, _ = lone_batcher(fn)
+        await b.start()
+        try:
+            await b.submit([0])
+            bad = await asyncio.gather(b.submit([-1]), return_exceptions=True)
+            broken = await asyncio.gather(b.submit([-2]), return_exceptions=True)
+            pending = b.pending
+            return bad[0], broken[0], pending, await b.submit([4])
+        finally:
+            await b.close()
+
+    loop_thread = threading.get_ident()
+    bad, broken, pending, after = run(main())
+    assert isinstance(bad, ValueError) and str(bad) == "bad -1"
+    assert isinstance(broken, RuntimeError) and str(broken) == "the runtime failed"
+    assert pending == 0 and after == [8]
+    assert fn.threads[1:] == [loop_thread] * 3

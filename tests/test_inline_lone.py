@@ -1,0 +1,136 @@
+"""A lone request runs on the event loop's thread (``CONCEPTGUARD_INLINE_MAX_MS``), and
+concurrent ones still batch. A real server started with ``conceptguard serve`` (its HTTP
+protocol counts the requests in progress), raw sockets and /proc on its worker."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    ServerProcess,
+    launch_server,
+    metric_sum,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
+                                reason="reads per-thread CPU time from /proc")
+
+LONE_REQUESTS = 400
+BURST = 6
+
+
+@pytest.fixture(scope="module")
+def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = launch_server(tmp_path_factory.mktemp("inline"), use_cli=True,
+                        settings={"threads": 1})
+    try:
+        yield wait_ready(srv)
+    finally:
+        srv.stop()
+
+
+def thread_ticks(pid: int) -> tuple[int, int]:
+    """CPU clock ticks (user + system) of the process's main thread, and of all its other
+    threads together."""
+    main = others = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        ticks = int(fields[11]) + int(fields[12])
+        if int(task.name) == pid:
+            main += ticks
+        else:
+            others += ticks
+    return main, others
+
+
+def test_lone_requests_run_on_the_loop_thread_with_the_same_answers(
+        cli_server: ServerProcess, server: ServerProcess, sample_png: bytes) -> None:
+    """Sequential requests are each alone: after the first (timed on the inference thread)
+    their work runs on the main thread, so the other threads take almost no CPU (the
+    inference thread would take about as much as the main one). The answers equal those of
+    the pooled server, whose plain uvicorn protocol does not count requests (every batch on
+    the inference thread there)."""
+    png = sample_png
+    headers = {"content-type": "image/png"}
+    pid = cli_server.process.pid  # one worker: uvicorn serves in the CLI's process
+    with cli_server.client() as c, server.client() as ref:
+        first = c.post("/v1/classify", content=png, headers=headers)
+        want = ref.post("/v1/classify", content=png, headers=headers).json()
+        main0, others0 = thread_ticks(pid)
+        for _ in range(LONE_REQUESTS):
+            r = c.post("/v1/classify", content=png, headers=headers)
+            assert r.status_code == 200, r.text
+        main1, others1 = thread_ticks(pid)
+    got = r.json()
+    assert first.status_code == 200
+    for key in ("label", "class_index", "reject"):
+        assert got[key] == want[key]
+    # the same graph on the same input: float32 rounding of trust (a value in [0, 1]),
+    # plus the float64 map's slope, far under 1e-6
+    assert abs(got["trust"] - want["trust"]) <= 1e-6
+    assert got["heads"] == pytest.approx(want["heads"], abs=1e-6)
+    main_ticks, other_ticks = main1 - main0, others1 - others0
+    # hundreds of requests at half a millisecond or more each: tens of ticks of work
+    assert main_ticks >= 10, (main_ticks, other_ticks)
+    assert other_ticks * 4 <= main_ticks, (
+        f"other threads took {other_ticks} ticks against the main thread's {main_ticks}: "
+        "lone requests did not run inline")
+
+
+def _request(png: bytes) -> bytes:
+    return (b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+            b"Content-Length: " + str(len(png)).encode() + b"\r\n\r\n" + png)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        body += chunk
+    return head
+
+
+def test_a_burst_of_requests_on_several_connections_still_batches(
+        cli_server: ServerProcess, sample_png: bytes) -> None:
+    """Requests sent together on several connections are not alone (the connections
+    count them as they arrive, before any of them runs): they merge into fewer batches
+    than requests. Were each taken for a lone one, every request would run as its own
+    batch of one on the loop."""
+    png = sample_png
+    socks = [socket.create_connection(("127.0.0.1", cli_server.port), timeout=30)
+             for _ in range(BURST)]
+    try:
+        with cli_server.client() as c:
+            before = c.get("/metrics").text
+            payload = _request(png)
+            for s in socks:
+                s.sendall(payload)
+            heads = [_read_response(s) for s in socks]
+            after = c.get("/metrics").text
+    finally:
+        for s in socks:
+            s.close()
+    assert all(h.startswith(b"HTTP/1.1 200") for h in heads), heads
+    images = (metric_sum(after, "conceptguard_batch_size_sum")
+              - metric_sum(before, "conceptguard_batch_size_sum"))
+    batches = (metric_sum(after, "conceptguard_batch_size_count")
+               - metric_sum(before, "conceptguard_batch_size_count"))
+    assert images == BURST
+    assert batches < BURST, f"{BURST} requests sent together ran as {batches:g} batches"
+
