@@ -105,7 +105,7 @@ class Batcher(Generic[T, R]):
     def __init__(self, fn: BatchFunction[T, R], *, max_batch_size: int, max_wait_s: float,
                  queue_size: int, observer: BatchObserver | None = None,
                  run_sync: ThreadRunner | None = None, adaptive: bool = False,
-                 alone: Callable[[], bool] = _never, inline_below_s: float = 0.0):
+                 alone: Callable[[], bool] | None = None, inline_below_s: float = 0.0):
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
         self.fn = fn
@@ -113,7 +113,7 @@ class Batcher(Generic[T, R]):
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self.adaptive = adaptive
-        self.alone = alone
+        self.alone = alone or _never
         self.inline_below_s = inline_below_s
         self._lone_s: float | None = None  # recent time of a one-item batch (None: none yet)
         self.observer: BatchObserver = observer or NullObserver()

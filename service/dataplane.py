@@ -92,7 +92,7 @@ class DataPlane:
             self.run_batch, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s, queue_size=settings.queue_size,
             observer=QueueObserver(), run_sync=self._run_inference,
-            adaptive=settings.adaptive_batching, alone=alone or (lambda: False),
+            adaptive=settings.adaptive_batching, alone=alone,
             inline_below_s=settings.inline_max_ms / 1000.0)
 
     async def _run_inference(self, fn: Callable[..., Any], *args: Any) -> Any:

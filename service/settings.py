@@ -39,9 +39,10 @@ class Settings(BaseSettings):
                           "max_wait_ms for the batch to fill")
     inline_max_ms: float = Field(
         2.0, ge=0.0, le=1000.0,
-        description="a request alone in the worker runs its one image on the event loop's "
-                    "thread, without the hand-off to the inference thread, while such runs "
-                    "take at most this many milliseconds; 0: always the inference thread")
+        description="with adaptive batching, a request alone in the worker runs its one "
+                    "image on the event loop's thread, without the hand-off to the inference "
+                    "thread, while such runs take at most this many milliseconds; 0: always "
+                    "the inference thread")
     queue_size: int = Field(512, ge=1, description="most images admitted and not yet answered")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1,
                                   description="largest request body (and image) in bytes")
