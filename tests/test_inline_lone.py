@@ -26,8 +26,10 @@ BURST = 6
 
 @pytest.fixture(scope="module")
 def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # a bound far above a lone run's 1 ms or so: on a busy test machine a run's wall time
+    # can pass the default 2 ms, which would (rightly) send it to the inference thread
     srv = launch_server(tmp_path_factory.mktemp("inline"), use_cli=True,
-                        settings={"threads": 1})
+                        settings={"threads": 1, "inline_max_ms": 50})
     try:
         yield wait_ready(srv)
     finally:
