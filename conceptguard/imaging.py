@@ -95,6 +95,17 @@ _REFUSED_MAGIC = ((b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF
                   (b"P4", "PBM"), (b"P5", "PGM"), (b"P6", "PPM"), (b"P7", "PAM"))
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_pixels(data: bytes) -> int | None:
+    """Width x height as a PNG's header declares it (the IHDR chunk, which must come
+    first), without decoding; None when ``data`` does not start like a PNG."""
+    if len(data) < 24 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+
+
 def _sniff_format(data: bytes) -> str | None:
     """The name of a well-known refused format (from its magic bytes only: no decoder
     sees the data), for the error message; None otherwise."""

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from conceptguard.bank import BankError, check_bank_quickly
 from conceptguard.threads import single_threaded_blas
 from service import __version__, metrics_export
+from service.admission_hold import alone as request_alone
 from service.admission_hold import gate as admission_gate
 from service.dataplane import DataPlane
 from service.docs_route import router as docs_router
@@ -111,9 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("conceptguard: cannot serve bank %s: %s", s.bank, exc)
             raise
         # a lone request may skip the inference thread: the HTTP connections count the
-        # requests in progress (service.protocol); gRPC requests are not counted, so a
-        # worker serving only gRPC never runs inline
-        dataplane = DataPlane(state, s, alone=lambda: admission_gate().in_progress == 1)
+        # requests in progress (service.protocol); one they did not count (gRPC) never does
+        dataplane = DataPlane(state, s, alone=request_alone)
         await dataplane.start()
         app.state.settings = s
         app.state.runtime_state = state

@@ -200,8 +200,9 @@ class ModelMetrics:
                 i.get("backend", ""), i.get("device", ""), i.get("provider", ""))
 
     def record(self, scores: Scores, concepts: np.ndarray) -> None:
-        """Count and observe one scored batch (called from the inference thread): one
-        increment per label set and bucket touched, not per input."""
+        """Count and observe one scored batch (called by the batch function: on the
+        inference thread, or the event loop's for a lone request): one increment per label
+        set and bucket touched, not per input."""
         n_classes = len(self._predictions)
         preds = np.asarray(scores.predictions, dtype=np.intp)
         rejects = np.asarray(scores.reject, dtype=bool)

@@ -23,10 +23,11 @@ runs on the event loop's own thread, skipping the hand-off to the worker thread 
 request's CPU). Alone means: nothing else admitted or queued here (``pending`` is this
 item), and ``alone()``, the caller's word that no other request is in progress anywhere in
 the worker (the service asks its HTTP connections, :mod:`service.admission_hold`; without
-that word, never). And only while one-item batches take at most ``inline_below_s``
-(their recent time, rising at once on a slow one and falling back slowly), so the loop is
-never blocked for long: a request that arrives meanwhile waits at most that long, as it
-would have waited for the running batch anyway.
+that word, never). And only for an item ``inline_ok`` accepts (the service: one whose cost
+its input size bounds) while one-item batches take at most ``inline_below_s`` (their
+recent time, rising at once on a slow one and falling back slowly), so the loop is never
+blocked for long: whatever arrives meanwhile (another request, a health probe) waits at
+most about that long to be read.
 
 "Pending" counts items admitted and not yet answered (waiting or in the running batch).
 """
@@ -60,6 +61,10 @@ LONE_DECAY = 0.2
 
 def _never() -> bool:
     return False
+
+
+def _any(_item: object) -> bool:
+    return True
 
 
 class BatchObserver(Protocol):
@@ -105,7 +110,8 @@ class Batcher(Generic[T, R]):
     def __init__(self, fn: BatchFunction[T, R], *, max_batch_size: int, max_wait_s: float,
                  queue_size: int, observer: BatchObserver | None = None,
                  run_sync: ThreadRunner | None = None, adaptive: bool = False,
-                 alone: Callable[[], bool] | None = None, inline_below_s: float = 0.0):
+                 alone: Callable[[], bool] | None = None, inline_below_s: float = 0.0,
+                 inline_ok: Callable[[T], bool] | None = None):
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
         self.fn = fn
@@ -114,6 +120,7 @@ class Batcher(Generic[T, R]):
         self.queue_size = queue_size
         self.adaptive = adaptive
         self.alone = alone or _never
+        self.inline_ok = inline_ok or _any
         self.inline_below_s = inline_below_s
         self._lone_s: float | None = None  # recent time of a one-item batch (None: none yet)
         self.observer: BatchObserver = observer or NullObserver()
@@ -200,7 +207,7 @@ class Batcher(Generic[T, R]):
             self._admit(n)
         if not self.batching:
             return await self._straight_through(values)
-        if n == 1 and self._inline():
+        if n == 1 and self._inline() and self.inline_ok(values[0]):
             return [self._run_inline(values[0])]
         loop = asyncio.get_running_loop()
         now = time.monotonic()

@@ -46,7 +46,7 @@ import numpy as np
 import orjson
 
 from conceptguard.concept_check import concepts_unavailable
-from conceptguard.imaging import ImageError, preprocess_bytes
+from conceptguard.imaging import ImageError, png_pixels, preprocess_bytes
 from conceptguard.scoring import Scores, top_reasons
 from service.errors import ServiceError
 from service.runtime_state import Loaded
@@ -161,6 +161,10 @@ def where(i: int, n: int) -> str:
     return f"image {i}: " if n > 1 else ""
 
 
+# an image counts as small (cheap to decode) up to this many times the input's pixels
+SMALL_PIXELS_FACTOR = 4
+
+
 class Decoder:
     """Decodes untrusted image bytes to uint8 ``(H, W, C)`` at the input size."""
 
@@ -175,6 +179,14 @@ class Decoder:
     def inline(self, data: bytes) -> bool:
         """True when the batch worker decodes these bytes (small enough)."""
         return len(data) <= self.inline_bytes
+
+    def small(self, data: bytes, shape: InputShape) -> bool:
+        """True when ``data`` is a PNG whose header declares at most
+        :data:`SMALL_PIXELS_FACTOR` times the input's pixels: its decode is as cheap as the
+        input size makes it (any other format, or a larger image, may not be)."""
+        _, size, _ = shape
+        pixels = png_pixels(data)
+        return pixels is not None and pixels <= SMALL_PIXELS_FACTOR * size * size
 
     def decode(self, data: bytes, shape: InputShape, prefix: str = "") -> np.ndarray:
         """Blocking decode and resize; :class:`ServiceError` for bad bytes."""

@@ -93,7 +93,14 @@ class DataPlane:
             max_wait_s=settings.max_wait_s, queue_size=settings.queue_size,
             observer=QueueObserver(), run_sync=self._run_inference,
             adaptive=settings.adaptive_batching, alone=alone,
-            inline_below_s=settings.inline_max_ms / 1000.0)
+            inline_below_s=settings.inline_max_ms / 1000.0, inline_ok=self._cheap)
+
+    def _cheap(self, job: Job) -> bool:
+        """A job whose batch run the input size bounds: decoded already, or a small PNG
+        (:meth:`Decoder.small`); another image might take long to decode on the loop."""
+        image = job.image
+        return not isinstance(image, bytes) or self.decoder.small(image,
+                                                                  job.loaded.input_shape)
 
     async def _run_inference(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission_hold import COUNTED_KEY, mark_counted
 from service.codecs import json_problem
 from service.errors import (
     BodyTimeout,
@@ -132,6 +133,8 @@ class ServiceMiddleware:
             return
         start = time.perf_counter()
         scope[START_KEY] = start
+        if scope.get(COUNTED_KEY):  # counted by its connection: may be alone (data plane)
+            mark_counted()
         head = _read_headers(scope)
         supplied = head.get(REQUEST_ID_HEADER)
         rid = scope[REQUEST_ID_KEY] = pick_request_id(

@@ -32,7 +32,7 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.admission_hold import AdmissionGate, gate, is_queued_request
+from service.admission_hold import COUNTED_KEY, AdmissionGate, gate, is_queued_request
 from service.settings import Settings, SettingsError, load_settings
 
 _POLL_S = 0.05  # while requests are held, capacity freed elsewhere (gRPC) is noticed this often
@@ -125,6 +125,8 @@ class _ConnectionGuard:
         super().data_received(data)  # type: ignore[misc]
         if self.busy():
             self._cancel_header_timer()  # the head arrived; the body has its own timeout
+            if waiting and self._counted:  # its task has not run yet: it will see the mark
+                self.cycle.scope[COUNTED_KEY] = True
             if self._draining:
                 self.cycle.keep_alive = False  # answer this request, then close
         elif waiting and self._header_timer is None:

@@ -360,11 +360,12 @@ class ThreadRecorder(Recorder):
 
 
 def lone_batcher(fn: ThreadRecorder, alone: bool = True, inline_below_s: float = 1.0,
-                 adaptive: bool = True) -> tuple[Batcher[int, int], Observed]:
+                 adaptive: bool = True, inline_ok: Any = None
+                 ) -> tuple[Batcher[int, int], Observed]:
     observed = Observed()
     b = Batcher(fn, max_batch_size=32, max_wait_s=30.0 if adaptive else 0.01, queue_size=10,
                 adaptive=adaptive, observer=observed, alone=lambda: alone,
-                inline_below_s=inline_below_s)
+                inline_below_s=inline_below_s, inline_ok=inline_ok)
     return b, observed
 
 
@@ -390,7 +391,7 @@ def test_a_lone_item_runs_on_the_loop_thread_once_lone_runs_are_known_to_be_shor
     assert fn.threads[1:] == [loop_thread, loop_thread]
 
 
-@pytest.mark.parametrize("case", ["not alone", "disabled", "not adaptive"])
+@pytest.mark.parametrize("case", ["not alone", "disabled", "not adaptive", "not cheap"])
 def test_a_lone_item_stays_on_the_worker_thread_unless_every_condition_holds(case: str
                                                                              ) -> None:
     fn = ThreadRecorder()
@@ -398,7 +399,8 @@ def test_a_lone_item_stays_on_the_worker_thread_unless_every_condition_holds(cas
     async def main() -> list[list[int]]:
         b, _ = lone_batcher(fn, alone=case != "not alone",
                             inline_below_s=0.0 if case == "disabled" else 1.0,
-                            adaptive=case != "not adaptive")
+                            adaptive=case != "not adaptive",
+                            inline_ok=(lambda item: False) if case == "not cheap" else None)
         await b.start()
         try:
             return [await asyncio.wait_for(b.submit([i]), timeout=10.0) for i in (1, 2, 3)]
@@ -434,19 +436,22 @@ def test_items_that_are_not_alone_in_the_batcher_still_merge() -> None:
     assert fn.sizes == [1, 2] and fn.threads[1] != loop_thread
 
 
+SLOW_S = 0.5
+
+
 def test_a_slow_lone_run_sends_the_next_ones_to_the_worker_thread_until_runs_are_short(
         ) -> None:
-    """Lone runs: about 0 s (thread: the first), then 0.05 s (inline: the recent time is
-    short); the recent time is then at least 0.05 s, above the 0.02 s bound, so the next
-    ones run on the thread while it falls back by LONE_DECAY of the gap per short run: at
-    least ``n`` of them (``n`` from the exact 0.05 s; a sleep lasts at least that long),
-    and inline reopens within a few more."""
+    """Lone runs: about 0 s (thread: the first), then SLOW_S (inline: the recent time is
+    short); the recent time is then at least SLOW_S, above the bound, so the next ones run
+    on the thread while it falls back by LONE_DECAY of the gap per short run: at least
+    ``n`` of them (``n`` from the exact SLOW_S; a sleep lasts at least that long), and
+    inline reopens within a few more."""
     from service.batching import LONE_DECAY
 
-    fn = ThreadRecorder(delays_s=[0.0, 0.05])
-    bound = 0.02
-    n = 1  # short runs that bring 0.05 s to the bound: 0.05 (1 - d)^n <= bound
-    while 0.05 * (1 - LONE_DECAY) ** n > bound:
+    fn = ThreadRecorder(delays_s=[0.0, SLOW_S])
+    bound = 0.2  # far above a fast run, even one preempted on a busy machine
+    n = 1  # short runs that bring SLOW_S to the bound: SLOW_S (1 - d)^n <= bound
+    while SLOW_S * (1 - LONE_DECAY) ** n > bound:
         n += 1
 
     async def main() -> None:
@@ -487,3 +492,35 @@ def test_an_inline_failure_fails_its_request_and_gives_its_place_back() -> None:
     assert isinstance(broken, RuntimeError) and str(broken) == "the runtime failed"
     assert pending == 0 and after == [8]
     assert fn.threads[1:] == [loop_thread] * 3
+
+
+def test_a_small_png_is_cheap_and_anything_else_is_not() -> None:
+    """The service's inline test for encoded images: a PNG whose header declares at most
+    SMALL_PIXELS_FACTOR times the input's pixels; not a larger PNG (however few bytes it
+    has), another format, or bytes that are not an image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from service.codecs import SMALL_PIXELS_FACTOR, Decoder
+    from service.settings import Settings
+
+    def png(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((side, side), np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    decoder = Decoder(Settings.model_construct(max_upload_bytes=1 << 20,
+                                               max_image_pixels=1 << 26,
+                                               inline_decode_bytes=1 << 17,
+                                               decode_concurrency=2))
+    shape = (1, 28, 28)
+    largest = int((SMALL_PIXELS_FACTOR * 28 * 28) ** 0.5)  # a square at the bound
+    assert decoder.small(png(28), shape) and decoder.small(png(largest), shape)
+    big = png(1000)  # a million pixels in about a kilobyte
+    assert len(big) < 8192 and not decoder.small(big, shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(buf, format="JPEG")
+    assert not decoder.small(buf.getvalue(), shape)
+    assert not decoder.small(b"\x89PNG\r\n\x1a\n", shape)  # a signature, no header

@@ -4,11 +4,16 @@ protocol counts the requests in progress), raw sockets and /proc on its worker."
 
 from __future__ import annotations
 
+import asyncio
+import io
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import (
     ServerProcess,
@@ -21,6 +26,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(),
                                 reason="reads per-thread CPU time from /proc")
 
 LONE_REQUESTS = 400
+LARGE_REQUESTS = 120
 BURST = 6
 
 
@@ -110,10 +116,11 @@ def _read_response(sock: socket.socket) -> bytes:
 
 def test_a_burst_of_requests_on_several_connections_still_batches(
         cli_server: ServerProcess, sample_png: bytes) -> None:
-    """Requests sent together on several connections are not alone (the connections
-    count them as they arrive, before any of them runs): they merge into fewer batches
-    than requests. Were each taken for a lone one, every request would run as its own
-    batch of one on the loop."""
+    """Requests on several connections are not alone (the connections count them as their
+    heads arrive, before any of them runs): sent whole but for their last byte, then
+    finished together, they merge into fewer batches than requests. Were each taken for a
+    lone one, every request would run as its own batch of one on the loop, the next read
+    only after it."""
     png = sample_png
     socks = [socket.create_connection(("127.0.0.1", cli_server.port), timeout=30)
              for _ in range(BURST)]
@@ -121,8 +128,11 @@ def test_a_burst_of_requests_on_several_connections_still_batches(
         with cli_server.client() as c:
             before = c.get("/metrics").text
             payload = _request(png)
+            for s in socks:  # every head (counted on arrival) and all but one body byte
+                s.sendall(payload[:-1])
+            time.sleep(0.2)
             for s in socks:
-                s.sendall(payload)
+                s.sendall(payload[-1:])
             heads = [_read_response(s) for s in socks]
             after = c.get("/metrics").text
     finally:
@@ -136,3 +146,58 @@ def test_a_burst_of_requests_on_several_connections_still_batches(
     assert images == BURST
     assert batches < BURST, f"{BURST} requests sent together ran as {batches:g} batches"
 
+
+
+def test_a_large_png_runs_on_the_inference_thread(cli_server: ServerProcess) -> None:
+    """A lone request whose PNG declares far more pixels than the input (512x512 here, a
+    few kilobytes) is decoded and run on the inference thread: its decode time is not
+    bounded by the input size, and the loop must not wait for it."""
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(512 * 512) % 251).astype(np.uint8).reshape(512, 512)).save(
+        buf, format="PNG")
+    png = buf.getvalue()
+    headers = {"content-type": "image/png"}
+    pid = cli_server.process.pid
+    with cli_server.client() as c:
+        assert c.post("/v1/classify", content=png, headers=headers).status_code == 200
+        main0, others0 = thread_ticks(pid)
+        for _ in range(LARGE_REQUESTS):
+            r = c.post("/v1/classify", content=png, headers=headers)
+            assert r.status_code == 200, r.text
+        main1, others1 = thread_ticks(pid)
+    main_ticks, other_ticks = main1 - main0, others1 - others0
+    # the decode of 262,144 pixels and the run on the inference thread, the HTTP work on
+    # the main one: the other threads take at least half as much as the main one
+    assert other_ticks * 2 >= main_ticks, (main_ticks, other_ticks)
+    assert other_ticks >= 5, (main_ticks, other_ticks)
+
+
+def test_alone_needs_the_request_counted_and_no_other_in_progress() -> None:
+    """:func:`service.admission_hold.alone`: true only in the task of a request its
+    connection counted (:func:`mark_counted`, per task), and only while the count is 1."""
+    from service.admission_hold import alone, gate, mark_counted
+
+    g = gate()
+
+    async def counted() -> bool:
+        mark_counted()
+        return alone()
+
+    async def uncounted() -> bool:
+        return alone()
+
+    async def main() -> list[bool]:
+        got = [await asyncio.create_task(counted()), await asyncio.create_task(uncounted())]
+        g.started()  # a second request in progress
+        try:
+            got.append(await asyncio.create_task(counted()))
+        finally:
+            g.finished()
+        return got
+
+    base = g.in_progress
+    g.in_progress = 1
+    try:
+        assert asyncio.run(main()) == [True, False, False]
+    finally:
+        g.in_progress = base
