@@ -18,15 +18,19 @@ one intra-op thread, one process):
   the server process), no monitor.
 
 The load generator is wrk (C; ``apt-get install wrk``), one thread, pinned to CPU 1, with a
-Lua script that POSTs the same PNG every time. Rounds are interleaved: each round starts each
-server afresh, warms it, and runs every connection count. The server's CPU time (utime +
-stime, plus reaped children, of its whole process tree, from ``/proc``) is read before and
-after each run: CPU ms per request = CPU time / requests answered.
+Lua script that POSTs the same PNG every time. The runs are paired: every server is started
+once and stays up (an idle one takes no measurable CPU), and in each round, for each
+connection count, every row runs one after the other within seconds (the order reversed
+every other round). The server's CPU time (utime + stime, plus reaped children, of its whole
+process tree, from ``/proc``) is read before and after each run: CPU ms per request = CPU
+time / requests answered. A ratio to a peer is the median over the rounds of that round's
+own ratio (and the p50 difference the median of the rounds' differences), so a drift of
+the machine's speed over minutes cancels instead of landing on one server.
 
 The peer venvs are created under ``.cache/peers/`` on first use (a few minutes, once; later
 runs reuse them). One command, ~5-6 minutes with the defaults:
 
-    PYTHONPATH=. .venv/bin/python benchmarks/peers.py [--seconds 5] [--rounds 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/peers.py [--seconds 3] [--rounds 4]
         [--connections 1 8 64] [--skip mlserver] [--json out.json]
 """
 
@@ -299,9 +303,12 @@ def goals(results: dict[str, dict[int, list[dict]]], connections: list[int]) -> 
         a, b = results.get(ROWS[ours][0]), results.get(ROWS[theirs][0])
         if not a or not b:
             continue
-        ratios = {c: median(a[c], "cpu_ms_per_request") / median(b[c], "cpu_ms_per_request")
+        # paired: each round's own ratio (its runs seconds apart), then the median
+        ratios = {c: statistics.median(x["cpu_ms_per_request"] / y["cpu_ms_per_request"]
+                                       for x, y in zip(a[c], b[c], strict=False))
                   for c in connections}
-        dp50 = median(a[connections[0]], "p50_ms") - median(b[connections[0]], "p50_ms")
+        dp50 = statistics.median(x["p50_ms"] - y["p50_ms"] for x, y in
+                                 zip(a[connections[0]], b[connections[0]], strict=False))
         name = f"{ROWS[ours][0]} / {ROWS[theirs][0]}"
         summary[name] = {"cpu_ratio": ratios, "p50_difference_ms": dp50,
                          "cpu_goal_met": all(r <= 1.0 for r in ratios.values()),
@@ -353,11 +360,42 @@ def servers(bank: Path, skip: set[str], failed: dict[str, str]) -> dict[str, Ser
     return out
 
 
+def start_all(srv: dict[str, Server], live: list[Server], folder: Path, model: str,
+              luas: dict[str, Path], failed: dict[str, str]
+              ) -> list[tuple[str, Server, str, Path]]:
+    """Start every server (appended to ``live`` as it comes up), check that conceptguard
+    serves the fused graph, warm each row with a one-second run that must answer 2xx; the
+    rows to measure, in ROWS order."""
+    for name, server in srv.items():
+        try:
+            server.start(folder / f"{name}.log")
+        except RuntimeError as exc:
+            failed[name] = str(exc).splitlines()[0]
+            print(f"[peers] {exc}", file=sys.stderr)
+            continue
+        live.append(server)
+        if name == "conceptguard":
+            runtime = httpx.get(server.url("/v1/bank")).json()["runtime"]
+            if runtime.get("graph") != "fused":
+                sys.exit(f"conceptguard is not serving the fused graph: {runtime}")
+    rows = []
+    for label, owner, path, kind in ROWS:
+        server = srv.get(owner)
+        if server is None or owner in failed:
+            continue
+        url = server.url(path.format(model=model))
+        check = wrk(url, luas[kind], 1, 1)  # warm-up, and a sanity check
+        if check["non_2xx"] or not check["requests"]:
+            raise RuntimeError(f"{label}: {check}")
+        rows.append((label, server, url, luas[kind]))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bank", type=Path, default=DEMO_BANK)
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--connections", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--skip", nargs="*", default=[], choices=["conceptguard", "fastapi",
                                                                "fastapi-h11", "mlserver"])
@@ -374,39 +412,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         luas = bodies(folder, png_bytes())
-        for rnd in range(args.rounds):
-            for name, server in srv.items():
-                if name in failed:
-                    continue
-                try:
-                    server.start(folder / f"{name}-{rnd}.log")
-                except RuntimeError as exc:
-                    failed[name] = str(exc).splitlines()[0]
-                    print(f"[peers] {exc}", file=sys.stderr)
-                    continue
-                try:
-                    if name == "conceptguard":
-                        runtime = httpx.get(server.url("/v1/bank")).json()["runtime"]
-                        if runtime.get("graph") != "fused":
-                            sys.exit(f"conceptguard is not serving the fused graph: {runtime}")
-                    for label, owner, path, kind in ROWS:
-                        if owner != name:
-                            continue
-                        url = server.url(path.format(model=model))
-                        check = wrk(url, luas[kind], 1, 1)  # warm-up, and a sanity check
-                        if check["non_2xx"] or not check["requests"]:
-                            raise RuntimeError(f"{label}: {check}")
-                        for c in args.connections:
-                            run = measure(server, url, luas[kind], c, args.seconds)
-                            results.setdefault(label, {k: [] for k in args.connections})[c] \
-                                .append(run)
-                            print(f"[peers] round {rnd + 1} {label} c={c}: "
-                                  f"{run['requests_per_s']:.0f} req/s, p50 "
-                                  f"{run['p50_ms']:.2f} ms, "
-                                  f"{run['cpu_ms_per_request']:.2f} CPU ms/req, "
-                                  f"non-2xx {run['non_2xx']}", file=sys.stderr, flush=True)
-                finally:
-                    server.stop()
+        live: list[Server] = []
+        try:
+            rows = start_all(srv, live, folder, model, luas, failed)
+            for rnd in range(args.rounds):
+                for c in args.connections:
+                    for label, server, url, lua in (rows if rnd % 2 == 0 else rows[::-1]):
+                        run = measure(server, url, lua, c, args.seconds)
+                        results.setdefault(label, {k: [] for k in args.connections})[c] \
+                            .append(run)
+                        print(f"[peers] round {rnd + 1} {label} c={c}: "
+                              f"{run['requests_per_s']:.0f} req/s, p50 "
+                              f"{run['p50_ms']:.2f} ms, "
+                              f"{run['cpu_ms_per_request']:.2f} CPU ms/req, "
+                              f"non-2xx {run['non_2xx']}", file=sys.stderr, flush=True)
+        finally:
+            for server in live:
+                server.stop()
     peer_versions = {}
     for name, mods in (("fastapi", ["fastapi", "uvicorn", "uvloop", "httptools",
                                     "onnxruntime"]),
@@ -418,7 +440,8 @@ def main() -> None:
                                              ["fastapi", "uvicorn", "onnxruntime"])
     text, summary = goals(results, args.connections)
     print(f"\nDate: {started:%Y-%m-%d %H:%M} UTC; {args.seconds} s per point, "
-          f"{args.rounds} rounds; median of the rounds in bold, each round in brackets\n")
+          f"{args.rounds} paired rounds; median of the rounds in bold, each round in "
+          "brackets; ratios: median of the rounds' own ratios\n")
     print(table(results, args.connections, failed))
     print()
     print(text)
@@ -426,7 +449,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "peers", **provenance(), **machine(), "date": started.isoformat(),
-            "seconds": args.seconds, "rounds": args.rounds, "versions": peer_versions,
+            "seconds": args.seconds, "rounds": args.rounds, "pairing": "paired rounds",
+            "versions": peer_versions,
             "failed": failed, "runs": results, "goals": summary}, indent=2, default=float))
 
 
