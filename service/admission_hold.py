@@ -20,12 +20,11 @@ or the batcher has no room for one more image (the function the app binds at sta
 A request on a fresh connection is never held: it is admitted or refused at once, as
 before (a new client learns about the overload from the 503 and its ``Retry-After``).
 
-The same count tells the data plane when a request is alone (:func:`alone`): the protocol
-marks the scope of each request it counted (:data:`COUNTED_KEY`), the middleware carries
-that mark into the request's context (:func:`mark_counted`), and a request so marked is
-alone when the count is 1. A request the connections did not count (gRPC, one pipelined
-behind another on its connection, one whose first bytes did not show its route) is never
-alone.
+The same count tells the data plane when a request is alone: the protocol marks the scope
+of each request it counted (:data:`COUNTED_KEY`), and the middleware
+(:func:`service.middleware.lone_request`) takes a request so marked for alone when the
+count is 1. A request the connections did not count (gRPC, one pipelined behind another on
+its connection, one whose first bytes did not show its route) is never alone.
 """
 
 from __future__ import annotations
@@ -33,13 +32,9 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Protocol
 
 COUNTED_KEY = "conceptguard.counted"  # in a request's scope: its connection counted it
-
-# in a request's own context (each request task has its own): counted by its connection
-_counted: ContextVar[bool] = ContextVar("conceptguard_counted", default=False)
 
 # the request line of a queued route, as it starts a connection's next request
 _QUEUED_REQUEST_LINE = re.compile(
@@ -114,14 +109,3 @@ def gate(capacity: int = 512) -> AdmissionGate:
         _gate = AdmissionGate(capacity)
     return _gate
 
-
-def mark_counted() -> None:
-    """The running request was counted by its connection (the middleware calls this for a
-    scope that carries :data:`COUNTED_KEY`; it holds for that request's task only)."""
-    _counted.set(True)
-
-
-def alone() -> bool:
-    """True when the running request was counted by its connection and no other request is
-    in progress on this worker's connections."""
-    return _counted.get() and gate().in_progress == 1

@@ -26,14 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from conceptguard.bank import BankError, check_bank_quickly
 from conceptguard.threads import single_threaded_blas
 from service import __version__, metrics_export
-from service.admission_hold import alone as request_alone
 from service.admission_hold import gate as admission_gate
 from service.dataplane import DataPlane
 from service.docs_route import router as docs_router
 from service.errors import ServiceError, as_service_error, error_response
 from service.lifecycle import SharedBank, bound_heap, drain_on_sigterm, raise_file_limit
 from service.logs import ensure_log_handler
-from service.middleware import ServiceMiddleware
+from service.middleware import ServiceMiddleware, lone_request
 from service.oip import ModelStats
 from service.openapi import with_limits
 from service.report_route import router as report_router
@@ -113,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         # a lone request may skip the inference thread: the HTTP connections count the
         # requests in progress (service.protocol); one they did not count (gRPC) never does
-        dataplane = DataPlane(state, s, alone=request_alone)
+        dataplane = DataPlane(state, s, alone=lone_request(admission_gate()))
         await dataplane.start()
         app.state.settings = s
         app.state.runtime_state = state

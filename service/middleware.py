@@ -27,12 +27,13 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.admission_hold import COUNTED_KEY, mark_counted
+from service.admission_hold import COUNTED_KEY
 from service.codecs import json_problem
 from service.errors import (
     BodyTimeout,
@@ -45,6 +46,7 @@ from service.metrics import QUEUE_FULL, REQUEST_DURATION, REQUESTS
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from service.admission_hold import AdmissionGate
     from service.dataplane import DataPlane
 
 log = logging.getLogger("conceptguard.service")
@@ -83,6 +85,29 @@ def latency_ms(scope: Scope) -> float:
     """Milliseconds since the middleware received the request (0 outside it)."""
     start = scope.get(START_KEY)
     return round((time.perf_counter() - start) * 1000.0, 3) if start else 0.0
+
+
+# ---------------------------------------------------------------- a lone request
+
+# in a request's own context (each request task has its own): its connection counted it
+_COUNTED: ContextVar[bool] = ContextVar("conceptguard_counted", default=False)
+
+
+def mark_counted() -> None:
+    """The running request was counted by its connection (what this middleware does for a
+    scope that carries :data:`service.admission_hold.COUNTED_KEY`; for that task only)."""
+    _COUNTED.set(True)
+
+
+def lone_request(gate: AdmissionGate) -> Callable[[], bool]:
+    """The data plane's test for a lone request: the running request was counted by its
+    connection (:mod:`service.protocol` marks its scope, this middleware its context) and
+    ``gate`` counts no other request in progress on this worker's connections."""
+
+    def alone() -> bool:
+        return _COUNTED.get() and gate.in_progress == 1
+
+    return alone
 
 
 # ---------------------------------------------------------------- hot routes
@@ -134,7 +159,7 @@ class ServiceMiddleware:
         start = time.perf_counter()
         scope[START_KEY] = start
         if scope.get(COUNTED_KEY):  # counted by its connection: may be alone (data plane)
-            mark_counted()
+            _COUNTED.set(True)
         head = _read_headers(scope)
         supplied = head.get(REQUEST_ID_HEADER)
         rid = scope[REQUEST_ID_KEY] = pick_request_id(

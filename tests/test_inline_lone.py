@@ -172,12 +172,14 @@ def test_a_large_png_runs_on_the_inference_thread(cli_server: ServerProcess) -> 
     assert other_ticks >= 5, (main_ticks, other_ticks)
 
 
-def test_alone_needs_the_request_counted_and_no_other_in_progress() -> None:
-    """:func:`service.admission_hold.alone`: true only in the task of a request its
+def test_lone_request_needs_the_request_counted_and_no_other_in_progress() -> None:
+    """:func:`service.middleware.lone_request`: true only in the task of a request its
     connection counted (:func:`mark_counted`, per task), and only while the count is 1."""
-    from service.admission_hold import alone, gate, mark_counted
+    from service.admission_hold import AdmissionGate
+    from service.middleware import lone_request, mark_counted
 
-    g = gate()
+    g = AdmissionGate(8)
+    alone = lone_request(g)
 
     async def counted() -> bool:
         mark_counted()
@@ -195,9 +197,5 @@ def test_alone_needs_the_request_counted_and_no_other_in_progress() -> None:
             g.finished()
         return got
 
-    base = g.in_progress
-    g.in_progress = 1
-    try:
-        assert asyncio.run(main()) == [True, False, False]
-    finally:
-        g.in_progress = base
+    g.started()  # the request under test
+    assert asyncio.run(main()) == [True, False, False]
