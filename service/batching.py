@@ -22,12 +22,12 @@ runs on the event loop's own thread, skipping the hand-off to the worker thread 
 (two thread wake-ups, a future and a loop pass: on a small model a large share of a lone
 request's CPU). Alone means: nothing else admitted or queued here (``pending`` is this
 item), and ``alone()``, the caller's word that no other request is in progress anywhere in
-the worker (the service asks its HTTP connections, :mod:`service.admission_hold`; without
-that word, never). And only for an item ``inline_ok`` accepts (the service: one whose cost
-its input size bounds) while one-item batches take at most ``inline_below_s`` (their
-recent time, rising at once on a slow one and falling back slowly), so the loop is never
-blocked for long: whatever arrives meanwhile (another request, a health probe) waits at
-most about that long to be read.
+the worker (the service asks its HTTP connections' count,
+:func:`service.middleware.lone_request`; without that word, never). And only for an item
+``inline_ok`` accepts (the service: one whose cost its input size bounds) while one-item
+batches take at most ``inline_below_s`` (their recent time, rising at once on a slow one
+and falling back slowly), so the loop is never blocked for long: whatever arrives
+meanwhile (another request, a health probe) waits at most about that long to be read.
 
 "Pending" counts items admitted and not yet answered (waiting or in the running batch).
 """

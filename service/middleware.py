@@ -94,7 +94,7 @@ _COUNTED: ContextVar[bool] = ContextVar("conceptguard_counted", default=False)
 
 
 def mark_counted() -> None:
-    """The running request was counted by its connection (what this middleware does for a
+    """The running request was counted by its connection (this middleware calls it for a
     scope that carries :data:`service.admission_hold.COUNTED_KEY`; for that task only)."""
     _COUNTED.set(True)
 
@@ -159,7 +159,7 @@ class ServiceMiddleware:
         start = time.perf_counter()
         scope[START_KEY] = start
         if scope.get(COUNTED_KEY):  # counted by its connection: may be alone (data plane)
-            _COUNTED.set(True)
+            mark_counted()
         head = _read_headers(scope)
         supplied = head.get(REQUEST_ID_HEADER)
         rid = scope[REQUEST_ID_KEY] = pick_request_id(
