@@ -20,6 +20,7 @@ classifier graph plus numpy scoring, and say why.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -396,6 +397,17 @@ def stratified_subset(labels: np.ndarray, size: int | None, seed: int) -> np.nda
     return np.sort(np.concatenate(rows))
 
 
+def scaled_k(k: int, size: int, total: int) -> int:
+    """KNN's ``k`` on a reference subset of ``size`` of ``total`` rows: ``k`` names the
+    neighbour on the whole set, and a subset keeps it at the same share of the set,
+    ``ceil(k * size / total)`` (at least 1, at most ``size``). The k-th nearest of 4,000 and
+    the 3rd nearest of 1,000 both sit at a quarter of a percent of the set: the same density
+    read, where a fixed ``k`` on a smaller set reads a density four times coarser."""
+    if size >= total:
+        return max(1, min(k, size))
+    return max(1, min(size, math.ceil(k * size / total)))
+
+
 @dataclass(frozen=True)
 class KNN(Detector):
     """Distance from ``z / |z|`` to its k-th nearest neighbour among the unit reference
@@ -403,9 +415,10 @@ class KNN(Detector):
     ``sqrt(2 - 2 cos)``.
 
     The reference set is a seeded, class-stratified subset of ``knn_reference`` reference
-    features (:func:`stratified_subset`; None: all of them). Sun et al. find that KNN over a
-    small random fraction of the training set keeps its AUROC; the cost per input (a cosine
-    product and a top-k over the set) is linear in its size. Since it is the detector's
+    features (:func:`stratified_subset`; None: all of them), and ``knn_k`` shrinks with it
+    (:func:`scaled_k`). Sun et al. find that KNN over a small random fraction of the
+    training set keeps its AUROC when ``k`` scales with the fraction; the cost per input (a
+    cosine product and a top-k over the set) is linear in its size. Since it is the detector's
     own fit, the trust model and the threshold are fitted on the risks it gives."""
 
     name, group, summary = "knn", "density", "k-th nearest-neighbour distance (features)"
@@ -422,7 +435,7 @@ class KNN(Detector):
     def fit(cls, data: FitData) -> Detector:
         rows = stratified_subset(data.labels, data.settings.knn_reference,
                                  data.settings.knn_seed)
-        k = min(data.settings.knn_k, len(rows))
+        k = scaled_k(data.settings.knn_k, len(rows), len(data.labels))
         return cls(data.outputs.unit_features[rows].astype(np.float32), k)
 
     @cached_property

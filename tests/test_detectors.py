@@ -25,6 +25,7 @@ from conceptguard.detectors import (
     detector_risks,
     detectors_from_state,
     detectors_state,
+    scaled_k,
     stratified_subset,
 )
 from conceptguard.projection import unit_rows
@@ -159,6 +160,25 @@ def test_knn_reference_subset_is_class_stratified_and_seeded() -> None:
                                   np.arange(len(labels)))
 
 
+@pytest.mark.parametrize(("k", "size", "total", "want"), [
+    (10, 4000, 4000, 10),  # the whole set: k itself
+    (10, 2000, 4000, 5),
+    (10, 1000, 4000, 3),  # 2.5 rounds up: never a coarser share than k of the whole
+    (10, 300, 4000, 1),
+    (10, 1, 4000, 1),
+    (50, 8, 10, 8),  # at most the subset's size
+    (10, 6, 6, 6),  # a whole set smaller than k
+])
+def test_knn_k_scales_with_the_reference_subset(k: int, size: int, total: int,
+                                                want: int) -> None:
+    got = scaled_k(k, size, total)
+    assert got == want
+    # the k-th nearest of the subset sits at no smaller a share of it than k of the whole
+    # (where the subset has room for it)
+    if want < size:
+        assert got / size >= k / total
+
+
 def test_knn_fit_keeps_the_seeded_subset(demo) -> None:
     bank, ref, _, _ = demo
     heat = bank.monitor.heatmaps
@@ -178,6 +198,9 @@ def test_knn_fit_keeps_the_seeded_subset(demo) -> None:
     np.testing.assert_array_equal(a.bank, unit_rows(ref.features.astype(np.float64))[rows]
                                   .astype(np.float32))
     assert len(fit(None).bank) == len(ref.labels)
+    n = len(ref.labels)
+    assert fit(None).k == DetectorSettings().knn_k  # the whole split: k as set
+    assert fit(n // 2).k == scaled_k(DetectorSettings().knn_k, n // 2, n)  # k shrinks with it
 
 
 def test_shipped_bank_knn_holds_its_stratified_subset(demo) -> None:
