@@ -417,8 +417,8 @@ class KNN(Detector):
     The reference set is a seeded, class-stratified subset of ``knn_reference`` reference
     features (:func:`stratified_subset`; None: all of them), and ``knn_k`` shrinks with it
     (:func:`scaled_k`). Sun et al. find that KNN over a small random fraction of the
-    training set keeps its AUROC when ``k`` scales with the fraction; the cost per input (a
-    cosine product and a top-k over the set) is linear in its size. Since it is the detector's
+    training set keeps its AUROC; the cost per input (a cosine product and a top-k over the
+    set) is linear in its size. Since it is the detector's
     own fit, the trust model and the threshold are fitted on the risks it gives."""
 
     name, group, summary = "knn", "density", "k-th nearest-neighbour distance (features)"
