@@ -1,7 +1,16 @@
 """GPU vs CPU in one go: the serving graph (classifier + concept projection) on ONNX Runtime
-and torch, CUDA and CPU, batch 1 / 64 / 256, plus the monitor's scoring step; images/s.
+and torch, CUDA and CPU, batch 1 / 64 / 256; the classifier and the monitor as one torch
+module (``+ monitor``: the service's torch backend on a bank with a fused graph, with its
+overhead over the serving graph on the same device), compiled with CUDA graphs on CUDA;
+plus the monitor's numpy scoring step; images/s.
 
     python benchmarks/gpu.py [--bank banks/demo] [--seconds 1.0] [--out benchmarks/results]
+
+On a machine whose Python lacks the bank loader's dependencies (pydantic, safetensors),
+write the monitor's state here first and pass it there:
+
+    python benchmarks/gpu.py --write-monitor-state runs/gpu/monitor-graph.safetensors
+    python benchmarks/gpu.py --monitor-state runs/gpu/monitor-graph.safetensors  # GPU machine
 
 Needs only torch (torchvision for the demo classifier), numpy and this repository;
 onnxruntime / onnxruntime-gpu when present (without a CUDA session it reports "ORT CUDA
@@ -85,6 +94,21 @@ def torch_module(bank: Path):
     return MonitoredClassifier(split.eval(), {k: tensors[k].copy() for k in PROJECTION_KEYS}), spec
 
 
+def write_monitor_state(bank: Path, path: Path) -> int:
+    """The bank's :class:`~conceptguard.monitor_graph.MonitorGraph` constants and shape as a
+    safetensors file (here, where the bank loads), for ``--monitor-state`` there."""
+    from safetensors.numpy import save_file
+
+    from conceptguard.bank import load_bank
+    from conceptguard.monitor_graph import MonitorGraph
+
+    tensors, meta = MonitorGraph(load_bank(bank).monitor).state()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bank", type=Path, default=REPO / "banks" / "demo")
@@ -92,8 +116,17 @@ def main() -> int:
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--no-docs", action="store_true", help="do not edit docs/benchmarks.md")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time torch.compile (mode reduce-overhead: CUDA graphs) on CUDA")
+    ap.add_argument("--monitor-state", type=Path, default=None,
+                    help="the monitor graph's state (see --write-monitor-state), for a "
+                         "machine where the bank loader's dependencies are missing")
+    ap.add_argument("--write-monitor-state", type=Path, default=None, metavar="PATH",
+                    help="write the bank's monitor graph state to PATH and exit")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.write_monitor_state is not None:
+        return write_monitor_state(args.bank, args.write_monitor_state)
 
     import torch
 
@@ -108,13 +141,18 @@ def main() -> int:
     notes: list[str] = []
 
     # torch, CPU and CUDA
-    def torch_runner(device: str):
-        m = module if device == "cpu" else copy.deepcopy(module).to(device)
+    def torch_runner(device: str, net=module, compiled: bool = False):
+        m = net if device == "cpu" else copy.deepcopy(net).to(device)
+        if compiled:
+            m = torch.compile(m, mode="reduce-overhead")
 
         def run(x: np.ndarray):
             with torch.inference_mode():
                 out = m(torch.from_numpy(x).to(device))
                 return [o.cpu().numpy() for o in out]
+        if compiled:  # compile now, with every batch size, outside the timings
+            for b in batches:
+                run(rng.random((b, c, s, s), dtype=np.float32))
         return run
 
     runtimes["torch cpu"] = torch_runner("cpu")
@@ -156,6 +194,29 @@ def main() -> int:
         monitor = load_bank(args.bank).monitor
     except Exception as exc:  # pydantic/safetensors missing: graph only
         notes.append(f"scoring skipped ({type(exc).__name__}: {exc})"[:200])
+    # classifier + monitor as one torch module (the service's torch backend on a bank with
+    # a fused graph): every score on the device, one copy back per output. The monitor
+    # comes from the bank, or from a state file written beforehand (torch + numpy only)
+    from conceptguard.monitor_graph import FusedMonitoredClassifier, MonitorGraph
+
+    graph = MonitorGraph(monitor) if monitor is not None else None
+    if graph is None and args.monitor_state is not None:
+        graph = MonitorGraph.from_state(*read_safetensors(args.monitor_state))
+        notes.append(f"monitor graph from {args.monitor_state.name}")
+    if graph is None:
+        notes.append("`+ monitor` rows skipped: no bank loader and no --monitor-state")
+    else:
+        fused = FusedMonitoredClassifier(module, graph).eval()
+        runtimes["torch cpu + monitor"] = torch_runner("cpu", fused)
+        if cuda:
+            runtimes["torch cuda + monitor"] = torch_runner("cuda", fused)
+            if args.compile:  # CUDA graphs through torch.compile, where they pay
+                for name, m in (("torch cuda compiled", module),
+                                ("torch cuda + monitor compiled", fused)):
+                    try:
+                        runtimes[name] = torch_runner("cuda", m, compiled=True)
+                    except Exception as exc:  # no compiler toolchain: say so, go on
+                        notes.append(f"{name} skipped ({type(exc).__name__}: {exc})"[:200])
 
     results: dict[str, dict] = {}
     for batch in batches:
@@ -169,9 +230,14 @@ def main() -> int:
                 lambda lo=logits, f=feats, co=concepts: score(monitor, lo, f, co), batch,
                 args.seconds)
             for name in list(row):  # graph + scoring, the monitored request's compute
-                if name != "scoring (numpy)":
+                if name != "scoring (numpy)" and "+ monitor" not in name:
                     g, sc = row[name]["images_per_s"], row["scoring (numpy)"]["images_per_s"]
                     row[name]["with_scoring_images_per_s"] = round(1 / (1 / g + 1 / sc), 1)
+        for name in [n for n in row if n.endswith(" + monitor")]:
+            base = row.get(name.removesuffix(" + monitor"))
+            if base is not None:  # the monitor's cost on the same device, same batch
+                row[name]["monitor_overhead"] = round(
+                    base["images_per_s"] / row[name]["images_per_s"] - 1, 4)
         results[f"batch_{batch}"] = row
         print(f"batch {batch}: " + ", ".join(f"{k} {v['images_per_s']}/s"
                                              for k, v in row.items()), flush=True)
@@ -195,7 +261,9 @@ def write_docs(report: dict) -> None:
              f"session providers {info.get('ort_session_providers', '-')}; "
              f"{info['cpus']} CPUs) by `python benchmarks/gpu.py`. Images/s of the serving "
              "graph (classifier + concept projection); in brackets: with the monitor's "
-             "numpy scoring step added. Random inputs, demo bank.", "",
+             "numpy scoring step added, or, for `+ monitor` rows (classifier and monitor "
+             "as one torch module), the monitor's overhead over the same runtime without "
+             "it. Random inputs, demo bank.", "",
              "| runtime | " + " | ".join(report["results"]) + " |",
              "|---" * (len(report["results"]) + 1) + "|"]
     for name in names:
@@ -204,6 +272,8 @@ def write_docs(report: dict) -> None:
             v = row.get(name)
             if v is None:
                 cells.append("-")
+            elif "monitor_overhead" in v:
+                cells.append(f"{v['images_per_s']:,.0f} (+{v['monitor_overhead']:.0%})")
             elif "with_scoring_images_per_s" in v:
                 cells.append(f"{v['images_per_s']:,.0f} ({v['with_scoring_images_per_s']:,.0f})")
             else:

@@ -24,6 +24,7 @@ Outputs (:data:`MONITOR_OUTPUTS`): ``risks`` is ``(N, len(DETECTORS))`` in regis
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from conceptguard.trust import CONFIDENCE, HEADS, HINGED, REASON_KINDS
 RISK_NAMES: tuple[str, ...] = tuple(DETECTORS)  # at import; a graph reads the registry
 # when it is built (MonitorGraph.risk_names), so a detector registered later is covered
 MONITOR_INPUTS: tuple[str, ...] = OUTPUT_NAMES  # logits, features, concepts
+STATE_KEY = "monitor_graph"  # the safetensors metadata key of MonitorGraph.state()
 
 
 class NotFusable(ValueError):
@@ -330,6 +332,30 @@ class MonitorGraph(nn.Module):
                 table[3 * sm + sd + 4] = REASON_KINDS.index(kind)
         buf("reason_table", torch.as_tensor(table))
         self.trust_columns = (len(HEADS), len(HEADS) + 2)
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """The graph's constants (its buffers) and its shape attributes, as safetensors
+        tensors and metadata: :meth:`from_state` rebuilds the module from them with torch
+        and numpy alone, without the bank or its loader (``benchmarks/gpu.py`` on a GPU
+        machine that has torch but not this package's other dependencies)."""
+        tensors = {k: v.detach().cpu().numpy() for k, v in self.named_buffers()}
+        attrs = {k: v for k, v in vars(self).items()
+                 if not k.startswith("_") and k != "training"}
+        return tensors, {STATE_KEY: json.dumps(attrs)}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, np.ndarray], metadata: dict[str, str]
+                   ) -> MonitorGraph:
+        """The module :meth:`state` describes (the same constants, the same forward)."""
+        if STATE_KEY not in metadata:
+            raise ValueError(f"not a monitor graph state: no {STATE_KEY!r} metadata")
+        graph = cls.__new__(cls)
+        nn.Module.__init__(graph)
+        for k, v in json.loads(metadata[STATE_KEY]).items():
+            setattr(graph, k, v)
+        for k, v in tensors.items():
+            graph.register_buffer(k, torch.from_numpy(np.array(v)))
+        return graph.eval()
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor, concepts: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:

@@ -105,12 +105,20 @@ class OnnxRuntime:
 
 
 class TorchRuntime:
-    """The same graph in torch eager (optionally ``torch.compile``)."""
+    """The same graph in torch eager (optionally ``torch.compile``). ``module`` is the
+    serving graph (:class:`~conceptguard.export.MonitoredClassifier`: logits, features,
+    concepts; scores then come from numpy ``score()``) or, with ``graph="fused"``, the
+    classifier and the monitor as one module (:class:`~conceptguard.monitor_graph.
+    FusedMonitoredClassifier`: the same outputs as ``monitor.onnx``, :data:`FUSED_OUTPUTS`),
+    so that on CUDA the monitor runs beside the classifier and one copy per output comes
+    back. ``compile``: ``torch.compile`` with ``compile_mode`` (``"reduce-overhead"`` adds
+    CUDA graphs on CUDA)."""
 
     name = "torch"
-    graph = "classifier"  # scores come from numpy score()
 
-    def __init__(self, module, device: str = "auto", compile: bool = False):
+    def __init__(self, module, device: str = "auto", compile: bool = False,
+                 graph: Literal["classifier", "fused"] = "classifier",
+                 compile_mode: str | None = None):
         import torch
 
         use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
@@ -119,8 +127,12 @@ class TorchRuntime:
         self._torch = torch
         self.device = "cuda" if use_cuda else "cpu"
         self.provider = f"torch-{self.device}"
+        self.graph = graph
         self.module = module.eval().to(self.device)
-        self._forward = torch.compile(self.module) if compile else self.module
+        # the serving graph (logits, features, concepts), inside the fused module or itself
+        self.serving = module.classifier if graph == "fused" else module
+        self._forward = (torch.compile(self.module, mode=compile_mode) if compile
+                         else self.module)
         if compile:
             self.name = "torch-compile"
 
@@ -128,12 +140,12 @@ class TorchRuntime:
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-            logits, features, concepts = self._forward(x)
-        return RuntimeOutputs(logits.cpu().numpy(), features.cpu().numpy(),
-                              concepts.cpu().numpy())
+            out = [t.cpu().numpy() for t in self._forward(x)]
+        monitor = dict(zip(MONITOR_OUTPUTS, out[3:], strict=True)) if out[3:] else None
+        return RuntimeOutputs(out[0], out[1], out[2], monitor)
 
     def classify(self, images: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-            return self.module.classifier(x).cpu().numpy()
+            return self.serving.classifier(x).cpu().numpy()

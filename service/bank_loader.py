@@ -37,7 +37,14 @@ def make_runtime(bank: Bank, settings: Settings) -> Runtime:
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     module = MonitoredClassifier(load_classifier(bank.classifier_path)[0], bank.projection())
-    return TorchRuntime(module, device=settings.device)
+    if bank.fused_onnx_path is None:  # no fused graph: numpy score() after the runtime
+        return TorchRuntime(module, device=settings.device)
+    # the bank's monitor fuses (build-bank wrote and checked its graph): classifier and
+    # monitor as one torch module, on the same device
+    from conceptguard.monitor_graph import FusedMonitoredClassifier, MonitorGraph
+
+    fused = FusedMonitoredClassifier(module, MonitorGraph(bank.monitor))
+    return TorchRuntime(fused, device=settings.device, graph="fused")
 
 
 def bank_info(bank: Bank) -> dict[str, str]:

@@ -35,7 +35,7 @@ def linear_head(loaded: Loaded) -> tuple[np.ndarray, np.ndarray] | None:
 def classifier_module(loaded: Loaded) -> Any:
     runtime: Any = loaded.runtime
     if runtime.name.startswith("torch") and runtime.device == "cpu":
-        return runtime.module.classifier  # the torch runtime's own classifier
+        return runtime.serving.classifier  # the torch runtime's own classifier
     return _load_classifier(loaded.bank.classifier_path)
 
 

@@ -151,3 +151,22 @@ def test_export_graph_adds_the_fused_graph_to_an_older_bank(demo_bank_dir: Path,
     bank = load_bank(old)
     assert bank.fused_onnx_path == old / "monitor.onnx"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]  # no staging left behind
+
+
+def test_torch_backend_serves_classifier_and_monitor_as_one_module(
+        client: httpx.Client, server_factory: Any, fashion_mnist_test: Any,
+        test_scores_sample: dict[str, Any]) -> None:
+    """``CONCEPTGUARD_BACKEND=torch`` on a bank with a fused graph runs the monitor inside
+    the torch module (``graph: fused``, no numpy scoring after it), and answers as the ONNX
+    Runtime server does on the same images."""
+    pngs = [encode_png(fashion_mnist_test.images[i])
+            for i in test_scores_sample["test_indices"][:12]]
+    onnx = _classify(client, pngs)
+    torch_server = server_factory(settings={"backend": "torch", "device": "cpu"})
+    with httpx.Client(base_url=torch_server.url, timeout=30.0) as torch_client:
+        runtime = torch_client.get("/v1/bank").json()["runtime"]
+        assert (runtime["backend"], runtime["graph"], runtime["provider"]) == \
+            ("torch", "fused", "torch-cpu")
+        served = _classify(torch_client, pngs)
+    for t, o in zip(served, onnx, strict=True):
+        _assert_same_response(t, o)

@@ -264,3 +264,36 @@ def test_a_registered_detector_with_a_fused_form_enters_the_graph(
                      err_msg="the new detector's column")
     assert_f32_close(got["trust"], fused["trust"], terms=bank.manifest.dims.features,
                      err_msg="trust with a zero-weight column")
+
+
+def test_monitor_graph_state_rebuilds_the_same_module(bank: Bank, sample_images: np.ndarray,
+                                                      tmp_path: Path) -> None:
+    """``MonitorGraph.state()`` written as safetensors and read back with the stdlib reader
+    of ``benchmarks/gpu.py`` (no safetensors package, no bank loader) rebuilds a module whose
+    outputs equal the original's: the same constants through the same operations."""
+    import importlib.util
+
+    from safetensors.numpy import save_file
+
+    from conceptguard.classifier.io import load_classifier
+    from conceptguard.export import MonitoredClassifier
+
+    graph = MonitorGraph(bank.monitor).eval()
+    tensors, meta = graph.state()
+    save_file(tensors, str(tmp_path / "state.safetensors"), metadata=meta)
+    spec = importlib.util.spec_from_file_location(
+        "gpu_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py")
+    assert spec is not None and spec.loader is not None
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    again = MonitorGraph.from_state(*gpu.read_safetensors(tmp_path / "state.safetensors"))
+    serving = MonitoredClassifier(load_classifier(bank.classifier_path)[0], bank.projection())
+    with torch.inference_mode():
+        inputs = serving.eval()(torch.from_numpy(sample_images))
+        want, got = graph(*inputs), again(*inputs)
+    assert len(want) == len(got)
+    for a, b in zip(want, got, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a monitor graph state"):
+        MonitorGraph.from_state(tensors, {})
