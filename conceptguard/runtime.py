@@ -140,7 +140,11 @@ class TorchRuntime:
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-            out = [t.cpu().numpy() for t in self._forward(x)]
+            outs = self._forward(x)
+            if self.device == "cuda":  # every copy queued, one wait (not one per output)
+                outs = [t.to("cpu", non_blocking=True) for t in outs]
+                torch.cuda.current_stream().synchronize()
+            out = [t.numpy() for t in outs]
         monitor = dict(zip(MONITOR_OUTPUTS, out[3:], strict=True)) if out[3:] else None
         return RuntimeOutputs(out[0], out[1], out[2], monitor)
 
