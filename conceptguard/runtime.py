@@ -36,7 +36,8 @@ class RuntimeOutputs:
 
 class Runtime(Protocol):
     name: str
-    graph: str  # "fused" (monitor.onnx: scores come out of the graph) or "classifier"
+    graph: str  # "fused" (monitor.onnx or the fused torch module: scores come out of the
+    # runtime call) or "classifier" (numpy score() after it)
     device: str  # "cuda" or "cpu": where the graph actually runs
     provider: str  # e.g. "CUDAExecutionProvider", "CPUExecutionProvider", "torch-cuda"
 

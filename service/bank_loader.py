@@ -4,6 +4,7 @@ run a probe batch end to end (:func:`open_bank`). Every failure is a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,8 @@ import numpy as np
 
 from conceptguard.bank import Bank, BankError, load_bank, probe_images
 from service.settings import Settings
+
+log = logging.getLogger("conceptguard.service")
 
 if TYPE_CHECKING:  # the runtimes import torch / onnxruntime: load them at startup only
     from conceptguard.runtime import Runtime
@@ -41,10 +44,16 @@ def make_runtime(bank: Bank, settings: Settings) -> Runtime:
         return TorchRuntime(module, device=settings.device)
     # the bank's monitor fuses (build-bank wrote and checked its graph): classifier and
     # monitor as one torch module, on the same device
-    from conceptguard.monitor_graph import FusedMonitoredClassifier, MonitorGraph
+    from conceptguard.monitor_graph import FusedMonitoredClassifier, MonitorGraph, NotFusable
 
-    fused = FusedMonitoredClassifier(module, MonitorGraph(bank.monitor))
-    return TorchRuntime(fused, device=settings.device, graph="fused")
+    try:
+        graph = MonitorGraph(bank.monitor)
+    except NotFusable as exc:  # e.g. a detector's plugin that has no fused form here
+        log.warning("torch backend: the monitor runs in numpy after the classifier, not in "
+                    "the torch module: %s", exc)
+        return TorchRuntime(module, device=settings.device)
+    return TorchRuntime(FusedMonitoredClassifier(module, graph), device=settings.device,
+                        graph="fused")
 
 
 def bank_info(bank: Bank) -> dict[str, str]:

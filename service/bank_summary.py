@@ -99,6 +99,7 @@ def _finite_number(value: Any) -> bool:
 
 
 def runtime_graph(runtime: Runtime) -> str:
-    """``fused`` when the scores come out of the runtime's graph (``monitor.onnx``),
-    ``classifier`` when numpy :func:`conceptguard.scoring.score` computes them."""
+    """``fused`` when the scores come out of the runtime call (``monitor.onnx``, or the
+    torch backend's fused module), ``classifier`` when numpy
+    :func:`conceptguard.scoring.score` computes them."""
     return getattr(runtime, "graph", "classifier")

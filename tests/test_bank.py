@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conceptguard.bank import BankError, load_bank, publish, staging_dir
+from conceptguard.bank import BankError, load_bank, probe_images, publish, staging_dir
 from conceptguard.classifier.inference import to_tensor
 from conceptguard.data import DataSpec, load_source
 from conceptguard.projection import project_features
@@ -90,6 +90,27 @@ def test_torch_backend_runs_the_monitor_in_its_module(demo_bank_path: Path) -> N
     # the torch module's classify() is still the classifier alone: the same kernels on the
     # same input, the same logits
     np.testing.assert_array_equal(rt.classify(x), got.logits)
+
+
+def test_torch_backend_falls_back_to_numpy_scoring_when_the_monitor_does_not_fuse(
+        demo_bank_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A monitor the torch module cannot hold (here: MonitorGraph refuses it) is served as
+    the classifier graph plus numpy ``score()``, with the reason in the log, not refused."""
+    import conceptguard.monitor_graph as mg
+    from service.bank_loader import make_runtime
+    from service.settings import Settings
+
+    def refuse(monitor: object) -> None:
+        raise mg.NotFusable("detector 'plugin' has no fused form")
+
+    monkeypatch.setattr(mg, "MonitorGraph", refuse)
+    with caplog.at_level("WARNING", logger="conceptguard.service"):
+        rt = make_runtime(load_bank(demo_bank_path),
+                          Settings(bank=demo_bank_path, backend="torch", device="cpu"))
+    assert rt.graph == "classifier"
+    assert rt.run(probe_images(load_bank(demo_bank_path))).monitor is None
+    assert "detector 'plugin' has no fused form" in caplog.text
 
 
 def test_offline_sample_matches_a_fresh_scoring(demo_bank_path: Path) -> None:
