@@ -196,14 +196,21 @@ def main() -> int:
     # classifier + monitor as one torch module (the service's torch backend on a bank with
     # a fused graph): every score on the device, one copy back per output. The monitor
     # comes from the bank, or from a state file written beforehand (torch + numpy only)
-    from conceptguard.monitor_graph import FusedMonitoredClassifier, MonitorGraph
+    from conceptguard.monitor_graph import FusedMonitoredClassifier, MonitorGraph, NotFusable
 
-    graph = MonitorGraph(monitor) if monitor is not None else None
-    if graph is None and args.monitor_state is not None:
+    graph = None
+    if monitor is not None:
+        try:
+            graph = MonitorGraph(monitor)
+            notes.append("monitor graph from the bank")
+        except NotFusable as exc:
+            notes.append(f"the bank's monitor does not fuse: {exc}"[:200])
+    elif args.monitor_state is not None:
         graph = MonitorGraph.from_state(*read_safetensors(args.monitor_state))
         notes.append(f"monitor graph from {args.monitor_state.name}")
     if graph is None:
-        notes.append("`+ monitor` rows skipped: no bank loader and no --monitor-state")
+        notes.append("`+ monitor` rows skipped: no fusable monitor from the bank or "
+                     "--monitor-state")
     else:
         fused = FusedMonitoredClassifier(module, graph).eval()
         runtimes["torch cpu + monitor"] = torch_runner("cpu", fused)
@@ -233,8 +240,8 @@ def main() -> int:
                 if name != "scoring (numpy)" and "+ monitor" not in name:
                     g, sc = row[name]["images_per_s"], row["scoring (numpy)"]["images_per_s"]
                     row[name]["with_scoring_images_per_s"] = round(1 / (1 / g + 1 / sc), 1)
-        for name in [n for n in row if n.endswith(" + monitor")]:
-            base = row.get(name.removesuffix(" + monitor"))
+        for name in [n for n in row if " + monitor" in n]:
+            base = row.get(name.replace(" + monitor", ""))
             if base is not None:  # the monitor's cost on the same device, same batch
                 row[name]["monitor_overhead"] = round(
                     base["images_per_s"] / row[name]["images_per_s"] - 1, 4)
@@ -273,7 +280,7 @@ def write_docs(report: dict) -> None:
             if v is None:
                 cells.append("-")
             elif "monitor_overhead" in v:
-                cells.append(f"{v['images_per_s']:,.0f} (+{v['monitor_overhead']:.0%})")
+                cells.append(f"{v['images_per_s']:,.0f} ({v['monitor_overhead']:+.0%})")
             elif "with_scoring_images_per_s" in v:
                 cells.append(f"{v['images_per_s']:,.0f} ({v['with_scoring_images_per_s']:,.0f})")
             else:

@@ -6,14 +6,18 @@ the fused graph, for banks built from the same config and caches with only
 Detection: every AUROC the candidate's report gives (every task of the misclassification,
 mixed, adversarial, foreign, shift and traffic-mix sections; KNN itself, ``trust`` and the
 four heads) against the baseline's bootstrap 95% interval for the same task and score:
-below, within or above it. Cost: the fused graph (classifier + monitor) of each bank and a
+below, within or above it; and the mean and the worst change. Both banks score the same test
+images, so a paired difference would have a narrower interval than the baseline's own: the
+test here is the lenient one, and the mean change says which way the subset moves.
+
+Cost: the fused graph (classifier + monitor) of each bank and a
 classify-only graph, timed in interleaved rounds in one run, at batch 1 and 64 (ONNX
 Runtime, CPU, one thread), as ``benchmarks/monitor_graph.py`` times them; the overhead is
 the median of the rounds' own ratios to classify-only.
 
     # build the candidates first, e.g. with knn_reference: 2000 in a copy of the config:
     .venv/bin/python -m offline.cli build-bank --config <copy> --out <bank>
-    .venv/bin/python benchmarks/knn_reference.py --base banks/demo <bank> [<bank> ...]
+    PYTHONPATH=. .venv/bin/python benchmarks/knn_reference.py --base banks/demo <bank> [...]
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ def auroc_cells(metrics: dict) -> dict[str, dict]:
                 continue
             for name in SCORES:
                 cell = scores.get(name)
-                if isinstance(cell, dict) and "ci95" in cell:
+                if isinstance(cell, dict) and isinstance(cell.get("ci95"), list) \
+                        and None not in cell["ci95"]:
                     cells[f"{section}/{task}/{name}"] = cell
     return cells
 

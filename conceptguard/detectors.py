@@ -399,10 +399,10 @@ def stratified_subset(labels: np.ndarray, size: int | None, seed: int) -> np.nda
 
 def scaled_k(k: int, size: int, total: int) -> int:
     """KNN's ``k`` on a reference subset of ``size`` of ``total`` rows: ``k`` names the
-    neighbour on the whole set, and a subset keeps it at the same share of the set,
-    ``ceil(k * size / total)`` (at least 1, at most ``size``). The k-th nearest of 4,000 and
-    the 3rd nearest of 1,000 both sit at a quarter of a percent of the set: the same density
-    read, where a fixed ``k`` on a smaller set reads a density four times coarser."""
+    neighbour on the whole set, and a subset keeps it at (at least) the same share of the
+    set, ``ceil(k * size / total)`` (at least 1, at most ``size``). The 10th nearest of 4,000
+    sits at 0.25% of the set, the 3rd of 1,000 at 0.3%: nearly the same density read, where
+    a fixed ``k`` on a smaller set reads a density four times coarser."""
     if size >= total:
         return max(1, min(k, size))
     return max(1, min(size, math.ceil(k * size / total)))

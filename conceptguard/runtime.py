@@ -1,8 +1,9 @@
 """Inference runtimes for the serving graph: ONNX Runtime (default) or torch.
 
 Both take float32 ``(N, C, H, W)`` images in [0, 1] and return logits, features and
-standardised concept scores; on the fused graph (``monitor.onnx``) the ONNX runtime also
-returns every monitor output of the same call (:attr:`RuntimeOutputs.monitor`). CUDA is
+standardised concept scores; on the fused graph (``monitor.onnx``, or the torch runtime's
+fused module) they also return every monitor output of the same call
+(:attr:`RuntimeOutputs.monitor`). CUDA is
 used when present, the CPU otherwise. ``device`` and ``provider`` say what a runtime really
 runs on: for ONNX Runtime they are read from the session's providers (not from the list of
 providers installed), and ``device="cuda"`` fails clearly when the session fell back to the

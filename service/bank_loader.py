@@ -121,6 +121,10 @@ def _smoke_test(bank: Bank, runtime: Runtime) -> None:
                 out.monitor, bank.monitor.threshold, bank.monitor.calibration))
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
+        if problem and runtime.name.startswith("torch"):  # built from this bank's tensors
+            raise BankError(f"the torch backend's monitor module disagrees with scoring on "
+                            f"the probe batch: {problem}; serve this bank with "
+                            f"CONCEPTGUARD_BACKEND=onnx and report it")
         if problem:
             raise BankError(f"the fused graph (monitor.onnx) disagrees with scoring on the "
                             f"probe batch: {problem}; re-export it with `conceptguard "

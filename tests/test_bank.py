@@ -61,37 +61,6 @@ def test_onnx_torch_and_numpy_paths_agree(demo_bank_path: Path) -> None:
     assert a.predictions.tolist() == b.predictions.tolist()
 
 
-def test_torch_backend_runs_the_monitor_in_its_module(demo_bank_path: Path) -> None:
-    """On a bank with a fused graph the service's torch backend is one module, classifier
-    and monitor (``graph="fused"``): its monitor outputs give the scores of ``monitor.onnx``
-    (the same graph in ONNX Runtime) and of numpy ``score()`` on its own outputs, within
-    the tolerance a fused graph is held to when a bank loads."""
-    from conceptguard.scoring import graph_disagreement, scores_from_graph
-    from service.bank_loader import make_runtime
-    from service.settings import Settings
-
-    bank = load_bank(demo_bank_path)
-    assert bank.fused_onnx_path is not None
-    _, test = load_source(DataSpec())
-    x = to_tensor(test.images[:64]).numpy()
-    rt = make_runtime(bank, Settings(bank=demo_bank_path, backend="torch", device="cpu"))
-    assert (rt.name, rt.graph, rt.device) == ("torch", "fused", "cpu")
-    got = rt.run(x)
-    onnx = OnnxRuntime(bank.fused_onnx_path, device="cpu").run(x)
-    assert got.monitor is not None and onnx.monitor is not None
-    assert got.monitor.keys() == onnx.monitor.keys()
-    m = bank.monitor
-    from_torch = scores_from_graph(got.monitor, m.threshold, m.calibration)
-    with np.errstate(all="ignore"):
-        ref = score(m, got.logits, got.features, got.concepts)
-    assert graph_disagreement(ref, from_torch) is None
-    assert graph_disagreement(scores_from_graph(onnx.monitor, m.threshold, m.calibration),
-                              from_torch) is None
-    # the torch module's classify() is still the classifier alone: the same kernels on the
-    # same input, the same logits
-    np.testing.assert_array_equal(rt.classify(x), got.logits)
-
-
 def test_torch_backend_falls_back_to_numpy_scoring_when_the_monitor_does_not_fuse(
         demo_bank_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -107,7 +76,8 @@ def test_torch_backend_falls_back_to_numpy_scoring_when_the_monitor_does_not_fus
     monkeypatch.setattr(mg, "MonitorGraph", refuse)
     with caplog.at_level("WARNING", logger="conceptguard.service"):
         rt = make_runtime(load_bank(demo_bank_path),
-                          Settings(bank=demo_bank_path, backend="torch", device="cpu"))
+                          Settings(bank=demo_bank_path, backend="torch", device="cpu",
+                                   threads=0))
     assert rt.graph == "classifier"
     assert rt.run(probe_images(load_bank(demo_bank_path))).monitor is None
     assert "detector 'plugin' has no fused form" in caplog.text

@@ -163,7 +163,7 @@ def test_knn_reference_subset_is_class_stratified_and_seeded() -> None:
 @pytest.mark.parametrize(("k", "size", "total", "want"), [
     (10, 4000, 4000, 10),  # the whole set: k itself
     (10, 2000, 4000, 5),
-    (10, 1000, 4000, 3),  # 2.5 rounds up: never a coarser share than k of the whole
+    (10, 1000, 4000, 3),  # 2.5 rounds up: never a smaller share than k of the whole
     (10, 300, 4000, 1),
     (10, 1, 4000, 1),
     (50, 8, 10, 8),  # at most the subset's size

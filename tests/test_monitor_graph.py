@@ -297,3 +297,26 @@ def test_monitor_graph_state_rebuilds_the_same_module(bank: Bank, sample_images:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="not a monitor graph state"):
         MonitorGraph.from_state(tensors, {})
+
+
+def test_torch_backend_runs_the_monitor_in_its_module(bank: Bank, sample_images: np.ndarray,
+                                                     fused: dict[str, np.ndarray]) -> None:
+    """On a bank with a fused graph the service's torch backend is one module, classifier
+    and monitor (``graph="fused"``): every monitor output matches numpy ``score()`` on its
+    own classifier outputs, as the ONNX graph's do, and its decisions are the ONNX graph's."""
+    from service.bank_loader import make_runtime
+    from service.settings import Settings
+
+    assert bank.fused_onnx_path is not None
+    rt = make_runtime(bank, Settings(bank=bank.path, backend="torch", device="cpu",
+                                     threads=0))
+    assert (rt.name, rt.graph, rt.device) == ("torch", "fused", "cpu")
+    got = rt.run(sample_images)
+    assert got.monitor is not None and set(got.monitor) == set(MONITOR_OUTPUTS)
+    ref = score(bank.monitor, got.logits, got.features, got.concepts)
+    assert_matches(got.monitor, ref, bank.monitor.threshold)
+    for key in ("predictions", "reject", "reason", "paper_rule_reject"):
+        assert got.monitor[key].dtype == fused[key].dtype, key
+        np.testing.assert_array_equal(got.monitor[key], fused[key], err_msg=key)
+    # classify() is still the classifier alone: the same kernels on the same input
+    np.testing.assert_array_equal(rt.classify(sample_images), got.logits)
