@@ -157,8 +157,8 @@ def test_torch_backend_serves_classifier_and_monitor_as_one_module(
         client: httpx.Client, server_factory: Any, fashion_mnist_test: Any,
         test_scores_sample: dict[str, Any]) -> None:
     """``CONCEPTGUARD_BACKEND=torch`` on a bank with a fused graph runs the monitor inside
-    the torch module (``graph: fused``, no numpy scoring after it), and answers as the ONNX
-    Runtime server does on the same images."""
+    the torch module (``/v1/bank`` says ``graph: fused``; tests/test_monitor_graph.py checks
+    the module's outputs), and answers as the ONNX Runtime server does on the same images."""
     pngs = [encode_png(fashion_mnist_test.images[i])
             for i in test_scores_sample["test_indices"][:12]]
     onnx = _classify(client, pngs)
