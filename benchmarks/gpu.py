@@ -2,7 +2,9 @@
 and torch, CUDA and CPU, batch 1 / 64 / 256; the classifier and the monitor as one torch
 module (``+ monitor``: the service's torch backend on a bank with a fused graph, with its
 overhead over the serving graph on the same device), compiled with CUDA graphs on CUDA;
-plus the monitor's numpy scoring step; images/s.
+plus the monitor's numpy scoring step; images/s. Then the HTTP path: ``conceptguard serve``
+on the torch backend (CUDA when present) under closed-loop clients (``--no-http`` skips it;
+without the service's dependencies it is skipped with a note).
 
     python benchmarks/gpu.py [--bank banks/demo] [--seconds 1.0] [--out benchmarks/results]
 
@@ -16,7 +18,9 @@ Needs only torch (torchvision for the demo classifier), numpy and this repositor
 onnxruntime / onnxruntime-gpu when present (without a CUDA session it reports "ORT CUDA
 unavailable" and goes on with torch). It reads the bank with a stdlib safetensors reader, so
 pydantic and safetensors are optional (without them the scoring step is skipped). Bounded:
-about 12 measurements of ``--seconds`` each plus warm-up, well under a few minutes. Writes
+about 25 measurements of ``--seconds`` each plus warm-up, ``torch.compile`` of two modules
+(a minute or two on CUDA; ``--no-compile`` skips it) and the HTTP path (the server's start
+and twice ``max(3 * --seconds, 2)`` s): well inside 10 minutes. Writes
 ``<out>/gpu.json`` and, when a CUDA device is there, the table into docs/benchmarks.md between
 the ``gpu-benchmark`` markers.
 """
@@ -94,6 +98,111 @@ def torch_module(bank: Path):
     return MonitoredClassifier(split.eval(), {k: tensors[k].copy() for k in PROJECTION_KEYS}), spec
 
 
+def http_path(bank: Path, device: str, seconds: float, clients: tuple[int, ...] = (1, 16)
+              ) -> dict:
+    """``conceptguard serve --backend torch`` on ``device`` (the fused module when the bank
+    has a fused graph), loaded by ``clients`` closed-loop client threads posting one PNG
+    each (``POST /v1/classify``, raw body) for ``seconds``: requests/s and latency
+    percentiles. The clients are Python threads on the same machine: at high rates they,
+    not the server, can be the limit. Raises ``ImportError`` without the service's
+    dependencies."""
+    import http.client
+    import io
+    import socket
+    import subprocess
+
+    import fastapi  # noqa: F401  (the service's dependencies, or ImportError)
+    import uvicorn  # noqa: F401
+    from PIL import Image
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTGUARD_")}
+    env.update(CONCEPTGUARD_BACKEND="torch", CONCEPTGUARD_DEVICE=device,
+               CONCEPTGUARD_GRPC_PORT="0", CONCEPTGUARD_THREADS="0")
+    proc = subprocess.Popen([sys.executable, "-m", "offline.cli", "serve", "--bank", str(bank),
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                             "warning"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+    def request(method: str, path: str, body: bytes | None = None,
+                conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
+        c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = {"Content-Type": "image/png"} if body is not None else {}
+        c.request(method, path, body=body, headers=headers)
+        r = c.getresponse()
+        return r.status, r.read()
+
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {proc.stderr.read()[-1500:]!r}")
+            try:
+                if request("GET", "/v2/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server was not ready in 300 s")
+            time.sleep(0.5)
+        runtime = json.loads(request("GET", "/v1/bank")[1])["runtime"]
+        buf = io.BytesIO()
+        pixels = (np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(buf, format="PNG")
+        png = buf.getvalue()
+        out: dict = {"runtime": runtime}
+        for n in clients:
+            out[f"clients_{n}"] = _closed_loop(port, png, n, seconds)
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _closed_loop(port: int, png: bytes, clients: int, seconds: float) -> dict:
+    """``clients`` threads, each on its own connection, posting ``png`` back to back for
+    ``seconds``: requests/s, latency percentiles, answers other than 200."""
+    import http.client
+    import threading
+
+    latencies: list[float] = []
+    failures: list[int] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine, bad = [], 0
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/classify", body=png,
+                         headers={"Content-Type": "image/png"})
+            r = conn.getresponse()
+            r.read()
+            mine.append(time.perf_counter() - t0)
+            bad += r.status != 200
+        with lock:
+            latencies.extend(mine)
+            failures.append(bad)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    arr = np.array(latencies) * 1e3
+    return {"requests_per_s": round(len(arr) / (time.monotonic() - start), 1),
+            "p50_ms": round(float(np.percentile(arr, 50)), 3),
+            "p99_ms": round(float(np.percentile(arr, 99)), 3),
+            "requests": len(arr), "non_200": sum(failures)}
+
+
 def write_monitor_state(bank: Path, path: Path) -> int:
     """The bank's :class:`~conceptguard.monitor_graph.MonitorGraph` constants and shape as a
     safetensors file (here, where the bank loads), for ``--monitor-state`` there."""
@@ -118,6 +227,9 @@ def main() -> int:
     ap.add_argument("--no-docs", action="store_true", help="do not edit docs/benchmarks.md")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="also time torch.compile (mode reduce-overhead: CUDA graphs) on CUDA")
+    ap.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the HTTP path: conceptguard serve on the torch backend, "
+                         "on CUDA when present (needs the service's dependencies)")
     ap.add_argument("--monitor-state", type=Path, default=None,
                     help="the monitor graph's state (see --write-monitor-state), for a "
                          "machine where the bank loader's dependencies are missing")
@@ -249,7 +361,16 @@ def main() -> int:
         print(f"batch {batch}: " + ", ".join(f"{k} {v['images_per_s']}/s"
                                              for k, v in row.items()), flush=True)
 
-    report = {"info": info, "notes": notes, "results": results,
+    http = None
+    if args.http:
+        try:
+            http = http_path(args.bank, "cuda" if cuda else "cpu", max(args.seconds * 3, 2.0))
+            print("HTTP path: " + json.dumps(http), flush=True)
+        except ImportError as exc:
+            notes.append(f"HTTP path skipped: the service's dependencies are missing ({exc})")
+        except RuntimeError as exc:
+            notes.append(f"HTTP path failed: {exc}"[:300])
+    report = {"info": info, "notes": notes, "results": results, "http": http,
               "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -286,6 +407,16 @@ def write_docs(report: dict) -> None:
             else:
                 cells.append(f"{v['images_per_s']:,.0f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    http = report.get("http")
+    if http:
+        rt = http["runtime"]
+        runs = [f"{k.removeprefix('clients_')} client(s): {v['requests_per_s']:,.0f} "
+                f"requests/s, p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms"
+                for k, v in http.items() if k.startswith("clients_")]
+        lines += ["", f"HTTP path (`conceptguard serve`, backend {rt['backend']} on "
+                      f"{rt['device']}, graph {rt['graph']}; `POST /v1/classify`, one PNG per "
+                      "request, Python client threads on the same machine): "
+                      + "; ".join(runs) + "."]
     if report["notes"]:
         lines += ["", "Notes: " + "; ".join(report["notes"])]
     lines += ["", END]
