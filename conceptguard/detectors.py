@@ -418,8 +418,8 @@ class KNN(Detector):
     features (:func:`stratified_subset`; None: all of them), and ``knn_k`` shrinks with it
     (:func:`scaled_k`). Sun et al. find that KNN over a small random fraction of the
     training set keeps its AUROC; the cost per input (a cosine product and a top-k over the
-    set) is linear in its size. Since it is the detector's
-    own fit, the trust model and the threshold are fitted on the risks it gives."""
+    set) is linear in its size. Since it is the detector's own fit, the trust model and the
+    threshold are fitted on the risks it gives."""
 
     name, group, summary = "knn", "density", "k-th nearest-neighbour distance (features)"
     bank: np.ndarray  # (n, d) unit reference features
