@@ -54,9 +54,9 @@ class DetectorConfig(BaseModel):
     """``knn_reference``: the size of KNN's reference set, a class-stratified subset of the
     reference split drawn with ``knn_seed`` (None, the default: the whole split, the
     standard detector). ``knn_k`` names the neighbour on the whole split; a subset scales
-    it to (at least) the same share of its rows (:func:`~conceptguard.detectors.scaled_k`). A subset
-    makes the fused graph's KNN cheaper (a cosine product and a top-k over fewer columns) at
-    a measured detection cost; see docs/trust.md."""
+    it to (at least) the same share of its rows (:func:`~conceptguard.detectors.
+    scaled_k`). A subset makes the fused graph's KNN cheaper (a cosine product and a top-k
+    over fewer columns) at a measured detection cost; see docs/trust.md."""
 
     model_config = ConfigDict(extra="forbid")
 
