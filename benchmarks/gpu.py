@@ -227,6 +227,8 @@ def main() -> int:
     ap.add_argument("--no-docs", action="store_true", help="do not edit docs/benchmarks.md")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="also time torch.compile (mode reduce-overhead: CUDA graphs) on CUDA")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch's CPU threads (0: torch's default, one per core)")
     ap.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the HTTP path: conceptguard serve on the torch backend, "
                          "on CUDA when present (needs the service's dependencies)")
@@ -242,9 +244,12 @@ def main() -> int:
 
     import torch
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     info = {"python": platform.python_version(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if cuda else None}
     module, spec = torch_module(args.bank)
     c, s = spec["in_channels"], spec["input_size"]
