@@ -75,6 +75,16 @@ def timed(fn, items: int, seconds: float) -> dict:
             "p50_ms": round(float(np.median(arr)) * 1e3, 3), "calls": len(arr)}
 
 
+ROUNDS = 3  # interleaved rounds per batch size
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median images/s, with every round's images/s beside it."""
+    ordered = sorted(rounds, key=lambda r: r["images_per_s"])
+    return {**ordered[len(ordered) // 2],
+            "rounds_images_per_s": [r["images_per_s"] for r in rounds]}
+
+
 def torch_module(bank: Path):
     """The bank's MonitoredClassifier (classifier + concept projection) built with torch."""
     from conceptguard.classifier.demo_resnet import small_resnet
@@ -344,9 +354,14 @@ def main() -> int:
     results: dict[str, dict] = {}
     for batch in batches:
         x = rng.random((batch, c, s, s), dtype=np.float32)
-        row = {}
-        for name, fn in runtimes.items():
-            row[name] = timed(lambda fn=fn, x=x: fn(x), batch, args.seconds)
+        # interleaved rounds: every runtime timed once per round, seconds apart, so that a
+        # drift of the machine's speed hits them alike; the median round per runtime
+        rounds: dict[str, list[dict]] = {name: [] for name in runtimes}
+        for _ in range(ROUNDS):
+            for name, fn in runtimes.items():
+                rounds[name].append(timed(lambda fn=fn, x=x: fn(x), batch,
+                                          args.seconds / ROUNDS))
+        row = {name: median_round(r) for name, r in rounds.items()}
         if monitor is not None:
             o = runtimes["torch cpu"](x)  # type: ignore[operator]
             logits, feats, concepts = o.logits, o.features, o.concepts
@@ -357,11 +372,13 @@ def main() -> int:
                 if name != "scoring (numpy)" and "+ monitor" not in name:
                     g, sc = row[name]["images_per_s"], row["scoring (numpy)"]["images_per_s"]
                     row[name]["with_scoring_images_per_s"] = round(1 / (1 / g + 1 / sc), 1)
-        for name in [n for n in row if " + monitor" in n]:
-            base = row.get(name.replace(" + monitor", ""))
-            if base is not None:  # the monitor's cost on the same device, same batch
-                row[name]["monitor_overhead"] = round(
-                    base["images_per_s"] / row[name]["images_per_s"] - 1, 4)
+        for name in [n for n in rounds if " + monitor" in n]:
+            base = rounds.get(name.replace(" + monitor", ""))
+            if base is not None:  # the monitor's cost on the same device, same batch: the
+                # median of the rounds' own ratios
+                row[name]["monitor_overhead"] = round(float(np.median(
+                    [b["images_per_s"] / m["images_per_s"]
+                     for b, m in zip(base, rounds[name], strict=True)])) - 1, 4)
         results[f"batch_{batch}"] = row
         print(f"batch {batch}: " + ", ".join(f"{k} {v['images_per_s']}/s"
                                              for k, v in row.items()), flush=True)
