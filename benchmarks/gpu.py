@@ -120,6 +120,7 @@ def http_path(bank: Path, device: str, seconds: float, clients: tuple[int, ...] 
     import io
     import socket
     import subprocess
+    import tempfile
 
     import fastapi  # noqa: F401  (the service's dependencies, or ImportError)
     import uvicorn  # noqa: F401
@@ -131,47 +132,50 @@ def http_path(bank: Path, device: str, seconds: float, clients: tuple[int, ...] 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONCEPTGUARD_")}
     env.update(CONCEPTGUARD_BACKEND="torch", CONCEPTGUARD_DEVICE=device,
                CONCEPTGUARD_GRPC_PORT="0", CONCEPTGUARD_THREADS="0")
-    proc = subprocess.Popen([sys.executable, "-m", "offline.cli", "serve", "--bank", str(bank),
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level",
-                             "warning"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    with tempfile.TemporaryFile() as log:  # the server's output (a pipe could fill)
+        proc = subprocess.Popen([sys.executable, "-m", "offline.cli", "serve", "--bank", str(bank),
+                                 "--host", "127.0.0.1", "--port", str(port), "--log-level",
+                                 "warning"], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
-    def request(method: str, path: str, body: bytes | None = None,
-                conn: http.client.HTTPConnection | None = None) -> tuple[int, bytes]:
-        c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        headers = {"Content-Type": "image/png"} if body is not None else {}
-        c.request(method, path, body=body, headers=headers)
-        r = c.getresponse()
-        return r.status, r.read()
-
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read()[-1500:]!r}")
+        def request(method: str, path: str) -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             try:
-                if request("GET", "/v2/health/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server was not ready in 300 s")
-            time.sleep(0.5)
-        runtime = json.loads(request("GET", "/v1/bank")[1])["runtime"]
-        buf = io.BytesIO()
-        pixels = (np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(buf, format="PNG")
-        png = buf.getvalue()
-        out: dict = {"runtime": runtime}
-        for n in clients:
-            out[f"clients_{n}"] = _closed_loop(port, png, n, seconds)
-        return out
-    finally:
-        proc.terminate()
+                conn.request(method, path)
+                r = conn.getresponse()
+                return r.status, r.read()
+            finally:
+                conn.close()
+
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"the server exited: {log.read()[-1500:]!r}")
+                try:
+                    if request("GET", "/v2/health/ready")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server was not ready in 300 s")
+                time.sleep(0.5)
+            runtime = json.loads(request("GET", "/v1/bank")[1])["runtime"]
+            buf = io.BytesIO()
+            pixels = (np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(buf, format="PNG")
+            png = buf.getvalue()
+            out: dict = {"runtime": runtime}
+            for n in clients:
+                out[f"clients_{n}"] = _closed_loop(port, png, n, seconds)
+            return out
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _closed_loop(port: int, png: bytes, clients: int, seconds: float) -> dict:
