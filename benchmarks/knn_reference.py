@@ -90,19 +90,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     loaded = [load_bank(p) for p in (args.base, *args.banks)]
+    knn = [b.monitor.detectors.get("knn") for b in loaded]
+    if not all(isinstance(d, KNN) for d in knn):
+        raise SystemExit("every bank needs a fitted KNN detector")
     # each bank by its reference size (the baseline first, "base")
-    banks = {"base": loaded[0]}
-    for b in loaded[1:]:
-        banks[f"knn_reference_{len(b.monitor.detectors['knn'].bank)}"] = b  # type: ignore[attr-defined]
-    if len(banks) != len(loaded):
+    names = ["base", *(f"knn_reference_{len(d.bank)}" for d in knn[1:])]  # type: ignore[union-attr]
+    if len(set(names)) != len(names):
         raise SystemExit("two candidate banks have the same KNN reference size")
+    banks = dict(zip(names, loaded, strict=True))
     metrics = {k: json.loads((b.path / "report" / "metrics.json").read_text())
                for k, b in banks.items()}
-    knns = {k: b.monitor.detectors["knn"] for k, b in banks.items()}
-    if not all(isinstance(d, KNN) for d in knns.values()):
-        raise SystemExit("every bank needs a fitted KNN detector")
-    refs = {k: len(d.bank) for k, d in knns.items()}  # type: ignore[attr-defined]
-    ks = {k: d.k for k, d in knns.items()}  # type: ignore[attr-defined]
+    refs = {k: len(d.bank) for k, d in zip(names, knn, strict=True)}  # type: ignore[union-attr]
+    ks = {k: d.k for k, d in zip(names, knn, strict=True)}  # type: ignore[union-attr]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model, spec, _ = load_classifier(banks["base"].classifier_path)
