@@ -66,7 +66,7 @@ class Settings(BaseSettings):
                           "default: the parent folder of CONCEPTGUARD_BANK")
     decode_concurrency: int = Field(
         2, ge=1, le=64, description="images decoded at the same time per worker (bounds the "
-                                    "decode memory: about 5 bytes x max_image_pixels each)")
+                                    "decode memory: about 6 bytes x max_image_pixels each)")
     inline_decode_bytes: int = Field(
         128 * 1024, ge=0, description="images up to this many bytes are decoded by the batch "
                                       "worker (one thread hop); larger ones in the thread pool "
