@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -62,6 +63,10 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
                 # decode at 1/2, 1/4 or 1/8 scale, never below the target size
                 img.draft(img.mode, (target_size, target_size))
             img.load()
+            if img.format == "PNG":
+                short = png_data_shortfall(data)
+                if short is not None:
+                    raise ImageError(f"corrupt or truncated image: {short}", 400, "corrupt")
             img = _upright(img)
     except ImageError:
         raise
@@ -104,6 +109,59 @@ def png_pixels(data: bytes) -> int | None:
     if len(data) < 24 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
     return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+
+
+# Adam7 passes: (x0, y0, dx, dy)
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+
+
+def png_raw_size(width: int, height: int, bit_depth: int, colour_type: int,
+                 interlaced: bool) -> int:
+    """Bytes of a PNG's decompressed image data: per row one filter byte and the row's
+    packed pixels; an interlaced image is seven smaller images (Adam7)."""
+    bits = _PNG_CHANNELS.get(colour_type, 4) * bit_depth
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        w = (width - x0 + dx - 1) // dx if width > x0 else 0
+        h = (height - y0 + dy - 1) // dy if height > y0 else 0
+        if w and h:
+            total += h * (1 + (w * bits + 7) // 8)
+    return total
+
+
+def png_data_shortfall(data: bytes, piece: int = 1 << 20) -> str | None:
+    """Why a PNG's image data is short of what its header declares, or None. Pillow fills
+    the rows of a zlib stream that ends early with zeros and reports no error, so an image
+    cut inside its compressed data (with the chunks around it intact) would be scored as
+    if it were whole. The IDAT chunks are inflated again here, in pieces of ``piece``
+    bytes that are counted and dropped (memory stays bounded, whatever the size)."""
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    expected = png_raw_size(width, height, data[24], data[25], data[28] == 1)
+    inflate = zlib.decompressobj()
+    got, pos = 0, 8
+    while pos + 8 <= len(data) and got < expected:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            chunk = data[pos + 8:pos + 8 + length]
+            while chunk and got < expected and not inflate.eof:
+                try:
+                    got += len(inflate.decompress(chunk, min(piece, expected - got)))
+                except zlib.error as exc:
+                    return f"the PNG's image data does not inflate ({exc})"
+                chunk = inflate.unconsumed_tail
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if got < expected:
+        return (f"the PNG's image data holds {got} of the {expected} bytes its header "
+                f"declares ({width}x{height})")
+    return None
 
 
 def _sniff_format(data: bytes) -> str | None:

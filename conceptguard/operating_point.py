@@ -32,7 +32,7 @@ class OperatingTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     target: Target
-    value: float = Field(gt=0.0, lt=1.0)
+    value: float = Field(gt=0.0, lt=1.0, strict=True)  # a JSON number, not "0.9" or true
 
     @classmethod
     def parse(cls, text: str) -> OperatingTarget:

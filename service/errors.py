@@ -23,6 +23,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service import metrics
 
@@ -89,6 +90,15 @@ class BodyTimeout(ServiceError):
                          {"Connection": "close"})
 
 
+class ClientClosed(ServiceError):
+    """The client closed the connection (or cancelled its call) before it was answered:
+    nothing reaches it; counted as 499, nginx's status for this, not as a server error."""
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before it was answered", 499,
+                         "client_closed")
+
+
 # codes of the framework's own HTTP errors (unknown route, wrong method, ...)
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 408: "timeout", 413: "too_large",
@@ -100,6 +110,8 @@ def as_service_error(exc: BaseException, content_type: str = "") -> ServiceError
     logged by the caller). ``content_type``: the request's, for validation errors."""
     if isinstance(exc, ServiceError):
         return exc
+    if isinstance(exc, ClientDisconnect):
+        return ClientClosed()
     if isinstance(exc, RequestValidationError):
         return _validation_error(exc, content_type)
     if isinstance(exc, StarletteHTTPException):

@@ -14,6 +14,7 @@ method's path with the HTTP-equivalent status, so the error-rate alerts cover bo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from grpc_health.v1.health import aio as health_aio
 from service import metrics
 from service.codecs import InputTensor, output_array, raw_bytes, requested_outputs
 from service.dataplane import DataPlane
-from service.errors import ServiceError, as_service_error
+from service.errors import ClientClosed, ServiceError, as_service_error
 from service.oip import EXTENSIONS, ModelStats, model_metadata, resolve_model
 from service.oip import infer as infer_tensors
 from service.proto import grpc_service_pb2 as pb
@@ -71,6 +72,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await fn()
             status = 200
             return result
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed
+            closed = ClientClosed()
+            status = closed.status
+            metrics.bad_request(closed.code)
+            raise
         except Exception as exc:
             err = as_service_error(exc)
             if not isinstance(exc, ServiceError):

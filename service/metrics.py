@@ -117,7 +117,7 @@ ERROR_CODES = ("empty", "not_an_image", "corrupt", "invalid_base64", "invalid_js
                "timeout", "too_large", "too_many_pixels", "too_many_images",
                "unsupported_mode", "unsupported_format", "unsupported_media_type",
                "invalid_request", "invalid_tensor", "invalid_bank", "http_error",
-               "invalid_event", "no_operating_curve", "unreachable_target")
+               "invalid_event", "no_operating_curve", "unreachable_target", "client_closed")
 # Statuses pre-created for every route (others appear when first answered).
 INITIAL_STATUSES = ("200", "400", "401", "403", "404", "408", "413", "415", "422", "500",
                     "503")

@@ -248,18 +248,36 @@ class ServiceMiddleware:
             except ServiceError as exc:  # BodyTooLarge, BodyTimeout
                 await send_error(scope, send, exc, s.retry_after_s)
                 return None
-            problem = json_problem(body, s.max_json_depth)
-            if problem is not None:
-                await send_error(scope, send, ServiceError(problem, 400, "invalid_json"))
-                return None
-            scope[JSON_CHECKED_KEY] = True
+            checked = _json_part(body, head.get(HEADER_LENGTH))
+            if checked is not None:
+                problem = json_problem(checked, s.max_json_depth)
+                if problem is not None:
+                    await send_error(scope, send, ServiceError(problem, 400, "invalid_json"))
+                    return None
+                scope[JSON_CHECKED_KEY] = True
             return _replay(body, receive)
         return receive
 
 
+# the binary tensor data extension's header: the body's first L bytes are its JSON
+HEADER_LENGTH = b"inference-header-content-length"
 # the request headers the middleware reads, found in one pass (the first of each)
 _WANTED = frozenset({b"content-length", b"content-type", b"content-encoding",
-                     REQUEST_ID_HEADER})
+                     REQUEST_ID_HEADER, HEADER_LENGTH})
+
+
+def _json_part(body: bytes, declared: bytes | None) -> bytes | None:
+    """The JSON the guard checks: the whole body or, with the binary tensor data
+    extension's ``Inference-Header-Content-Length: L`` (a JSON content type is allowed
+    there), its first L bytes; the binary data after them is not JSON. None when L is not
+    a byte count within the body: the v2 parser then refuses the request, naming it."""
+    if declared is None:
+        return body
+    try:
+        n = int(declared)
+    except ValueError:
+        return None
+    return body[:n] if 0 <= n <= len(body) else None
 
 
 def _read_headers(scope: Scope) -> dict[bytes, bytes]:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from service import metrics
 from service.errors import ServiceError
@@ -23,7 +23,8 @@ class FeedbackRequest(BaseModel):
 
     receipt: str = Field(min_length=1, max_length=4096,
                          description="the receipt of the input, from its answer")
-    label: str | int = Field(description="the true class: its name or its index")
+    # strict: a JSON true, 4.0 or "4" is not a class (lax mode would count them as 1 and 4)
+    label: StrictStr | StrictInt = Field(description="the true class: its name or its index")
     request_id: str | None = Field(None, max_length=128,
                                    description="optional: must be the receipt's request id")
 

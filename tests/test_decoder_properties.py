@@ -122,3 +122,51 @@ def test_large_jpeg_is_decoded_at_reduced_scale_and_matches() -> None:
     full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
         (28, 28), Image.Resampling.BILINEAR)).astype(int)
     assert np.abs(fast - full).mean() < 3.0
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    out, pos = [], 8
+    while pos + 8 <= len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        out.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]))
+        pos += 12 + n
+    return out
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    import zlib
+
+    return (len(payload).to_bytes(4, "big") + kind + payload
+            + (zlib.crc32(kind + payload) & 0xFFFFFFFF).to_bytes(4, "big"))
+
+
+@FAST
+@given(st.sampled_from(WRITERS["PNG"]), st.integers(1, 40), st.integers(1, 40),
+       st.booleans(), st.floats(0.0, 0.99))
+def test_png_cut_inside_its_compressed_data_is_corrupt(mode: str, w: int, h: int,
+                                                      interlace: bool, keep: float) -> None:
+    """Pillow fills the rows of a zlib stream that ends early with zeros and reports no
+    error; the decoder refuses such a PNG (chunks intact, image data short) as ``corrupt``,
+    and accepts the whole one: the expected size holds for every mode and interlacing."""
+    import zlib
+
+    from conceptguard.imaging import png_data_shortfall, png_raw_size
+
+    rgb = np.random.default_rng(w * 41 + h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb, "RGB").convert("L" if mode == "I;16" else mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", interlace=interlace)
+    whole = buf.getvalue()
+    chunks = _png_chunks(whole)
+    ihdr = chunks[0][1]
+    raw = zlib.decompress(b"".join(p for k, p in chunks if k == b"IDAT"))
+    assert png_raw_size(w, h, ihdr[8], ihdr[9], ihdr[12] == 1) == len(raw)
+    assert png_data_shortfall(whole) is None
+    # the same chunks, with one IDAT holding a complete zlib stream of the first rows only
+    short = _png_chunk(b"IDAT", zlib.compress(raw[:int(len(raw) * keep)]))
+    before_end = [_png_chunk(k, p) for k, p in chunks if k not in (b"IDAT", b"IEND")]
+    cut = b"\x89PNG\r\n\x1a\n" + b"".join(before_end) + short + _png_chunk(b"IEND", b"")
+    assert f"holds {int(len(raw) * keep)} of the {len(raw)} bytes" in png_data_shortfall(cut)
+    with pytest.raises(ImageError) as exc:
+        decode_image(cut, **LIMITS)
+    assert (exc.value.status, exc.value.code) == (400, "corrupt")

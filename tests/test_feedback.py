@@ -239,6 +239,10 @@ def test_feedback_codes_on_a_real_server(server: ServerProcess,
         for body in ({"receipt": "not-a-receipt", "label": 0},
                      {"receipt": res["receipt"], "label": "no such class"},
                      {"receipt": res["receipt"], "label": len(classes)},
+                     # JSON true, 1.0 and "1" are not classes (lax validation took them as 1)
+                     {"receipt": res["receipt"], "label": True},
+                     {"receipt": res["receipt"], "label": 1.0},
+                     {"receipt": res["receipt"], "label": "1"},
                      {"receipt": res["receipt"]}, {"label": 0}):
             got = _feedback(server.url, body)
             assert got.status_code == 422, (body, got.text)

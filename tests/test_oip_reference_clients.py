@@ -9,6 +9,7 @@ package names with tritonclient's, and one protobuf pool cannot hold both)."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from typing import Any
@@ -343,3 +344,41 @@ def test_grpc_port_taken_stops_the_startup(tmp_path: Any) -> None:
             srv.stop()
     assert srv.process.returncode != 0
     assert "CONCEPTGUARD_GRPC_PORT" in srv.log_tail()
+
+
+def test_grpc_calls_past_their_deadline_are_499_not_500(
+        grpc_client: Any, client: httpx.Client, model: str) -> None:
+    """A call cancelled by its deadline while the server decodes it is counted 499
+    (``client_closed``), not as a server error."""
+    from PIL import Image
+
+    from tests.conftest import metric_sum
+
+    endpoint = "/inference.GRPCInferenceService/ModelInfer"
+
+    def count(text: str, status: str) -> float:
+        return metric_sum(text, "conceptguard_requests_total", endpoint=endpoint,
+                          status=status)
+
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 1500), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG", compress_level=1)
+    inp = tritongrpc.InferInput("image", [3], "BYTES")
+    inp.set_data_from_numpy(np.array([buf.getvalue()] * 3, dtype=object))
+    before = client.get("/metrics").text
+    late = 0
+    for timeout_s in (0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2):  # three decodes outlive some
+        try:
+            grpc_client.infer(model, [inp], client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            assert exc.status() == "StatusCode.DEADLINE_EXCEEDED", exc
+            late += 1
+    assert late
+    deadline = time.monotonic() + 15
+    while True:  # the server records a call once its handler has unwound
+        after = client.get("/metrics").text
+        if count(after, "499") >= count(before, "499") + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert count(after, "499") >= count(before, "499") + 1
+    assert count(after, "500") == count(before, "500")

@@ -130,6 +130,8 @@ def test_admin_call_picks_the_threshold_from_the_curve_and_decisions_follow(
     ({"target": "speed", "value": 0.5}, "target"),
     ({"target": "coverage"}, "value"),
     ({"target": "risk", "value": 1e-6}, "risk 1e-06 is unreachable"),
+    ({"target": "coverage", "value": "0.9"}, "value"),  # a string is not a number here
+    ({"target": "coverage", "value": True}, "value"),
 ])
 def test_out_of_range_or_unreachable_targets_are_422_and_change_nothing(
         served: TestClient, body: dict, message: str) -> None:

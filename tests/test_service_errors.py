@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import struct
+import time
 import zlib
 from typing import Any
 
@@ -248,3 +250,41 @@ def test_bad_setting_stops_startup_naming_it(tmp_path: Any) -> None:
     finally:
         srv.stop()
     assert "CONCEPTGUARD_MAX_BATCH_SIZE" in srv.log_tail()
+
+
+def _settled(client: httpx.Client, done: Any, timeout: float = 15.0) -> str:
+    """The metrics text once ``done(text)`` holds (the server counts a request after its
+    handler returns, a moment after the client went away)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = client.get("/metrics").text
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kind", ["raw", "multipart"])
+def test_a_client_gone_mid_body_is_499_not_a_server_error(
+        server: ServerProcess, client: httpx.Client, kind: str) -> None:
+    """A client that closes its connection before its body is complete: counted 499
+    (``client_closed``), not 500, and no traceback in the log."""
+    def count(text: str, status: str) -> float:
+        return metric_sum(text, "conceptguard_requests_total", endpoint="/v1/classify",
+                          status=status)
+
+    before = client.get("/metrics").text
+    ctype = ("image/png" if kind == "raw" else "multipart/form-data; boundary=xyz")
+    start = b"\x89PNG\r\n\x1a\n" if kind == "raw" else (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n')
+    url = httpx.URL(server.url)
+    with socket.create_connection((url.host, url.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     + ctype.encode() + b"\r\nContent-Length: 100000\r\n\r\n" + start
+                     + b"\0" * 5000)
+        time.sleep(0.3)
+    after = _settled(client, lambda t: count(t, "499") >= count(before, "499") + 1)
+    assert count(after, "499") == count(before, "499") + 1
+    assert count(after, "500") == count(before, "500")
+    assert (metric_sum(after, "conceptguard_bad_requests_total", code="client_closed")
+            == metric_sum(before, "conceptguard_bad_requests_total", code="client_closed") + 1)
+    assert "ClientDisconnect" not in server.log_tail(20000)

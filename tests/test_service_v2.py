@@ -4,6 +4,7 @@ output filtering, unknown models, protocol errors."""
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import httpx
@@ -183,7 +184,7 @@ def test_infer_body_over_the_limit_is_413(client: httpx.Client, model: str) -> N
     assert resp.status_code == 413 and "CONCEPTGUARD_MAX_UPLOAD_BYTES" in resp.json()["error"]
 
 
-@pytest.mark.parametrize("content_type", ["application/octet-stream", None])
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "application/json", None])
 def test_binary_request_whose_header_fails_validation_is_422(
         client: httpx.Client, model: str, images: np.ndarray, content_type: str | None) -> None:
     """A binary-data request (JSON header + tensor bytes) whose header misses a required
@@ -199,3 +200,27 @@ def test_binary_request_whose_header_fails_validation_is_422(
     assert resp.status_code == 422, resp.text
     error = resp.json()["error"]
     assert "inputs.0.shape" in error and "required" in error.lower(), error
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/octet-stream"])
+def test_binary_tensor_data_with_any_body_type_is_answered(
+        client: httpx.Client, model: str, content_type: str) -> None:
+    """The binary extension with ``Content-Type: application/json``: the JSON guard checks
+    the header's first L bytes only (``Inference-Header-Content-Length``). The tensor here
+    is every float32 whose bytes are ``[[[?`` (0.857, a valid pixel value): as JSON it
+    would be nested 2,352 levels deep, past the depth limit."""
+    x = np.frombuffer(b"[[[?" * 784, dtype="<f4").reshape(1, 1, 28, 28)
+    blob = x.tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
+                                     "shape": [1, 1, 28, 28],
+                                     "parameters": {"binary_data_size": len(blob)}}],
+                         "outputs": [{"name": "trust"}]}).encode()
+    plain = client.post(f"/v2/models/{model}/infer", json={
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                    "data": x.ravel().tolist()}], "outputs": [{"name": "trust"}]})
+    resp = client.post(f"/v2/models/{model}/infer", content=header + blob,
+                       headers={"Content-Type": content_type,
+                                "Inference-Header-Content-Length": str(len(header))})
+    assert resp.status_code == 200 and plain.status_code == 200, resp.text
+    assert outputs_by_name(resp.json())["trust"]["data"] == \
+        outputs_by_name(plain.json())["trust"]["data"]
