@@ -330,8 +330,25 @@ def staging_dir(target: Path) -> Path:
     return folder
 
 
+def replaceable(target: Path) -> str | None:
+    """None when a bank may be written at ``target`` (nothing there, an empty folder, or a
+    bank: a folder with a manifest), else why not: a build never replaces anything else."""
+    if not target.exists() and not target.is_symlink():
+        return None
+    if not target.is_dir() or target.is_symlink():
+        return f"{target} exists and is not a folder; give --out a new folder"
+    if (target / MANIFEST).is_file() or not any(target.iterdir()):
+        return None
+    return (f"{target} is a folder that is not a bank (no {MANIFEST}); a build replaces the "
+            f"whole folder, so give --out a new or empty folder, or a bank to rebuild")
+
+
 def publish(staging: Path, target: Path) -> None:
-    """Swap ``staging`` in as ``target``: the old bank stays whole until the last rename."""
+    """Swap ``staging`` in as ``target``: the old bank stays whole until the last rename.
+    Refuses (:class:`BankError`) a ``target`` that is neither absent, empty nor a bank."""
+    problem = replaceable(target)
+    if problem is not None:
+        raise BankError(problem)
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     if target.exists():
         os.replace(target, old)

@@ -145,7 +145,10 @@ def _build_bank(args: argparse.Namespace) -> int:
     cfg = _job_config(args)
     if args.cache_dir:
         cfg.cache_dir = Path(args.cache_dir)
-    problem = _missing_offline_input(cfg.classifier.path, args.config)
+    from conceptguard.bank import replaceable
+
+    problem = (_missing_offline_input(cfg.classifier.path, args.config)
+               or replaceable(Path(args.out)))
     if problem:
         print(f"conceptguard build-bank: {problem}", file=sys.stderr)
         return 2

@@ -572,7 +572,11 @@ def run_stages(ctx: Context, state: BuildState, stages: tuple[Stage, ...] = BUIL
 def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: bool = True,
                engine: Engine | None = None) -> Path:
     """Run every stage and publish the bank folder at ``out`` (atomically). ``engine``:
-    where the per-image stages run (default: this process)."""
+    where the per-image stages run (default: this process). ``out`` must be absent, an
+    empty folder or a bank (:func:`conceptguard.bank.replaceable`), checked before any work."""
+    problem = bankio.replaceable(out)
+    if problem is not None:
+        raise bankio.BankError(problem)
     staging = bankio.staging_dir(out)
     try:
         _build(cfg, staging, progress=progress, use_cache=use_cache,

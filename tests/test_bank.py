@@ -161,3 +161,33 @@ def test_shipped_demo_bank_has_every_promised_metric(demo_bank_path: Path) -> No
     for png in ("model_ok.png", "model_bad.png", "model_adv.png", "model_diff.png",
                 "model_diff_bin.png", "vlm_ok.png"):
         assert (demo_bank_path / "report" / png).stat().st_size > 10_000
+
+
+def test_a_build_never_replaces_what_is_not_a_bank(tmp_path: Path) -> None:
+    """``build-bank --out`` on a folder of other files (or a file) is refused before any
+    work, and the folder is left as it was; absent, empty and bank folders are fine."""
+    from conceptguard.bank import BankError, publish, replaceable
+    from offline.pipeline import build_bank
+
+    assert replaceable(tmp_path / "new") is None
+    (tmp_path / "empty").mkdir()
+    assert replaceable(tmp_path / "empty") is None
+    (tmp_path / "old-bank").mkdir()
+    (tmp_path / "old-bank" / "manifest.json").write_text("{}")
+    assert replaceable(tmp_path / "old-bank") is None
+    mine = tmp_path / "my-images"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("keep me")
+    assert "not a bank" in replaceable(mine)
+    assert "not a folder" in replaceable(a_file)
+    for target in (mine, a_file):
+        with pytest.raises(BankError, match="--out"):
+            build_bank(None, target)  # type: ignore[arg-type]  # refused before the config is read
+        staging = tmp_path / "staging"
+        staging.mkdir(exist_ok=True)
+        with pytest.raises(BankError):
+            publish(staging, target)
+    assert (mine / "notes.txt").read_text() == "important" and a_file.read_text() == "keep me"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging
