@@ -18,6 +18,7 @@ The rules (:func:`plan_sizes`), stated in the written file too:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,11 +133,11 @@ _TEMPLATE = """\
 # Sizes scale with the data: the folder has {n_train} train and {n_test} test images in
 # {n_classes} classes (at least {min_count} per class); profile: {profile}. Run:
 #   conceptguard build-bank --config {config} --out banks/{name}
-name: {name}
+name: {q_name}
 seed: 0
 data:
   source: image_folder
-  root: {root}
+  root: {q_root}
   image_size: {size}      # the classifier's input size; images are resized to it
   channels: {channels}         # 1 = greyscale, 3 = RGB (the classifier's input channels)
   # without train/ and test/ sub-folders, a seeded share of each class is the test part
@@ -151,14 +152,14 @@ splits:
   calibration: {calibration}    # defect heads, combiner, reject threshold
   test: {test}         # null: the whole test part, used for nothing else
 classifier:
-  path: {classifier}
+  path: {q_classifier}
 vlm:
   backend: conse         # the packaged VLM (EfficientNet-Lite0 + MiniLM; not CLIP)
   image_size: {vlm_size}
   top_k: 10
 # Concepts the VLM scores: a bundled set (clothing, rival10) or a YAML file of your own
 # with the same fields (name, templates, class_templates, concepts: [{{name, prompts}}]).
-concepts: {concepts}
+concepts: {q_concepts}
 class_prompts: null      # the class names the VLM reads (null: the folder names)
 adversarial:
   # gradient attacks need the classifier in torch (torchvision, or ONNX via onnx2torch)
@@ -205,10 +206,19 @@ def render_config(sizes: Sizes, *, root: Path, classifier: Path, name: str, size
                   config: str = "CONFIG.yaml", profile: str = "full") -> str:
     """The commented YAML of a folder build."""
     p = PROFILES[profile]
+
+    def quoted(value: object) -> str:  # a YAML double-quoted scalar (JSON's escapes)
+        return json.dumps(str(value), ensure_ascii=False)
+
+    def comment(value: object) -> str:  # a value shown in a comment stays on its line
+        return " ".join(str(value).splitlines())
+
     return _TEMPLATE.format(
-        root=root, classifier=classifier, name=name, size=size, channels=channels,
-        concepts=concepts, n_train=n_train, n_test=sizes.n_test, n_classes=n_classes,
-        min_count=MIN_PER_CLASS, cap=p.split_cap, config=config, fit=sizes.fit,
+        q_name=quoted(name), q_root=quoted(root), q_classifier=quoted(classifier),
+        q_concepts=quoted(concepts),
+        root=comment(root), classifier=comment(classifier), name=comment(name), size=size,
+        channels=channels, n_train=n_train, n_test=sizes.n_test, n_classes=n_classes,
+        min_count=MIN_PER_CLASS, cap=p.split_cap, config=comment(config), fit=sizes.fit,
         reference=sizes.reference, calibration=sizes.calibration,
         test="null" if sizes.test is None else sizes.test, attack_test=sizes.attack_test,
         attack_fit=sizes.attack_fit, shift_fit=sizes.shift_fit, shift_test=sizes.shift_test,

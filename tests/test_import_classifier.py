@@ -295,6 +295,26 @@ def test_plan_sizes_scale_cap_and_refuse_tiny_classes() -> None:
         plan_sizes(np.array([100, MIN_PER_CLASS - 1]), 50, ["a", "b"])
 
 
+@pytest.mark.parametrize("odd", ["my data #1", "x: y", "on", "{data}", "it's [a] 'b'"])
+def test_init_quotes_every_name_and_path_it_writes(odd: str) -> None:
+    """A folder, classifier or concept file named like YAML syntax (a comment, a mapping, a
+    boolean, a flow mapping, quotes) reads back from the written config as itself."""
+    import yaml
+
+    from offline.config import JobConfig
+    from offline.folder_config import render_config
+
+    sizes = plan_sizes(np.full(3, 240), 300, ["a", "b", "c"])
+    text = render_config(sizes, root=Path(f"/data/{odd}"), classifier=Path(f"/m/{odd}.pt"),
+                         name=odd, size=32, channels=3, concepts=f"/c/{odd}.yaml",
+                         n_train=720, n_classes=3, config=f"{odd}.yaml")
+    raw = yaml.safe_load(text)
+    assert raw["name"] == odd and raw["data"]["root"] == f"/data/{odd}"
+    assert raw["classifier"]["path"] == f"/m/{odd}.pt"
+    assert raw["concepts"] == f"/c/{odd}.yaml"
+    assert JobConfig.model_validate(raw).name == odd
+
+
 def test_a_graph_onnx2torch_cannot_convert_is_refused_by_name() -> None:
     import onnx
     from onnx import TensorProto, helper
