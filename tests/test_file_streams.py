@@ -53,3 +53,19 @@ def test_an_empty_folder_is_refused_naming_it(tmp_path: Path) -> None:
     (tmp_path / "a" / "readme.txt").write_text("no images here")
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
         list(iter_folder(tmp_path, channels=1))
+
+
+def test_a_16_bit_image_is_refused_naming_it_not_clipped(tmp_path: Path) -> None:
+    """Pillow's 8-bit conversion clips 16-bit pixels (nearly all white): the folder loader
+    refuses such an image by name, as the service refuses it (415 unsupported_mode)."""
+    from PIL import Image
+
+    from conceptguard.data.image_folder import load_image
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.linspace(0, 60000, 64 * 64).astype(np.uint16).reshape(64, 64)).save(deep)
+    with pytest.raises(ValueError, match=r"deep\.png.*'I;16'.*8 bits"):
+        load_image(deep, 32, channels=1)
+    ok = tmp_path / "ok.png"
+    Image.fromarray((np.arange(64 * 64) % 256).astype(np.uint8).reshape(64, 64)).save(ok)
+    assert load_image(ok, 32, channels=3).shape == (32, 32, 3)

@@ -159,13 +159,22 @@ def holdout_split(files: Sequence[tuple[Path, int]], seed: int,
 
 def load_image(path: Path | str | bytes, size: int, channels: int = 3) -> np.ndarray:
     """One image as uint8 ``(size, size, channels)``; ``ValueError`` naming the file if
-    unreadable."""
+    unreadable, or in a mode the service refuses too (16-bit or float pixels, which an
+    8-bit conversion would clip: :data:`conceptguard.imaging.SUPPORTED_MODES`)."""
+    from conceptguard.imaging import SUPPORTED_MODES
+
+    shown = os.fsdecode(path) if isinstance(path, bytes) else path
     try:
         with Image.open(path) as image:
-            converted = image.convert(MODES[channels])
+            mode = image.mode
+            converted = (image.convert(MODES[channels]) if mode in SUPPORTED_MODES
+                         else None)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        shown = os.fsdecode(path) if isinstance(path, bytes) else path
         raise ValueError(f"cannot read image {shown}: {error}") from error
+    if converted is None:
+        raise ValueError(f"cannot read image {shown}: its mode {mode!r} (e.g. 16-bit or "
+                         f"float pixels) is not supported, here or by the service; convert "
+                         f"the images to 8 bits per channel")
     if converted.size != (size, size):
         converted = converted.resize((size, size), Image.Resampling.BILINEAR)
     array = np.asarray(converted, dtype=np.uint8)
