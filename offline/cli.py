@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("configs/fashion-mnist-demo.yaml")
@@ -471,8 +472,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also save each variant classifier (safetensors) in this folder")
     f.add_argument("--kinds", nargs="+", default=None,
                    help="fault kinds (default: all eight; see offline/inject_faults.py)")
-    f.add_argument("--seeds", type=int, default=3, help="seeds per kind and severity")
-    f.add_argument("--test-n", type=int, default=None,
+    f.add_argument("--seeds", type=_count(1), default=3, help="seeds per kind and severity")
+    f.add_argument("--test-n", type=_count(1), default=None,
                    help="test-split inputs scored (default: evaluation.vlm_test_images)")
     f.add_argument("--dry-run", action="store_true", help="print, do not write metrics.json")
     f.add_argument("--quiet", action="store_true")
@@ -493,10 +494,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--repair", type=Path, default=None, metavar="OUT.safetensors",
                    help="also write the candidate with its head retrained (last-layer "
                         "retraining on reference features)")
-    d.add_argument("--top-pairs", type=int, default=8)
-    d.add_argument("--min-errors", type=int, default=5,
+    d.add_argument("--top-pairs", type=_count(1), default=8)
+    d.add_argument("--min-errors", type=_count(1), default=5,
                    help="diagnose pairs with at least this many test errors")
-    d.add_argument("--test-limit", type=int, default=None,
+    d.add_argument("--test-limit", type=_count(1), default=None,
                    help="only the first N test-split inputs (default: all)")
     d.add_argument("--no-paper-rule", action="store_true",
                    help="skip the paper's per-input rule (it embeds the errors with the VLM)")
@@ -510,7 +511,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("bank", type=Path)
     k.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="the config the bank was built with (data, splits, concept set)")
-    k.add_argument("--threshold", type=float, default=0.8,
+    k.add_argument("--threshold", type=_share, default=0.8,
                    help="probe accuracy both views must reach for a class or pair")
     k.add_argument("--cache-dir", type=Path, default=None)
     k.add_argument("--quiet", action="store_true")
@@ -520,7 +521,7 @@ def parser() -> argparse.ArgumentParser:
                        help="add the fused graph (monitor.onnx: images -> every score) to a "
                             "bank built without it, and list its checksum in the manifest")
     g.add_argument("bank", type=Path)
-    g.add_argument("--opset", type=int, default=17)
+    g.add_argument("--opset", type=_opset, default=17)
     g.set_defaults(func=_export_graph)
 
     r = sub.add_parser("report", help="re-render a bank's HTML report and PNG heatmaps")
@@ -552,6 +553,40 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
     return p
 
+
+
+def _count(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low`` (the message names the bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
+def _share(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
+    return value
+
+
+def _opset(text: str) -> int:
+    """An argparse type: an ONNX opset the fused graph's operators exist in (13 to 20)."""
+    value = _count(0)(text)
+    if not 13 <= value <= 20:
+        raise argparse.ArgumentTypeError(f"opset {value} is outside 13..20 (the fused "
+                                         f"graph needs opset 13's reductions; 17 is the "
+                                         f"default)")
+    return value
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)

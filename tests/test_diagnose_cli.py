@@ -191,3 +191,23 @@ def test_diagnose_and_repair_are_registered() -> None:
                                 "r.safetensors"])
     assert args.classifier is None and str(args.repair) == "r.safetensors"
     assert np.isclose(args.min_errors, 5)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["diagnose", "--bank", "banks/demo", "--out", "x", "--test-limit", "-5"], "below 1"),
+    (["diagnose", "--bank", "banks/demo", "--out", "x", "--top-pairs", "0"], "below 1"),
+    (["inject-faults", "--seeds", "0"], "below 1"),
+    (["inject-faults", "--test-n", "many"], "not an integer"),
+    (["check-concepts", "banks/demo", "--threshold", "5"], "not between 0 and 1"),
+    (["export-graph", "banks/demo", "--opset", "5"], "outside 13..20"),
+])
+def test_numbers_out_of_range_exit_2_naming_the_option(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before anything runs (a diagnosis of 0 inputs wrote NaN into its JSON, a
+    threshold of 5 rewrote the bank's competence check)."""
+    from offline.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and argv[-2] in err and says in err, err

@@ -176,7 +176,8 @@ def test_onnx_matmul_add_head_and_a_named_features_tensor(
     _assert_same_logits(bad, want, x)
 
 
-@pytest.mark.parametrize("case", ["classes", "size", "batch", "channels", "normalisation"])
+@pytest.mark.parametrize("case", ["classes", "size", "batch", "channels", "infinite",
+                                  "normalisation"])
 def test_bad_input_gets_one_line_and_exit_2_and_no_file(
         case: str, resnet: nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -198,6 +199,10 @@ def test_bad_input_gets_one_line_and_exit_2_and_no_file(
         argv = (*tv, "--classes", "a,b,c", "--input-size", "32", "--channels", "1",
                 "--mean", "0.5", "--std", "0.5", "--out", out)
         expect = "1 channels"
+    elif case == "infinite":
+        argv = (*tv, "--classes", "a,b,c", "--input-size", "32", "--channels", "3",
+                "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,inf", "--out", out)
+        expect = "must be finite numbers"
     else:
         argv, expect = (*tv, *_common(out, normalisation=())), "normalisation missing"
     code, _, err = _run(capsys, *argv)

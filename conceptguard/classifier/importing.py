@@ -13,6 +13,7 @@ exceeds :func:`logits_tolerance`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,9 @@ def normalisation(name: str | None, mean: Sequence[float] | None, std: Sequence[
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"--mean and --std need {channels} values (one per channel), got "
                          f"{len(mean)} and {len(std)}")
+    if not all(math.isfinite(v) for v in (*mean, *std)):
+        raise ValueError(f"--mean and --std values must be finite numbers, got "
+                         f"{list(mean)} and {list(std)}")
     if min(std) <= 0:
         raise ValueError(f"--std values must be positive, got {list(std)}")
     return [float(v) for v in mean], [float(v) for v in std]
