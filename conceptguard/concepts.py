@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from conceptguard.vlm.base import VLMBackend
 
@@ -135,7 +142,12 @@ def load_concept_set(name_or_path: str | Path) -> ConceptSet:
     if path.is_file():
         if path.suffix.lower() not in (".yaml", ".yml", ".json"):
             raise ValueError(f"concept set file must be .yaml/.yml/.json, got {path.name!r}")
-        data = _parse(path.read_text(encoding="utf-8"), path.suffix.lower())
+        try:
+            data = _parse(path.read_text(encoding="utf-8"), path.suffix.lower())
+        except (ValueError, yaml.YAMLError) as exc:  # JSON, UTF-8 and YAML errors
+            raise ValueError(f"concept set {path} is not readable "
+                             f"{'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
+                             f"{exc}") from exc
     elif str(name_or_path) in bundled_concept_sets():
         resource = resources.files(BUNDLED_PACKAGE) / f"{name_or_path}.yaml"
         data = _parse(resource.read_text(encoding="utf-8"), ".yaml")
@@ -144,7 +156,10 @@ def load_concept_set(name_or_path: str | Path) -> ConceptSet:
                          f"bundled: {', '.join(bundled_concept_sets())}")
     if not isinstance(data, dict):
         raise ValueError(f"concept set {str(name_or_path)!r} must be a mapping")
-    return ConceptSet.model_validate(data)
+    try:
+        return ConceptSet.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"concept set {str(name_or_path)!r} is invalid:\n{exc}") from exc
 
 
 def concept_texts(cs: ConceptSet) -> list[list[str]]:

@@ -60,8 +60,10 @@ class AdversarialConfig(_Strict):
     fit_attacks: list[AttackSpec] = Field(default_factory=_default_fit_attacks)
     heatmap_attack: AttackSpec = Field(
         default_factory=lambda: AttackSpec(kind="fgsm", eps=0.05, steps=1))
-    per_split: int = 1000  # correctly classified test (and reference) inputs per attack
-    fit_per_attack: int = 400  # correctly classified calibration inputs per fitting attack
+    # correctly classified test (and reference) inputs per attack
+    per_split: int = Field(1000, ge=1)
+    # correctly classified calibration inputs per fitting attack
+    fit_per_attack: int = Field(400, ge=1)
     limits: dict[str, int] = Field(default_factory=lambda: {"deepfool": 120})  # slow kinds
 
 
@@ -71,8 +73,8 @@ class ShiftConfig(_Strict):
 
     kinds: list[str] = Field(default_factory=lambda: list(CORRUPTIONS))
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
-    fit_per_kind: int = 400  # calibration images per corruption (fitting stream)
-    test_per_kind: int = 1000  # test images per corruption (evaluation)
+    fit_per_kind: int = Field(400, ge=1)  # calibration images per corruption (fitting stream)
+    test_per_kind: int = Field(1000, ge=1)  # test images per corruption (evaluation)
 
 
 class ForeignConfig(_Strict):
@@ -81,22 +83,22 @@ class ForeignConfig(_Strict):
     fit_sets: list[str] = Field(default_factory=lambda: ["shapes", "glyphs", "noise"])
     test_sets: list[str] = Field(default_factory=lambda: ["digits", "shapes", "glyphs",
                                                           "noise"])
-    fit_per_set: int = 400
-    test_per_set: int = 1000
+    fit_per_set: int = Field(400, ge=1)
+    test_per_set: int = Field(1000, ge=1)
 
 
 class HeatmapConfig(_Strict):
-    min_count: int = 5  # fewer incorrect/adversarial inputs than this: pooled fallback
+    min_count: int = Field(5, ge=1)  # fewer incorrect/adversarial inputs than this: pooled fallback
     delta: float = 0.25  # binarisation threshold on |D|
 
 
 class EvaluationConfig(_Strict):
-    vlm_test_images: int = 2000  # test images the VLM embeds (plus misclassified ones)
+    vlm_test_images: int = Field(2000, ge=1)  # test images the VLM embeds (plus misclassified ones)
     # misclassified test images after the first vlm_test_images that the VLM also embeds
     # (fault localisation); more: a seeded sample of this many, so it does not grow with
     # the test set. None: all of them
     vlm_misclassified_max: int | None = Field(2000, ge=0)
-    top_concepts: int = 3
+    top_concepts: int = Field(3, ge=1)
     # resamples behind every ci95 (clustered by source image: an image's corrupted and
     # attacked variants are resampled together)
     bootstrap: int = Field(1000, ge=20)

@@ -90,10 +90,19 @@ def test_validation_errors(overrides: dict[str, object], message: str) -> None:
 
 
 def test_validation_errors_from_file(tmp_path: Path) -> None:
+    """A concept file's errors name the file: invalid fields, broken YAML, broken JSON."""
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(small_set(concepts=[{"name": "x"}, {"name": "x"}])))
-    with pytest.raises(ValidationError, match="duplicate"):
+    with pytest.raises(ValueError, match=r"bad\.yaml.*invalid(.|\n)*duplicate"):
         load_concept_set(path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("templates: [a")
+    with pytest.raises(ValueError, match=r"broken\.yaml is not readable YAML"):
+        load_concept_set(broken)
+    broken_json = tmp_path / "broken.json"
+    broken_json.write_text("{")
+    with pytest.raises(ValueError, match=r"broken\.json is not readable JSON"):
+        load_concept_set(broken_json)
 
 
 def test_concept_texts_cross_prompts_and_templates() -> None:

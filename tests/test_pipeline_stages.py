@@ -183,3 +183,25 @@ def test_attack_stage_equals_run_attack(tiny: Context, engine_batch: int) -> Non
                      classifier=tiny.cfg.classifier.path, attack=spec.model_dump())
     np.testing.assert_array_equal(got["adversarial"], want_u8)
     np.testing.assert_array_equal(got["label"], labels)
+
+
+@pytest.mark.parametrize(("section", "field", "value"), [
+    ("vlm", "batch_size", 0), ("shifts", "test_per_kind", -5),
+    ("adversarial", "per_split", -1), ("foreign", "test_per_set", 0),
+    ("evaluation", "vlm_test_images", 0), ("heatmaps", "min_count", 0),
+])
+def test_sizes_out_of_range_are_refused_when_the_config_loads(
+        tmp_path: Path, section: str, field: str, value: int) -> None:
+    """Caught with the file and field named, not mid-build as 'range() arg 3 must not be
+    zero' or 'negative dimensions are not allowed'."""
+    import yaml
+
+    from offline.config import ConfigError, load_config
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-demo.yaml"
+    raw = yaml.safe_load(demo.read_text())
+    raw.setdefault(section, {})[field] = value
+    path = tmp_path / "odd.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"odd\.yaml is invalid(.|\n)*{section}\.{field}"):
+        load_config(path)

@@ -29,7 +29,7 @@ class SplitSpec(BaseModel):
     fit: int = Field(ge=0)
     reference: int = Field(ge=0)
     calibration: int = Field(ge=0)
-    test: int | None = Field(None, ge=0)  # None: the whole official test set
+    test: int | None = Field(None, ge=1)  # None: the whole official test set
 
     @property
     def pool(self) -> int:

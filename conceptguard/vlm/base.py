@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class VLMSpec(BaseModel):
@@ -19,9 +19,9 @@ class VLMSpec(BaseModel):
     pretrained: str | None = None  # open_clip: tag or path to a local checkpoint
     # input resolution of the image encoder; open_clip uses the model's native size unless
     # this field is set explicitly
-    image_size: int = 112
-    top_k: int = 10  # conse: number of ImageNet classes mixed per image
-    batch_size: int = 64
+    image_size: int = Field(112, ge=8)
+    top_k: int = Field(10, ge=1)  # conse: number of ImageNet classes mixed per image
+    batch_size: int = Field(64, ge=1)
     device: str = "cpu"
     invert: bool = False  # feed 255 - x: light-on-dark images (Fashion-MNIST) become dark-on-light
 
