@@ -152,6 +152,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     digest = save_classifier(model, spec, path)
     assert digest == classifier_hash(model)
     assert [p.name for p in path.parent.iterdir()] == ["clf.safetensors"]  # no temp left over
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a service of another user
     loaded, loaded_spec, loaded_hash = load_classifier(path)
     assert loaded_hash == digest == classifier_hash(loaded)
     assert loaded_spec == spec

@@ -8,8 +8,6 @@ unpickles anything; it rebuilds the architecture from the spec and verifies the 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conceptguard.atomic import atomic_path
 from conceptguard.classifier.demo_resnet import small_resnet
 from conceptguard.classifier.hashing import spec_from_metadata
 from conceptguard.classifier.onnx_module import onnx_split_classifier
@@ -106,14 +105,8 @@ def save_classifier(model: SplitClassifier, spec: ClassifierSpec, path: Path) ->
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     digest = _tensors_hash(tensors)
     metadata = {"spec": spec.model_dump_json(), "hash": digest}
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=metadata)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # published 0o644, as every result file
+        save_file(tensors, str(tmp), metadata=metadata)
     return digest
 
 
