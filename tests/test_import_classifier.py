@@ -287,6 +287,12 @@ def test_init_refuses_an_empty_class_and_foreign_classes(
     code, _, err = _run(capsys, "init", "--data", other, "--classifier", tiny_classifier,
                         "--out", out)
     assert code == 2 and "do not match the classifier's head" in err
+    split = tmp_path / "split"  # train/ and test/, the test part missing a class
+    _folder(split / "train", {"ant": 40, "bee": 40, "cat": 40})
+    _folder(split / "test", {"ant": 10, "bee": 10})
+    code, _, err = _run(capsys, "init", "--data", split, "--classifier", tiny_classifier,
+                        "--out", out)
+    assert code == 2 and "test: class folder(s) ['cat'] hold no images" in err, err
     assert not out.exists()
 
 

@@ -88,6 +88,8 @@ def _index(root: Path, seed: int, test_fraction: float
     if not len(train_paths):
         raise ValueError(f"{root}: no image files found")
     _check_no_empty_class(root / "train" if has_train else root, classes, train_labels)
+    if has_train:  # a class the test part lacks could not be evaluated
+        _check_no_empty_class(root / "test", classes, test_labels)
     return classes, (train_paths, train_labels), (test_paths, test_labels)
 
 
