@@ -97,6 +97,15 @@ def concept_check(o_ref: np.ndarray, s_ref: np.ndarray, y_ref: np.ndarray,
     return comp, metrics
 
 
+def vlm_differences(stored: dict | None, mine: dict) -> list[str]:
+    """The VLM settings that change its embeddings (all but ``batch_size`` and ``device``)
+    in which ``mine`` differs from the bank's ``stored`` spec (none when the bank has none)."""
+    if stored is None:
+        return []
+    return sorted(k for k in set(stored) | set(mine)
+                  if k not in ("batch_size", "device") and stored.get(k) != mine.get(k))
+
+
 def check_concepts(cfg: JobConfig, bank_dir: Path, *, threshold: float = THRESHOLD,
                    progress: bool = True) -> dict:
     """Run :func:`concept_check` for an existing bank and store it (manifest + metrics)."""
@@ -108,6 +117,10 @@ def check_concepts(cfg: JobConfig, bank_dir: Path, *, threshold: float = THRESHO
     if cs.names != m.concept_names:
         raise ValueError(f"the config's concept set {cs.name!r} is not the bank's "
                          f"({m.concept_set!r}, {len(m.concept_names)} concepts)")
+    differ = vlm_differences(m.vlm.get("spec"), cfg.vlm.model_dump())
+    if differ:
+        raise ValueError(f"the config's VLM is not the bank's (it differs in {differ}); use "
+                         f"the config the bank was built with")
     from conceptguard.classifier.io import load_classifier
 
     model, _, chash = load_classifier(bank.classifier_path)

@@ -150,3 +150,16 @@ def test_build_bank_stage_returns_the_check_and_its_metrics() -> None:
     first = comp["pairs"][f"{classes[0]}|{classes[1]}"]
     assert {c["concept"] for c in first["concepts"]} >= {cs.names[0], cs.names[1]}
     assert metrics["faithfulness_ratio"] > 0 and 0 <= metrics["plausibility"] <= 1
+
+
+def test_a_config_with_another_vlm_is_refused() -> None:
+    """check-concepts on a bank must embed with the bank's VLM: a different image size,
+    top-k or inversion gives another competence (the run stored it in the manifest)."""
+    from offline.concept_check import vlm_differences
+
+    stored = {"backend": "conse", "model": "m", "pretrained": None, "image_size": 112,
+              "top_k": 10, "batch_size": 64, "device": "cpu", "invert": False}
+    assert vlm_differences(stored, {**stored, "batch_size": 8, "device": "cuda"}) == []
+    assert vlm_differences(stored, {**stored, "image_size": 224, "invert": True}) == \
+        ["image_size", "invert"]
+    assert vlm_differences(None, stored) == []
