@@ -276,18 +276,48 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
     """(Re-)render a bank's report from its metrics.json; with ``evidence``, also the curves
     and example thumbnails regenerated from the bank's own graph. ``redraw=False`` keeps
     the figures the build drew (``write_report``)."""
+    import shutil
+    import tempfile
+
     from conceptguard.bank import load_bank
     from offline.report import write_report
 
     bank = load_bank(bank_dir)
-    metrics = json.loads((bank.path / "report" / "metrics.json").read_text())
+    source = bank.path / "report" / "metrics.json"
+    try:
+        metrics = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{source} is not readable JSON: {exc}") from exc
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{source} is not a JSON object")
     ev = None
     if evidence:
         from offline.report_evidence import compute_evidence
         # a bank built without attacks (no gradients) has no attack examples either
         ev = compute_evidence(bank, attacks=attacks and "attacks_skipped" not in metrics)
-    return write_report(out or bank.path / "report", bank.manifest, bank.tensors, metrics, ev,
-                        redraw=redraw)
+    target = out or bank.path / "report"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # rendered beside the target and swapped in: a failed rendering leaves it as it was
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.render-"))
+    try:
+        if target.is_dir():
+            shutil.copytree(target, staging, dirs_exist_ok=True)
+        try:
+            written = write_report(staging, bank.manifest, bank.tensors, metrics, ev,
+                                   redraw=redraw)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"{source} lacks what the report needs ({exc!r}); re-run "
+                             f"build-bank, or restore the file") from exc
+        staging.chmod(0o755)
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return [target / p.relative_to(staging) for p in written]
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -81,3 +81,27 @@ def test_write_report_without_evidence_still_works(demo_bank, tmp_path: Path) ->
     page = (tmp_path / "index.html").read_text()
     assert "Verdict" in page and "conceptguard report" in page
     assert not list(tmp_path.glob("ex_*.png"))
+
+
+@pytest.mark.parametrize(("content", "says"), [('{"foo": 1}', "lacks what the report needs"),
+                                               ("[]", "not a JSON object"),
+                                               ("\n", "not readable JSON")])
+def test_a_failed_rendering_leaves_the_report_as_it_was(
+        demo_bank_dir: Path, tmp_path: Path, content: str, says: str) -> None:
+    """``conceptguard report`` renders beside the report folder and swaps it in: a
+    metrics.json it cannot use is named, and no thumbnail or page is touched."""
+    import shutil
+
+    from offline.cli import render_report
+
+    bank = tmp_path / "bank"
+    shutil.copytree(demo_bank_dir, bank)
+    (bank / "report" / "metrics.json").write_text(content)
+    before = {p.relative_to(bank): p.read_bytes() for p in (bank / "report").rglob("*")
+              if p.is_file()}
+    with pytest.raises(ValueError, match=rf"metrics\.json.*{says}|{says}"):
+        render_report(bank, evidence=False)
+    after = {p.relative_to(bank): p.read_bytes() for p in (bank / "report").rglob("*")
+             if p.is_file()}
+    assert after == before
+    assert not [p.name for p in bank.iterdir() if p.name.startswith(".")]  # no staging
