@@ -499,14 +499,15 @@ def check_fused_graph(monitor: Monitor, onnx_path: Path, images: np.ndarray) -> 
     """Raise ``ValueError`` when the fused graph at ``onnx_path`` disagrees with numpy
     :func:`~conceptguard.scoring.score` of ``monitor`` on float32 ``images``."""
     from conceptguard.runtime import OnnxRuntime
-    from conceptguard.scoring import graph_disagreement, score, scores_from_graph
+    from conceptguard.scoring import graph_disagreement, graph_tolerance, score, scores_from_graph
 
     o = OnnxRuntime(onnx_path, device="cpu", threads=1).run(images)
     if o.monitor is None:
         raise ValueError(f"{onnx_path} is not a fused graph (no monitor outputs)")
     with np.errstate(all="ignore"):
         ref = score(monitor, o.logits, o.features, o.concepts)
-    problem = graph_disagreement(ref, scores_from_graph(o.monitor, monitor.threshold))
+    atol = graph_tolerance(monitor, o.logits, o.features, o.concepts, ref)
+    problem = graph_disagreement(ref, scores_from_graph(o.monitor, monitor.threshold), atol)
     if problem:
         raise ValueError(f"{onnx_path} disagrees with score() on the bank's tensors: {problem}")
 

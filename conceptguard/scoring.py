@@ -196,6 +196,38 @@ def scores_from_graph(outputs: Mapping[str, np.ndarray], threshold: float,
 
 
 GRAPH_TOLERANCE = 1e-4  # float32 graph vs float64 score(): trust, heads, probabilities
+_COMPARED = ("probabilities", "p_misclassification", "p_anomaly", "p_adversarial",
+             "p_unfamiliar")
+
+
+def graph_tolerance(monitor: Monitor, logits: np.ndarray, features: np.ndarray,
+                    concepts: np.ndarray, ref: Scores, ulps: float = 4.0,
+                    factor: float = 64.0) -> float:
+    """The tolerance of :func:`graph_disagreement` for this monitor on these inputs:
+    :data:`GRAPH_TOLERANCE`, or ``factor`` times the largest change of the compared scores
+    when every input moves by ``ulps`` float32 units (a seeded random sign each), whichever
+    is larger. The float32 graph rounds its intermediate values by about that much, and the
+    scores amplify it as they amplify a change of their inputs: a classifier with large
+    logits or features, whose scores move by more than 1e-4 under float32 rounding, gets a
+    tolerance that grows with it, while a graph exported from other tensors (errors of
+    0.01 and more) is still refused."""
+    rng = np.random.default_rng(0)
+    step = ulps * float(np.finfo(np.float32).eps)
+
+    def nudged(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, np.float64)
+        return a * (1.0 + step * rng.choice((-1.0, 1.0), a.shape))
+
+    with np.errstate(all="ignore"):
+        moved = score(monitor, nudged(logits), nudged(features), nudged(concepts))
+    change = 0.0
+    names = (*_COMPARED, "raw_trust" if ref.raw_trust is not None else "trust")
+    for name in names:
+        a, b = np.asarray(getattr(ref, name)), np.asarray(getattr(moved, name))
+        if a.size and a.shape == b.shape:
+            diff = np.abs(a - b)
+            change = max(change, float(np.max(np.where(np.isfinite(diff), diff, 0.0))))
+    return max(GRAPH_TOLERANCE, factor * change)
 
 
 def graph_disagreement(ref: Scores, got: Scores, atol: float = GRAPH_TOLERANCE) -> str | None:

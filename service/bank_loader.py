@@ -84,7 +84,7 @@ def _smoke_test(bank: Bank, runtime: Runtime) -> None:
     match the manifest and every output and score must be finite; on the fused graph its
     scores must also agree with ``score`` (a ``monitor.onnx`` exported from other tensors
     is refused)."""
-    from conceptguard.scoring import graph_disagreement, score, scores_from_graph
+    from conceptguard.scoring import graph_disagreement, graph_tolerance, score, scores_from_graph
 
     d = bank.manifest.dims
     p = bank.manifest.preprocessing
@@ -117,8 +117,9 @@ def _smoke_test(bank: Bank, runtime: Runtime) -> None:
             raise BankError(f"scoring the probe batch gives non-finite {name}")
     if out.monitor is not None:
         try:
+            atol = graph_tolerance(bank.monitor, out.logits, out.features, out.concepts, s)
             problem = graph_disagreement(s, scores_from_graph(
-                out.monitor, bank.monitor.threshold, bank.monitor.calibration))
+                out.monitor, bank.monitor.threshold, bank.monitor.calibration), atol)
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
         if problem and runtime.name.startswith("torch"):  # built from this bank's tensors

@@ -320,3 +320,19 @@ def test_torch_backend_runs_the_monitor_in_its_module(bank: Bank, sample_images:
         np.testing.assert_array_equal(got.monitor[key], fused[key], err_msg=key)
     # classify() is still the classifier alone: the same kernels on the same input
     np.testing.assert_array_equal(rt.classify(sample_images), got.logits)
+
+
+def test_graph_tolerance_grows_with_the_scores_float32_sensitivity(
+        bank: Bank, fused: dict[str, np.ndarray]) -> None:
+    """The load/build check's tolerance: 1e-4 on a well-conditioned bank (the demo's
+    scores move by far less under float32 rounding), and a multiple of the scores' change
+    under input perturbations where they move more (a classifier with large logits got
+    'raw_trust differs by 0.000152' at the end of a valid build)."""
+    from conceptguard.scoring import GRAPH_TOLERANCE, graph_tolerance
+
+    args = (bank.monitor, fused["logits"], fused["features"], fused["concepts"])
+    ref = score(*args)
+    assert graph_tolerance(*args, ref) == GRAPH_TOLERANCE
+    small, large = (graph_tolerance(*args, ref, ulps=u, factor=1.0) for u in (4e3, 4e4))
+    assert GRAPH_TOLERANCE < small < large  # the score's change, scaled
+    assert large == pytest.approx(10 * small, rel=0.5)  # about linear at this size
