@@ -11,9 +11,10 @@ Two questions, neither of which reads the VLM (docs/method.md, "Debugging"):
    distance of the class means under a shared covariance, and a cross-validated pairwise
    linear probe on frozen features), and does the head use that separation (its own a-vs-b
    accuracy on the same inputs, the angle of ``w_a - w_b`` to the probe's discriminant, the
-   offset of its boundary)? Probe well above head: the head limits the pair and retraining the
-   last layer should fix it; probe about equal to head: the encoder limits it; in between:
-   abstain (:func:`pair_geometry`, :func:`limit_verdict`).
+   offset of its boundary)? Probe well above head, or (against a reference) the reference's
+   head better on the same features: the head limits the pair and retraining the last layer
+   should fix it; probe about equal to head (and, against a reference, separation lost):
+   the encoder limits it; otherwise abstain (:func:`pair_geometry`, :func:`limit_verdict`).
 
 Everything here is a pure function of arrays; the heads are ``(W (C, d), b (C,))``.
 """
@@ -72,16 +73,21 @@ def swap_shares(labels: np.ndarray, p: SwapPredictions, rows: np.ndarray) -> dic
             "head_share": round(float((p.candidate_head[new] != y).mean()), 4)}
 
 
-def changed_verdict(shares: dict, min_new_errors: int = 1, share: float = 0.5) -> str:
-    """``none`` (fewer than ``min_new_errors`` new errors), ``encoder`` or ``head`` (that
-    swap alone reproduces at least ``share`` of them and the other does not), else ``both``
-    (each reproduces them, or only the combination does)."""
+def changed_verdict(shares: dict, min_new_errors: int = 1, share: float = 0.5,
+                    minor: float = 0.25) -> str:
+    """``none`` (fewer than ``min_new_errors`` new errors); ``both`` when each swap alone
+    reproduces at least ``minor`` of them (a component that did not change reproduces
+    none: its swap gives the reference back, so a sizeable share in each means both
+    moved), or when neither reproduces ``share`` (only the combination does); else
+    ``encoder`` or ``head``, the one whose swap reproduces at least ``share``."""
     if shares["new_errors"] < min_new_errors:
         return NONE
-    enc, head = shares["encoder_share"] >= share, shares["head_share"] >= share
-    if enc and not head:
+    enc, head = shares["encoder_share"], shares["head_share"]
+    if enc >= minor and head >= minor:
+        return BOTH
+    if enc >= share:
         return ENCODER
-    if head and not enc:
+    if head >= share:
         return HEAD
     return BOTH
 
@@ -103,10 +109,6 @@ def parameter_shift(z_ref_model: np.ndarray, z_candidate: np.ndarray,
 
 
 # ------------------------------------------------------------------ pair geometry
-
-
-def _balanced_accuracy(pred_is_a: np.ndarray, is_a: np.ndarray) -> float:
-    return 0.5 * (float(pred_is_a[is_a].mean()) + float((~pred_is_a[~is_a]).mean()))
 
 
 def balanced_probe_fit(x: np.ndarray, is_a: np.ndarray, l2: float = 1e-3
@@ -150,9 +152,80 @@ def pair_probe(x: np.ndarray, is_a: np.ndarray, folds: int = 5, seed: int = 0,
     return acc, w, c
 
 
+PROBE_L2 = (1e-3, 1e-2, 1e-1, 1.0)  # the tuned probe's penalties (per sample)
+
+
+def _cv_hits(x: np.ndarray, is_a: np.ndarray, folds: int, seed: int, l2: float
+             ) -> np.ndarray:
+    """Per row: whether the probe fitted on the other folds gets it right."""
+    from sklearn.model_selection import StratifiedKFold  # the offline extra
+
+    y = is_a.astype(np.int64)
+    folds = max(2, min(folds, int(y.sum()), int((1 - y).sum())))
+    hits = np.zeros(len(y), bool)
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        w, c = balanced_probe_fit(x[train], is_a[train], l2)
+        hits[test] = (x[test] @ w + c > 0) == is_a[test]
+    return hits
+
+
+def _balanced_hits(hits: np.ndarray, is_a: np.ndarray) -> float:
+    return 0.5 * (float(hits[is_a].mean()) + float(hits[~is_a].mean()))
+
+
+def _paired_se(hits_1: np.ndarray, hits_0: np.ndarray, is_a: np.ndarray) -> float:
+    """Standard error of the difference of two balanced accuracies on the same rows."""
+    d = hits_1.astype(np.float64) - hits_0.astype(np.float64)
+    parts = [d[m].var(ddof=1) / m.sum() if m.sum() > 1 else 0.25 for m in (is_a, ~is_a)]
+    return 0.5 * math.sqrt(sum(parts))
+
+
+def _chosen_l2(x: np.ndarray, is_a: np.ndarray, seed: int, inner: int = 3) -> float:
+    """The penalty of :data:`PROBE_L2` with the best ``inner``-fold balanced accuracy on
+    these rows (ties: the larger penalty)."""
+    scores = {l2: _balanced_hits(_cv_hits(x, is_a, inner, seed + 1, l2), is_a)
+              for l2 in PROBE_L2}
+    return max(PROBE_L2, key=lambda l2: (scores[l2], l2))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A tuned pairwise probe: its cross-validated per-row hits and balanced accuracy, the
+    discriminant ``(w, c)`` fitted on all rows, and the penalty chosen for that fit."""
+
+    hits: np.ndarray
+    accuracy: float
+    w: np.ndarray
+    c: float
+    l2: float
+
+
+def tuned_pair_probe(x: np.ndarray, is_a: np.ndarray, folds: int = 5, seed: int = 0
+                     ) -> Probe:
+    """:func:`pair_probe` with its penalty chosen by nested cross-validation: in each of
+    the ``folds`` outer folds the penalty is picked on the training rows alone
+    (:func:`_chosen_l2`), so the held-out accuracy stays honest. A lightly penalised probe
+    on a few hundred rows in many dimensions overfits and understates the separation the
+    features hold, which made a head look as good as the features allow when it was not."""
+    from sklearn.model_selection import StratifiedKFold  # the offline extra
+
+    x = np.asarray(x, np.float64)
+    y = is_a.astype(np.int64)
+    folds = max(2, min(folds, int(y.sum()), int((1 - y).sum())))
+    hits = np.zeros(len(y), bool)
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        l2 = _chosen_l2(x[train], is_a[train], seed)
+        w, c = balanced_probe_fit(x[train], is_a[train], l2)
+        hits[test] = (x[test] @ w + c > 0) == is_a[test]
+    l2 = _chosen_l2(x, is_a, seed)
+    w, c = balanced_probe_fit(x, is_a, l2)
+    return Probe(hits, _balanced_hits(hits, is_a), w, c, l2)
+
+
 def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarray,
                   bias: np.ndarray, whiten: np.ndarray | None = None, folds: int = 5,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, reference_head: tuple[np.ndarray, np.ndarray] | None = None,
+                  reference_z: np.ndarray | None = None) -> dict:
     """The separation of classes ``a`` and ``b`` in feature space and how well the head
     ``(W, bias)`` uses it, on the rows of ``z`` labelled ``a`` or ``b``.
 
@@ -160,12 +233,21 @@ def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarr
       whitening matrix is ``whiten`` (``L L^T = Sigma^-1``; the bank's), less the part the
       sample means' own noise adds (``d (1/n_a + 1/n_b)`` from ``D^2``); ``gaussian_accuracy``
       the accuracy a linear rule reaches between two Gaussians that far apart, Phi(D / 2);
-    - ``probe_accuracy``: the cross-validated pairwise linear probe (balanced accuracy);
+    - ``probe_accuracy``: the cross-validated pairwise linear probe (balanced accuracy,
+      penalty tuned by nested cross-validation: :func:`tuned_pair_probe`, ``probe_l2``);
     - ``head_accuracy``: the head's own a-vs-b decision (``logit_a > logit_b``, balanced);
+      ``gap_se``: the standard error of ``probe - head``, paired on the same rows;
     - ``angle_deg``: between ``w_a - w_b`` and the probe's discriminant, in the metric of
       the pair's within-class covariance (the two decision values' correlation);
     - ``bias_offset``: where the head's a-vs-b boundary sits between the two classes, in
-      within-class standard deviations of its decision value (0: midway)."""
+      within-class standard deviations of its decision value (0: midway).
+
+    With a reference classifier (a candidate diagnosed against the bank's), on the same rows:
+    ``reference_head_accuracy``, the reference's head on these (the candidate's) features,
+    and ``reference_head_gap`` (its lead over the candidate's head, with ``_se``): a head
+    known to do better on these very features; ``reference_probe_accuracy``, the probe on the
+    reference's own features (``reference_z``), and ``separation_loss`` (its lead over the
+    candidate's probe, with ``_se``): how much separation the candidate's encoder lost."""
     rows = (labels == a) | (labels == b)
     x = np.asarray(z, np.float64)[rows]
     is_a = labels[rows] == a
@@ -181,48 +263,77 @@ def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarr
         d = math.sqrt(max(d2, 0.0))
         out["mahalanobis"] = round(d, 4)
         out["gaussian_accuracy"] = round(0.5 * (1 + math.erf(d / 2 / math.sqrt(2))), 4)
-    probe_acc, w_probe, _ = pair_probe(x, is_a, folds, seed)
+    probe = tuned_pair_probe(x, is_a, folds, seed)
     w_head = np.asarray(W, np.float64)[a] - np.asarray(W, np.float64)[b]
     c_head = float(bias[a]) - float(bias[b])
     dec = x @ w_head + c_head
-    head_acc = _balanced_accuracy(dec > 0, is_a)
+    head_hits = (dec > 0) == is_a
+    head_acc = _balanced_hits(head_hits, is_a)
     # the angle in the within-class covariance metric: the correlation of the two decision
     # values over the pair's inputs, each class centred (0 degrees: the same decision)
     centred = np.where(is_a[:, None], x - mu_a, x - mu_b)
-    u, v = centred @ w_head, centred @ w_probe
+    u, v = centred @ w_head, centred @ probe.w
     cos = float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-12))
     spread = math.sqrt(0.5 * (dec[is_a].var() + dec[~is_a].var()))
     midpoint = 0.5 * (dec[is_a].mean() + dec[~is_a].mean())
     out.update({
-        "probe_accuracy": round(probe_acc, 4),
+        "probe_accuracy": round(probe.accuracy, 4),
+        "probe_l2": probe.l2,
         "head_accuracy": round(head_acc, 4),
-        "gap": round(probe_acc - head_acc, 4),
+        "gap": round(probe.accuracy - head_acc, 4),
+        "gap_se": round(_paired_se(probe.hits, head_hits, is_a), 5),
         "angle_deg": round(math.degrees(math.acos(max(-1.0, min(1.0, cos)))), 2),
         "bias_offset": round(midpoint / spread, 3) if spread > 0 else None,
     })
+    if reference_head is not None:
+        W0, b0 = (np.asarray(t, np.float64) for t in reference_head)
+        ref_hits = (x @ (W0[a] - W0[b]) + float(b0[a] - b0[b]) > 0) == is_a
+        ref_acc = _balanced_hits(ref_hits, is_a)
+        out.update({"reference_head_accuracy": round(ref_acc, 4),
+                    "reference_head_gap": round(ref_acc - head_acc, 4),
+                    "reference_head_gap_se": round(_paired_se(ref_hits, head_hits, is_a), 5)})
+    if reference_z is not None:
+        ref_probe = tuned_pair_probe(np.asarray(reference_z, np.float64)[rows], is_a, folds,
+                                     seed)
+        out.update({"reference_probe_accuracy": round(ref_probe.accuracy, 4),
+                    "separation_loss": round(ref_probe.accuracy - probe.accuracy, 4),
+                    "separation_loss_se": round(_paired_se(ref_probe.hits, probe.hits, is_a),
+                                                5)})
     return out
 
 
 @dataclass(frozen=True)
 class LimitRule:
-    """``head`` when the probe beats the head by at least ``head_gap`` (and by more than
-    ``z`` standard errors); ``encoder`` when the gap is at most ``encoder_gap``; otherwise
-    ``abstain``."""
+    """``head`` when the probe beats the head by at least ``head_gap`` and by more than ``z``
+    standard errors, or when the reference's head beats it on the same features by at least
+    ``reference_gap`` and ``z`` standard errors. ``encoder`` when the probe is at most
+    ``encoder_gap`` above the head and its upper bound (``z`` standard errors up) stays below
+    ``head_gap``, and, against a reference, the candidate's encoder lost separation (the
+    probe on the reference's features beats the probe on the candidate's by at least
+    ``reference_gap`` and ``z`` standard errors). Otherwise ``abstain``."""
 
     head_gap: float = 0.03
     encoder_gap: float = 0.01
+    reference_gap: float = 0.005
     z: float = 2.0
 
 
 def limit_verdict(geometry: dict, rule: LimitRule = LimitRule()) -> str:
-    p, h, n = geometry["probe_accuracy"], geometry["head_accuracy"], max(geometry["n"], 1)
-    gap = p - h
-    se = math.sqrt(max(p * (1 - p), 0.25 / n) / n + max(h * (1 - h), 0.25 / n) / n)
+    """:class:`LimitRule` on :func:`pair_geometry`'s evidence."""
+    g = geometry
+    gap, se = g["probe_accuracy"] - g["head_accuracy"], g["gap_se"]
     if gap >= rule.head_gap and gap > rule.z * se:
         return HEAD
-    if gap <= rule.encoder_gap:
-        return ENCODER
-    return ABSTAIN
+    ref_gap = g.get("reference_head_gap")
+    if (ref_gap is not None and ref_gap >= rule.reference_gap
+            and ref_gap > rule.z * g["reference_head_gap_se"]):
+        return HEAD  # a head known to do better on these very features
+    head_uses_it = gap <= rule.encoder_gap and gap + rule.z * se <= rule.head_gap
+    loss = g.get("separation_loss")
+    if loss is None:
+        return ENCODER if head_uses_it else ABSTAIN
+    lost = loss >= rule.reference_gap and loss > rule.z * g["separation_loss_se"]
+    return ENCODER if head_uses_it and lost else ABSTAIN
 
 
 # ------------------------------------------------------------------ pairs and outcomes
@@ -252,17 +363,20 @@ def pair_errors(labels: np.ndarray, predictions: np.ndarray, a: int, b: int) -> 
                .sum())
 
 
-def repair_outcome(before: float, after: float, floor: float | None, fixed_share: float = 0.5
-                   ) -> dict:
-    """The measured effect of a repair on one pair's accuracy. ``floor``: the accuracy a good
-    model reaches (the reference's, for a fault); without one, the lost accuracy is all the
-    errors. ``recovered``: the share of the lost accuracy the repair won back; ``fixed``:
-    at least ``fixed_share`` of it."""
-    target = 1.0 if floor is None else max(floor, before)
-    lost = target - before
-    recovered = (after - before) / lost if lost > 1e-12 else None
-    return {"before": round(before, 4), "after": round(after, 4),
-            "reference": None if floor is None else round(floor, 4),
+def repair_outcome(before: int, after: int, floor: int | None, fixed_share: float = 0.5,
+                   min_lost: int = 5) -> dict:
+    """The measured effect of a repair on one pair, in errors between its two classes
+    (:func:`pair_errors`: what the a-vs-b verdict is about; errors into a third class are
+    another pair's). ``before``/``after``: the candidate's and the repaired model's;
+    ``floor``: the reference's, for a fault (the lost errors are those above it), None
+    without one (every error is lost). ``recovered``: the share of the lost errors the
+    repair removed (above 1: it beat the reference); ``fixed``: at least ``fixed_share``
+    of them. Fewer than ``min_lost`` lost errors is too few to measure: both None."""
+    target = 0 if floor is None else min(floor, before)
+    lost = before - target
+    recovered = (before - after) / lost if lost >= min_lost else None
+    return {"errors_before": int(before), "errors_after": int(after),
+            "errors_reference": None if floor is None else int(floor),
             "recovered": None if recovered is None else round(recovered, 4),
             "fixed": None if recovered is None else bool(recovered >= fixed_share)}
 

@@ -53,10 +53,12 @@ NOTE = ("changed: the candidate's new test errors (right with the bank's classif
         "now) re-scored with the candidate's encoder under the bank's head (encoder_share) "
         "and the bank's encoder under the candidate's head (head_share). limit: from the "
         "candidate's own reference-split features: a 5-fold cross-validated pairwise linear "
-        "probe against the head's own a-vs-b decision (probe well above head: head; about "
-        "equal: encoder; in between: abstain). repair: a class-balanced logistic head "
-        "retrained on the candidate's reference-split features (encoder frozen), measured on "
-        "the test split, which it never saw.")
+        "probe (penalty tuned by nested cross-validation) against the head's own a-vs-b "
+        "decision (probe well above head, or the bank's head better on the same features: "
+        "head; about equal, and against the bank's classifier separation lost: encoder; "
+        "otherwise abstain). repair: a class-balanced logistic head retrained on the "
+        "candidate's reference-split features (encoder frozen), measured on the test split, "
+        "which it never saw, by the errors between the pair's two classes.")
 
 
 class DiagnoseInputError(ValueError):
@@ -163,6 +165,9 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
         same = cand_hash == ref_hash
         z_t1 = z_t0 if same else feats(cand_path, cand_hash, tst.images, test_split)
         z_r1 = feats(cand_path, cand_hash, reference.images, "reference")
+        # the bank's own features of the reference split: how much separation was lost
+        z_r0 = None if same else feats(bank.classifier_path, ref_hash, reference.images,
+                                       "reference")
     swap = swap_predictions(z_t0, z_t1, ref_head, cand_head)
     with ctx.stage("repair"):
         W_r, b_r = fit_head(z_r1, y_ref, len(m.classes))
@@ -178,13 +183,14 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
             rows = (y == t) & (swap.candidate == q)
             shares = swap_shares(y, swap, rows)
             geo = pair_geometry(z_r1, y_ref, t, q, *cand_head, whiten=whiten,
-                                folds=opts.folds, seed=cfg.seed)
+                                folds=opts.folds, seed=cfg.seed,
+                                reference_head=None if same else ref_head, reference_z=z_r0)
             limit = limit_verdict(geo, LimitRule())
-            before = pair_accuracy(y, swap.candidate, t, q)
-            floor = None if same else pair_accuracy(y, swap.reference, t, q)
-            outcome = repair_outcome(before, pair_accuracy(y, pred_r, t, q), floor)
-            outcome.update({"errors_before": pair_errors(y, swap.candidate, t, q),
-                            "errors_after": pair_errors(y, pred_r, t, q),
+            floor = None if same else pair_errors(y, swap.reference, t, q)
+            outcome = repair_outcome(pair_errors(y, swap.candidate, t, q),
+                                     pair_errors(y, pred_r, t, q), floor)
+            outcome.update({"before": round(pair_accuracy(y, swap.candidate, t, q), 4),
+                            "after": round(pair_accuracy(y, pred_r, t, q), 4),
                             "agrees_with_limit": agrees(limit, outcome)})
             concepts, why = pair_concepts(competence, classes, t, q)
             entry: dict[str, Any] = {
@@ -323,7 +329,8 @@ def render_html(result: dict) -> str:
     c, r = result["classifier"], result["repair"]
     head = ["true → predicted", "errors", "new errors", "changed (enc / head share)",
             "probe", "head a-vs-b", "angle°", "bias offset", "Mahalanobis", "limit",
-            "repair: pair acc before → after", "agrees", "paper rule h / e / amb",
+            "repair: a↔b errors before → after", "pair acc before → after", "agrees",
+            "paper rule h / e / amb",
             "concepts"]
     rows = []
     for p in result["pairs"]:
@@ -335,6 +342,7 @@ def render_html(result: dict) -> str:
                      f"{p['changed']} ({ch['encoder_share']:.2f} / {ch['head_share']:.2f})",
                      g["probe_accuracy"], g["head_accuracy"], g["angle_deg"],
                      g["bias_offset"], g.get("mahalanobis"), p["limit"],
+                     f"{rp['errors_before']} → {rp['errors_after']}",
                      f"{rp['before']:.3f} → {rp['after']:.3f}", rp["agrees_with_limit"],
                      "–" if pr is None else f"{pr['head']} / {pr['encoder']} / "
                                             f"{pr['ambiguous']}", concepts])

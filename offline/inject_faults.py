@@ -37,6 +37,7 @@ from conceptguard.diagnosis import (
     limit_verdict,
     new_errors,
     pair_accuracy,
+    pair_errors,
     pair_geometry,
     parameter_shift,
     repair_outcome,
@@ -73,8 +74,9 @@ NOTE = ("Variants of the bank's classifier with one injected fault each (every k
         "measurable effect and are not scored). limit: per faulty pair (at least 10 new "
         "errors between two classes, the 3 largest), from the variant's reference-split "
         "features (probe vs. head), against the measured effect of a head retrained on those "
-        "features (fixed: it wins back at least half of the pair accuracy the fault lost, "
-        "on test inputs). paper rule: the per-input rule on the fault's new errors with the "
+        "features (fixed: it removes at least half of the errors between the two classes the "
+        "fault added, on test inputs; fewer than 5 added errors: not measurable). paper rule: the "
+        "per-input rule on the fault's new errors with the "
         "bank's aligner, with the packaged VLM as the oracle and with a perfect oracle. "
         "Intervals: Wilson 95%.")
 
@@ -247,11 +249,15 @@ def score_variant(variant, fault: Fault, d: FaultData, ref_head, whiten: np.ndar
     new = new_errors(y, swap)
     pairs = []
     for t, q, n in confused_pairs(y[new], swap.candidate[new], min_pair_errors, top_pairs):
-        geo = pair_geometry(z_ref1, d.y_ref, t, q, *cand_head, whiten=whiten, seed=seed)
+        geo = pair_geometry(z_ref1, d.y_ref, t, q, *cand_head, whiten=whiten, seed=seed,
+                            reference_head=ref_head, reference_z=d.z_ref0)
         limit = limit_verdict(geo)
-        outcome = repair_outcome(pair_accuracy(y, swap.candidate, t, q),
-                                 pair_accuracy(y, pred_r, t, q),
-                                 pair_accuracy(y, swap.reference, t, q))
+        outcome = repair_outcome(pair_errors(y, swap.candidate, t, q),
+                                 pair_errors(y, pred_r, t, q),
+                                 pair_errors(y, swap.reference, t, q))
+        outcome.update({"before": round(pair_accuracy(y, swap.candidate, t, q), 4),
+                        "after": round(pair_accuracy(y, pred_r, t, q), 4),
+                        "reference": round(pair_accuracy(y, swap.reference, t, q), 4)})
         pairs.append({"true": t, "predicted": q, "new_errors": n, "limit": limit,
                       "geometry": geo, "repair": outcome, "agrees": agrees(limit, outcome)})
     injected = new & fault.injected(y, swap.candidate)
@@ -280,7 +286,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [round(float(centre - half), 4), round(float(centre + half), 4)]
+    return [max(0.0, round(float(centre - half), 4)), min(1.0, round(float(centre + half), 4))]
 
 
 def _rate(k: int, n: int) -> dict:
@@ -407,7 +413,7 @@ def summary_table(out: dict) -> str:
     def rate(r: dict) -> str:
         if r["value"] is None:
             return "-"
-        lo, hi = r["ci95"]
+        lo, hi = (max(0.0, v) for v in r["ci95"])  # a rounded 0 bound is 0, never -0
         return f"{100 * r['value']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}] (n={r['n']})"
 
     head = ["faults", "variants (no effect)", "changed right", "faulty pairs",

@@ -16,16 +16,19 @@ from conceptguard.concept_check import (
     remove_directions,
 )
 from conceptguard.diagnosis import (
+    PROBE_L2,
     agrees,
     changed_verdict,
     confused_pairs,
     head_logits,
     limit_verdict,
     pair_geometry,
+    pair_probe,
     parameter_shift,
     repair_outcome,
     swap_predictions,
     swap_shares,
+    tuned_pair_probe,
 )
 from conceptguard.repair import fit_head
 
@@ -121,13 +124,71 @@ def test_pairs_outcomes_and_agreement() -> None:
     p = np.array([1, 1, 0, 0, 1, 1, 1, 2])
     assert confused_pairs(y, p) == [(0, 1, 2), (2, 1, 2), (1, 0, 1)]
     assert confused_pairs(y, p, min_errors=2, top=1) == [(0, 1, 2)]
-    fixed = repair_outcome(before=0.6, after=0.95, floor=0.98)
-    assert fixed["fixed"] and 0.9 < fixed["recovered"] < 0.95
+    # errors between the pair's two classes: 60 with the fault, 2 with the reference
+    fixed = repair_outcome(before=60, after=5, floor=2)
+    assert fixed["fixed"] and fixed["recovered"] == round(55 / 58, 4)
     assert agrees("head", fixed) and not agrees("encoder", fixed)
     assert agrees("abstain", fixed) is None
-    unfixed = repair_outcome(before=0.8, after=0.81, floor=None)  # lost = every error
+    unfixed = repair_outcome(before=40, after=39, floor=None)  # lost = every error
     assert unfixed["fixed"] is False and agrees("encoder", unfixed)
-    assert repair_outcome(0.9, 0.9, floor=0.85)["fixed"] is None  # nothing was lost
+    assert repair_outcome(30, 30, floor=35)["fixed"] is None  # nothing was lost
+    # 3 lost errors cannot be measured: a recovery of 11x or -3x would be noise
+    assert repair_outcome(12, 1, floor=9)["recovered"] is None
+    assert repair_outcome(14, 1, floor=9)["recovered"] == 2.6  # 5 lost: measured
+
+
+def test_changed_both_when_each_component_carries_a_share() -> None:
+    """An unchanged component's swap gives the reference back (share 0), so a sizeable
+    share on each side means both moved: two faults at once are not hidden behind the
+    larger one."""
+    assert changed_verdict({"new_errors": 1543, "encoder_share": 0.54, "head_share": 0.45}) \
+        == "both"
+    assert changed_verdict({"new_errors": 900, "encoder_share": 0.87, "head_share": 0.13}) \
+        == "encoder"
+    assert changed_verdict({"new_errors": 900, "encoder_share": 0.0, "head_share": 1.0}) \
+        == "head"
+
+
+def test_tuned_probe_picks_its_penalty_and_reads_more_of_a_weak_signal() -> None:
+    """Few rows in many dimensions, the signal spread thinly over all of them: the lightly
+    penalised probe overfits, the nested choice of penalty does not (and stays honest)."""
+    n, d = 120, 200
+    is_a = np.arange(n) < n // 2
+    gains = []
+    for seed in (7, 8, 9):
+        x = np.random.default_rng(seed).normal(size=(n, d)) + np.where(is_a[:, None], 0.1,
+                                                                         -0.1)
+        tuned = tuned_pair_probe(x, is_a, seed=0)
+        assert tuned.l2 in PROBE_L2 and tuned.hits.shape == (n,)
+        assert tuned.accuracy == 0.5 * (tuned.hits[is_a].mean() + tuned.hits[~is_a].mean())
+        gains.append(tuned.accuracy - pair_probe(x, is_a, seed=0)[0])
+    assert min(gains) >= 0 and np.mean(gains) >= 0.02, gains
+
+
+def test_limit_against_a_reference(three_classes) -> None:
+    """A head fault on unchanged features: the reference's head does better on the very
+    same features, so the head limits the pair even where the probe alone cannot tell.
+    An encoder that lost the pair's separation, with a head that reads what is left:
+    encoder. Neither shown: abstain, never a guess."""
+    z, y, _, _, (W, b) = three_classes
+    bent = b.copy()
+    bent[0] += 2.5  # a mild bias fault: the boundary moved a little
+    alone = pair_geometry(z, y, 0, 1, W, bent, seed=0)
+    assert alone["gap"] < 0.03 and limit_verdict(alone) != "head"  # too small for the probe
+    g = pair_geometry(z, y, 0, 1, W, bent, seed=0, reference_head=(W, b), reference_z=z)
+    assert g["separation_loss"] == 0.0 and g["reference_head_gap"] > 0
+    assert limit_verdict(g) == "head"
+    # the encoder blurred the pair: class 0 moved halfway onto class 1, head refitted
+    blurred = z.copy()
+    blurred[y == 0] = 0.5 * z[y == 0] + 0.5 * z[y == 1][: int((y == 0).sum())]
+    Wb, bb = fit_head(blurred, y, 3)
+    g = pair_geometry(blurred, y, 0, 1, Wb, bb, seed=0, reference_head=(W, b),
+                      reference_z=z)
+    assert g["separation_loss"] > 0.02 and limit_verdict(g) == "encoder"
+    # the same evidence without the separation loss: the encoder is not shown to be it
+    g = pair_geometry(blurred, y, 0, 1, Wb, bb, seed=0, reference_head=(Wb, bb),
+                      reference_z=blurred)
+    assert limit_verdict(g) == "abstain"
 
 
 def test_competence_names_concepts_only_where_both_views_separate() -> None:
