@@ -18,10 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file, save_file
 
-from conceptguard.atomic import atomic_write_text
+from conceptguard.atomic import atomic_write_text, replace_folder
 from conceptguard.monitor_io import monitor_from_tensors, monitor_shapes
 from conceptguard.projection import PROJECTION_KEYS
 from conceptguard.scoring import Monitor
@@ -349,12 +346,7 @@ def publish(staging: Path, target: Path) -> None:
     problem = replaceable(target)
     if problem is not None:
         raise BankError(problem)
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, target)
 
 
 def check_bank_quickly(path: Path | str) -> Manifest:

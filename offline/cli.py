@@ -279,6 +279,7 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
     import shutil
     import tempfile
 
+    from conceptguard.atomic import replace_folder
     from conceptguard.bank import load_bank
     from offline.report import write_report
 
@@ -309,11 +310,7 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
             raise ValueError(f"{source} lacks what the report needs ({exc!r}); re-run "
                              f"build-bank, or restore the file") from exc
         staging.chmod(0o755)
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        if target.exists():
-            os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
