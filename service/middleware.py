@@ -139,6 +139,9 @@ async def send_json(send: Send, body: bytes, status: int = 200,
 # the routes whose work is queued: a request is refused with 503 before its body is read
 # when the queue cannot take one more image
 _QUEUED_ROUTES = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)/?$")
+# routes whose body is always JSON: a body sent without a Content-Type is read as JSON (as
+# /v1/classify and v2 infer read it), so it meets the same guard and the same messages
+_JSON_ROUTES = re.compile(r"^/v1/(monitor|feedback|bank/reload|admin/operating-point)/?$")
 
 
 class ServiceMiddleware:
@@ -236,6 +239,9 @@ class ServiceMiddleware:
                            s.body_timeout_s)
         if method not in ("POST", "PUT", "PATCH"):
             return receive
+        if b"content-type" not in head and _JSON_ROUTES.match(route_path(scope)):
+            head[b"content-type"] = b"application/json"
+            scope["headers"] = [*scope.get("headers", ()), (b"content-type", head[b"content-type"])]
         encoding = _content_encoding(head.get(b"content-encoding"))
         if encoding is not None:
             await send_error(scope, send, ServiceError(

@@ -61,6 +61,17 @@ def test_deeply_nested_json_is_400_everywhere(client: httpx.Client, model: str) 
     assert client.get("/v2/health/ready").status_code == 200
 
 
+def test_json_routes_read_a_body_without_content_type_as_json(client: httpx.Client) -> None:
+    """As /v1/classify and v2 infer do: the same guard (400 invalid_json naming the problem)
+    and the same validation (a field named), not 'Input should be a valid dictionary'."""
+    for path in ("/v1/monitor", "/v1/feedback"):
+        for body, status, says in ((DEEP, 400, "nested"), (b"\xff\xfe{", 400, "UTF-8"),
+                                   (b'{"receipt": "x"}', 422, "Field required")):
+            resp = client.post(path, content=body)  # no Content-Type header at all
+            assert resp.request.headers.get("content-type") is None
+            assert resp.status_code == status and says in resp.text, (path, resp.text)
+
+
 def test_overflowing_sidecar_features_are_422(client: httpx.Client,
                                               demo_manifest: dict[str, Any]) -> None:
     d = demo_manifest["dims"]["features"]
