@@ -159,7 +159,8 @@ def _read_manifest(path: Path) -> Manifest:
     mpath = path / MANIFEST
     try:
         if not path.is_dir():
-            raise BankError(f"bank folder {path} does not exist")
+            raise BankError(f"bank folder {path} " + ("is a file, not a bank folder"
+                                                      if path.exists() else "does not exist"))
         if not mpath.is_file():
             raise BankError(f"{mpath} is missing: not a bank folder")
         text = mpath.read_bytes().decode("utf-8")

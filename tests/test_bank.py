@@ -112,6 +112,8 @@ def test_missing_file_and_bad_manifest_are_refused(bank_copy: Path) -> None:
         load_bank(bank_copy)
     with pytest.raises(BankError, match="does not exist"):
         load_bank(bank_copy / "nope")
+    with pytest.raises(BankError, match=r"manifest\.json is a file, not a bank folder"):
+        load_bank(bank_copy / "manifest.json")
 
 
 def test_schema_version_and_shapes_are_checked(bank_copy: Path) -> None:
