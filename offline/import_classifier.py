@@ -3,10 +3,10 @@ the project's classifier file, checked against the source's logits before it is 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from conceptguard.atomic import atomic_path
 from conceptguard.classifier.importing import (
     Imported,
     compare_logits,
@@ -45,16 +45,11 @@ def import_classifier(req: ImportRequest) -> dict:
     diff, tol = compare_logits(imported.model, imported.source, imported.spec)
     _check(diff, tol, "the imported model")
     out = Path(req.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.importing")
-    try:
+    with atomic_path(out, suffix=".importing") as tmp:  # published once it reproduces them
         digest = save_classifier(imported.model, imported.spec, tmp)
         reloaded, _, _ = load_classifier(tmp)  # what build-bank will read
         diff, tol = compare_logits(reloaded, imported.source, imported.spec)
         _check(diff, tol, "the written file")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     errors = conversion_errors(reloaded)
     return {"path": str(out), "hash": digest, "source": imported.origin,
             "classes": imported.spec.classes, "input": list(imported.spec.input_shape),
