@@ -239,8 +239,10 @@ def folder_config(data: Path, classifier: Path, *, name: str | None = None,
     """``(YAML text, one-line summary)`` for ``data`` and ``classifier``: the folder's
     classes must be the classifier's, in its logit order."""
     from conceptguard.classifier.hashing import verify_classifier_hash
+    from conceptguard.concepts import load_concept_set
     from conceptguard.data.image_folder import index_image_folder
 
+    load_concept_set(concepts)  # a bundled name or a readable, valid file, checked now
     spec, _ = verify_classifier_hash(Path(classifier))
     train, test = index_image_folder(Path(data), spec.input_size, channels=spec.in_channels)
     if train.classes != spec.classes:

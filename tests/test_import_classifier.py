@@ -274,6 +274,10 @@ def test_init_writes_a_valid_config_whose_splits_scale_with_the_folder(
     code, _, err = _run(capsys, "init", "--data", data, "--classifier", tiny_classifier,
                         "--out", cfg_path)
     assert code == 2 and "--force" in err
+    other = tmp_path / "other.yaml"  # a concept set that is neither bundled nor a file
+    code, _, err = _run(capsys, "init", "--data", data, "--classifier", tiny_classifier,
+                        "--concepts", "nosuchset", "--out", other)
+    assert code == 2 and "'nosuchset'" in err and "bundled: " in err and not other.exists()
 
 
 def test_init_refuses_an_empty_class_and_foreign_classes(
