@@ -133,6 +133,20 @@ def pair_concepts(competence: dict | None, classes: list[str], a: int, b: int
     return list(entry.get("concepts", [])), None
 
 
+def _pairs_to_diagnose(y: np.ndarray, swap, opts: DiagnoseOptions, same: bool
+                       ) -> list[tuple[int, int, int]]:
+    """The ``opts.top_pairs`` confused pairs ``(true, predicted, errors)`` with at least
+    ``opts.min_errors`` errors: the most frequent for the bank's own classifier; for a
+    candidate, those with the most new errors first (a pair the change broke is listed
+    before an old hard pair with more errors), then the most frequent."""
+    pairs = confused_pairs(y, swap.candidate, opts.min_errors)
+    if not same:
+        new = new_errors(y, swap)
+        fresh = {(t, q): int(c) for t, q, c in confused_pairs(y[new], swap.candidate[new])}
+        pairs.sort(key=lambda p: (-fresh.get((p[0], p[1]), 0), -p[2], p[0], p[1]))
+    return pairs[:opts.top_pairs]
+
+
 def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOptions) -> dict:
     """Run the diagnosis; write ``diagnosis.json``, ``diagnosis.html`` and ``diagnosis.png``
     into ``out_dir`` (and the repaired classifier with ``opts.repair_out``)."""
@@ -179,7 +193,7 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
     classes = m.classes
     pairs_out = []
     with ctx.stage("pairs"):
-        for t, q, n in confused_pairs(y, swap.candidate, opts.min_errors, opts.top_pairs):
+        for t, q, n in _pairs_to_diagnose(y, swap, opts, same):
             rows = (y == t) & (swap.candidate == q)
             shares = swap_shares(y, swap, rows)
             geo = pair_geometry(z_r1, y_ref, t, q, *cand_head, whiten=whiten,

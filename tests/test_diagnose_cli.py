@@ -211,3 +211,18 @@ def test_numbers_out_of_range_exit_2_naming_the_option(
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and argv[-2] in err and says in err, err
+
+
+def test_a_candidates_pairs_put_what_it_broke_first() -> None:
+    """An old hard pair (many errors, none new) no longer hides a pair the candidate broke;
+    the bank's own classifier keeps the most frequent pairs."""
+    from conceptguard.diagnosis import SwapPredictions
+    from offline.diagnose import DiagnoseOptions, _pairs_to_diagnose
+
+    y = np.array([0] * 30 + [2] * 10)
+    ref = np.array([1] * 20 + [0] * 10 + [2] * 10)  # 0 -> 1 twenty times: an old hard pair
+    cand = np.array([1] * 20 + [0] * 4 + [3] * 6 + [3] * 10)  # new: 0 -> 3 six, 2 -> 3 ten
+    swap = SwapPredictions(ref, cand, cand, cand)
+    opts = DiagnoseOptions(top_pairs=2, min_errors=5)
+    assert _pairs_to_diagnose(y, swap, opts, same=True) == [(0, 1, 20), (2, 3, 10)]
+    assert _pairs_to_diagnose(y, swap, opts, same=False) == [(2, 3, 10), (0, 3, 6)]
