@@ -49,8 +49,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def replace_folder(staging: Path, target: Path) -> None:
-    """Swap the finished folder ``staging`` in as ``target`` (same parent): ``target``, if
-    any, stays whole until the last rename, then goes."""
+    """Swap the finished folder ``staging`` in as ``target`` (same parent) by two renames:
+    a reader sees the old folder, for a moment none, then the new one, never a half-written
+    one; the old folder is removed after."""
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     if target.exists():
         os.replace(target, old)

@@ -333,7 +333,10 @@ def replaceable(target: Path) -> str | None:
     bank: a folder with a manifest), else why not: a build never replaces anything else."""
     if not target.exists() and not target.is_symlink():
         return None
-    if not target.is_dir() or target.is_symlink():
+    if target.is_symlink():
+        return (f"{target} is a symbolic link; give --out the folder it points to, or a new "
+                f"folder")
+    if not target.is_dir():
         return f"{target} exists and is not a folder; give --out a new folder"
     if (target / MANIFEST).is_file() or not any(target.iterdir()):
         return None

@@ -176,13 +176,15 @@ def _balanced_hits(hits: np.ndarray, is_a: np.ndarray) -> float:
 def _paired_se(hits_1: np.ndarray, hits_0: np.ndarray, is_a: np.ndarray) -> float:
     """Standard error of the difference of two balanced accuracies on the same rows."""
     d = hits_1.astype(np.float64) - hits_0.astype(np.float64)
-    parts = [d[m].var(ddof=1) / m.sum() if m.sum() > 1 else 0.25 for m in (is_a, ~is_a)]
-    return 0.5 * math.sqrt(sum(parts))
+    return 0.5 * math.sqrt(sum(d[m].var(ddof=1) / m.sum() for m in (is_a, ~is_a)))
 
 
 def _chosen_l2(x: np.ndarray, is_a: np.ndarray, seed: int, inner: int = 3) -> float:
     """The penalty of :data:`PROBE_L2` with the best ``inner``-fold balanced accuracy on
-    these rows (ties: the larger penalty)."""
+    these rows (ties: the larger penalty); the lightest one when a class has fewer than 2
+    rows here (no inner split could hold it on both sides)."""
+    if min(int(is_a.sum()), int((~is_a).sum())) < 2:
+        return PROBE_L2[0]
     scores = {l2: _balanced_hits(_cv_hits(x, is_a, inner, seed + 1, l2), is_a)
               for l2 in PROBE_L2}
     return max(PROBE_L2, key=lambda l2: (scores[l2], l2))

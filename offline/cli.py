@@ -296,7 +296,11 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
         from offline.report_evidence import compute_evidence
         # a bank built without attacks (no gradients) has no attack examples either
         ev = compute_evidence(bank, attacks=attacks and "attacks_skipped" not in metrics)
-    target = out or bank.path / "report"
+    # the real folder (a symlinked report folder keeps its link), never the working folder
+    # or one holding it (it is swapped out whole)
+    target = Path(out or bank.path / "report").resolve()
+    if Path.cwd().resolve().is_relative_to(target):
+        raise ValueError(f"{target} holds the current folder; give --out another folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     # rendered beside the target and swapped in: a failed rendering leaves it as it was
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.render-"))

@@ -296,14 +296,15 @@ def _rate(k: int, n: int) -> dict:
 
 def summarise(variants: list[dict]) -> dict:
     """``changed_accuracy`` (variants with a measurable effect), ``limit_agreement`` (faulty
-    pairs with a decided verdict and a measurable repair effect), ``abstain_rate`` (faulty
-    pairs), the head repair's recovery where ``limit`` is head, the paper rule's accuracy
-    (pooled over the faults' new errors), each with a Wilson 95% interval; and per kind."""
+    pairs with a decided verdict and a measurable repair effect), ``abstain_rate`` (every
+    faulty pair), the head repair's recovery where ``limit`` is head and the effect is
+    measurable, the paper rule's accuracy (pooled over the faults' new errors), each with a
+    Wilson 95% interval; and per kind."""
     def block(vs: list[dict]) -> dict:
         decided_changed = [v for v in vs if v["changed_right"] is not None]
-        pairs = [p for v in vs for p in v["pairs"] if p["repair"]["fixed"] is not None]
+        pairs = [p for v in vs for p in v["pairs"]]
         decided = [p for p in pairs if p["agrees"] is not None]
-        head = [p for p in pairs if p["limit"] == "head"]
+        head = [p for p in pairs if p["limit"] == "head" and p["repair"]["fixed"] is not None]
         recovered = [p["repair"]["recovered"] for p in head]
         out = {
             "variants": len(vs), "no_measurable_effect": len(vs) - len(decided_changed),

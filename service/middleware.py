@@ -38,6 +38,7 @@ from service.codecs import json_problem
 from service.errors import (
     BodyTimeout,
     BodyTooLarge,
+    ClientClosed,
     ServiceError,
     as_service_error,
     error_response,
@@ -141,6 +142,7 @@ async def send_json(send: Send, body: bytes, status: int = 200,
 _QUEUED_ROUTES = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)/?$")
 # routes whose body is always JSON: a body sent without a Content-Type is read as JSON (as
 # /v1/classify and v2 infer read it), so it meets the same guard and the same messages
+_V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 _JSON_ROUTES = re.compile(r"^/v1/(monitor|feedback|bank/reload|admin/operating-point)/?$")
 
 
@@ -254,7 +256,9 @@ class ServiceMiddleware:
             except ServiceError as exc:  # BodyTooLarge, BodyTimeout
                 await send_error(scope, send, exc, s.retry_after_s)
                 return None
-            checked = _json_part(body, head.get(HEADER_LENGTH))
+            declared = (head.get(HEADER_LENGTH) if _V2_INFER.match(route_path(scope))
+                        else None)  # the binary extension exists on v2 infer only
+            checked = _json_part(body, declared)
             if checked is not None:
                 problem = json_problem(checked, s.max_json_depth)
                 if problem is not None:
@@ -339,8 +343,8 @@ async def _read_all(receive: Receive) -> bytes:
     chunks = []
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
-            break
+        if message["type"] == "http.disconnect":  # before the body was complete
+            raise ClientClosed()
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             break

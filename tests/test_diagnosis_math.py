@@ -117,6 +117,8 @@ def test_limit_encoder_when_the_pair_overlaps() -> None:
     assert limit_verdict(g) == "encoder"
     with pytest.raises(ValueError, match="at least 2"):
         pair_geometry(z[:401], y[:401], 0, 1, W, b)
+    two = pair_geometry(z[:402], y[:402], 0, 1, W, b)  # 2 rows of class 1: no inner split
+    assert two["n"] == 402 and two["probe_l2"] == min(PROBE_L2)
 
 
 def test_pairs_outcomes_and_agreement() -> None:

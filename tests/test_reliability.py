@@ -61,6 +61,17 @@ def test_deeply_nested_json_is_400_everywhere(client: httpx.Client, model: str) 
     assert client.get("/v2/health/ready").status_code == 200
 
 
+def test_the_binary_header_does_not_switch_the_guard_off_elsewhere(
+        client: httpx.Client) -> None:
+    """``Inference-Header-Content-Length`` means something on v2 infer only: elsewhere the
+    whole body is still checked, whatever the header says."""
+    for path in ("/v1/classify", "/v1/monitor", "/v1/feedback"):
+        for length in ("0", "x"):
+            resp = client.post(path, content=DEEP, headers={
+                "Content-Type": "application/json", "Inference-Header-Content-Length": length})
+            assert resp.status_code == 400 and "nested" in resp.text, (path, resp.text)
+
+
 def test_json_routes_read_a_body_without_content_type_as_json(client: httpx.Client) -> None:
     """As /v1/classify and v2 infer do: the same guard (400 invalid_json naming the problem)
     and the same validation (a field named), not 'Input should be a valid dictionary'."""

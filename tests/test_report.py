@@ -105,3 +105,23 @@ def test_a_failed_rendering_leaves_the_report_as_it_was(
              if p.is_file()}
     assert after == before
     assert not [p.name for p in bank.iterdir() if p.name.startswith(".")]  # no staging
+
+
+def test_rendering_keeps_a_symlinked_report_folder_and_refuses_the_working_folder(
+        demo_bank_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from offline.cli import render_report
+
+    bank = tmp_path / "bank"
+    shutil.copytree(demo_bank_dir, bank)
+    real = tmp_path / "real-report"
+    shutil.move(bank / "report", real)
+    (bank / "report").symlink_to(real)
+    render_report(bank, evidence=False)
+    assert (bank / "report").is_symlink() and (real / "index.html").is_file()
+    assert not [p.name for p in [*bank.iterdir(), *tmp_path.iterdir()]
+                if p.name.startswith(".")]  # nothing left beside either
+    monkeypatch.chdir(real)
+    with pytest.raises(ValueError, match="holds the current folder"):
+        render_report(bank, tmp_path, evidence=False)

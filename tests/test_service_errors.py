@@ -263,7 +263,7 @@ def _settled(client: httpx.Client, done: Any, timeout: float = 15.0) -> str:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("kind", ["raw", "multipart"])
+@pytest.mark.parametrize("kind", ["raw", "multipart", "json"])
 def test_a_client_gone_mid_body_is_499_not_a_server_error(
         server: ServerProcess, client: httpx.Client, kind: str) -> None:
     """A client that closes its connection before its body is complete: counted 499
@@ -273,9 +273,11 @@ def test_a_client_gone_mid_body_is_499_not_a_server_error(
                           status=status)
 
     before = client.get("/metrics").text
-    ctype = ("image/png" if kind == "raw" else "multipart/form-data; boundary=xyz")
-    start = b"\x89PNG\r\n\x1a\n" if kind == "raw" else (
-        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n')
+    ctype = {"raw": "image/png", "multipart": "multipart/form-data; boundary=xyz",
+             "json": "application/json"}[kind]
+    start = {"raw": b"\x89PNG\r\n\x1a\n", "json": b'{"images": ["',
+             "multipart": b'--xyz\r\nContent-Disposition: form-data; name="file"; '
+                          b'filename="a.png"\r\n\r\n'}[kind]
     url = httpx.URL(server.url)
     with socket.create_connection((url.host, url.port), timeout=10) as sock:
         sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: "
