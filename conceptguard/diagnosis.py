@@ -132,26 +132,6 @@ def balanced_probe_fit(x: np.ndarray, is_a: np.ndarray, l2: float = 1e-3
     return w, float(c - w @ mean)
 
 
-def pair_probe(x: np.ndarray, is_a: np.ndarray, folds: int = 5, seed: int = 0,
-               l2: float = 1e-3) -> tuple[float, np.ndarray, float]:
-    """A linear probe for ``a`` vs. ``b`` on frozen rows ``x`` (class-balanced logistic
-    regression, :func:`balanced_probe_fit`): the ``folds``-fold cross-validated balanced
-    accuracy, and the discriminant ``(w, c)`` (``w . x + c > 0`` means ``a``) fitted on all
-    rows, in ``x``'s own coordinates."""
-    from sklearn.model_selection import StratifiedKFold  # the offline extra
-
-    x = np.asarray(x, np.float64)
-    y = is_a.astype(np.int64)
-    folds = max(2, min(folds, int(y.sum()), int((1 - y).sum())))
-    hits = np.zeros(len(y), bool)
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
-        w, c = balanced_probe_fit(x[train], is_a[train], l2)
-        hits[test] = (x[test] @ w + c > 0) == is_a[test]
-    acc = 0.5 * (float(hits[y == 1].mean()) + float(hits[y == 0].mean()))
-    w, c = balanced_probe_fit(x, is_a, l2)
-    return acc, w, c
-
-
 PROBE_L2 = (1e-3, 1e-2, 1e-1, 1.0)  # the tuned probe's penalties (per sample)
 
 
@@ -171,6 +151,18 @@ def _cv_hits(x: np.ndarray, is_a: np.ndarray, folds: int, seed: int, l2: float
 
 def _balanced_hits(hits: np.ndarray, is_a: np.ndarray) -> float:
     return 0.5 * (float(hits[is_a].mean()) + float(hits[~is_a].mean()))
+
+
+def pair_probe(x: np.ndarray, is_a: np.ndarray, folds: int = 5, seed: int = 0,
+               l2: float = 1e-3) -> tuple[float, np.ndarray, float]:
+    """A linear probe for ``a`` vs. ``b`` on frozen rows ``x`` (class-balanced logistic
+    regression, :func:`balanced_probe_fit`): the ``folds``-fold cross-validated balanced
+    accuracy, and the discriminant ``(w, c)`` (``w . x + c > 0`` means ``a``) fitted on all
+    rows, in ``x``'s own coordinates."""
+    x = np.asarray(x, np.float64)
+    hits = _cv_hits(x, is_a, folds, seed, l2)
+    w, c = balanced_probe_fit(x, is_a, l2)
+    return _balanced_hits(hits, is_a), w, c
 
 
 def _paired_se(hits_1: np.ndarray, hits_0: np.ndarray, is_a: np.ndarray) -> float:
