@@ -140,9 +140,10 @@ async def send_json(send: Send, body: bytes, status: int = 200,
 # the routes whose work is queued: a request is refused with 503 before its body is read
 # when the queue cannot take one more image
 _QUEUED_ROUTES = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)/?$")
+# the only route of the binary tensor data extension (Inference-Header-Content-Length)
+_V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 # routes whose body is always JSON: a body sent without a Content-Type is read as JSON (as
 # /v1/classify and v2 infer read it), so it meets the same guard and the same messages
-_V2_INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer/?$")
 _JSON_ROUTES = re.compile(r"^/v1/(monitor|feedback|bank/reload|admin/operating-point)/?$")
 
 

@@ -23,7 +23,7 @@ class FeedbackRequest(BaseModel):
 
     receipt: str = Field(min_length=1, max_length=4096,
                          description="the receipt of the input, from its answer")
-    # strict: a JSON true, 4.0 or "4" is not a class (lax mode would count them as 1 and 4)
+    # strict: a JSON true or 4.0 is not a class (lax mode counted them as classes 1 and 4)
     label: StrictStr | StrictInt = Field(description="the true class: its name or its index")
     request_id: str | None = Field(None, max_length=128,
                                    description="optional: must be the receipt's request id")

@@ -239,7 +239,8 @@ def test_feedback_codes_on_a_real_server(server: ServerProcess,
         for body in ({"receipt": "not-a-receipt", "label": 0},
                      {"receipt": res["receipt"], "label": "no such class"},
                      {"receipt": res["receipt"], "label": len(classes)},
-                     # JSON true, 1.0 and "1" are not classes (lax validation took them as 1)
+                     # JSON true and 1.0 are not classes (lax validation took them as 1);
+                     # "1" is a name, and no class is called that
                      {"receipt": res["receipt"], "label": True},
                      {"receipt": res["receipt"], "label": 1.0},
                      {"receipt": res["receipt"], "label": "1"},
