@@ -63,7 +63,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int,
                 # decode at 1/2, 1/4 or 1/8 scale, never below the target size
                 img.draft(img.mode, (target_size, target_size))
             img.load()
-            if img.format == "PNG":
+            if img.format == "PNG" and not _png_ends_written(img, data):
                 short = png_data_shortfall(data)
                 if short is not None:
                     raise ImageError(f"corrupt or truncated image: {short}", 400, "corrupt")
@@ -130,6 +130,26 @@ def png_raw_size(width: int, height: int, bit_depth: int, colour_type: int,
         if w and h:
             total += h * (1 + (w * bits + 7) // 8)
     return total
+
+
+def _png_ends_written(img: Image.Image, data: bytes, small: int = 256 * 256) -> bool:
+    """True when a large decoded PNG's last rows prove its data reached the end, so the
+    second inflate (:func:`png_data_shortfall`) can be skipped: Pillow leaves the rows it
+    never got at zero, and the last row (interlaced: also the last odd row, which Adam7's
+    last pass writes) holds a nonzero value. Small images (up to ``small`` pixels) are
+    always checked in full: their inflate costs microseconds."""
+    w, h = img.size
+    if w * h <= small:
+        return False
+    rows = {h - 1}
+    if len(data) > 28 and data[28] == 1 and h > 1:  # IHDR's interlace method: Adam7
+        rows.add(h - 1 if (h - 1) % 2 else h - 2)
+    for y in rows:
+        extrema = img.crop((0, y, w, y + 1)).getextrema()
+        bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+        if not any(high for _, high in bands):
+            return False
+    return True
 
 
 def png_data_shortfall(data: bytes, piece: int = 1 << 20) -> str | None:

@@ -170,3 +170,35 @@ def test_png_cut_inside_its_compressed_data_is_corrupt(mode: str, w: int, h: int
     with pytest.raises(ImageError) as exc:
         decode_image(cut, **LIMITS)
     assert (exc.value.status, exc.value.code) == (400, "corrupt")
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+@pytest.mark.parametrize("shape", [(300, 301, 3), (301, 300)])
+def test_a_large_png_cut_short_is_corrupt_and_a_whole_one_is_not(
+        shape: tuple[int, ...], interlace: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above 256 x 256 pixels the decoder first looks at the last rows (Pillow leaves rows
+    it never got at zero) and inflates the data again only when they are blank: a cut
+    image is still refused, a whole one passes without the second inflate."""
+    import zlib
+
+    rgb = np.random.default_rng(1).integers(1, 256, shape, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", interlace=interlace)
+    whole = buf.getvalue()
+    limits = {"max_bytes": 1 << 24, "max_pixels": 1 << 24}
+    import conceptguard.imaging as imaging
+
+    real = imaging.png_data_shortfall
+    with monkeypatch.context() as m:  # the whole image never reaches the second inflate
+        m.setattr(imaging, "png_data_shortfall", lambda *_: pytest.fail("inflated again"))
+        assert decode_image(whole, **limits).size == (shape[1], shape[0])
+    assert imaging.png_data_shortfall is real
+    chunks = _png_chunks(whole)
+    raw = zlib.decompress(b"".join(p for k, p in chunks if k == b"IDAT"))
+    short = _png_chunk(b"IDAT", zlib.compress(raw[:len(raw) * 9 // 10]))
+    cut = b"\x89PNG\r\n\x1a\n" + b"".join(
+        _png_chunk(k, p) for k, p in chunks if k not in (b"IDAT", b"IEND")) + short + \
+        _png_chunk(b"IEND", b"")
+    with pytest.raises(ImageError) as exc:
+        decode_image(cut, **limits)
+    assert exc.value.code == "corrupt"
