@@ -1,14 +1,15 @@
-"""``diagnose`` on twelve fault kinds beyond inject-faults' eight, with known ground truth.
+"""``diagnose`` on fourteen fault kinds beyond inject-faults' eight, with known ground truth.
 (An outside check found the earlier limit rule's failures on these kinds and the rule was
 revised with them in view, so they are no longer held out.)
 
 ``conceptguard inject-faults`` scores the diagnosis on eight fault kinds; this benchmark
-injects twelve others into the demo bank's classifier, 31 variants in all: head rows
+injects fourteen others into the demo bank's classifier, 35 variants in all: head rows
 zeroed, low-rank head noise, three rows permuted, a head refitted on noisy labels; the
 encoder fine-tuned on inverted, blurred or high-contrast images, pruned, quantised, partly
-re-initialised, its channels swapped or its features permuted; two faults at once, a
-feature scale the head cancels (alone, and with a bias fault), a no-op. It scores, as
-inject-faults does, on the whole test split:
+re-initialised, its channels swapped or its features permuted, a pair's separation erased
+(its discriminant directions projected out) or merged away (1,000 fine-tuning steps); two
+faults at once, a feature scale the head cancels (alone, and with a bias fault), a no-op.
+It scores, as inject-faults does, on the whole test split:
 
 - ``changed`` against the injected component, on variants with at least 5 new errors;
 - ``limit`` per faulty pair (at least 10 new errors between two classes, the 3 largest per
@@ -57,6 +58,7 @@ from conceptguard.diagnosis import (  # noqa: E402
     swap_predictions,
     swap_shares,
 )
+from conceptguard.faults import encoder_merge  # noqa: E402
 from conceptguard.repair import fit_head, fit_logistic, linear_head  # noqa: E402
 from offline.config import config_from_bank  # noqa: E402
 
@@ -102,8 +104,43 @@ def _prune(m: nn.Module, frac: float) -> nn.Module:
     return m
 
 
-def variants(model: nn.Module, cal_x: torch.Tensor, cal_y: torch.Tensor
-             ) -> Iterator[Variant]:
+class _ProjectOut(nn.Module):
+    """Features times a fixed projection: directions of the feature space erased."""
+
+    def __init__(self, projection: np.ndarray):
+        super().__init__()
+        self.register_buffer("projection", torch.as_tensor(projection, dtype=torch.float32))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.projection
+
+
+def _erase_pair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, a: int, b: int,
+                dims: int) -> nn.Module:
+    """An encoder that lost most of what separates classes ``a`` and ``b``: the ``dims``
+    discriminant directions of the pair (found one at a time on calibration features, each
+    removed before the next) projected out of its features. A retrained head cannot win
+    that separation back."""
+    with torch.no_grad():
+        z = model.features(x).numpy().astype(np.float64)
+    rows = (y.numpy() == a) | (y.numpy() == b)
+    z, is_a = z[rows], y.numpy()[rows] == a
+    d = z.shape[1]
+    projection = np.eye(d)
+    for _ in range(dims):
+        zp = z @ projection
+        w = np.linalg.solve(np.cov(zp.T) + 1e-3 * np.eye(d), zp[is_a].mean(0) -
+                            zp[~is_a].mean(0))
+        w = projection @ w
+        w /= np.linalg.norm(w)
+        projection = projection @ (np.eye(d) - np.outer(w, w))
+    m = copy.deepcopy(model)
+    m.encoder = nn.Sequential(m.encoder, _ProjectOut(projection))
+    return m
+
+
+def variants(model: nn.Module, cal_x: torch.Tensor, cal_y: torch.Tensor,
+             merge_x: torch.Tensor, merge_y: torch.Tensor) -> Iterator[Variant]:
     """The held-out fault kinds, each a fresh copy of ``model`` (the demo's small ResNet)."""
     c = copy.deepcopy
     yield "noop", NONE, c(model)
@@ -188,6 +225,10 @@ def variants(model: nn.Module, cal_x: torch.Tensor, cal_y: torch.Tensor
             for t in tensors:
                 t[[i, j]] = t[[j, i]].clone()
     yield "enc_permute_features_32", "encoder", m
+    for a, b in ((PULLOVER, COAT), (SANDAL, SNEAKER)):  # separation destroyed
+        yield f"enc_erase_{a}_{b}", "encoder", _erase_pair(model, merge_x, merge_y, a, b, 24)
+        yield (f"enc_merge_strong_{a}_{b}", "encoder",
+               encoder_merge(model, a, b, merge_x, merge_y, steps=1000)[0])
     m = _prune(c(model), 0.7)
     with torch.no_grad():
         for p in (m.head.weight, m.head.bias):
@@ -221,11 +262,13 @@ def main() -> None:
     cal = train.subset(splits.calibration)
     cal_x = to_tensor(cal.images[:400])
     cal_y = torch.as_tensor(cal.labels[:400].astype(np.int64))
+    merge_x = to_tensor(cal.images[:2000])
+    merge_y = torch.as_tensor(cal.labels[:2000].astype(np.int64))
     y_ref, y = ref.labels.astype(np.int64), tst.labels.astype(np.int64)
     head0 = linear_head(model)
     z_t0, z_r0 = predict(model, tst.images)[1], predict(model, ref.images)[1]
     rows, pairs_all = [], []
-    for name, component, m in variants(model, cal_x, cal_y):
+    for name, component, m in variants(model, cal_x, cal_y, merge_x, merge_y):
         z_t1, z_r1 = predict(m, tst.images)[1], predict(m, ref.images)[1]
         head1 = linear_head(m)
         swap = swap_predictions(z_t0, z_t1, head0, head1)

@@ -304,29 +304,40 @@ class LimitRule:
     ``encoder_gap`` above the head and its upper bound (``z`` standard errors up) stays below
     ``head_gap``, and, against a reference, the candidate's encoder lost separation (the
     probe on the reference's features beats the probe on the candidate's by at least
-    ``reference_gap`` and ``z`` standard errors). Otherwise ``abstain``."""
+    ``reference_gap`` and ``z`` standard errors). Otherwise ``abstain``. Where the probe
+    beats the head and the encoder also lost separation, a retrained head wins back at
+    most the probe's lead, ``gap / (gap + separation_loss)`` of what the pair lost: above
+    ``recoverable[1]`` ``head``, below ``recoverable[0]`` ``encoder``, between ``abstain``."""
 
     head_gap: float = 0.03
     encoder_gap: float = 0.01
     reference_gap: float = 0.005
     z: float = 2.0
+    recoverable: tuple[float, float] = (0.4, 0.6)
 
 
 def limit_verdict(geometry: dict, rule: LimitRule = LimitRule()) -> str:
     """:class:`LimitRule` on :func:`pair_geometry`'s evidence."""
     g = geometry
     gap, se = g["probe_accuracy"] - g["head_accuracy"], g["gap_se"]
+    loss = g.get("separation_loss")
+    lost = (loss is not None and loss >= rule.reference_gap
+            and loss > rule.z * g["separation_loss_se"])
     if gap >= rule.head_gap and gap > rule.z * se:
-        return HEAD
+        if not lost:
+            return HEAD
+        # a new head can win back the probe's lead over this head, not the separation the
+        # encoder lost: its share of what the pair lost decides (the repair's test: half)
+        share = gap / (gap + loss)
+        low, high = rule.recoverable
+        return HEAD if share > high else ENCODER if share < low else ABSTAIN
     ref_gap = g.get("reference_head_gap")
     if (ref_gap is not None and ref_gap >= rule.reference_gap
             and ref_gap > rule.z * g["reference_head_gap_se"]):
         return HEAD  # a head known to do better on these very features
     head_uses_it = gap <= rule.encoder_gap and gap + rule.z * se <= rule.head_gap
-    loss = g.get("separation_loss")
     if loss is None:
         return ENCODER if head_uses_it else ABSTAIN
-    lost = loss >= rule.reference_gap and loss > rule.z * g["separation_loss_se"]
     return ENCODER if head_uses_it and lost else ABSTAIN
 
 

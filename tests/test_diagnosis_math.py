@@ -229,3 +229,19 @@ def test_faithfulness_and_plausibility() -> None:
     p = plausibility(["collar", "sole"], {"collar", "buttons"}, ["collar", "sole", "buttons",
                                                                   "hood"])
     assert p == {"hits": 1, "named": 2, "chance": 0.5}
+
+
+@pytest.mark.parametrize(("probe", "loss", "verdict"), [
+    (0.665, 0.271, "encoder"),  # the probe's lead is 38% of what the pair lost
+    (0.844, 0.150, "head"),  # 69%: a new head wins most of it back
+    (0.700, 0.200, "abstain"),  # 50%: the repair's own threshold, too close to call
+])
+def test_a_broken_head_on_an_encoder_that_lost_the_pair(
+        probe: float, loss: float, verdict: str) -> None:
+    """Probe far above the head, and the separation lost too: a retrained head wins back
+    the probe's lead, not what the encoder lost; its share of the pair's loss decides
+    (measured: an erased pair's repair won back 21% of it, a 1,000-step merge's 62%)."""
+    g = {"probe_accuracy": probe, "head_accuracy": 0.5, "gap_se": 0.015,
+         "separation_loss": loss, "separation_loss_se": 0.015,
+         "reference_head_gap": 0.0, "reference_head_gap_se": 0.0}
+    assert limit_verdict(g) == verdict
