@@ -268,6 +268,7 @@ def main() -> None:
     head0 = linear_head(model)
     z_t0, z_r0 = predict(model, tst.images)[1], predict(model, ref.images)[1]
     rows, pairs_all = [], []
+    reference_probes: dict = {}  # each pair's probe on the bank's features, fitted once
     for name, component, m in variants(model, cal_x, cal_y, merge_x, merge_y):
         z_t1, z_r1 = predict(m, tst.images)[1], predict(m, ref.images)[1]
         head1 = linear_head(m)
@@ -280,7 +281,8 @@ def main() -> None:
         pairs = []
         for t, q, n in confused_pairs(y[new], swap.candidate[new], 10, 3):
             geo = pair_geometry(z_r1, y_ref, t, q, *head1, seed=cfg.seed,
-                                reference_head=head0, reference_z=z_r0)
+                                reference_head=head0, reference_z=z_r0,
+                                reference_probes=reference_probes)
             limit = limit_verdict(geo)
             outcome = repair_outcome(pair_errors(y, swap.candidate, t, q),
                                      pair_errors(y, pred_r, t, q),

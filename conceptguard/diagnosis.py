@@ -219,7 +219,9 @@ def tuned_pair_probe(x: np.ndarray, is_a: np.ndarray, folds: int = 5, seed: int 
 def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarray,
                   bias: np.ndarray, whiten: np.ndarray | None = None, folds: int = 5,
                   seed: int = 0, reference_head: tuple[np.ndarray, np.ndarray] | None = None,
-                  reference_z: np.ndarray | None = None) -> dict:
+                  reference_z: np.ndarray | None = None,
+                  reference_probes: dict[tuple[int, int, int, int], Probe] | None = None
+                  ) -> dict:
     """The separation of classes ``a`` and ``b`` in feature space and how well the head
     ``(W, bias)`` uses it, on the rows of ``z`` labelled ``a`` or ``b``.
 
@@ -241,7 +243,9 @@ def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarr
     and ``reference_head_gap`` (its lead over the candidate's head, with ``_se``): a head
     known to do better on these very features; ``reference_probe_accuracy``, the probe on the
     reference's own features (``reference_z``), and ``separation_loss`` (its lead over the
-    candidate's probe, with ``_se``): how much separation the candidate's encoder lost."""
+    candidate's probe, with ``_se``): how much separation the candidate's encoder lost.
+    ``reference_probes``: a dict the caller keeps for one ``reference_z`` (and ``labels``),
+    so that diagnosing many candidates fits each pair's reference probe once."""
     rows = (labels == a) | (labels == b)
     x = np.asarray(z, np.float64)[rows]
     is_a = labels[rows] == a
@@ -287,8 +291,14 @@ def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarr
                     "reference_head_gap": round(ref_acc - head_acc, 4),
                     "reference_head_gap_se": round(_paired_se(ref_hits, head_hits, is_a), 5)})
     if reference_z is not None:
-        ref_probe = tuned_pair_probe(np.asarray(reference_z, np.float64)[rows], is_a, folds,
-                                     seed)
+        key = (a, b, folds, seed)
+        ref_probe = None if reference_probes is None else reference_probes.get(key)
+        if ref_probe is None:
+            ref_probe = (probe if reference_z is z else  # the same features: the same probe
+                         tuned_pair_probe(np.asarray(reference_z, np.float64)[rows], is_a,
+                                          folds, seed))
+            if reference_probes is not None:
+                reference_probes[key] = ref_probe
         out.update({"reference_probe_accuracy": round(ref_probe.accuracy, 4),
                     "separation_loss": round(ref_probe.accuracy - probe.accuracy, 4),
                     "separation_loss_se": round(_paired_se(ref_probe.hits, probe.hits, is_a),

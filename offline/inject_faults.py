@@ -229,7 +229,8 @@ class FaultData:
 def score_variant(variant, fault: Fault, d: FaultData, ref_head, whiten: np.ndarray,
                   aligner: tuple[np.ndarray, np.ndarray], class_T: np.ndarray, *,
                   same_encoder: bool, min_new_errors: int = 5, min_pair_errors: int = 10,
-                  top_pairs: int = 3, seed: int = 0) -> dict:
+                  top_pairs: int = 3, seed: int = 0,
+                  reference_probes: dict | None = None) -> dict:
     """``diagnose``'s two questions on one variant, with their ground truth: ``changed``
     against the injected component, ``limit`` of each faulty pair (the variant's new errors
     between two classes, at least ``min_pair_errors``) against the measured effect of the
@@ -250,7 +251,8 @@ def score_variant(variant, fault: Fault, d: FaultData, ref_head, whiten: np.ndar
     pairs = []
     for t, q, n in confused_pairs(y[new], swap.candidate[new], min_pair_errors, top_pairs):
         geo = pair_geometry(z_ref1, d.y_ref, t, q, *cand_head, whiten=whiten, seed=seed,
-                            reference_head=ref_head, reference_z=d.z_ref0)
+                            reference_head=ref_head, reference_z=d.z_ref0,
+                            reference_probes=reference_probes)
         limit = limit_verdict(geo)
         outcome = repair_outcome(pair_errors(y, swap.candidate, t, q),
                                  pair_errors(y, pred_r, t, q),
@@ -374,6 +376,7 @@ def inject_faults(cfg: JobConfig, bank: Path, *, kinds: list[str] | None = None,
     aligner = (b.tensors["aligner.W"], b.tensors["aligner.b"])
     specs = fault_grid(len(b.manifest.classes), kinds, seeds)
     results = []
+    reference_probes: dict = {}  # each pair's probe on the bank's features, fitted once
     classes = b.manifest.classes
     with ctx.stage("variants"):
         for spec in tqdm(specs, desc="fault variants", unit="variant", disable=not progress):
@@ -382,7 +385,8 @@ def inject_faults(cfg: JobConfig, bank: Path, *, kinds: list[str] | None = None,
             if save_dir is not None:
                 save_classifier(variant, cspec, Path(save_dir) / f"{spec['name']}.safetensors")
             res = score_variant(variant, fault, d, ref_head, whiten, aligner, class_T,
-                                same_encoder=fault.component == HEAD, seed=cfg.seed)
+                                same_encoder=fault.component == HEAD, seed=cfg.seed,
+                                reference_probes=reference_probes)
             for p in res["pairs"]:
                 p["true"], p["predicted"] = classes[p["true"]], classes[p["predicted"]]
             results.append({"name": spec["name"], "severity": spec["severity"],

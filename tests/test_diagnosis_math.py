@@ -245,3 +245,21 @@ def test_a_broken_head_on_an_encoder_that_lost_the_pair(
          "separation_loss": loss, "separation_loss_se": 0.015,
          "reference_head_gap": 0.0, "reference_head_gap_se": 0.0}
     assert limit_verdict(g) == verdict
+
+
+def test_reference_probes_are_fitted_once_and_change_nothing(three_classes) -> None:
+    """Many candidates against one reference: each pair's reference probe is kept in the
+    caller's dict and reused, with the same evidence as a fresh fit; features identical to
+    the reference's reuse the candidate's own probe."""
+    z, y, _, _, (W, b) = three_classes
+    moved = z * 1.1
+    fresh = pair_geometry(moved, y, 0, 1, W, b, seed=0, reference_head=(W, b), reference_z=z)
+    cache: dict = {}
+    first = pair_geometry(moved, y, 0, 1, W, b, seed=0, reference_head=(W, b), reference_z=z,
+                          reference_probes=cache)
+    assert list(cache) == [(0, 1, 5, 0)] and first == fresh
+    again = pair_geometry(moved, y, 0, 1, W, b, seed=0, reference_head=(W, b), reference_z=z,
+                          reference_probes=cache)
+    assert again == fresh and len(cache) == 1
+    same = pair_geometry(z, y, 0, 1, W, b, seed=0, reference_head=(W, b), reference_z=z)
+    assert same["separation_loss"] == 0.0 and same["separation_loss_se"] == 0.0
