@@ -438,7 +438,7 @@ def v1_body(loaded: Loaded, scores: Scores, settings: Settings, *, single: bool,
     for name in ("trust", "p_misclassification", "p_adversarial", "probabilities"):
         check_finite(name, getattr(scores, name))
     items = v1_rows(loaded, scores, settings)
-    bank = loaded.bank_ref()
+    bank = loaded.bank_reference
     body: dict[str, Any]
     if single:
         body = {**items[0], "bank": bank, "latency_ms": latency_ms}

@@ -189,7 +189,7 @@ async def classify_answer(request: Request) -> bytes:
     """``POST /v1/classify``: read the images, score them through the data plane, and the
     v1 answer (with the request id and a receipt per input) as JSON bytes."""
     dp = _dataplane(request)
-    loaded = dp.state.require()  # not ready: 503 before the body is read
+    loaded = dp.state.serving or dp.state.require()  # not ready: 503 before the body is read
     blobs, single = await read_images(request, dp.settings)  # admitted by the middleware
     scores = await dp.classify_images(loaded, blobs)  # decode, batch run (runtime + scores)
     rid = request_id(request.scope)
@@ -272,8 +272,8 @@ async def reload_bank(request: Request) -> JSONResponse:
         metrics.reload_result(False)
         raise ServiceError(str(exc), 422, "invalid_bank") from exc
     metrics.reload_result(True)
-    out: dict[str, Any] = {"status": "reloaded", "bank": new.bank_ref(),
-                           "previous": None if old is None else old.bank_ref(),
+    out: dict[str, Any] = {"status": "reloaded", "bank": new.bank_reference,
+                           "previous": None if old is None else old.bank_reference,
                            "path": state.bank_ref}
     shared: SharedBank | None = getattr(request.app.state, "shared_bank", None)
     if shared is not None:  # several workers: move them all, answer when they serve it

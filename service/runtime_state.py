@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,26 +56,26 @@ class Loaded:
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
     _head_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    @property
+    # The bank's constants the request path reads are cached on first use
+    # (``cached_property`` writes the instance's ``__dict__``, which a frozen dataclass
+    # allows): afterwards a request reads a plain attribute and runs no code of this module.
+    @cached_property
     def manifest(self) -> Manifest:
         return self.bank.manifest
 
-    @property
+    @cached_property
     def bank_id(self) -> str:
         return self.bank.manifest.bank_id
 
-    @property
+    @cached_property
     def classes(self) -> list[str]:
         return self.bank.manifest.classes
 
-    @property
+    @cached_property
     def concept_names(self) -> list[str]:
-        names = self._cache.get("concept_names")
-        if names is None:  # built from the manifest's concepts once per bank, not per request
-            names = self._cache["concept_names"] = self.bank.manifest.concept_names
-        return names
+        return self.bank.manifest.concept_names
 
-    @property
+    @cached_property
     def input_shape(self) -> tuple[int, int, int]:
         p = self.bank.manifest.preprocessing
         return (p.channels, p.input_size, p.input_size)
@@ -87,7 +88,9 @@ class Loaded:
     def num_classes(self) -> int:
         return self.bank.manifest.dims.classes
 
-    def bank_ref(self) -> dict[str, Any]:
+    @cached_property
+    def bank_reference(self) -> dict[str, Any]:
+        """The ``bank`` object of every answer (shared by the answers: not to be mutated)."""
         m = self.bank.manifest
         return {"id": m.bank_id, "name": m.name, "schema_version": m.schema_version}
 
@@ -159,9 +162,21 @@ class RuntimeState:
                               if self.path.is_relative_to(self.root) else self.path.name)
         self._current: Loaded | None = None
         self._reload_lock = asyncio.Lock()
-        self.warmed = False
+        self._warmed = False
+        # the bank a request may use now (current and warmed), else None: the hot route
+        # reads this attribute; :meth:`require` says why there is none
+        self.serving: Loaded | None = None
         # the operating point every bank this worker loads is served at (None: the bank's)
         self.operating_target = settings.operating_target
+
+    @property
+    def warmed(self) -> bool:
+        return self._warmed
+
+    @warmed.setter
+    def warmed(self, value: bool) -> None:
+        self._warmed = value
+        self.serving = self._current if value else None
 
     @property
     def ready(self) -> bool:
@@ -230,6 +245,8 @@ class RuntimeState:
     def _swap(self, new: Loaded) -> None:
         old = self._current
         self._current = new  # the atomic step
+        if self._warmed:
+            self.serving = new
         if old is not None and (old.metrics.model, old.metrics.info) != (new.metrics.model,
                                                                          new.metrics.info):
             old.metrics.deactivate()
@@ -237,6 +254,6 @@ class RuntimeState:
         publish_threshold(new)
 
     def stop(self) -> None:
-        loaded, self._current = self._current, None
+        loaded, self._current, self.serving = self._current, None, None
         if loaded is not None:
             loaded.metrics.deactivate()

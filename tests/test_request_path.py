@@ -346,9 +346,10 @@ def _request_path_script():  # -> the module scripts/request_path_files.py
     return module
 
 
-def test_v1_classify_runs_at_most_8_service_files_and_no_framework_routing() -> None:
+def test_v1_classify_runs_at_most_7_service_files_and_no_framework_routing() -> None:
     """One POST /v1/classify (raw and multipart bodies; the demo bank, in-process): at most
-    8 service/ modules run, and neither the framework's router nor FastAPI's request
+    7 service/ modules run (the bank's constants are attributes: no code of
+    ``runtime_state.py``), and neither the framework's router nor FastAPI's request
     handling (dependencies, validation): the middleware answers the hot route itself."""
     script = _request_path_script()
     for body in ("raw", "multipart"):
@@ -356,12 +357,41 @@ def test_v1_classify_runs_at_most_8_service_files_and_no_framework_routing() -> 
         assert status == 200
         ours = script.project_files(files)
         service = [f for f in ours if f.startswith("service" + os.sep)]
-        assert len(service) <= 8, service
+        assert len(service) <= 7, service
+        assert "service/runtime_state.py" not in service, service
         assert {"service/middleware.py", "service/routes_v1.py", "service/dataplane.py",
                 "service/codecs.py"} <= set(service), service  # the walk saw the request
         framework = [f for f in files if f.endswith((os.path.join("starlette", "routing.py"),
                                                      os.path.join("fastapi", "routing.py")))]
         assert framework == [], framework
+
+
+def test_the_serving_bank_is_the_current_one_once_warmed(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """``RuntimeState.serving`` (what the hot route reads) is None until the bank is
+    warmed, follows every swap after that, and is None again after stop; ``require`` says
+    503 whenever it is None."""
+    from types import SimpleNamespace
+
+    import service.runtime_state as rs
+
+    monkeypatch.setattr(rs, "publish_threshold", lambda loaded: None)
+    metrics = SimpleNamespace(model="m", info={}, activate=lambda: None,
+                              deactivate=lambda: None)
+    first, second = SimpleNamespace(metrics=metrics), SimpleNamespace(metrics=metrics)
+    state = rs.RuntimeState(Settings())
+    state._swap(first)  # loaded, not warmed yet
+    assert state.serving is None
+    with pytest.raises(NotReady):
+        state.require()
+    state.warmed = True
+    assert state.serving is first and state.require() is first
+    state._swap(second)  # a reload
+    assert state.serving is second and state.require() is second
+    state.stop()
+    assert state.serving is None
+    with pytest.raises(NotReady):
+        state.require()
 
 
 def _call(app: Any, path: str, headers: list[tuple[bytes, bytes]] | None = None,
