@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from conceptguard.detectors import DetectorSettings
+from conceptguard.gaussian import fit_class_gaussians
+
 ENCODER, HEAD, BOTH, NONE, ABSTAIN = "encoder", "head", "both", "none", "abstain"
 
 
@@ -216,6 +219,15 @@ def tuned_pair_probe(x: np.ndarray, is_a: np.ndarray, folds: int = 5, seed: int 
     return Probe(hits, _balanced_hits(hits, is_a), w, c, l2)
 
 
+def features_whitening(z: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The whitening matrix of ``z``'s pooled within-class covariance, fitted as the bank's
+    Mahalanobis detector fits it on its classifier's features. A candidate classifier's
+    features need their own: the bank's whitening on another encoder's features (rescaled,
+    rotated) would measure that encoder in the wrong units."""
+    return fit_class_gaussians(np.asarray(z), np.asarray(labels), num_classes,
+                               DetectorSettings().shrinkage).whiten
+
+
 def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarray,
                   bias: np.ndarray, whiten: np.ndarray | None = None, folds: int = 5,
                   seed: int = 0, reference_head: tuple[np.ndarray, np.ndarray] | None = None,
@@ -226,7 +238,8 @@ def pair_geometry(z: np.ndarray, labels: np.ndarray, a: int, b: int, W: np.ndarr
     ``(W, bias)`` uses it, on the rows of ``z`` labelled ``a`` or ``b``.
 
     - ``mahalanobis``: the distance of the two class means under the shared covariance whose
-      whitening matrix is ``whiten`` (``L L^T = Sigma^-1``; the bank's), less the part the
+      whitening matrix is ``whiten`` (``L L^T = Sigma^-1``: the bank's for the bank's own
+      classifier, :func:`features_whitening` of ``z`` for another one), less the part the
       sample means' own noise adds (``d (1/n_a + 1/n_b)`` from ``D^2``); ``gaussian_accuracy``
       the accuracy a linear rule reaches between two Gaussians that far apart, Phi(D / 2);
     - ``probe_accuracy``: the cross-validated pairwise linear probe (balanced accuracy,

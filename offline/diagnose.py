@@ -32,6 +32,7 @@ from conceptguard.diagnosis import (
     agrees,
     changed_verdict,
     confused_pairs,
+    features_whitening,
     head_logits,
     limit_verdict,
     new_errors,
@@ -189,7 +190,9 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
         if opts.repair_out is not None:
             save_classifier(with_head(cand_model, W_r, b_r), cand_spec, Path(opts.repair_out))
     competence = concept_competence(m)
-    whiten = bank.tensors["detector.mahalanobis.whiten"]
+    # the Mahalanobis distances in the units of the diagnosed classifier's own features
+    whiten = (bank.tensors["detector.mahalanobis.whiten"] if same
+              else features_whitening(z_r1, y_ref, len(m.classes)))
     classes = m.classes
     pairs_out = []
     with ctx.stage("pairs"):

@@ -33,6 +33,7 @@ from conceptguard.diagnosis import (
     agrees,
     changed_verdict,
     confused_pairs,
+    features_whitening,
     head_logits,
     limit_verdict,
     new_errors,
@@ -241,6 +242,7 @@ def score_variant(variant, fault: Fault, d: FaultData, ref_head, whiten: np.ndar
     else:
         z_ref1 = predict(variant, d.ref_images)[1]
         z_test1 = predict(variant, d.test_images)[1]
+        whiten = features_whitening(z_ref1, d.y_ref, len(ref_head[1]))  # its own units
     y = d.y_test
     swap = swap_predictions(d.z_test0, z_test1, ref_head, cand_head)
     shares = swap_shares(y, swap, np.ones(len(y), bool))

@@ -20,6 +20,7 @@ from conceptguard.diagnosis import (
     agrees,
     changed_verdict,
     confused_pairs,
+    features_whitening,
     head_logits,
     limit_verdict,
     pair_geometry,
@@ -263,3 +264,20 @@ def test_reference_probes_are_fitted_once_and_change_nothing(three_classes) -> N
     assert again == fresh and len(cache) == 1
     same = pair_geometry(z, y, 0, 1, W, b, seed=0, reference_head=(W, b), reference_z=z)
     assert same["separation_loss"] == 0.0 and same["separation_loss_se"] == 0.0
+
+
+def test_a_candidates_mahalanobis_is_measured_in_its_own_units(three_classes) -> None:
+    """An encoder that only rescales its features keeps every pair's separation: with the
+    whitening of its own features the Mahalanobis distance is unchanged, while the bank's
+    whitening (fitted on the unscaled features) would report it ten times larger."""
+    z, y, _, _, (W, b) = three_classes
+    own = features_whitening(z, y, 3)
+    base = pair_geometry(z, y, 0, 1, W, b, whiten=own)["mahalanobis"]
+    scaled = z * 10.0
+    rescaled = pair_geometry(scaled, y, 0, 1, W / 10.0, b,
+                             whiten=features_whitening(scaled, y, 3))["mahalanobis"]
+    # the whitening is stored in float32 (relative rounding 6e-8 per entry, summed over 6
+    # dimensions) and the distance is rounded to 4 decimals: both far inside 1e-3
+    assert rescaled == pytest.approx(base, abs=1e-3)
+    wrong = pair_geometry(scaled, y, 0, 1, W / 10.0, b, whiten=own)["mahalanobis"]
+    assert wrong > 9 * base
