@@ -76,6 +76,25 @@ def swap_shares(labels: np.ndarray, p: SwapPredictions, rows: np.ndarray) -> dic
             "head_share": round(float((p.candidate_head[new] != y).mean()), 4)}
 
 
+def fixed_errors(labels: np.ndarray, p: SwapPredictions) -> np.ndarray:
+    """Mask of the errors the candidate fixed: wrong with the reference, right now."""
+    return (p.reference != labels) & (p.candidate == labels)
+
+
+def fix_shares(labels: np.ndarray, p: SwapPredictions, rows: np.ndarray) -> dict:
+    """Of the errors the candidate fixed among ``rows`` (a mask): how many, and the share
+    each swap alone also fixes (the input is right with that component alone swapped in);
+    the same keys as :func:`swap_shares`, so :func:`changed_verdict` reads either."""
+    fixed = rows & fixed_errors(labels, p)
+    n = int(fixed.sum())
+    if n == 0:
+        return {"new_errors": 0, "encoder_share": 0.0, "head_share": 0.0}
+    y = labels[fixed]
+    return {"new_errors": n,
+            "encoder_share": round(float((p.candidate_encoder[fixed] == y).mean()), 4),
+            "head_share": round(float((p.candidate_head[fixed] == y).mean()), 4)}
+
+
 def changed_verdict(shares: dict, min_new_errors: int = 1, share: float = 0.5,
                     minor: float = 0.25) -> str:
     """``none`` (fewer than ``min_new_errors`` new errors); ``both`` when each swap alone

@@ -239,6 +239,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     result = diagnose(cfg, Path(args.bank), Path(args.out), opts)
     c = result["classifier"]
     print(json.dumps({"changed": c["changed"], "new_errors": c["new_errors"],
+                      "fixed_by": c["fixed_by"], "fixed_errors": c["fixed_errors"],
                       "pairs": [{k: p[k] for k in ("true", "predicted", "errors", "changed",
                                                    "limit")} | {"repair_after":
                                                                 p["repair"]["after"]}

@@ -33,6 +33,8 @@ from conceptguard.diagnosis import (
     changed_verdict,
     confused_pairs,
     features_whitening,
+    fix_shares,
+    fixed_errors,
     head_logits,
     limit_verdict,
     new_errors,
@@ -52,7 +54,8 @@ from offline.config import JobConfig
 
 NOTE = ("changed: the candidate's new test errors (right with the bank's classifier, wrong "
         "now) re-scored with the candidate's encoder under the bank's head (encoder_share) "
-        "and the bank's encoder under the candidate's head (head_share). limit: from the "
+        "and the bank's encoder under the candidate's head (head_share); fixed_by: the same "
+        "for the errors it fixed (wrong with the bank's classifier, right now). limit: from the "
         "candidate's own reference-split features: a 5-fold cross-validated pairwise linear "
         "probe (penalty tuned by nested cross-validation) against the head's own a-vs-b "
         "decision (probe well above head, or the bank's head better on the same features: "
@@ -226,6 +229,7 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
                             data_key, test_split)
     all_rows = np.ones(len(y), bool)
     shares_all = swap_shares(y, swap, all_rows)
+    fixes = fix_shares(y, swap, all_rows)
     agreement = [p["repair"]["agrees_with_limit"] for p in pairs_out]
     decided = [a for a in agreement if a is not None]
     result = {
@@ -238,7 +242,13 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
             "bank_classifier_test_accuracy": round(float((swap.reference == y).mean()), 5),
             "new_errors": int(new_errors(y, swap).sum()),
             "changed": changed_verdict(shares_all, opts.min_new_errors),
-            "evidence": {**shares_all, **parameter_shift(z_t0, z_t1, ref_head, cand_head)},
+            # the other side of a change: the errors it fixed, and which component's swap
+            # alone also fixes them (the same rule as ``changed``)
+            "fixed_errors": int(fixed_errors(y, swap).sum()),
+            "fixed_by": changed_verdict(fixes, opts.min_new_errors),
+            "evidence": {**shares_all, **parameter_shift(z_t0, z_t1, ref_head, cand_head),
+                         "fixed": {"encoder_share": fixes["encoder_share"],
+                                   "head_share": fixes["head_share"]}},
         },
         "data": {"config": cfg.name, "reference_n": int(len(y_ref)), "test_n": int(len(y)),
                  "splits_match_bank": splits.digest() == m.data.get("splits_digest")},
@@ -378,7 +388,9 @@ th{{background:#f3f3f3}}</style></head><body>
 Test accuracy {c['test_accuracy']:.4f} (bank's classifier {c['bank_classifier_test_accuracy']:.4f});
 new errors {c['new_errors']}; <b>changed: {html.escape(c['changed'])}</b>
 (encoder share {ev['encoder_share']:.2f}, head share {ev['head_share']:.2f}, feature shift
-{ev['feature_shift']:.3f}, head shift {ev['head_shift']:.3f}).</p>
+{ev['feature_shift']:.3f}, head shift {ev['head_shift']:.3f}); errors fixed
+{c['fixed_errors']}, <b>fixed by: {html.escape(c['fixed_by'])}</b> (encoder share
+{ev['fixed']['encoder_share']:.2f}, head share {ev['fixed']['head_share']:.2f}).</p>
 <p>Head-only repair ({html.escape(r['method'])}): test accuracy {r['accuracy_before']:.4f} →
 {r['accuracy_after']:.4f}; the limit verdict agrees with the repair's measured effect on
 {_cell(r['limit_agreement'])} of {r['decided_pairs']} decided pairs.</p>

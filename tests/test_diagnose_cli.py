@@ -67,6 +67,7 @@ def test_bank_classifier_diagnosis_and_repair(workdir: Path) -> None:
     d = _diagnose(workdir, "own", "--repair", str(repaired))
     c = d["classifier"]
     assert c["is_bank_classifier"] and c["changed"] == "none" and c["new_errors"] == 0
+    assert c["fixed_by"] == "none" and c["fixed_errors"] == 0
     assert d["pairs"], "the demo classifier confuses some pairs on 600 test images"
     for p in d["pairs"]:
         assert set(p) >= PAIR_KEYS
@@ -106,6 +107,10 @@ def test_a_head_fault_is_attributed_to_the_head_and_fixed_by_the_repair(workdir:
     save_classifier(swapped, spec, workdir / "swapped.safetensors")
     d = _diagnose(workdir, "swapped", "--classifier", str(workdir / "swapped.safetensors"))
     assert d["classifier"]["changed"] == "head" and d["classifier"]["new_errors"] > 80
+    # what the swap fixed (inputs the bank's head got wrong between the two classes) is
+    # fixed by the head too: the encoder did not change
+    assert d["classifier"]["evidence"]["fixed"]["encoder_share"] == 0.0
+    assert d["classifier"]["fixed_by"] in ("head", "none")
     pairs = {(p["true"], p["predicted"]): p for p in d["pairs"]}
     p = pairs[("Trouser", "Bag")]
     assert p["changed"] == "head" and p["evidence"]["changed"]["head_share"] == 1.0

@@ -21,6 +21,8 @@ from conceptguard.diagnosis import (
     changed_verdict,
     confused_pairs,
     features_whitening,
+    fix_shares,
+    fixed_errors,
     head_logits,
     limit_verdict,
     pair_geometry,
@@ -87,6 +89,27 @@ def test_swapping_components_attributes_new_errors(three_classes) -> None:
     # both changed, each alone harmless: only the combination errs -> both
     assert changed_verdict({"new_errors": 10, "encoder_share": 0.1, "head_share": 0.2}) == \
         "both"
+
+
+def test_fixed_errors_are_attributed_as_new_ones(three_classes) -> None:
+    """The reverse change: a broken head (rows 0 and 1 swapped) as the reference and the
+    good head as the candidate. The candidate fixes the errors the swap made (and makes a
+    few new ones); the head's swap alone fixes them all, the encoder's none."""
+    _, _, zt, yt, (W, b) = three_classes
+    Ws, bs = W[[1, 0, 2]], b[[1, 0, 2]]
+    p = swap_predictions(zt, zt, (Ws, bs), (W, b))
+    everything = np.ones(len(yt), bool)
+    assert int(fixed_errors(yt, p).sum()) > 400
+    # the few new errors: inputs the good head misreads as class 0 or 1 that the swap
+    # happened to turn right; far below the fixed ones
+    assert swap_shares(yt, p, everything)["new_errors"] < 0.05 * int(fixed_errors(yt, p).sum())
+    fixes = fix_shares(yt, p, everything)
+    assert fixes["new_errors"] == int(fixed_errors(yt, p).sum())
+    assert fixes["head_share"] == 1.0 and fixes["encoder_share"] == 0.0
+    assert changed_verdict(fixes) == "head"
+    # no change: nothing fixed
+    same = swap_predictions(zt, zt, (W, b), (W, b))
+    assert fix_shares(yt, same, everything)["new_errors"] == 0
 
 
 def test_limit_head_when_the_probe_beats_the_head(three_classes) -> None:
