@@ -173,7 +173,7 @@ class DataPlane:
             o = loaded.runtime.run(x)
             s = scores_of(loaded, o)
             metrics.INFERENCE_DURATION.observe(time.perf_counter() - t0)
-            loaded.metrics.record(s, o.concepts)
+            loaded.metrics.record((s, o.concepts))
             for j, (i, _) in enumerate(members):
                 out[i] = (s, j)
         return out  # type: ignore[return-value]
@@ -192,7 +192,7 @@ class DataPlane:
             check_finite(f"{name} computed from these inputs", getattr(s, name))
         check_finite("probabilities computed from these inputs", s.probabilities)
         if record:
-            loaded.metrics.record(s, concepts)
+            loaded.metrics.record((s, concepts))
         return s
 
     # ------------------------------------------------------------ warm-up

@@ -38,7 +38,8 @@ def test_trust_sums_per_class_and_decision_give_the_mean_trust() -> None:
                                                                 "decision": "accept"}) == 0
     batches = [_scores(40, 1), _scores(25, 2)]
     for s in batches:
-        m.record(s, np.zeros((len(s), 2), dtype=np.float32))
+        m.record((s, np.zeros((len(s), 2), dtype=np.float32)))
+    m.flush()  # both batches observed as one, in order
     trust = np.concatenate([s.trust for s in batches])
     preds = np.concatenate([s.predictions for s in batches])
     reject = np.concatenate([s.reject for s in batches])
@@ -81,7 +82,7 @@ def test_concept_parts_only_grow_and_give_the_signed_mean() -> None:
     chunks = [rng.normal(-0.3, 1.0, (30, 2)), rng.normal(0.5, 1.0, (30, 2))]
     seen = []
     for values in chunks:
-        m.record(s, values.astype(np.float32))
+        m.record((s, values.astype(np.float32)))
         m.flush()
         pos = _value(model, "conceptguard_concept_score_parts_total", concept="k0",
                      sign="positive")
@@ -106,7 +107,7 @@ def test_concept_parts_of_non_negative_scores_stay_at_zero_negative() -> None:
     """Rounding never makes the negative part go below 0 (a counter cannot decrease)."""
     m = ModelMetrics("mon-positive", ["a", "b", "c"], ["k0"], {})
     values = np.full((30, 1), 0.1, dtype=np.float32)  # sums that do not round exactly
-    m.record(_scores(30, 5), values)
+    m.record((_scores(30, 5), values))
     m.flush()
     assert _value("mon-positive", "conceptguard_concept_score_parts_total", concept="k0",
                   sign="negative") == 0.0

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.batch_metrics import FLUSH_S
 from tests.conftest import (
     ServerProcess,
     die_with_parent,
@@ -178,8 +179,16 @@ def test_metrics_count_requests_from_every_worker(multiworker_server: ServerProc
     per_pid = _per_pid_requests(mp, "/v1/classify")
     assert len(per_pid) >= 2, f"only one worker served requests: {per_pid}"
     assert sum(per_pid.values()) == sent
+    # a scrape flushes its own worker's queued batches; the other worker's are written by
+    # its flusher within FLUSH_S: the sums reach every answer sent within that bound
+    deadline = time.monotonic() + 3 * FLUSH_S + 2.0
     with multiworker_server.client() as c:
-        text = c.get("/metrics").text
+        while True:
+            text = c.get("/metrics").text
+            if (metric_sum(text, "conceptguard_predictions_total") == sent
+                    or time.monotonic() > deadline):
+                break
+            time.sleep(0.1)
     assert metric_sum(text, "conceptguard_requests_total", endpoint="/v1/classify",
                       status="200") == sent
     assert metric_sum(text, "conceptguard_predictions_total") == sent

@@ -265,11 +265,17 @@ def test_model_metrics_record_counts_a_batch_per_input() -> None:
     s = Scores(**{**s.__dict__, "reason": ["unfamiliar", "none", "adversarial-like"] * 3})
     m = ModelMetrics("batch-test", ["a", "b", "c"], ["k0", "k1", "k2", "k3"], {})
     concepts = np.arange(36, dtype=np.float32).reshape(9, 4)
-    m.record(s, concepts)
-    m.record(s.rows(slice(0, 0)), concepts[:0])  # an empty batch records nothing
+    m.record((s, concepts))
+    m.record((s.rows(slice(0, 0)), concepts[:0]))  # an empty batch records nothing
 
     def value(name: str, **labels: str) -> float | None:
         return REGISTRY.get_sample_value(name, {"model": "batch-test", **labels})
+
+    # record() only queues (the deque's own append: no code of batch_metrics runs on the
+    # request path); the batches are observed on flush (every FLUSH_S, and on scrape)
+    assert type(m.record).__name__ == "builtin_function_or_method"
+    assert value("conceptguard_trust_score_count") == 0
+    m.flush()
 
     for c, cls in enumerate("abc"):
         for decision, flag in (("accept", False), ("reject", True)):
@@ -284,7 +290,6 @@ def test_model_metrics_record_counts_a_batch_per_input() -> None:
     assert value("conceptguard_trust_score_bucket", le="0.5") == np.sum(s.trust <= 0.5)
     assert value("conceptguard_head_score_bucket", head="adversarial",
                  le="0.25") == np.sum(s.p_adversarial <= 0.25)
-    m.flush()  # the concept series are flushed at most every CONCEPT_FLUSH_S, and on scrape
     assert value("conceptguard_concept_score_count", concept="k1") == 9
     assert value("conceptguard_concept_score_sum", concept="k1") == pytest.approx(
         float(concepts[:, 1].sum()))
