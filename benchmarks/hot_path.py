@@ -9,7 +9,7 @@ add``), each served from its own code by the same driver in a subprocess; rounds
 the checkouts, and the median round is reported, so a before/after on a shared machine
 reads the ratio of two medians taken side by side. The server process is pinned to CPU 0
 when ``taskset`` is there, ONNX Runtime at one intra-op thread. Also timed, for the raw PNG
-without HTTP: the batch function alone (``run_batch``: decode, runtime, scores, metrics)
+without HTTP: the batch function alone (``run_batch``: decode, runtime, scores)
 and the data plane's whole round (``classify_images``: queue, batcher, the inference
 thread and back); their difference is what the thread hop costs a lone request.
 
@@ -96,8 +96,8 @@ async def main():
             for _ in range(n):
                 await one(*args)
             out[kind] = (time.process_time() - c0) / n * 1e3
-        # the raw PNG without HTTP: the batch function alone (decode, runtime, scores,
-        # metrics) and through the data plane (queue, batcher, inference thread and back)
+        # the raw PNG without HTTP: the batch function alone (decode, runtime, scores)
+        # and through the data plane (queue, batcher, inference thread and back)
         from service.dataplane import Job
         dp = app.state.dataplane
         loaded = dp.state.require()

@@ -5,8 +5,8 @@ loaded by the service's own loader (probe-batch validation included), ONNX Runti
 CPU with one intra-op thread.
 
 Timed per batch of uint8 images (decoded PNGs): the real
-:meth:`service.dataplane.DataPlane.run_batch` (to model input, runtime, scoring, metric
-recording, each image a reference to its row of the batch's
+:meth:`service.dataplane.DataPlane.run_batch` (to model input, runtime, scoring, each
+image a reference to its row of the batch's
 :class:`conceptguard.scoring.Scores`), then the rows gathered back
 (:func:`service.dataplane.gather`, what a request of that many images reads).
 Candidates alternate in short rounds; ms per batch of the median round.
@@ -59,7 +59,7 @@ def main() -> None:
 
             def path(loaded, hwc=hwc):
                 rows = plane.run_batch([Job(loaded, a) for a in hwc])
-                return gather(rows)
+                return gather(rows)[0]
 
             a, b = path(fused), path(numpy_)
             assert np.array_equal(a.predictions, b.predictions)

@@ -13,12 +13,13 @@ calls this module; it knows nothing about HTTP. The request path, one phase per 
    image on the event loop's: :mod:`service.batching`): decode, one
    runtime call per batch (on the bank's fused graph ``monitor.onnx`` it returns every
    score too, :func:`conceptguard.scoring.scores_from_graph`; otherwise it is followed by
-   :func:`conceptguard.scoring.score`, the function the offline evaluation uses), the
-   batch's metrics recorded once;
+   :func:`conceptguard.scoring.score`, the function the offline evaluation uses);
 4. each image gets a reference to its row of the batch's :class:`~conceptguard.scoring.Scores`;
    a request whose images ran side by side in one batch gets them back as one slice (a
    view, no copy), which the codecs (:func:`service.codecs.v1_body`,
-   :func:`service.codecs.output_array`) turn into bodies.
+   :func:`service.codecs.output_array`) turn into bodies. A request whose every image was
+   scored is queued for the bank's metrics (observed off the request path:
+   :mod:`service.batch_metrics`); one that fails is not counted.
 
 The sidecar path (features in) always uses :func:`~conceptguard.scoring.score`.
 """
@@ -55,8 +56,9 @@ from service.settings import Settings
 
 __all__ = ["DataPlane", "Job", "Row", "ServiceError", "gather", "scores_of"]
 
-# one image's result: the scores of the batch it ran in, and its row there
-Row = tuple[Scores, int]
+# one image's result: the scores of the batch it ran in, its row there, and the batch's
+# concept scores (what the bank's metrics record for the request once it is answered)
+Row = tuple[Scores, int, np.ndarray]
 
 
 @dataclass(slots=True)
@@ -134,12 +136,12 @@ class DataPlane:
                                                               where(i, n))
                 jobs.append(Job(loaded, image, where(i, n)))
             rows = await self.batcher.submit(jobs, ticket=ticket)
-        return gather(rows)
+        return _answered(loaded, rows)
 
     async def classify_tensor(self, loaded: Loaded, images: np.ndarray) -> Scores:
         """float32 ``(N, C, H, W)`` images in [0, 1] (checked by
         :func:`service.codecs.image_tensor`) -> their scores."""
-        return gather(await self.batcher.submit([Job(loaded, x) for x in images]))
+        return _answered(loaded, await self.batcher.submit([Job(loaded, x) for x in images]))
 
     async def monitor(self, loaded: Loaded, features: np.ndarray,
                       logits: np.ndarray | None) -> Scores:
@@ -173,9 +175,8 @@ class DataPlane:
             o = loaded.runtime.run(x)
             s = scores_of(loaded, o)
             metrics.INFERENCE_DURATION.observe(time.perf_counter() - t0)
-            loaded.metrics.record((s, o.concepts))
             for j, (i, _) in enumerate(members):
-                out[i] = (s, j)
+                out[i] = (s, j, o.concepts)
         return out  # type: ignore[return-value]
 
     def _score_features(self, loaded: Loaded, features: np.ndarray,
@@ -222,16 +223,26 @@ def scores_of(loaded: Loaded, o: RuntimeOutputs) -> Scores:
     return score(monitor, o.logits, o.features, o.concepts)
 
 
-def gather(rows: Sequence[Row]) -> Scores:
-    """One request's rows as one :class:`Scores`, in order: the batch's scores when they
-    are all of it, a slice of them (views, no copy) when they ran side by side in one batch,
-    else joined."""
+def gather(rows: Sequence[Row]) -> tuple[Scores, np.ndarray]:
+    """One request's rows as one :class:`Scores` and its concept scores, in order: the
+    batch's when they are all of it, a slice of them (views, no copy) when they ran side by
+    side in one batch, else joined."""
     if not rows:
         raise ValueError("gather needs at least one row")
-    first, start = rows[0]
+    first, start, concepts = rows[0]
     if start == 0 and len(rows) == len(first) and all(
-            s is first and j == k for k, (s, j) in enumerate(rows)):
-        return first  # the whole batch was this request's (a lone request): no slicing
-    if all(s is first and j == start + k for k, (s, j) in enumerate(rows)):
-        return first.rows(slice(start, start + len(rows)))
-    return Scores.concat([s.rows(slice(j, j + 1)) for s, j in rows])
+            s is first and j == k for k, (s, j, _) in enumerate(rows)):
+        return first, concepts  # the whole batch was this request's (a lone request)
+    if all(s is first and j == start + k for k, (s, j, _) in enumerate(rows)):
+        return first.rows(slice(start, start + len(rows))), concepts[start:start + len(rows)]
+    return (Scores.concat([s.rows(slice(j, j + 1)) for s, j, _ in rows]),
+            np.concatenate([c[j:j + 1] for _, j, c in rows]))
+
+
+def _answered(loaded: Loaded, rows: Sequence[Row]) -> Scores:
+    """A request's scores, recorded in the bank's metrics: only a request whose every image
+    was scored is answered, so an image whose request failed (another image of it did not
+    decode) is not counted."""
+    scores, concepts = gather(rows)
+    loaded.metrics.record((scores, concepts))
+    return scores

@@ -245,9 +245,11 @@ def test_the_batch_worker_decodes_and_fails_only_the_bad_image(demo_bank_dir: Pa
     assert not isinstance(same_row, BaseException)
     assert good_row[0] is same_row[0]  # rows of one batch's scores: one runtime call
     assert (good_row[1], same_row[1]) == (0, 1)
-    both = gather([good_row, same_row])  # side by side in one batch: one slice of it
+    both, concepts = gather([good_row, same_row])  # side by side in one batch: one slice
     assert np.shares_memory(both.trust, good_row[0].trust)
-    good, same = gather([good_row]), gather([same_row])
+    assert np.shares_memory(concepts, good_row[2]) and len(concepts) == 2
+    (good, good_c), (same, same_c) = gather([good_row]), gather([same_row])
+    assert np.array_equal(good_c[0], concepts[0]) and np.array_equal(same_c[0], concepts[1])
     assert isinstance(good, Scores) and isinstance(same, Scores)
     assert len(good) == len(same) == 1 and len(both) == 2
     assert np.array_equal(good.predictions, same.predictions)

@@ -275,3 +275,25 @@ def test_metrics_exposition(client: httpx.Client, sample_png: bytes,
     info = [lab for lab, v in metric_samples(after, "conceptguard_bank_info") if v == 1]
     assert info and info[0]["bank_id"] == demo_manifest["bank_id"]
     assert set(info[0]) >= {"model", "bank_id", "vlm", "classifier_hash", "schema_version"}
+
+
+def test_a_failed_request_counts_none_of_its_images(client: httpx.Client, sample_png: bytes,
+                                                    demo_manifest: dict[str, Any]) -> None:
+    """Three good images and a truncated one in one request: the request fails (400) and
+    the bank's series count none of the four (the client got no answer for any); the same
+    good images in a request that succeeds count three."""
+    model = demo_manifest["name"]
+    broken = sample_png[: len(sample_png) // 2]
+
+    def scored() -> float:
+        return metric_sum(client.get("/metrics").text, "conceptguard_predictions_total",
+                          model=model)
+
+    before = scored()
+    files = [("files", (f"{i}.png", sample_png, "image/png")) for i in range(3)]
+    r = client.post("/v1/classify", files=[*files, ("files", ("bad.png", broken,
+                                                               "image/png"))])
+    assert r.status_code == 400
+    assert scored() == before
+    assert client.post("/v1/classify", files=files).status_code == 200
+    assert scored() == before + 3
