@@ -35,7 +35,6 @@ from service.metrics import (
     CONCEPT_SCORE_PARTS,
     EMA_ALPHA,
     ESTIMATED_ACCURACY,
-    EXPECTED_REJECTION_RATE,
     FEEDBACK,
     FEEDBACK_CORRECT,
     FEEDBACK_LABELS,
@@ -200,9 +199,9 @@ class ModelMetrics:
         _start_flusher()
 
     def activate(self) -> None:
+        """This bank's info series to 1 (its expected rejection rate is published with the
+        threshold in use: :func:`service.operating.publish_threshold`)."""
         BANK_INFO.labels(self.model, *self._info_values()).set(1)
-        if self.expected_rejection_rate is not None:
-            EXPECTED_REJECTION_RATE.labels(self.model).set(self.expected_rejection_rate)
 
     def deactivate(self) -> None:
         self.flush()  # the last batches of a bank that is replaced

@@ -19,7 +19,7 @@ import numpy as np
 
 from conceptguard.bank import Bank
 from conceptguard.operating_point import OperatingTarget, UnreachableTarget, curve_array, pick
-from service.metrics import REJECT_THRESHOLD
+from service.metrics import EXPECTED_REJECTION_RATE, REJECT_THRESHOLD
 
 BANK_TARGET = "bank"  # the metric's target label for the bank's own threshold
 
@@ -87,15 +87,21 @@ def threshold_view(loaded) -> dict[str, Any]:
 
 
 _published: dict[str, str] = {}  # model -> the target label its gauge series carries
+_expected: set[str] = set()  # models whose expected-rate series exists
 _lock = threading.Lock()
 
 
 def publish_threshold(loaded) -> None:
     """``conceptguard_reject_threshold{model, target}``: the threshold in use (calibrated
-    scale); a series of a target no longer in use is set to NaN and removed."""
+    scale); a series of a target no longer in use is set to NaN and removed. And
+    ``conceptguard_expected_rejection_rate{model}``: the share of clean test inputs the
+    bank's own threshold rejects while that threshold is in use, NaN while an operating
+    point is (the bank measured no clean rate there: the alert baseline then comes from
+    traffic only)."""
     point = getattr(loaded, "operating_point", None)
     label = BANK_TARGET if point is None else f"{point['target']}:{point['value']:g}"
     model = loaded.model_name
+    expected = loaded.metrics.expected_rejection_rate if point is None else None
     with _lock:
         old = _published.get(model)
         if old is not None and old != label:
@@ -103,7 +109,26 @@ def publish_threshold(loaded) -> None:
             REJECT_THRESHOLD.remove(model, old)
         REJECT_THRESHOLD.labels(model, label).set(loaded.bank.monitor.calibrated_threshold)
         _published[model] = label
+        if expected is not None:
+            EXPECTED_REJECTION_RATE.labels(model).set(expected)
+            _expected.add(model)
+        elif model in _expected:
+            EXPECTED_REJECTION_RATE.labels(model).set(math.nan)
+
+
+def retire_model(model: str) -> None:
+    """A model no longer served (a reload to a bank of another name): its threshold and
+    expected-rate series are set to NaN and removed (in multiprocess mode they read NaN)."""
+    with _lock:
+        old = _published.pop(model, None)
+        if old is not None:
+            REJECT_THRESHOLD.labels(model, old).set(math.nan)
+            REJECT_THRESHOLD.remove(model, old)
+        if model in _expected:
+            _expected.discard(model)
+            EXPECTED_REJECTION_RATE.labels(model).set(math.nan)
+            EXPECTED_REJECTION_RATE.remove(model)
 
 
 __all__ = ["NoOperatingCurve", "OperatingTarget", "UnreachableTarget", "choose",
-           "publish_threshold", "threshold_view", "with_operating_point"]
+           "publish_threshold", "retire_model", "threshold_view", "with_operating_point"]

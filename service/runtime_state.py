@@ -33,7 +33,7 @@ from service.bank_summary import (
 )
 from service.batch_metrics import ModelMetrics
 from service.errors import NotReady
-from service.operating import publish_threshold, with_operating_point
+from service.operating import publish_threshold, retire_model, with_operating_point
 from service.settings import Settings
 from service.sidecar_head import classifier_module, linear_head
 
@@ -250,6 +250,8 @@ class RuntimeState:
         if old is not None and (old.metrics.model, old.metrics.info) != (new.metrics.model,
                                                                          new.metrics.info):
             old.metrics.deactivate()
+        if old is not None and old.model_name != new.model_name:
+            retire_model(old.model_name)  # its threshold is not in use any more
         new.metrics.activate()
         publish_threshold(new)
 

@@ -4,6 +4,9 @@ bank's expected rejection rate, the queue capacity and the feedback counters."""
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
 from prometheus_client import REGISTRY
 
@@ -11,6 +14,7 @@ from conceptguard.scoring import Scores
 from service import metrics
 from service.bank_summary import expected_rejection_rate
 from service.batch_metrics import ModelMetrics, ema_update
+from service.operating import publish_threshold, retire_model
 from tests.tolerance import assert_f32_close
 
 
@@ -123,7 +127,24 @@ def test_expected_rejection_rate_comes_from_the_bank_evaluation() -> None:
                                                     "schema_version": "2"},
                      expected_rejection_rate=0.089)
     m.activate()
+
+    def served(point: dict | None, model: str = "mon-expected") -> SimpleNamespace:
+        return SimpleNamespace(model_name=model, metrics=m, operating_point=point,
+                               bank=SimpleNamespace(monitor=SimpleNamespace(
+                                   calibrated_threshold=0.5)))
+
+    publish_threshold(served(None))
     assert _value("mon-expected", "conceptguard_expected_rejection_rate") == 0.089
+    # an operating point: the bank measured no clean rate at its threshold
+    publish_threshold(served({"target": "coverage", "value": 0.5}))
+    assert math.isnan(_value("mon-expected", "conceptguard_expected_rejection_rate"))
+    assert _value("mon-expected", "conceptguard_reject_threshold",
+                  target="coverage:0.5") == 0.5
+    publish_threshold(served(None))  # back to the bank's own
+    assert _value("mon-expected", "conceptguard_expected_rejection_rate") == 0.089
+    retire_model("mon-expected")  # a reload to a bank of another name: both series go
+    assert _value("mon-expected", "conceptguard_expected_rejection_rate") is None
+    assert _value("mon-expected", "conceptguard_reject_threshold", target="bank") is None
 
 
 def test_queue_capacity_and_feedback_counters() -> None:

@@ -385,7 +385,8 @@ def test_the_serving_bank_is_the_current_one_once_warmed(monkeypatch: pytest.Mon
     monkeypatch.setattr(rs, "publish_threshold", lambda loaded: None)
     metrics = SimpleNamespace(model="m", info={}, activate=lambda: None,
                               deactivate=lambda: None)
-    first, second = SimpleNamespace(metrics=metrics), SimpleNamespace(metrics=metrics)
+    first = SimpleNamespace(metrics=metrics, model_name="m")
+    second = SimpleNamespace(metrics=metrics, model_name="m")
     state = rs.RuntimeState(Settings())
     state._swap(first)  # loaded, not warmed yet
     assert state.serving is None

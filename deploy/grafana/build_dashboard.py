@@ -367,8 +367,9 @@ def build() -> dict[str, Any]:
                      "The reject threshold each instance serves, on the calibrated trust scale "
                      "(reject when trust < it), by target: bank (the bank's own) or the "
                      "operating point chosen at serve time (CONCEPTGUARD_OPERATING_POINT, "
-                     "PUT /v1/admin/operating-point), e.g. coverage:0.9.",
-                     targets((f"max by (target) (conceptguard_reject_threshold{{{FM}}})",
+                     "PUT /v1/admin/operating-point), e.g. coverage:0.9. A target no longer "
+                     "in use reads NaN in multiprocess mode and is left out.",
+                     targets((f"max by (target) (conceptguard_reject_threshold{{{FM}}} >= 0)",
                               "{{target}}")), min_=0, max_=1), w=8, h=7)
 
     def query_var(name: str, label: str, query: str) -> dict[str, Any]:
