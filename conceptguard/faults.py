@@ -10,10 +10,12 @@ ambiguous. Encoder view == label: the head erred. Otherwise: the encoder
 change only ``head`` (an ``nn.Linear``): class rows swapped or blended, one class bias
 shifted, one class row scaled. Encoder faults change only ``encoder``: a share of a block's
 output channels ablated (zeroed), the encoder fine-tuned with the head frozen so that one
-class's features move onto another class's mean, BatchNorm running statistics drifted, or
-Gaussian noise added to the weights. Every injector returns a new model (the input is not
-modified) and a :class:`Fault` saying which component was changed and which errors the fault
-is expected to cause; :func:`localisation_accuracy` scores the rule's verdicts on them.
+class's features move onto another class's mean, a pair's separation erased (its
+discriminant directions projected out of the features, so that no head can win it back),
+BatchNorm running statistics drifted, or Gaussian noise added to the weights. Every injector
+returns a new model (the input is not modified) and a :class:`Fault` saying which component
+was changed and which errors the fault is expected to cause; :func:`localisation_accuracy`
+scores the rule's verdicts on them.
 
 The offline ``inject-faults`` command (``offline/inject_faults.py``) runs the grid of
 variants; ``build-bank`` and ``diagnose`` use the localisation.
@@ -324,3 +326,59 @@ def encoder_merge(model: SplitClassifier, a: int, b: int, images: torch.Tensor,
     return out.eval(), Fault("encoder_merge", ENCODER, {"a": a, "b": b, "steps": steps,
                                                          "lr": lr, "train_n": len(images)},
                              pair=(a, b))
+
+
+class FeatureProjection(nn.Module):
+    """An encoder followed by a fixed linear map of its (flattened) features."""
+
+    def __init__(self, encoder: nn.Module, projection: np.ndarray):
+        super().__init__()
+        self.inner = encoder
+        self.register_buffer("projection", torch.as_tensor(projection, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).flatten(1) @ self.projection
+
+
+def erasing_projection(z: np.ndarray, is_a: np.ndarray, dims: int, ridge: float = 1e-3
+                       ) -> np.ndarray:
+    """A ``(D, D)`` orthogonal projection that removes ``dims`` discriminant directions of two
+    classes from features ``z`` (rows; ``is_a`` marks one class): the Fisher direction of
+    the projected features, found and projected out one at a time, so that each next one is
+    what still separates the classes once the previous ones are gone."""
+    z = np.asarray(z, np.float64)
+    if is_a.sum() < 2 or (~is_a).sum() < 2:
+        raise ValueError("erasing a pair needs at least 2 inputs of each class")
+    d = z.shape[1]
+    if not 0 < dims < d:
+        raise ValueError(f"dims must be between 1 and {d - 1}, got {dims}")
+    projection = np.eye(d)
+    for _ in range(dims):
+        zp = z @ projection
+        w = np.linalg.solve(np.cov(zp.T) + ridge * np.eye(d),
+                            zp[is_a].mean(0) - zp[~is_a].mean(0))
+        w = projection @ w
+        w /= np.linalg.norm(w)
+        projection = projection @ (np.eye(d) - np.outer(w, w))
+    return projection
+
+
+def encoder_erase(model: SplitClassifier, a: int, b: int, images: torch.Tensor,
+                  labels: torch.Tensor, dims: int) -> tuple[SplitClassifier, Fault]:
+    """An encoder that lost what separates classes ``a`` and ``b``: :func:`erasing_projection`
+    of ``dims`` directions, fitted on the features of ``images`` (float ``(N, C, H, W)`` in
+    ``[0, 1]``, a training subset) of the two classes, applied to every output of the
+    encoder. The head is unchanged. The variant's encoder is a :class:`FeatureProjection`,
+    not the architecture its file format describes, so it is not saved."""
+    out = copy.deepcopy(model).eval()
+    y = np.asarray(labels)
+    rows = (y == a) | (y == b)
+    idx = torch.as_tensor(np.flatnonzero(rows))
+    with torch.no_grad():
+        z = torch.cat([out.features(images[idx[i:i + 256]])
+                       for i in range(0, len(idx), 256)]).numpy() if len(idx) else \
+            np.zeros((0, 1))
+    projection = erasing_projection(z, y[rows] == a, dims)
+    out.encoder = FeatureProjection(out.encoder, projection)
+    return out, Fault("encoder_erase", ENCODER, {"a": a, "b": b, "dims": dims,
+                                                  "train_n": int(rows.sum())}, pair=(a, b))

@@ -51,6 +51,7 @@ from conceptguard.faults import (
     bias_shift,
     encoder_ablate,
     encoder_bn_drift,
+    encoder_erase,
     encoder_merge,
     encoder_noise,
     encoder_view_labels,
@@ -107,6 +108,7 @@ SEVERITIES: dict[str, tuple[str, tuple[float, ...]]] = {
     "head_scale": ("factor", (1.3, 1.6, 2.0)),
     "encoder_ablate": ("fraction", (0.25, 0.5, 0.75)),
     "encoder_merge": ("steps", (50, 100, 200)),
+    "encoder_erase": ("dims", (16, 32, 64)),
     "encoder_bn_drift": ("drift", (0.5, 1.0, 2.0)),
     "encoder_noise": ("sigma", (0.1, 0.2, 0.4)),
 }
@@ -131,7 +133,7 @@ def fault_grid(num_classes: int, kinds: list[str] | None = None,
                     k = int(value)
                     spec.update({"a": order[0], "b": order[1],
                                  "more": [order[2 + 2 * i: 4 + 2 * i] for i in range(k - 1)]})
-                elif kind in ("head_blend", "encoder_merge"):
+                elif kind in ("head_blend", "encoder_merge", "encoder_erase"):
                     spec.update({"a": order[0], "b": order[1]})
                 elif kind in ("bias_shift", "head_scale"):
                     spec["c"] = order[0]
@@ -163,6 +165,9 @@ def make_variant(model, spec: dict, train_images: np.ndarray, train_labels: np.n
         return encoder_merge(model, spec["a"], spec["b"], to_tensor(train_images),
                              torch.as_tensor(train_labels, dtype=torch.long),
                              steps=int(spec["steps"]), seed=spec.get("seed", seed))
+    if kind == "encoder_erase":
+        return encoder_erase(model, spec["a"], spec["b"], to_tensor(train_images),
+                             torch.as_tensor(train_labels, dtype=torch.long), int(spec["dims"]))
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
@@ -384,7 +389,7 @@ def inject_faults(cfg: JobConfig, bank: Path, *, kinds: list[str] | None = None,
         for spec in tqdm(specs, desc="fault variants", unit="variant", disable=not progress):
             variant, fault = make_variant(model, spec, d.train_images, d.train_labels,
                                           cfg.seed)
-            if save_dir is not None:
+            if save_dir is not None and fault.kind != "encoder_erase":  # not the file's
                 save_classifier(variant, cspec, Path(save_dir) / f"{spec['name']}.safetensors")
             res = score_variant(variant, fault, d, ref_head, whiten, aligner, class_T,
                                 same_encoder=fault.component == HEAD, seed=cfg.seed,

@@ -20,8 +20,10 @@ from conceptguard.faults import (
     bias_shift,
     encoder_ablate,
     encoder_bn_drift,
+    encoder_erase,
     encoder_merge,
     encoder_noise,
+    erasing_projection,
     head_blend,
     head_scale,
     head_swap,
@@ -83,6 +85,51 @@ def test_encoder_faults_change_only_the_encoder(tiny) -> None:
     assert fault.component == "encoder" and fault.pair == (0, 1)
     assert torch.equal(merged.head.weight, model.head.weight)
     assert not torch.equal(merged.encoder.conv1.weight, model.encoder.conv1.weight)
+
+
+def test_erasing_a_pair_removes_its_linear_separation() -> None:
+    """Two classes that differ in 3 of 10 dimensions, with unequal variances there: each
+    erased direction leaves less separation (the squared Mahalanobis distance of the class
+    means under the projected features' covariance), one is not enough, five leave none.
+    The result is an orthogonal projection (symmetric, idempotent, rank 10 - dims)."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2000, 10))
+    is_a = np.arange(2000) < 1000
+    z[:, :3] *= [4.0, 1.0, 0.25]
+    z[is_a, :3] += [3.0, -2.0, 1.5]
+
+    def separation(p: np.ndarray) -> float:
+        zp = z @ p
+        gap = zp[is_a].mean(0) - zp[~is_a].mean(0)
+        return float(gap @ np.linalg.lstsq(np.cov(zp.T) + 1e-3 * np.eye(10), gap,
+                                           rcond=None)[0])
+
+    seps = [separation(np.eye(10))]
+    for dims in (1, 3, 5):
+        p = erasing_projection(z, is_a, dims)
+        np.testing.assert_allclose(p, p.T, atol=1e-9)  # entries of order 1, exact arithmetic
+        np.testing.assert_allclose(p @ p, p, atol=1e-9)
+        assert np.linalg.matrix_rank(p) == 10 - dims
+        seps.append(separation(p))
+    assert seps == sorted(seps, reverse=True), seps
+    assert seps[1] > 1.0 and seps[3] < 0.01, seps  # before: about 3.7
+    with pytest.raises(ValueError, match="dims"):
+        erasing_projection(z, is_a, 10)
+
+
+def test_encoder_erase_changes_only_the_encoders_features(tiny) -> None:
+    model, images = tiny
+    x = torch.rand(60, 1, 8, 8)
+    y = torch.arange(60) % 3
+    erased, fault = encoder_erase(model, 0, 1, x, y, dims=2)
+    assert fault.component == "encoder" and fault.pair == (0, 1)
+    assert torch.equal(erased.head.weight, model.head.weight)
+    z0, z1 = predict(model, images)[1], predict(erased, images)[1]
+    p = erased.encoder.projection.numpy()
+    # float32 features (entries of order 1) times a float32 projection: ~1e-6 relative
+    np.testing.assert_allclose(z1, z0 @ p, rtol=1e-4, atol=1e-5)
+    assert np.linalg.matrix_rank(p.astype(np.float64), tol=1e-4) == z0.shape[1] - 2
+    np.testing.assert_array_equal(predict(model, images)[1], z0)  # original untouched
 
 
 def test_simulated_oracle_has_the_stated_accuracy() -> None:
