@@ -58,7 +58,7 @@ from conceptguard.diagnosis import (  # noqa: E402
     swap_predictions,
     swap_shares,
 )
-from conceptguard.faults import encoder_merge  # noqa: E402
+from conceptguard.faults import encoder_erase, encoder_merge  # noqa: E402
 from conceptguard.repair import fit_head, fit_logistic, linear_head  # noqa: E402
 from offline.config import config_from_bank  # noqa: E402
 
@@ -101,41 +101,6 @@ def _prune(m: nn.Module, frac: float) -> nn.Module:
         for c in _convs(m):
             w = c.weight
             w[w.abs() <= w.abs().flatten().kthvalue(int(frac * w.numel())).values] = 0.0
-    return m
-
-
-class _ProjectOut(nn.Module):
-    """Features times a fixed projection: directions of the feature space erased."""
-
-    def __init__(self, projection: np.ndarray):
-        super().__init__()
-        self.register_buffer("projection", torch.as_tensor(projection, dtype=torch.float32))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.projection
-
-
-def _erase_pair(model: nn.Module, x: torch.Tensor, y: torch.Tensor, a: int, b: int,
-                dims: int) -> nn.Module:
-    """An encoder that lost most of what separates classes ``a`` and ``b``: the ``dims``
-    discriminant directions of the pair (found one at a time on calibration features, each
-    removed before the next) projected out of its features. A retrained head cannot win
-    that separation back."""
-    with torch.no_grad():
-        z = model.features(x).numpy().astype(np.float64)
-    rows = (y.numpy() == a) | (y.numpy() == b)
-    z, is_a = z[rows], y.numpy()[rows] == a
-    d = z.shape[1]
-    projection = np.eye(d)
-    for _ in range(dims):
-        zp = z @ projection
-        w = np.linalg.solve(np.cov(zp.T) + 1e-3 * np.eye(d), zp[is_a].mean(0) -
-                            zp[~is_a].mean(0))
-        w = projection @ w
-        w /= np.linalg.norm(w)
-        projection = projection @ (np.eye(d) - np.outer(w, w))
-    m = copy.deepcopy(model)
-    m.encoder = nn.Sequential(m.encoder, _ProjectOut(projection))
     return m
 
 
@@ -226,7 +191,8 @@ def variants(model: nn.Module, cal_x: torch.Tensor, cal_y: torch.Tensor,
                 t[[i, j]] = t[[j, i]].clone()
     yield "enc_permute_features_32", "encoder", m
     for a, b in ((PULLOVER, COAT), (SANDAL, SNEAKER)):  # separation destroyed
-        yield f"enc_erase_{a}_{b}", "encoder", _erase_pair(model, merge_x, merge_y, a, b, 24)
+        yield (f"enc_erase_{a}_{b}", "encoder",
+               encoder_erase(model, a, b, merge_x, merge_y, 24)[0])
         yield (f"enc_merge_strong_{a}_{b}", "encoder",
                encoder_merge(model, a, b, merge_x, merge_y, steps=1000)[0])
     m = _prune(c(model), 0.7)
