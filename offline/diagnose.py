@@ -26,7 +26,7 @@ import numpy as np
 
 from conceptguard import bank as bankio
 from conceptguard.classifier.io import ClassifierSpec, load_classifier, save_classifier
-from conceptguard.data import load_source, make_splits
+from conceptguard.data import DataMismatch, check_same_data, load_source, make_splits
 from conceptguard.diagnosis import (
     LimitRule,
     agrees,
@@ -170,6 +170,10 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
             raise DiagnoseInputError(f"the config's dataset has classes {train.classes}, the "
                                      f"bank {m.classes}")
         splits = make_splits(len(train), len(test), cfg.splits)
+        try:
+            check_same_data(m.data, train, test, splits, cfg.data.root)
+        except DataMismatch as exc:
+            raise DiagnoseInputError(str(exc)) from None
         reference, tst = train.subset(splits.reference), test.subset(splits.test)
         if opts.test_limit is not None:
             tst = tst.subset(np.arange(min(opts.test_limit, len(tst))))

@@ -27,7 +27,7 @@ from conceptguard import bank as bankio
 from conceptguard.aligner import fit_aligner
 from conceptguard.classifier.inference import predict, to_tensor
 from conceptguard.classifier.io import load_classifier, save_classifier
-from conceptguard.data import load_source, make_splits
+from conceptguard.data import check_same_data, load_source, make_splits
 from conceptguard.diagnosis import (
     NONE,
     agrees,
@@ -361,6 +361,7 @@ def inject_faults(cfg: JobConfig, bank: Path, *, kinds: list[str] | None = None,
             raise ValueError(f"the config's dataset has classes {train.classes}, the bank "
                              f"{b.manifest.classes}")
         splits = make_splits(len(train), len(test), cfg.splits)
+        check_same_data(b.manifest.data, train, test, splits, cfg.data.root)
         ref, calib, tst = (train.subset(splits.reference), train.subset(splits.calibration),
                            test.subset(splits.test))
         n = min(test_n or cfg.evaluation.vlm_test_images, len(tst))

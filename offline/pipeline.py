@@ -42,7 +42,7 @@ from conceptguard.classifier.inference import predict, to_tensor
 from conceptguard.classifier.io import load_classifier
 from conceptguard.classifier.onnx_module import conversion_errors
 from conceptguard.concepts import ConceptSet, class_matrix, concept_matrix, load_concept_set
-from conceptguard.data import Dataset, make_splits, open_source
+from conceptguard.data import Dataset, make_splits, open_source, sample_digest
 from conceptguard.data.splits import Splits
 from conceptguard.export import MonitoredClassifier, export_onnx
 from conceptguard.faults import encoder_view_labels, fault_report, zero_shot_labels
@@ -134,6 +134,7 @@ class DataOut:
     splits: Splits
     key: str  # the data spec and split digest: the data part of every cache key
     classes: list[str]
+    sample_digest: str  # a sample of what the splits hold (conceptguard.data.sample_digest)
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,7 @@ def data_stage(ctx: Context, state: BuildState) -> DataOut:
     splits = make_splits(len(train), len(test), cfg.splits)
     ds = split_datasets(train, test, splits)  # test stays lazy: streamed by served_outputs
     return DataOut(ds, splits, f"{cfg.data.cache_key()}|{splits.digest()}",
-                   train.classes)
+                   train.classes, sample_digest(train, test, splits))
 
 
 def classifier_stage(ctx: Context, state: BuildState) -> ClassifierOut:
@@ -522,6 +523,7 @@ def report_stage(ctx: Context, state: BuildState) -> bankio.Manifest:
                              fitted.monitor.threshold, state.data.classes,
                              state.vlm.T.shape[1], c.model.feature_dim)
     manifest.concept_competence = state.concept_check[0]
+    manifest.data["sample_digest"] = state.data.sample_digest  # what diagnose checks
     manifest.fused_graph = state.fused_graph.manifest_entry()
     write_report(ctx.staging / "report", manifest, state.tensors, metrics)
     return manifest

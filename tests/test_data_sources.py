@@ -243,9 +243,14 @@ def test_image_folder_unreadable_image_names_file(tmp_path: Path) -> None:
         load_image_folder(tmp_path, image_size=8)
 
 
-def test_image_folder_missing_root_and_no_root(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+def test_image_folder_missing_root_and_no_root(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist") as absolute:
         load_source(DataSpec(source="image_folder", root=tmp_path / "nope"))
+    assert "current folder" not in str(absolute.value)
+    monkeypatch.chdir(tmp_path)  # a relative root: the message says what it resolves against
+    with pytest.raises(FileNotFoundError, match=f"current folder, {tmp_path}"):
+        load_source(DataSpec(source="image_folder", root=Path("nope")))
     with pytest.raises(ValueError, match=r"needs data\.root"):
         load_source(DataSpec(source="image_folder"))
 

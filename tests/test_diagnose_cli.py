@@ -231,3 +231,25 @@ def test_a_candidates_pairs_put_what_it_broke_first() -> None:
     opts = DiagnoseOptions(top_pairs=2, min_errors=5)
     assert _pairs_to_diagnose(y, swap, opts, same=True) == [(0, 1, 20), (2, 3, 10)]
     assert _pairs_to_diagnose(y, swap, opts, same=False) == [(2, 3, 10), (0, 3, 6)]
+
+
+def test_other_data_under_the_banks_splits_is_refused(tmp_path: Path, capsys) -> None:
+    """A bank records a sample of what its splits hold: diagnose on data that is not it
+    (here: a record that no data matches, as when a relative data.root resolves in another
+    folder) stops with one line naming the data, before any feature is computed."""
+    import json
+    import shutil
+
+    from offline.cli import main
+
+    bank = tmp_path / "bank"
+    shutil.copytree(DEMO_BANK, bank, ignore=shutil.ignore_patterns("report"))
+    manifest = json.loads((bank / "manifest.json").read_text())
+    manifest["data"]["sample_digest"] = "0" * 64
+    (bank / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    code = main(["diagnose", "--bank", str(bank), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "is not the data the bank was built on" in err and len(err.splitlines()) == 1
+    assert not out.exists()

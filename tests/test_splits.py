@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from conceptguard.data import SplitSpec, make_splits
+from conceptguard.data import (
+    ArrayDataset,
+    DataMismatch,
+    SplitSpec,
+    check_same_data,
+    make_splits,
+    sample_digest,
+)
 from conceptguard.data.splits import Splits
 
 SPEC = SplitSpec(seed=0, fit=100, reference=50, calibration=30, test=200)
@@ -99,3 +106,39 @@ def test_pool_may_fill_the_train_set() -> None:
     splits = make_splits(180, 200, SPEC)
     assert len(splits.classifier_train) == 0
     assert splits.summary()["fit"] == 100
+
+
+def _tiny(n: int, seed: int) -> ArrayDataset:
+    rng = np.random.default_rng(seed)
+    return ArrayDataset("tiny", rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8),
+                        rng.integers(0, 3, n), ["a", "b", "c"])
+
+
+def test_sample_digest_sees_the_content_and_check_same_data_refuses_other_data() -> None:
+    """The digest follows a sampled image or label, not only the indices; a bank's record
+    refuses other data under the same splits, and says where a relative root resolves."""
+    train, test = _tiny(200, 0), _tiny(50, 1)
+    splits = make_splits(200, 50, SplitSpec(fit=20, reference=60, calibration=20))
+    digest = sample_digest(train, test, splits, n=8)
+    assert digest == sample_digest(_tiny(200, 0), _tiny(50, 1), splits, n=8)
+    picked = splits.reference[0]  # the first sampled reference index
+    changed = _tiny(200, 0)
+    changed.images[picked] ^= 1
+    assert sample_digest(changed, test, splits, n=8) != digest
+    relabelled = _tiny(200, 0)
+    relabelled.labels[picked] = (relabelled.labels[picked] + 1) % 3
+    assert sample_digest(relabelled, test, splits, n=8) != digest
+    unsampled = int(splits.reference[1])  # 60 indices, 8 sampled: the second is not one
+    other = _tiny(200, 0)
+    other.images[unsampled] ^= 1
+    assert sample_digest(other, test, splits, n=8) == digest
+
+    record = {"splits_digest": splits.digest(),
+              "sample_digest": sample_digest(train, test, splits)}
+    check_same_data(record, train, test, splits, "data")  # the same data: no error
+    with pytest.raises(DataMismatch, match=r"relative: it resolves against the current"):
+        check_same_data(record, changed, test, splits, "data")
+    check_same_data({"splits_digest": splits.digest()}, changed, test, splits, "data")  # old
+    other_splits = make_splits(200, 50, SplitSpec(seed=1, fit=20, reference=60,
+                                                  calibration=20))
+    check_same_data(record, changed, test, other_splits, "data")  # other splits: reported

@@ -101,7 +101,10 @@ def open_source(spec: DataSpec) -> tuple[Dataset, Dataset]:
         raise ValueError(f"unknown data source {spec.source!r}; known: {sorted(LOADERS)}")
     may_create = spec.download and _downloadable(spec.source, loader)
     if spec.root is not None and not Path(spec.root).exists() and not may_create:
-        raise FileNotFoundError(f"data root {spec.root} for source {spec.source!r} does not exist")
+        where = "" if Path(spec.root).is_absolute() else \
+            f" (a relative root resolves against the current folder, {Path.cwd()})"
+        raise FileNotFoundError(f"data root {spec.root} for source {spec.source!r} does not "
+                                f"exist{where}")
     return loader(spec)
 
 

@@ -104,3 +104,45 @@ def _frozen(indices: np.ndarray) -> np.ndarray:
     out = np.sort(indices).astype(np.int64)
     out.setflags(write=False)
     return out
+
+
+def sample_digest(train: Any, test: Any, splits: Splits, n: int = 32) -> str:
+    """sha256 hex over ``n`` evenly spaced images and their labels of the reference split
+    (from ``train``) and of the test split (from ``test``): what the data holds, not only
+    how it is split, so that a job reading the same relative ``data.root`` from another
+    folder (other images, same counts) is told. Decodes only those ``2 n`` images."""
+    h = hashlib.sha256()
+    for name, source, indices in (("reference", train, splits.reference),
+                                  ("test", test, splits.test)):
+        picked = indices[np.unique(np.linspace(0, len(indices) - 1, min(n, len(indices)))
+                                   .astype(np.int64))] if len(indices) else indices
+        h.update(f"{name}:{len(picked)}:".encode())
+        h.update(np.ascontiguousarray(np.asarray(source.images[picked], np.uint8)).tobytes())
+        h.update(np.asarray(source.labels[picked], "<i8").tobytes())
+    return h.hexdigest()
+
+
+class DataMismatch(ValueError):
+    """The data a job reads is not the data a bank was built on."""
+
+
+def check_same_data(recorded: dict[str, Any], train: Any, test: Any, splits: Splits,
+                    root: Any) -> None:
+    """:class:`DataMismatch` when ``splits`` are the bank's (``recorded``: the manifest's
+    ``data``, same split digest) but :func:`sample_digest` of what they hold is not. Banks
+    built before the sample digest, and other splits (reported as such), are not checked."""
+    expected = recorded.get("sample_digest")
+    if expected is None or recorded.get("splits_digest") != splits.digest():
+        return
+    if sample_digest(train, test, splits) != expected:
+        from pathlib import Path
+
+        where = "" if root is None else (
+            f" at {Path(root).resolve()}" + ("" if Path(root).is_absolute() else
+                                              f" (data.root {root!s} is relative: it "
+                                              f"resolves against the current folder, "
+                                              f"{Path.cwd()})"))
+        raise DataMismatch(
+            f"the data{where} is not the data the bank was built on: the splits are the "
+            "bank's, but a sample of their images or labels differs. Run from the folder "
+            "the bank was built in, or pass --config with the bank's data")
