@@ -94,3 +94,13 @@ def test_inferenceservice_serves_v2_rest_and_grpc_with_a_bank_from_storage(
     assert env["STORAGE_URI"].startswith("pvc://") and env["CONCEPTGUARD_BANK"] == "/mnt/models"
     pvc = yaml.safe_load((ROOT / "deploy" / "k8s" / "examples" / "bank-pvc.yaml").read_text())
     assert env["STORAGE_URI"].split("/")[2] == pvc["metadata"]["name"]
+
+
+def test_autoscaling_uses_the_fields_kserve_reads(isvc: dict[str, Any]) -> None:
+    """KServe's HPA reconciler reads the predictor's scaleMetric/scaleTarget; the
+    annotations once used for them are ignored, so none may stand in for them."""
+    predictor = isvc["spec"]["predictor"]
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("cpu", 70)
+    annotations = isvc["metadata"].get("annotations", {})
+    assert not {"serving.kserve.io/metric", "serving.kserve.io/metrics",
+                "serving.kserve.io/targetUtilizationPercentage"} & set(annotations)

@@ -168,3 +168,29 @@ def test_rayservice_pods_mount_what_their_env_names(rayservice: dict[str, Any]) 
         (container,) = group["template"]["spec"]["containers"]
         assert 8000 in {p["containerPort"] for p in container["ports"]}
     assert cluster["rayVersion"] == pytest.importorskip("ray").__version__
+
+
+def test_rayservice_workers_are_ready_without_wget_and_their_claims_exist(
+        rayservice: dict[str, Any]) -> None:
+    """KubeRay gives a RayService worker without a readiness probe one that runs ``wget``,
+    which the slim image lacks: each worker sets its own, an HTTP check of the node's Serve
+    proxy on the serve port. Every claim the pods mount is defined in deploy/."""
+    claims = set()
+    groups = [rayservice["spec"]["rayClusterConfig"]["headGroupSpec"],
+              *rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    for group in groups:
+        for volume in group["template"]["spec"].get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                claims.add(volume["persistentVolumeClaim"]["claimName"])
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            probe = container["readinessProbe"]
+            serve = {p["name"]: p["containerPort"] for p in container["ports"]}["serve"]
+            assert probe["httpGet"] == {"path": "/-/healthz", "port": serve}
+            assert "exec" not in probe
+    defined = set()
+    for path in ROOT.glob("deploy/**/*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "PersistentVolumeClaim":
+                defined.add(doc["metadata"]["name"])
+    assert claims and claims <= defined, claims - defined
