@@ -148,7 +148,8 @@ def _build_bank(args: argparse.Namespace) -> int:
         cfg.cache_dir = Path(args.cache_dir)
     from conceptguard.bank import replaceable
 
-    problem = (_missing_offline_input(cfg.classifier.path, args.config)
+    problem = (_missing_offline_input(cfg.classifier.path, args.config,
+                                      demo="train" in cfg.model_fields_set)
                or replaceable(Path(args.out)))
     if problem:
         print(f"conceptguard build-bank: {problem}", file=sys.stderr)
@@ -170,15 +171,23 @@ def _build_bank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _missing_offline_input(classifier: Path, config: Path) -> str | None:
-    """Why build-bank cannot start (checked before any stage runs), or None."""
+def _missing_offline_input(classifier: Path, config: Path, demo: bool = True) -> str | None:
+    """Why build-bank cannot start (checked before any stage runs), or None. ``demo``: the
+    config trains its classifier (it has a ``train`` section, as the demo's does), so
+    ``train-demo`` is the way to make it; otherwise the user brings their own."""
     from conceptguard.attacks import MISSING_TORCHATTACKS, require_torchattacks
 
     if not classifier.is_file():
-        return (f"the classifier {classifier} (classifier.path in {config}) does not exist: "
-                f"run `conceptguard train-demo --config {config}` first, or point "
-                "classifier.path at an existing classifier, e.g. "
-                "banks/demo/classifier.safetensors (the shipped demo bank's own)")
+        where = "" if classifier.is_absolute() else \
+            f" (a relative path resolves against the current folder, {Path.cwd()})"
+        head = f"the classifier {classifier} (classifier.path in {config}) does not exist{where}"
+        if demo:
+            return (f"{head}: run `conceptguard train-demo --config {config}` first, or point "
+                    "classifier.path at an existing classifier, e.g. "
+                    "banks/demo/classifier.safetensors (the shipped demo bank's own)")
+        return (f"{head}: run build-bank from the folder `conceptguard init` ran in, or point "
+                "classifier.path at your classifier file (`conceptguard import-classifier` "
+                "writes one from a torch or ONNX model)")
     try:
         require_torchattacks()
     except ModuleNotFoundError:

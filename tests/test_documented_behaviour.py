@@ -177,6 +177,27 @@ def test_build_bank_names_a_missing_classifier(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "bank").exists()
 
 
+def test_build_bank_without_a_train_section_does_not_advise_train_demo(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config of one's own model (no ``train`` section, as ``init`` writes it) whose
+    relative classifier path is missing: the message says what the path resolved against
+    and how to make a classifier file, not to train the demo."""
+    from offline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("name: own\ndata: {source: fashion_mnist}\n"
+                   "splits: {fit: 100, reference: 100, calibration: 100}\n"
+                   "classifier: {path: ../models/own.safetensors}\n")
+    assert main(["build-bank", "--config", str(cfg), "--out", str(tmp_path / "bank")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"current folder, {tmp_path}" in err and "import-classifier" in err
+    assert "train-demo" not in err
+    assert not (tmp_path / "bank").exists()
+
+
 def test_build_bank_names_the_torchattacks_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util
