@@ -150,7 +150,7 @@ def _build_bank(args: argparse.Namespace) -> int:
 
     problem = (_missing_offline_input(cfg.classifier.path, args.config,
                                       demo="train" in cfg.model_fields_set)
-               or replaceable(Path(args.out)))
+               or _classifier_mismatch(cfg) or replaceable(Path(args.out)))
     if problem:
         print(f"conceptguard build-bank: {problem}", file=sys.stderr)
         return 2
@@ -193,6 +193,19 @@ def _missing_offline_input(classifier: Path, config: Path, demo: bool = True) ->
     except ModuleNotFoundError:
         return MISSING_TORCHATTACKS
     return None
+
+
+def _classifier_mismatch(cfg) -> str | None:
+    """The config against the classifier file's spec (its metadata only), or None."""
+    from conceptguard.classifier.io import read_classifier_spec
+    from offline.config import classifier_mismatch
+
+    try:
+        spec = read_classifier_spec(cfg.classifier.path)
+    except ValueError:  # not a classifier file: the classifier stage says why
+        return None
+    why = classifier_mismatch(cfg, spec)
+    return None if why is None else f"{why} (classifier {cfg.classifier.path})"
 
 
 def headline(metrics: dict) -> dict:

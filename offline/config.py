@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -181,3 +182,21 @@ def config_from_bank(bank: Path) -> JobConfig:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"cannot take the data config from {bank}/manifest.json ({exc}); "
                           "pass --config") from exc
+
+
+def classifier_mismatch(cfg: JobConfig, spec: Any) -> str | None:
+    """Why the config's data cannot feed the classifier whose spec (a
+    :class:`~conceptguard.classifier.spec.ClassifierSpec`) is ``spec``, or None: checked
+    before any stage runs, so the message names the setting instead of a tensor shape."""
+    if cfg.class_prompts is not None and len(cfg.class_prompts) != spec.num_classes:
+        return (f"class_prompts has {len(cfg.class_prompts)} names, the classifier "
+                f"{spec.num_classes} classes ({', '.join(spec.classes)}): give one per class, "
+                "in the classifier's order, or null for the class names")
+    if cfg.data.channels is not None and cfg.data.channels != spec.in_channels:
+        return (f"data.channels is {cfg.data.channels}, the classifier takes "
+                f"{spec.in_channels}-channel images: set data.channels to {spec.in_channels}")
+    if cfg.data.image_size is not None and cfg.data.image_size != spec.input_size:
+        return (f"data.image_size is {cfg.data.image_size}, the classifier takes "
+                f"{spec.input_size}x{spec.input_size} images: set data.image_size to "
+                f"{spec.input_size}")
+    return None

@@ -198,6 +198,33 @@ def test_build_bank_without_a_train_section_does_not_advise_train_demo(
     assert not (tmp_path / "bank").exists()
 
 
+def test_build_bank_names_a_config_the_classifier_cannot_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """class_prompts, data.channels or data.image_size that disagree with the classifier's
+    spec stop build-bank before any stage, naming the setting (not a tensor shape)."""
+    import yaml
+
+    from offline.cli import main
+
+    base = yaml.safe_load(_demo_config(REPO / "banks" / "demo" / "classifier.safetensors"))
+    cases = {"class_prompts": (lambda c: c.update(class_prompts=["a", "b", "c"]),
+                               "class_prompts has 3 names, the classifier 10 classes"),
+             "channels": (lambda c: c["data"].update(channels=3),
+                          "data.channels is 3, the classifier takes 1-channel"),
+             "image_size": (lambda c: c["data"].update(image_size=32),
+                            "data.image_size is 32, the classifier takes 28x28")}
+    for name, (change, message) in cases.items():
+        cfg = {**base, "data": dict(base["data"])}
+        change(cfg)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        out = tmp_path / name
+        assert main(["build-bank", "--config", str(path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert not out.exists()
+
+
 def test_build_bank_names_the_torchattacks_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util

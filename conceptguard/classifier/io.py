@@ -139,6 +139,11 @@ def load_classifier(path: Path) -> tuple[SplitClassifier, ClassifierSpec, str]:
     return model.eval(), spec, actual_hash
 
 
+def read_classifier_spec(path: Path) -> ClassifierSpec:
+    """A classifier file's spec, from its metadata alone (no tensor is read)."""
+    return _read_metadata(Path(path))[0]
+
+
 def _read_metadata(path: Path) -> tuple[ClassifierSpec, str]:
     try:
         with safe_open(path, framework="pt") as handle:
