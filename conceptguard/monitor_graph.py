@@ -52,6 +52,16 @@ MONITOR_INPUTS: tuple[str, ...] = OUTPUT_NAMES  # logits, features, concepts
 STATE_KEY = "monitor_graph"  # the safetensors metadata key of MonitorGraph.state()
 
 
+class GraphDisagrees(ValueError):
+    """A written fused graph's scores differ from numpy :func:`~conceptguard.scoring.score`
+    beyond float32's tolerance (:func:`check_fused_graph`); ``problem`` says which score and
+    by how much. build-bank then keeps the classifier graph and numpy scoring."""
+
+    def __init__(self, onnx_path: Path, problem: str):
+        super().__init__(f"{onnx_path} disagrees with score() on the bank's tensors: {problem}")
+        self.problem = problem
+
+
 class NotFusable(ValueError):
     """The monitor holds a detector the fused graph cannot express (no :meth:`~conceptguard.
     detectors.Detector.fused` form, or a form the builder cannot widen): build-bank then
@@ -496,8 +506,9 @@ def add_fused_graph(path: Path | str, opset: int = 17) -> Path:
 
 
 def check_fused_graph(monitor: Monitor, onnx_path: Path, images: np.ndarray) -> None:
-    """Raise ``ValueError`` when the fused graph at ``onnx_path`` disagrees with numpy
-    :func:`~conceptguard.scoring.score` of ``monitor`` on float32 ``images``."""
+    """Raise :class:`GraphDisagrees` when the fused graph at ``onnx_path`` disagrees with
+    numpy :func:`~conceptguard.scoring.score` of ``monitor`` on float32 ``images``
+    (``ValueError`` when it is not a fused graph at all)."""
     from conceptguard.runtime import OnnxRuntime
     from conceptguard.scoring import graph_disagreement, graph_tolerance, score, scores_from_graph
 
@@ -509,5 +520,5 @@ def check_fused_graph(monitor: Monitor, onnx_path: Path, images: np.ndarray) -> 
     atol = graph_tolerance(monitor, o.logits, o.features, o.concepts, ref)
     problem = graph_disagreement(ref, scores_from_graph(o.monitor, monitor.threshold), atol)
     if problem:
-        raise ValueError(f"{onnx_path} disagrees with score() on the bank's tensors: {problem}")
+        raise GraphDisagrees(onnx_path, problem)
 

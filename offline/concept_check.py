@@ -82,7 +82,9 @@ def concept_check(o_ref: np.ndarray, s_ref: np.ndarray, y_ref: np.ndarray,
         "threshold": threshold,
         "competent_pairs": len(competent), "pairs": len(comp["pairs"]),
         "competent_classes": [c for c, e in comp["classes"].items() if e["competent"]],
-        "faithfulness_ratio": round(sum(named_all) / sum(rand_all), 3) if rand_all else None,
+        # None without a random baseline that moved the margin at all (degenerate features)
+        "faithfulness_ratio": (round(sum(named_all) / sum(rand_all), 3)
+                               if rand_all and sum(rand_all) > 0 else None),
         "plausibility": round(hits / n_named, 4) if n_named else None,
         "plausibility_chance": round(float(np.mean(chances)), 4) if chances else None,
         "per_pair": pairs,

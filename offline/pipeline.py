@@ -47,7 +47,12 @@ from conceptguard.data.splits import Splits
 from conceptguard.export import MonitoredClassifier, export_onnx
 from conceptguard.faults import encoder_view_labels, fault_report, zero_shot_labels
 from conceptguard.heatmaps import Heatmaps, binarise, build_heatmaps
-from conceptguard.monitor_graph import check_fused_graph, export_fused_onnx, fusable
+from conceptguard.monitor_graph import (
+    GraphDisagrees,
+    check_fused_graph,
+    export_fused_onnx,
+    fusable,
+)
 from conceptguard.monitor_io import monitor_from_tensors, monitor_tensors
 from conceptguard.projection import project_features, raw_concept_scores
 from conceptguard.runtime import OnnxRuntime
@@ -491,22 +496,29 @@ def tensors_stage(ctx: Context, state: BuildState) -> dict[str, np.ndarray]:
 
 def fused_graph_stage(ctx: Context, state: BuildState) -> FusedGraphOut:
     """The monitor as the bank stores it (float32 tensors) in one graph with the model; or,
-    when a registered detector has no fused form, no graph: the bank is served from
-    ``classifier.onnx`` with numpy scoring, the log and the manifest (``fused_graph``) say
-    why."""
+    when a registered detector has no fused form, or the written graph disagrees with numpy
+    ``score()`` beyond float32's tolerance (a degenerate or extreme classifier), no graph:
+    the bank is served from ``classifier.onnx`` with numpy scoring, the log and the manifest
+    (``fused_graph``) say why."""
     c, path = state.classifier, ctx.staging / bankio.FUSED_ONNX
     stored = monitor_from_tensors(state.tensors, state.calibration.monitor.threshold)
     reason = fusable(stored)
-    if reason is not None:
-        log.warning("no fused graph: %s; the bank serves classifier.onnx with numpy scoring",
-                    reason)
-        print(f"fused graph skipped: {reason} (served: classifier.onnx + numpy scoring)",
-              file=sys.stderr, flush=True)
-        return FusedGraphOut(None, reason)
-    export_fused_onnx(MonitoredClassifier(c.model, state.projection.tensors), stored,
-                      c.spec.input_shape, path)
-    check_fused_graph(stored, path, to_tensor(state.data.ds["test"].images[:64]).numpy())
-    return FusedGraphOut(path)
+    if reason is None:
+        export_fused_onnx(MonitoredClassifier(c.model, state.projection.tensors), stored,
+                          c.spec.input_shape, path)
+        try:
+            check_fused_graph(stored, path,
+                              to_tensor(state.data.ds["test"].images[:64]).numpy())
+            return FusedGraphOut(path)
+        except GraphDisagrees as exc:  # float32 cannot carry this monitor's arithmetic
+            path.unlink(missing_ok=True)
+            reason = (f"the fused graph disagrees with numpy score() on test images "
+                      f"({exc.problem})")
+    log.warning("no fused graph: %s; the bank serves classifier.onnx with numpy scoring",
+                reason)
+    print(f"fused graph skipped: {reason} (served: classifier.onnx + numpy scoring)",
+          file=sys.stderr, flush=True)
+    return FusedGraphOut(None, reason)
 
 
 def build_metrics(ctx: Context, state: BuildState) -> dict:

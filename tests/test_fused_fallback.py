@@ -70,6 +70,50 @@ def test_fused_graph_stage_falls_back_and_says_why(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_fused_graph_that_disagrees_falls_back_too(
+        demo_bank_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A graph written but off from numpy score() beyond its tolerance (float32 that cannot
+    carry a degenerate classifier's arithmetic): removed, and the bank falls back with the
+    check's finding as the reason, instead of the build failing."""
+    from types import SimpleNamespace
+
+    from safetensors.numpy import load_file
+
+    import offline.pipeline as pipeline
+    from conceptguard.monitor_graph import GraphDisagrees
+
+    def write(model, monitor, shape, path: Path) -> None:
+        path.write_bytes(b"graph")
+
+    def disagree(monitor, path: Path, images) -> None:
+        raise GraphDisagrees(path, "p_anomaly differs by 0.0004 (tolerance 0.00035)")
+
+    monkeypatch.setattr(pipeline, "export_fused_onnx", write)
+    monkeypatch.setattr(pipeline, "check_fused_graph", disagree)
+    state = pipeline.BuildState()
+    state.tensors = load_file(str(demo_bank_path / "tensors.safetensors"))
+    state.calibration = SimpleNamespace(  # type: ignore[assignment]
+        monitor=SimpleNamespace(threshold=load_bank(demo_bank_path).monitor.threshold))
+    state.classifier = SimpleNamespace(  # type: ignore[assignment]
+        model=None, spec=SimpleNamespace(input_shape=(1, 28, 28)))
+    state.projection = SimpleNamespace(tensors={})  # type: ignore[assignment]
+    state.data = SimpleNamespace(  # type: ignore[assignment]
+        ds={"test": SimpleNamespace(images=np.zeros((64, 28, 28, 1), np.uint8))})
+    monkeypatch.setattr(pipeline, "MonitoredClassifier", lambda model, tensors: None)
+    ctx = pipeline.Context(load_config(REPO / "configs" / "fashion-mnist-demo.yaml"), None,
+                           progress=False, staging=tmp_path)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="conceptguard.build"):
+        out = pipeline.fused_graph_stage(ctx, state)
+    assert out.path is None
+    assert out.fallback == ("the fused graph disagrees with numpy score() on test images "
+                            "(p_anomaly differs by 0.0004 (tolerance 0.00035))")
+    assert out.manifest_entry()["fallback"] == "classifier.onnx + numpy scoring"
+    assert list(tmp_path.iterdir()) == []  # the written graph is gone
+    assert any("no fused graph: the fused graph disagrees" in r.getMessage()
+               for r in caplog.records)
+
+
 @pytest.fixture
 def fallback_bank(tiny_build: TinyBuild, tmp_path_factory: pytest.TempPathFactory,
                   monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

@@ -92,7 +92,8 @@ def find_linear_head(model: onnx.ModelProto) -> LinearHead:
     what = node.op_type if node is not None else "no node"
     no_head = (f"no detectable head in the ONNX graph: its output {logits!r} comes from "
                f"{what}, not from a final Gemm or MatMul (+ Add) with weight initializers; "
-               "name the penultimate features with --features")
+               "name the penultimate features with --features (the head after them must "
+               "be affine: a model that ends in a softmax is exported without it)")
     if node is None:
         raise ValueError(no_head)
     if node.op_type == "Gemm":
