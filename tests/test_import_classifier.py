@@ -302,7 +302,7 @@ def test_init_refuses_an_empty_class_and_foreign_classes(
     _folder(split / "test", {"ant": 10, "bee": 10})
     code, _, err = _run(capsys, "init", "--data", split, "--classifier", tiny_classifier,
                         "--out", out)
-    assert code == 2 and "test: class folder(s) ['cat'] hold no images" in err, err
+    assert code == 2 and "test: class folder(s) ['cat'] are missing" in err, err
     assert not out.exists()
 
 

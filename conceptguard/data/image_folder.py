@@ -248,6 +248,10 @@ def _check_no_empty_class(folder: Path, classes: list[str], labels: np.ndarray) 
     """Every class sub-folder must hold images (a class without any cannot be monitored)."""
     counts = np.bincount(labels, minlength=len(classes))
     empty = [name for name, n in zip(classes, counts, strict=True) if n == 0]
+    missing = [name for name in empty if not (folder / name).is_dir()]
+    if missing:  # a split folder (test/, say) without a class the other one has
+        raise ValueError(f"{folder}: class folder(s) {missing} are missing; every split "
+                         f"needs a folder for each class {classes}")
     if empty:
         raise ValueError(f"{folder}: class folder(s) {empty} hold no images "
                          f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove them")
