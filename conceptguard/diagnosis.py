@@ -66,14 +66,19 @@ def new_errors(labels: np.ndarray, p: SwapPredictions) -> np.ndarray:
 def swap_shares(labels: np.ndarray, p: SwapPredictions, rows: np.ndarray) -> dict:
     """Of the new errors among ``rows`` (a mask): how many, and the share each swap
     reproduces (the input is also wrong with that component alone swapped in)."""
-    new = rows & new_errors(labels, p)
-    n = int(new.sum())
+    return _shares(rows & new_errors(labels, p), p.candidate_encoder != labels,
+                   p.candidate_head != labels)
+
+
+def _shares(changed: np.ndarray, by_encoder: np.ndarray, by_head: np.ndarray) -> dict:
+    """How many inputs ``changed`` marks, and the share of them each swap reproduces
+    (``by_encoder``, ``by_head``: masks over all inputs)."""
+    n = int(changed.sum())
     if n == 0:
         return {"new_errors": 0, "encoder_share": 0.0, "head_share": 0.0}
-    y = labels[new]
     return {"new_errors": n,
-            "encoder_share": round(float((p.candidate_encoder[new] != y).mean()), 4),
-            "head_share": round(float((p.candidate_head[new] != y).mean()), 4)}
+            "encoder_share": round(float(by_encoder[changed].mean()), 4),
+            "head_share": round(float(by_head[changed].mean()), 4)}
 
 
 def fixed_errors(labels: np.ndarray, p: SwapPredictions) -> np.ndarray:
@@ -85,14 +90,8 @@ def fix_shares(labels: np.ndarray, p: SwapPredictions, rows: np.ndarray) -> dict
     """Of the errors the candidate fixed among ``rows`` (a mask): how many, and the share
     each swap alone also fixes (the input is right with that component alone swapped in);
     the same keys as :func:`swap_shares`, so :func:`changed_verdict` reads either."""
-    fixed = rows & fixed_errors(labels, p)
-    n = int(fixed.sum())
-    if n == 0:
-        return {"new_errors": 0, "encoder_share": 0.0, "head_share": 0.0}
-    y = labels[fixed]
-    return {"new_errors": n,
-            "encoder_share": round(float((p.candidate_encoder[fixed] == y).mean()), 4),
-            "head_share": round(float((p.candidate_head[fixed] == y).mean()), 4)}
+    return _shares(rows & fixed_errors(labels, p), p.candidate_encoder == labels,
+                   p.candidate_head == labels)
 
 
 def changed_verdict(shares: dict, min_new_errors: int = 1, share: float = 0.5,
