@@ -71,9 +71,9 @@ def head_nonlinearity(model, input_shape: tuple[int, ...], n: int = 16, seed: in
     """Why ``model``'s head is not affine in its features, or None: an affine map keeps
     affine combinations, ``h(a z1 + (1 - a) z2) = a h(z1) + (1 - a) h(z2)`` for every
     ``a``, so the head is run on combinations of the features of random inputs and
-    compared with the same combinations of its outputs (a = 0.5, -3, 16, 64).
-    Exact for any feature
-    size with ``n`` inputs (a least-squares fit would need more inputs than features)."""
+    compared with the same combinations of its outputs (a = 0.5, -3, 16, 64). Exact for
+    any feature size with ``n`` inputs (a least-squares fit would need more inputs than
+    features)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)

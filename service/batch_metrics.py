@@ -2,9 +2,9 @@
 (:class:`ModelMetrics`: predictions, rejections, trust and head histograms, the per-concept
 series) and the queue (:class:`QueueObserver`, the batcher's hooks).
 
-A bank's series are written off the request path: the batch function only queues its
-``(scores, concepts)`` (:attr:`ModelMetrics.record` is the queue's own ``append``, a builtin:
-no Python code of this module runs per batch), and :meth:`ModelMetrics.flush` observes
+A bank's series are written off the request path: the data plane only queues each answered
+request's ``(scores, concepts)`` (:attr:`ModelMetrics.record` is the queue's own ``append``,
+a builtin: no Python code of this module runs for it), and :meth:`ModelMetrics.flush` observes
 everything queued since the last flush as one batch (one increment per label set and bucket
 touched: :func:`observe_many`, :func:`observe_rows`), at most every :data:`FLUSH_S` seconds,
 by a daemon thread, on every scrape of this process (so a scrape counts every answer sent
@@ -147,7 +147,8 @@ class QueueObserver:
 class ModelMetrics:
     """Per-bank metric children, resolved once (label lookups are off the request path).
 
-    ``record((scores, concepts))`` queues a scored batch (see the module docstring);
+    ``record((scores, concepts))`` queues the scores of an answered request (see the
+    module docstring);
     :meth:`flush` observes what was queued."""
 
     record: Callable[[tuple[Scores, np.ndarray]], None]
@@ -191,8 +192,8 @@ class ModelMetrics:
         self._pending_pos = np.zeros(len(concepts), dtype=np.float64)
         self._pending_neg = np.zeros(len(concepts), dtype=np.float64)
         self._lock = threading.Lock()
-        # the batches scored since the last flush, in order; appending and popping from
-        # both ends of a deque are atomic, so the batch function never takes a lock
+        # the requests answered since the last flush, in order; appending and popping
+        # from both ends of a deque are atomic, so the request path never takes a lock
         self._queued: collections.deque[tuple[Scores, np.ndarray]] = collections.deque()
         self.record = self._queued.append
         _LIVE.add(self)
