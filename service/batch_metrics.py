@@ -199,6 +199,15 @@ class ModelMetrics:
         _LIVE.add(self)
         _start_flusher()
 
+    def __del__(self) -> None:
+        # A bank replaced by a reload (or an operating point) is dropped once its last
+        # requests are answered: what they queued is written before it goes.
+        try:
+            if self._queued:
+                self.flush()
+        except Exception:  # interpreter shutdown: nothing left to write to
+            pass
+
     def activate(self) -> None:
         """This bank's info series to 1 (its expected rejection rate is published with the
         threshold in use: :func:`service.operating.publish_threshold`)."""

@@ -373,6 +373,21 @@ def test_v1_classify_runs_at_most_7_service_files_and_no_framework_routing() -> 
         assert framework == [], framework
 
 
+def test_a_dropped_banks_queued_requests_are_still_counted() -> None:
+    """The metrics of a bank replaced by a reload go with its last reference (the last
+    request that held it): what its requests queued is written first, not lost."""
+    from prometheus_client import REGISTRY
+
+    from service.batch_metrics import ModelMetrics
+
+    m = ModelMetrics("dropped-test", ["a", "b", "c"], ["k0"], {})
+    s = _scores(5)
+    m.record((s, np.zeros((5, 1), np.float32)))
+    del m  # the last reference: no flush was called
+    assert REGISTRY.get_sample_value("conceptguard_trust_score_count",
+                                     {"model": "dropped-test"}) == 5
+
+
 def test_the_serving_bank_is_the_current_one_once_warmed(monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
     """``RuntimeState.serving`` (what the hot route reads) is None until the bank is
