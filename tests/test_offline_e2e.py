@@ -37,6 +37,15 @@ def test_end_to_end_run_is_complete(built) -> None:
     bank = load_bank(bank_dir)
     assert bank.manifest.name == "tiny-e2e"
     assert bank.manifest.data["splits"]["test"] == 300
+    # what diagnose and inject-faults check the data they read against
+    from conceptguard.data import check_same_data, load_source, make_splits
+    from offline.config import load_config
+
+    cfg = load_config(built[0])
+    train, test = load_source(cfg.data)
+    splits = make_splits(len(train), len(test), cfg.splits)
+    assert len(bank.manifest.data["sample_digest"]) == 64
+    check_same_data(bank.manifest.data, train, test, splits, cfg.data.root)  # the same data
     assert bank.fused_onnx_path == bank_dir / "monitor.onnx"  # checked against score()
     assert "fused_graph" in bank.manifest.timings_s
     for png in ("model_ok.png", "model_diff.png", "vlm_ok.png", "auroc.png"):
