@@ -22,6 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,26 @@ def ema_update(start: float, values: np.ndarray, alpha: float = EMA_ALPHA) -> fl
     return float((1.0 - alpha) ** n * start + alpha * (decay @ values))
 
 
+_OBSERVED = ("predictions", "reject", "trust", "paper_rule_reject", "p_misclassification",
+             "p_anomaly", "p_adversarial", "p_unfamiliar")
+
+
+@dataclass(frozen=True)
+class _Observed:
+    """The fields of :class:`~conceptguard.scoring.Scores` a flush observes, of many
+    requests joined (what :meth:`ModelMetrics._observe` reads)."""
+
+    predictions: np.ndarray
+    reject: np.ndarray
+    trust: np.ndarray
+    paper_rule_reject: np.ndarray
+    p_misclassification: np.ndarray
+    p_anomaly: np.ndarray
+    p_adversarial: np.ndarray
+    p_unfamiliar: np.ndarray
+    reason: list[str]
+
+
 class QueueObserver:
     """Batcher hooks -> queue depth, queue wait, batch size, queue-full counter."""
 
@@ -236,7 +257,11 @@ class ModelMetrics:
             return None
         if len(parts) == 1:
             return parts[0]
-        return (Scores.concat([p[0] for p in parts]),
+        # only what _observe reads (not the probabilities, risks or contributions)
+        joined = {name: np.concatenate([getattr(p[0], name) for p in parts])
+                  for name in _OBSERVED}
+        observed = _Observed(reason=[r for p in parts for r in p[0].reason], **joined)
+        return (observed,  # type: ignore[return-value]  # the fields of Scores _observe reads
                 np.concatenate([np.asarray(p[1], dtype=np.float64) for p in parts]))
 
     def _observe(self, scores: Scores, concepts: np.ndarray) -> None:
