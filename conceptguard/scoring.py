@@ -74,11 +74,18 @@ class Scores:
         return len(self.trust)
 
     def rows(self, index: slice | Sequence[int] | np.ndarray) -> Scores:
-        """The scores of some inputs: a slice gives views (no copy), indices copy."""
+        """The scores of some inputs: a slice gives views (no copy), indices or a boolean
+        mask (one entry per input) copy."""
         if isinstance(index, slice):
             reason = self.reason[index]
         else:
-            index = np.asarray(index, dtype=np.intp)
+            index = np.asarray(index)
+            if index.dtype == bool:  # a mask, not 0/1 indices
+                if index.shape != (len(self),):
+                    raise ValueError(f"a boolean mask over {len(self)} inputs, got shape "
+                                     f"{index.shape}")
+                index = np.flatnonzero(index)
+            index = index.astype(np.intp, copy=False)
             reason = [self.reason[i] for i in index.tolist()]
         return Scores(
             probabilities=self.probabilities[index], predictions=self.predictions[index],

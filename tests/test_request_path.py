@@ -182,6 +182,11 @@ def test_scores_rows_and_concat_round_trip() -> None:
     assert Scores.concat([s]) is s
     with pytest.raises(ValueError):
         Scores.concat([])
+    mask = np.zeros(6, bool)
+    mask[[1, 4]] = True  # a boolean mask picks those rows, not rows 0 and 1
+    assert _equal(s.rows(mask), s.rows([1, 4]))
+    with pytest.raises(ValueError, match="boolean mask over 6 inputs"):
+        s.rows(np.ones(5, bool))
 
 
 def test_every_error_is_one_base_with_status_and_code() -> None:
