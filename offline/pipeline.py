@@ -533,9 +533,9 @@ def report_stage(ctx: Context, state: BuildState) -> bankio.Manifest:
     manifest = make_manifest(ctx.cfg, metrics, state.vlm.concept_set, c.spec, c.hash,
                              state.data.splits, state.heatmaps.model, fitted.info,
                              fitted.monitor.threshold, state.data.classes,
-                             state.vlm.T.shape[1], c.model.feature_dim)
+                             state.vlm.T.shape[1], c.model.feature_dim,
+                             state.data.sample_digest)
     manifest.concept_competence = state.concept_check[0]
-    manifest.data["sample_digest"] = state.data.sample_digest  # what diagnose checks
     manifest.fused_graph = state.fused_graph.manifest_entry()
     write_report(ctx.staging / "report", manifest, state.tensors, metrics)
     return manifest
@@ -679,7 +679,7 @@ THRESHOLD_SCALE = ("value: on the calibrated scale of the trust the service retu
 
 def make_manifest(cfg: JobConfig, metrics: dict, cs: ConceptSet, cspec, chash: str, splits,
                   hm: Heatmaps, calib_info: dict, threshold: float, classes: list[str],
-                  vlm_dim: int, feature_dim: int) -> bankio.Manifest:
+                  vlm_dim: int, feature_dim: int, sample_digest: str) -> bankio.Manifest:
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     return bankio.Manifest(
         schema_version=bankio.SCHEMA_VERSION,
@@ -699,7 +699,8 @@ def make_manifest(cfg: JobConfig, metrics: dict, cs: ConceptSet, cspec, chash: s
         dims=bankio.Dims(classes=len(classes), concepts=len(cs.concepts),
                          features=feature_dim, vlm=int(vlm_dim)),
         data={"spec": json.loads(cfg.data.model_dump_json()), "splits": splits.summary(),
-              "splits_digest": splits.digest(), "seed": cfg.seed},
+              "splits_digest": splits.digest(), "seed": cfg.seed,
+              "sample_digest": sample_digest},  # what diagnose and inject-faults check
         attacks=[{"name": a.name, **a.model_dump()} for a in cfg.adversarial.attacks],
         heatmaps={"min_count": cfg.heatmaps.min_count, "delta": cfg.heatmaps.delta,
                   "split": "reference",

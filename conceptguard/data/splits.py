@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,8 +136,6 @@ def check_same_data(recorded: dict[str, Any], train: Any, test: Any, splits: Spl
     if expected is None or recorded.get("splits_digest") != splits.digest():
         return
     if sample_digest(train, test, splits) != expected:
-        from pathlib import Path
-
         where = "" if root is None else (
             f" at {Path(root).resolve()}" + ("" if Path(root).is_absolute() else
                                               f" (data.root {root!s} is relative: it "
