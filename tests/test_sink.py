@@ -272,6 +272,9 @@ def test_replayed_events_are_monitored_and_bad_ones_refused(
                         type="request", result="monitored")
     text = _wait_metric(srv, "conceptguard_sink_events_total", 1, type="request",
                         result="failed")
+    # a scrape writes its own worker's queued scores; the other worker's within FLUSH_S
+    text = _wait_metric(srv, "conceptguard_predictions_total",
+                        want["classified"] + want["inputs"])
     assert metric_sum(text, "conceptguard_sink_events_total", type="request",
                       result="monitored") == want["requests"]
     assert metric_sum(text, "conceptguard_predictions_total") == want["classified"] + want[
