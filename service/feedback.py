@@ -171,10 +171,9 @@ class SeenStore:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._db = connect(path)
-        self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, "
-                         "ts INTEGER NOT NULL)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts)")
+        self._db = connect(path, ("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, "
+                                  "ts INTEGER NOT NULL)",
+                                  "CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts)"))
         self._next_purge = 0.0
         self._count = 0
 

@@ -253,11 +253,10 @@ class Pairs:
         self.expired = 0
         self.evicted = 0
         self._lock = threading.Lock()
-        self._db = connect(path)
-        self._db.execute("CREATE TABLE IF NOT EXISTS halves (id TEXT PRIMARY KEY, "
-                         "at REAL NOT NULL, monitored TEXT, served TEXT, "
-                         "unreadable INTEGER NOT NULL DEFAULT 0)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS halves_at ON halves (at)")
+        self._db = connect(path, ("CREATE TABLE IF NOT EXISTS halves (id TEXT PRIMARY KEY, "
+                                  "at REAL NOT NULL, monitored TEXT, served TEXT, "
+                                  "unreadable INTEGER NOT NULL DEFAULT 0)",
+                                  "CREATE INDEX IF NOT EXISTS halves_at ON halves (at)"))
 
     def __len__(self) -> int:
         with self._lock:

@@ -153,15 +153,15 @@ def _per_pid_requests(multiproc_dir: Path, endpoint: str) -> Counter[str]:
     return counts
 
 
-async def _spread(url: str, png: bytes, n: int) -> list[int]:
-    """``n`` requests, each on its own connection, eight at a time."""
+async def _spread(url: str, png: bytes, n: int) -> list[tuple[int, str]]:
+    """``n`` requests, each on its own connection, eight at a time: (status, body) each."""
     sem = asyncio.Semaphore(8)
 
-    async def one() -> int:
+    async def one() -> tuple[int, str]:
         async with sem, httpx.AsyncClient(base_url=url, timeout=60.0) as ac:
             r = await ac.post("/v1/classify", files={"file": ("x.png", png, "image/png")},
                               headers={"Connection": "close"})
-            return r.status_code
+            return r.status_code, "" if r.status_code == 200 else r.text
 
     return await asyncio.gather(*(one() for _ in range(n)))
 
@@ -171,8 +171,9 @@ def test_metrics_count_requests_from_every_worker(multiworker_server: ServerProc
     mp = Path(multiworker_server.env["PROMETHEUS_MULTIPROC_DIR"])
     sent = 0
     for _ in range(5):  # the kernel picks the worker; keep going until both served some
-        statuses = asyncio.run(_spread(multiworker_server.url, sample_png, 16))
-        assert statuses == [200] * 16
+        answers = asyncio.run(_spread(multiworker_server.url, sample_png, 16))
+        failed = [a for a in answers if a[0] != 200]
+        assert not failed, f"{failed}\n{multiworker_server.log_tail()}"
         sent += 16
         if len(_per_pid_requests(mp, "/v1/classify")) >= 2:
             break
