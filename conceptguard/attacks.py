@@ -11,6 +11,7 @@ Every attack is untargeted against the true label. Families (``kind``):
 | cw | L2, minimal perturbation | CW | c, steps, lr |
 | deepfool | L2, minimal perturbation | DeepFool | steps, overshoot 0.02 |
 | square | L-inf, score-based black box | Square | eps, steps = queries |
+| pixle | L0, black box: moves pixel patches | Pixle | patch (side), steps = restarts |
 
 Adversarial images are rounded to uint8 afterwards, as a client would send them.
 """
@@ -25,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
-AttackKind = Literal["fgsm", "pgd", "apgd", "pgd_l2", "cw", "deepfool", "square"]
+PIXLE_ITERATIONS = 5  # pixle: patch moves tried per restart
+
+AttackKind = Literal["fgsm", "pgd", "apgd", "pgd_l2", "cw", "deepfool", "square", "pixle"]
 
 
 class AttackSpec(BaseModel):
@@ -40,10 +43,19 @@ class AttackSpec(BaseModel):
     step_size: float | None = None  # pgd / pgd_l2: default 2.5 * eps / steps
     c: float = Field(1.0, gt=0)  # cw: weight of the classification loss
     lr: float = Field(0.05, gt=0)  # cw: Adam learning rate
+    patch: int = Field(3, ge=1)  # pixle: the largest side of a moved patch, in pixels
 
     @property
     def family(self) -> str:
         return self.kind
+
+    def cache_fields(self) -> dict:
+        """The spec as the attack caches key it: ``patch`` only for ``pixle`` (it came
+        later; the other kinds' entries keep their keys)."""
+        fields = self.model_dump()
+        if self.kind != "pixle":
+            del fields["patch"]
+        return fields
 
     @property
     def name(self) -> str:
@@ -51,6 +63,8 @@ class AttackSpec(BaseModel):
             return f"cw_c{self.c:g}"
         if self.kind == "deepfool":
             return "deepfool"
+        if self.kind == "pixle":
+            return f"pixle_p{self.patch}"
         return f"{self.kind}_eps{self.eps:g}"
 
 
@@ -92,6 +106,10 @@ def build_attack(model: nn.Module, spec: AttackSpec):
             return torchattacks.DeepFool(model, steps=spec.steps, overshoot=0.02)
         case "square":
             return torchattacks.Square(model, eps=spec.eps, n_queries=spec.steps)
+        case "pixle":  # sparse: a few patches of the image copied elsewhere in it
+            return torchattacks.Pixle(model, x_dimensions=(1, spec.patch),
+                                      y_dimensions=(1, spec.patch), restarts=spec.steps,
+                                      max_iterations=PIXLE_ITERATIONS)
     raise ValueError(f"unknown attack kind {spec.kind!r}")
 
 
@@ -120,6 +138,11 @@ def attack_batch(attack, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.T
     the result depends on the batch's rows and ``seed`` only, so any engine that gives the
     attack the same batches gets the same images."""
     torch.manual_seed(seed)
-    # contiguous: an NHWC batch permuted to NCHW is a strided view, and torchattacks' L2
-    # attacks ``view`` their random start (of the same strides) flat, which fails for RGB
-    return attack(x.contiguous(), y).detach().clamp(0.0, 1.0)
+    saved = np.random.get_state()  # Pixle draws from numpy's global generator
+    np.random.seed(seed % (1 << 32))
+    try:
+        # contiguous: an NHWC batch permuted to NCHW is a strided view, and torchattacks' L2
+        # attacks ``view`` their random start (of the same strides) flat, which fails for RGB
+        return attack(x.contiguous(), y).detach().clamp(0.0, 1.0)
+    finally:
+        np.random.set_state(saved)

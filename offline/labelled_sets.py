@@ -82,7 +82,7 @@ def attacked(m: ServeAndAttack, key: dict, ds: ArrayDataset, clean: Batch,
     chosen = _pick(len(ds), n, seed, correct)
     if len(chosen) == 0:
         return clean.select(np.zeros(len(clean), bool)).tagged("attack", spec.family), 0
-    images = m.attack({**key, "attack": spec.model_dump(), "index": chosen.tolist()},
+    images = m.attack({**key, "attack": spec.cache_fields(), "index": chosen.tolist()},
                       ds.images[chosen], ds.labels[chosen], spec, seed)
     return m.served(images, ds.labels[chosen]).tagged("attack", spec.family, chosen), \
         len(images)

@@ -116,7 +116,7 @@ class BuildModels:
         return self.ctx.map("attack", columns, keep=("adversarial:images",),
                             cache=("adversarial-images", {**key, "seed": seed}),
                             classifier=str(self.classifier),
-                            attack=spec.model_dump())["images"]
+                            attack=spec.cache_fields())["images"]
 
 
 def _digest(*arrays: np.ndarray) -> str:

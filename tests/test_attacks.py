@@ -49,3 +49,26 @@ def test_fgsm_raises_loss_and_is_deterministic(demo_bank_path) -> None:
         yt = torch.as_tensor(y)
         assert F.cross_entropy(model(a1), yt) > F.cross_entropy(model(x), yt)
     assert_f32_close(float((a1 - x).abs().max()), 0.05, terms=2, scale=1.0)  # pixels in [0, 1]
+
+
+@pytest.mark.slow  # two runs of a 5-restart black-box search on 64 images
+def test_pixle_is_sparse_flips_some_predictions_and_is_seeded(demo_bank_path) -> None:
+    # the sparse (L0) kind: patches of the image's own pixels moved elsewhere in it
+    model, x, y = _setup(demo_bank_path)
+    x, y = x[:64], y[:64]
+    spec = AttackSpec(kind="pixle", patch=3, steps=5)
+    a1 = run_attack(model, x, y, spec, seed=3, progress=False)
+    a2 = run_attack(model, x, y, spec, seed=3, progress=False)
+    assert torch.equal(a1, a2)
+    changed = ((a1 - x).abs() > 0).flatten(1).sum(1)
+    assert int(changed.max()) <= x[0].numel() // 10  # a few patches, not the whole image
+    with torch.no_grad():
+        flipped = (model(a1).argmax(1).numpy() != y).mean()
+    assert flipped > 0.0
+
+
+def test_only_pixle_keys_its_cache_by_patch() -> None:
+    # adding the patch field kept the cache keys of every earlier kind
+    assert "patch" not in AttackSpec(kind="pgd").cache_fields()
+    assert AttackSpec(kind="pixle", patch=5).cache_fields()["patch"] == 5
+    assert AttackSpec(kind="pixle", patch=5).name == "pixle_p5"
