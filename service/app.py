@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,6 +31,7 @@ from service.admission_hold import gate as admission_gate
 from service.dataplane import DataPlane
 from service.docs_route import router as docs_router
 from service.errors import ServiceError, as_service_error, error_response
+from service.feedback import app_book
 from service.lifecycle import SharedBank, bound_heap, drain_on_sigterm, raise_file_limit
 from service.logs import ensure_log_handler
 from service.middleware import ServiceMiddleware, lone_request
@@ -45,6 +47,7 @@ from service.routes_v2 import HOT_ROUTES as V2_HOT_ROUTES
 from service.routes_v2 import router as v2_router
 from service.runtime_state import RuntimeState
 from service.settings import Settings, SettingsError, load_settings
+from service.shared_state import state_folder
 
 log = logging.getLogger("conceptguard.service")
 
@@ -119,6 +122,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dataplane = dataplane
         admission_gate().bind(dataplane.saturated, s.queue_size)  # service.protocol's holds
         app.state.v2_stats = ModelStats()
+        # the feedback store (its key and its SQLite table, shared by the workers through
+        # the state folder) is opened now, in a thread: not by a first request on the loop
+        try:
+            await anyio.to_thread.run_sync(app_book, app)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("conceptguard: cannot open the feedback store in the state folder %s "
+                      "(CONCEPTGUARD_STATE_DIR, else PROMETHEUS_MULTIPROC_DIR): %s",
+                      state_folder(), exc)
+            raise
         metrics_export.initialise(app)
         grpc_server = await start_grpc(s, state, dataplane, app.state.v2_stats)
         shared = SharedBank.from_env(s)

@@ -338,3 +338,39 @@ def test_receipts_survive_a_restart_and_a_new_key_refuses_them(
     third = server_factory(extra_env=env, settings={"feedback_key": "another key, 16+ chars"})
     refused = _feedback(third.url, {"receipt": results[2]["receipt"], "label": 1})
     assert refused.status_code == 403
+
+
+def test_the_feedback_store_is_opened_at_startup_not_by_a_first_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_bank_dir: Path) -> None:
+    # several workers opening it on their first requests raced for the database's lock
+    # (a 500 for the loser); at startup each waits its turn, off the event loop
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    monkeypatch.setenv("CONCEPTGUARD_STATE_DIR", str(tmp_path))
+    app = create_app(Settings(bank=demo_bank_dir, grpc_port=0))
+    with TestClient(app):  # the lifespan ran; no request was sent
+        assert app.state.feedback_book is not None
+        assert (tmp_path / SEEN_FILE).is_file() and (tmp_path / KEY_FILE).is_file()
+        tables = sqlite3.connect(tmp_path / SEEN_FILE).execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        assert ("seen",) in tables
+
+
+def test_an_unusable_state_folder_stops_the_startup_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_bank_dir: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    (tmp_path / SEEN_FILE).mkdir()  # a folder where the database file should be
+    monkeypatch.setenv("CONCEPTGUARD_STATE_DIR", str(tmp_path))
+    app = create_app(Settings(bank=demo_bank_dir, grpc_port=0))
+    with pytest.raises(sqlite3.Error), TestClient(app):
+        pass
+    assert "cannot open the feedback store in the state folder" in caplog.text
+    assert str(tmp_path) in caplog.text
