@@ -8,6 +8,7 @@ Works with several uvicorn workers: when ``PROMETHEUS_MULTIPROC_DIR`` is set (be
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -83,12 +84,24 @@ def _forget_dead_workers(folder: str) -> None:
         if m is None:
             continue
         pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             multiprocess.mark_process_dead(pid, folder)
-        except PermissionError:
-            pass
+
+
+def process_alive(pid: int) -> bool:
+    """False for a process that is gone, and for one that has exited and waits to be reaped
+    (a zombie: a worker killed a moment ago, before the supervisor noticed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:  # no procfs here, or it went meanwhile: the signal's answer stands
+        return True
+    return stat.rpartition(b")")[2].split()[:1] != [b"Z"]
 
 
 def render() -> tuple[bytes, str]:

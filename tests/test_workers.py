@@ -10,7 +10,7 @@ import glob
 import os
 import shutil
 import signal
-import tempfile
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -33,12 +33,21 @@ pytestmark = pytest.mark.slow  # multi-worker servers, a worker killed
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def _children(pid: int) -> list[int]:
+def _workers(pid: int) -> list[int]:
+    """The uvicorn worker processes of the supervisor ``pid``: its spawned children (not
+    multiprocessing's resource tracker, which it starts first)."""
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     except OSError:
         return []
-    return [int(p) for p in text.split()]
+    workers = []
+    for child in (int(p) for p in text.split()):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+        except OSError:  # it exited meanwhile
+            pass
+    return workers
 
 
 def _images(n: int, seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -47,22 +56,26 @@ def _images(n: int, seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:
                        "image/png")) for i in range(n)]
 
 
-def _tmp_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "conceptguard-prom-*")))
+def _tmp_dirs(folder: Path) -> set[str]:
+    return set(glob.glob(os.path.join(folder, "conceptguard-prom-*")))
 
 
 def test_two_workers_drain_reload_and_clean_up(tmp_path: Path, demo_bank_dir: Path) -> None:
     root = tmp_path / "banks"
     shutil.copytree(demo_bank_dir, root / "demo")
     shutil.copytree(demo_bank_dir, root / "v2")
-    before_tmp = _tmp_dirs()
+    # the server's own temporary folder: another test's server (on the other xdist worker)
+    # may make its conceptguard-prom-* folder in the shared /tmp meanwhile
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     srv = launch_server(tmp_path / "logs", bank=root / "demo", workers=2, use_cli=True,
                         settings={"admin_token": ADMIN_TOKEN, "banks_root": root,
-                                  "max_wait_ms": 20})
+                                  "max_wait_ms": 20}, extra_env={"TMPDIR": str(tmp)})
     try:
         wait_ready(srv)
+        assert len(_tmp_dirs(tmp)) == 1  # the CLI's multiprocess folder, in this TMPDIR
         deadline = time.monotonic() + 120
-        while len(_children(srv.process.pid)) < 2 and time.monotonic() < deadline:
+        while len(_workers(srv.process.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         with srv.client(timeout=120) as c:
             # wait_ready waited for both workers to serve (one bank_info per pid)
@@ -118,7 +131,7 @@ def test_two_workers_drain_reload_and_clean_up(tmp_path: Path, demo_bank_dir: Pa
         assert answered, results
     finally:
         srv.stop()
-    assert _tmp_dirs() <= before_tmp, "a conceptguard-prom-* folder was left in /tmp"
+    assert not _tmp_dirs(tmp), "a conceptguard-prom-* folder was left in the temporary folder"
 
 
 def test_queue_depth_forgets_a_killed_worker(tmp_path: Path) -> None:
@@ -146,9 +159,9 @@ def test_queue_depth_forgets_a_killed_worker(tmp_path: Path) -> None:
             return out
 
         deadline = time.monotonic() + 60
-        while len(_children(srv.process.pid)) < 2 and time.monotonic() < deadline:
+        while len(_workers(srv.process.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        victim = _children(srv.process.pid)[0]
+        victim = _workers(srv.process.pid)[0]
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(load, i) for i in range(16)]
             try:
@@ -164,8 +177,28 @@ def test_queue_depth_forgets_a_killed_worker(tmp_path: Path) -> None:
         assert 200 in answered, answered[:20]
         # the supervisor restarts the worker; the dead one's gauge must not linger
         wait_ready(srv)
+        assert victim not in _workers(srv.process.pid)
         text = httpx.get(f"{srv.url}/metrics", timeout=30).text
         assert metric_sum(text, "conceptguard_queue_depth") == 0, text
         assert not glob.glob(str(mp / f"gauge_live*_{victim}.db"))
     finally:
         srv.stop()
+
+
+def test_an_exited_process_not_yet_reaped_counts_as_dead() -> None:
+    # a worker killed a moment ago is a zombie until its supervisor reaps it: its live
+    # gauges (queue depth, bank info) must go at once, not after the reaping
+    from service.metrics_export import process_alive
+
+    child = subprocess.Popen(["true"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 10
+        while stat.read_bytes().rpartition(b")")[2].split()[0] != b"Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        assert not process_alive(child.pid)  # exited, not reaped: os.kill(pid, 0) succeeds
+    finally:
+        child.wait()
+    assert not process_alive(child.pid)
+    assert process_alive(os.getpid())
