@@ -327,7 +327,9 @@ class ModelMetrics:
     def flush(self) -> None:
         """Observe the batches queued since the last flush, in order, and write the concept
         observations accumulated (and the moving averages) to their Prometheus series. One
-        flush at a time (the moving averages depend on the order)."""
+        flush at a time (the moving averages depend on the order), written before the lock
+        is let go: a scrape's flush that finds nothing left to drain (another flush took it)
+        waits for those writes instead of rendering without them."""
         with self._lock:
             batch = self._drain()
             if batch is not None:
@@ -339,14 +341,14 @@ class ModelMetrics:
             self._pending_n, self._pending_sums = 0, np.zeros_like(sums)
             self._pending_pos, self._pending_neg = np.zeros_like(pos), np.zeros_like(neg)
             means = self._ema.tolist() if self._ema is not None else []
-        for child, total in zip(self._concepts, sums.tolist(), strict=True):
-            observe_summary_many(child, n, total)
-        for (c_pos, c_neg), p, q in zip(self._concept_parts, pos.tolist(), neg.tolist(),
-                                        strict=True):
-            c_pos.inc(p)
-            c_neg.inc(q)
-        for child, m in zip(self._concept_means, means, strict=True):
-            child.set(m)
+            for child, total in zip(self._concepts, sums.tolist(), strict=True):
+                observe_summary_many(child, n, total)
+            for (c_pos, c_neg), p, q in zip(self._concept_parts, pos.tolist(), neg.tolist(),
+                                            strict=True):
+                c_pos.inc(p)
+                c_neg.inc(q)
+            for child, m in zip(self._concept_means, means, strict=True):
+                child.set(m)
 
 
 FLUSH_S = 1.0  # a bank's series lag the served inputs by at most this (a scrape: none)

@@ -7,6 +7,7 @@ Works with several uvicorn workers: when ``PROMETHEUS_MULTIPROC_DIR`` is set (be
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,6 @@ def _route_paths(routes: Any) -> list[str]:
 
 def _forget_dead_workers(folder: str) -> None:
     """Drop the live gauges of workers that died without cleaning up (SIGKILL, OOM)."""
-    import glob
     import re
 
     for path in glob.glob(os.path.join(folder, "gauge_live*_*.db")):
@@ -104,13 +104,29 @@ def process_alive(pid: int) -> bool:
     return stat.rpartition(b")")[2].split()[:1] != [b"Z"]
 
 
+class _WorkerFilesCollector(multiprocess.MultiProcessCollector):
+    """prometheus_client's collector over the workers' files, less the empty ones: a worker
+    creates a file empty and sizes it a moment later, and read in that moment it fails the
+    whole scrape (``struct.error``). An empty file holds no sample yet."""
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+            except OSError:  # removed meanwhile (a dead worker's live gauges)
+                pass
+        return self.merge(files, accumulate=True)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text for ``/metrics`` (aggregated over workers in multiprocess mode)."""
     flush_all()
     if folder := multiprocess_dir():
         _forget_dead_workers(folder)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        _WorkerFilesCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 

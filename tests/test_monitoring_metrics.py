@@ -8,6 +8,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from prometheus_client import REGISTRY
 
 from conceptguard.scoring import Scores
@@ -164,3 +165,37 @@ def test_queue_capacity_and_feedback_counters() -> None:
                   reason="unfamiliar") == 1
     assert _value(model, "conceptguard_feedback_correct_total", decision="accept",
                   reason="accepted") == 1
+
+
+def test_a_flush_that_finds_nothing_waits_for_the_writes_of_one_in_progress(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a scrape flushes before it renders: when the background flusher has just drained the
+    # queue, the scrape must still see what that flush writes (else a scrape right after an
+    # answer could miss its concept series)
+    import threading
+
+    from service import batch_metrics
+
+    m = ModelMetrics("mon-lock", ["a", "b", "c"], ["k0"], {})
+    writing, release = threading.Event(), threading.Event()
+    real = batch_metrics.observe_summary_many
+
+    def slow(child: object, n: int, total: float) -> None:
+        writing.set()
+        release.wait(10.0)
+        real(child, n, total)
+
+    monkeypatch.setattr(batch_metrics, "observe_summary_many", slow)
+    m.record((_scores(10, 7), np.ones((10, 1), dtype=np.float32)))
+    background = threading.Thread(target=m.flush)
+    background.start()
+    assert writing.wait(10.0)  # the background flush drained the queue and is writing
+    scrape_done = threading.Event()
+    scrape = threading.Thread(target=lambda: (m.flush(), scrape_done.set()))
+    scrape.start()
+    assert not scrape_done.wait(0.2)  # it waits for the writes in progress
+    release.set()
+    background.join(10.0)
+    scrape.join(10.0)
+    assert scrape_done.is_set()
+    assert _value("mon-lock", "conceptguard_concept_score_count", concept="k0") == 10

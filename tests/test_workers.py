@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 
 from tests.conftest import (
     ADMIN_TOKEN,
+    REPO,
     encode_png,
     launch_server,
     metric_sum,
@@ -202,3 +204,22 @@ def test_an_exited_process_not_yet_reaped_counts_as_dead() -> None:
         child.wait()
     assert not process_alive(child.pid)
     assert process_alive(os.getpid())
+
+
+def test_a_scrape_skips_a_metrics_file_a_worker_is_still_creating(tmp_path: Path) -> None:
+    # a worker creates its file empty and sizes it a moment later; read in that moment it
+    # failed the whole scrape (struct.error: a 500 on /metrics)
+    code = (
+        "from service import metrics\n"
+        "from service.metrics_export import render\n"
+        "metrics.REQUESTS.labels('/v1/classify', '200').inc(3)\n"
+        "open(r'%s', 'wb').close()\n"  # another worker's file, created this instant
+        "body, _ = render()\n"
+        "print(body.decode())\n"
+    ) % (tmp_path / "counter_999999.db")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=60,
+                         env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert metric_sum(out.stdout, "conceptguard_requests_total", endpoint="/v1/classify",
+                      status="200") == 3
