@@ -166,6 +166,18 @@ def serving_pids(metrics_text: str) -> set[str]:
             if v == 1}
 
 
+def _serving_now(server: ServerProcess) -> set[str]:
+    """:func:`serving_pids` of one scrape; none while a scrape fails (a worker starting
+    may be creating its metrics files as another worker reads them)."""
+    r = httpx.get(f"{server.url}/metrics", timeout=5.0)
+    if r.status_code != 200:
+        return set()
+    try:
+        return serving_pids(r.text)
+    except ValueError:
+        return set()
+
+
 def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> ServerProcess:
     """Poll ``/v2/health/ready`` until 200, and with several workers until every one of them
     serves its bank (a ready answer comes from whichever worker took the connection); fail
@@ -177,8 +189,7 @@ def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> Serve
                                f"{server.log_tail()}")
         try:
             if httpx.get(f"{server.url}/v2/health/ready", timeout=2.0).status_code == 200 \
-                    and (server.workers <= 1 or len(serving_pids(httpx.get(
-                        f"{server.url}/metrics", timeout=5.0).text)) >= server.workers):
+                    and (server.workers <= 1 or len(_serving_now(server)) >= server.workers):
                 return server
         except httpx.HTTPError:
             pass

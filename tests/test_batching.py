@@ -18,17 +18,21 @@ T = TypeVar("T")
 class Recorder:
     """A real batch function: doubles its inputs and records each batch's size."""
 
-    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None):
+    def __init__(self, delay_s: float = 0.0, fail_on: int | None = None,
+                 gate: threading.Event | None = None):
         self.sizes: list[int] = []
         self.calls: list[list[int]] = []
         self.delay_s = delay_s
         self.fail_on = fail_on
+        self.gate = gate  # when given, every batch waits for it (at most 30 s)
         self.lock = threading.Lock()
 
     def __call__(self, items: list[int]) -> list[int]:
         with self.lock:
             self.sizes.append(len(items))
             self.calls.append(list(items))
+        if self.gate is not None:
+            self.gate.wait(30.0)
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.fail_on is not None and self.fail_on in items:
@@ -149,7 +153,8 @@ def test_exception_is_set_on_every_future_of_the_batch() -> None:
 
 
 def test_queue_full_raises_and_counts() -> None:
-    fn = Recorder(delay_s=0.2)
+    gate = threading.Event()  # the first batch runs until the queue was found full
+    fn = Recorder(gate=gate)
     obs = Observed()
 
     async def main() -> None:
@@ -162,6 +167,7 @@ def test_queue_full_raises_and_counts() -> None:
             with pytest.raises(QueueFull) as info:
                 await b.submit([4])
             assert info.value.capacity == 3 and info.value.pending == 3
+            gate.set()
             assert await first == [2, 4, 6]
             assert b.pending == 0
             assert await b.submit([4]) == [8]  # room again

@@ -177,7 +177,13 @@ def test_metrics_count_requests_from_every_worker(multiworker_server: ServerProc
         sent += 16
         if len(_per_pid_requests(mp, "/v1/classify")) >= 2:
             break
+    # a worker counts a request once its answer is sent: the last counts may trail the
+    # answers the client already has by a moment
+    deadline = time.monotonic() + 10.0
     per_pid = _per_pid_requests(mp, "/v1/classify")
+    while sum(per_pid.values()) < sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+        per_pid = _per_pid_requests(mp, "/v1/classify")
     assert len(per_pid) >= 2, f"only one worker served requests: {per_pid}"
     assert sum(per_pid.values()) == sent
     # a scrape flushes its own worker's queued batches; the other worker's are written by
