@@ -32,10 +32,19 @@ READY_TIMEOUT_S = 120.0
 # ---------------------------------------------------------------- helpers
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and not handed out before in this process (a server binds its HTTP
+    and gRPC ports seconds later: the kernel may offer the same free port twice)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def encode_png(array: np.ndarray) -> bytes:

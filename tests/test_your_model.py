@@ -81,8 +81,8 @@ def _serve_and_check(serve: str, check: str, cwd: Path) -> str:
     serve = serve.replace("--port 8000", f"--port {port}")
     check = check.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
     log = (cwd / "serve.log").open("w")
-    proc = subprocess.Popen(_argv(serve), cwd=cwd, env=_env(), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(_argv(serve), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**_env(), "CONCEPTGUARD_GRPC_PORT": str(free_port())})
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
