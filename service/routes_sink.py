@@ -85,10 +85,13 @@ class Sink:
             metrics.SINK_PAIRS.labels("disagree").inc(result.disagree)
 
 
-def _sink(request: Request) -> Sink:
+async def _sink(request: Request) -> Sink:
     sink: Sink | None = getattr(request.app.state, "sink", None)
     if sink is None:
-        sink = request.app.state.sink = Sink()
+        # opening the pairing table may wait on another worker's lock: not on the loop
+        made = await anyio.to_thread.run_sync(Sink)
+        sink = getattr(request.app.state, "sink", None) or made  # the first one made wins
+        request.app.state.sink = sink
     if sink.task is None or sink.task.done():
         dp: DataPlane = request.app.state.dataplane
         sink.task = asyncio.get_running_loop().create_task(_drain(sink, dp),
@@ -158,7 +161,7 @@ async def events(request: Request) -> JSONResponse:
         state: RuntimeState = request.app.state.runtime_state
         loaded = state.require()
         payload = parse_json(await request.body())
-        sink = _sink(request)
+        sink = await _sink(request)
         if head.kind == "response":
             served = served_predictions(payload, list(loaded.classes))
             try:

@@ -379,3 +379,38 @@ def test_sink_answers_before_scoring(server: ServerProcess) -> None:
         assert c.post("/v1/events", headers=h, content=b).status_code == 202
         assert c.post("/v1/events", content=b"{}",
                       headers={"content-type": "application/json"}).status_code == 400
+
+
+def test_the_pairing_table_is_opened_off_the_event_loop(
+        monkeypatch: pytest.MonkeyPatch, demo_bank_dir: Path) -> None:
+    # opening it may wait (up to seconds) for another worker's lock on a new database
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from service import routes_sink
+    from service.app import create_app
+    from service.settings import Settings
+
+    made_on: list[str] = []
+    real = routes_sink.Sink
+
+    def recording_sink() -> Any:
+        try:
+            asyncio.get_running_loop()
+            made_on.append("event loop")
+        except RuntimeError:
+            made_on.append("worker thread")
+        return real()
+
+    monkeypatch.setattr(routes_sink, "Sink", recording_sink)
+    app = create_app(Settings(bank=demo_bank_dir, grpc_port=0))
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 120
+        while c.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "not ready"
+            time.sleep(0.05)
+        for k in range(2):
+            h, b = event("response", f"r-{k}", {"predictions": [1]})
+            assert c.post("/v1/events", headers=h, content=b).status_code == 202
+    assert made_on == ["worker thread"]  # once, and not on the loop
