@@ -1,7 +1,7 @@
 """List the conceptguard/ and service/ modules whose code runs while the service answers one
 ``POST /v1/classify`` (after a first request warmed everything), with a profiler hook on
 every thread of the process. ``tests/test_request_path.py`` holds the service's count to at
-most 7 with :func:`files_run`.
+most 6 with :func:`files_run`.
 
     .venv/bin/python scripts/request_path_files.py [--bank banks/demo] [--body json|multipart|raw]
 """

@@ -11,7 +11,9 @@ by a daemon thread, on every scrape of this process (so a scrape counts every an
 before it) and at shutdown. At batch 1 observing per batch cost ~0.03 ms, writing the
 per-concept series (a count, a sum and a moving average for each of the bank's concepts)
 ~0.15 ms; once a second, for every request of that second, it costs a few microseconds per
-request.
+request. The batcher's queue series (:class:`QueueObserver`: batch size, queue wait, queue
+depth) are written the same way: the batcher appends each batch's ``(size, waits)`` to a
+queue, and the flush observes them and sets the depth to the batcher's pending count.
 """
 
 from __future__ import annotations
@@ -151,18 +153,51 @@ class _Observed:
     reason: list[str]
 
 
+def _none_pending() -> int:
+    return 0
+
+
 class QueueObserver:
-    """Batcher hooks -> queue depth, queue wait, batch size, queue-full counter."""
+    """Batcher hooks -> queue depth, queue wait, batch size, queue-full counter.
 
-    def depth(self, pending: int) -> None:
-        QUEUE_DEPTH.set(pending)
+    Off the request path like a bank's series: ``batch`` is the queue's own ``append`` of
+    each batch's ``(size, waits)``, and :meth:`flush` (with the banks', see the module
+    docstring) observes them and sets the depth gauge to the batcher's pending count at
+    that moment (a gauge is only ever read at a scrape, which flushes first)."""
 
-    def batch(self, size: int, waits_s: Sequence[float]) -> None:
-        BATCH_SIZE.observe(size)
-        observe_many(QUEUE_WAIT, np.asarray(waits_s, dtype=np.float64))
+    batch: Callable[[tuple[int, Sequence[float]]], None]
+
+    def __init__(self) -> None:
+        self._batches: collections.deque[tuple[int, Sequence[float]]] = collections.deque()
+        self.batch = self._batches.append
+        self._pending: Callable[[], int] = _none_pending
+        self._lock = threading.Lock()
+        _LIVE_QUEUES.add(self)
+        _start_flusher()
+
+    def watch(self, pending: Callable[[], int]) -> None:
+        self._pending = pending
 
     def queue_full(self) -> None:
         QUEUE_FULL.inc()
+
+    def flush(self) -> None:
+        """Observe the batches run since the last flush; the queue depth now."""
+        with self._lock:
+            sizes: list[int] = []
+            waits: list[float] = []
+            queued = self._batches
+            while True:
+                try:
+                    size, batch_waits = queued.popleft()
+                except IndexError:
+                    break
+                sizes.append(size)
+                waits.extend(batch_waits)
+            if sizes:
+                observe_many(BATCH_SIZE, np.asarray(sizes, dtype=np.float64))
+                observe_many(QUEUE_WAIT, np.asarray(waits, dtype=np.float64))
+            QUEUE_DEPTH.set(self._pending())
 
 
 class ModelMetrics:
@@ -353,14 +388,18 @@ class ModelMetrics:
 
 FLUSH_S = 1.0  # a bank's series lag the served inputs by at most this (a scrape: none)
 _LIVE: weakref.WeakSet[ModelMetrics] = weakref.WeakSet()
+_LIVE_QUEUES: weakref.WeakSet[QueueObserver] = weakref.WeakSet()
 _FLUSHER: list[threading.Thread] = []
 _FLUSHER_LOCK = threading.Lock()
 
 
 def flush_all() -> None:
-    """Flush every live bank's queued batches (see the module docstring)."""
+    """Flush every live bank's queued batches and every batcher's queue metrics (see the
+    module docstring)."""
     for m in list(_LIVE):
         m.flush()
+    for q in list(_LIVE_QUEUES):
+        q.flush()
 
 
 def _flush_forever() -> None:

@@ -68,20 +68,24 @@ def _any(_item: object) -> bool:
 
 
 class BatchObserver(Protocol):
-    """Hooks for metrics; every method must be cheap and must not raise."""
+    """Hooks for metrics, kept off the request path: ``batch`` is given each batch run as
+    ``(size, waits_s)`` (the service's is a queue's own ``append``, a builtin; the batches
+    are observed later, off the path); ``watch`` is given the pending count once, to read
+    when the metrics are written; ``queue_full`` is called for each refusal. None may
+    raise."""
 
-    def depth(self, pending: int) -> None: ...
+    batch: Callable[[tuple[int, Sequence[float]]], None]
 
-    def batch(self, size: int, waits_s: Sequence[float]) -> None: ...
+    def watch(self, pending: Callable[[], int]) -> None: ...
 
     def queue_full(self) -> None: ...
 
 
 class NullObserver:
-    def depth(self, pending: int) -> None:
+    def batch(self, record: tuple[int, Sequence[float]]) -> None:
         pass
 
-    def batch(self, size: int, waits_s: Sequence[float]) -> None:
+    def watch(self, pending: Callable[[], int]) -> None:
         pass
 
     def queue_full(self) -> None:
@@ -124,6 +128,8 @@ class Batcher(Generic[T, R]):
         self.inline_below_s = inline_below_s
         self._lone_s: float | None = None  # recent time of a one-item batch (None: none yet)
         self.observer: BatchObserver = observer or NullObserver()
+        self._record_batch = self.observer.batch
+        self.observer.watch(lambda: self._pending)
         self._run_sync: ThreadRunner = run_sync or anyio.to_thread.run_sync
         self._queue: deque[_Item[T, R]] = deque()
         self._pending = 0
@@ -158,7 +164,6 @@ class Batcher(Generic[T, R]):
             if not item.future.done():
                 item.future.set_exception(BatcherClosed("the service is shutting down"))
         self._pending = 0
-        self.observer.depth(0)
 
     @contextlib.contextmanager
     def reserve(self, n: int) -> Iterator[Ticket]:
@@ -172,7 +177,6 @@ class Batcher(Generic[T, R]):
         finally:
             if not ticket.used:
                 self._pending -= ticket.places
-                self.observer.depth(self._pending)
                 self._arrived.set()  # an adaptive batch may have been waiting for these
 
     def has_room(self, n: int) -> bool:
@@ -188,7 +192,6 @@ class Batcher(Generic[T, R]):
             self.observer.queue_full()
             raise QueueFull(self._pending, n, self.queue_size)
         self._pending += n
-        self.observer.depth(self._pending)
 
     async def submit(self, values: Sequence[T], ticket: Ticket | None = None) -> list[R]:
         """Run ``values`` (one request's items) and return their results in order."""
@@ -199,7 +202,6 @@ class Batcher(Generic[T, R]):
             ticket.used = True
             if self._closed:
                 self._pending -= n
-                self.observer.depth(self._pending)
                 raise BatcherClosed("the service is shutting down")
         if n == 0:
             return []
@@ -234,7 +236,6 @@ class Batcher(Generic[T, R]):
                 results.append(result)
         finally:
             self._pending -= len(values)
-            self.observer.depth(self._pending)
         return results
 
     def _inline(self) -> bool:
@@ -248,7 +249,6 @@ class Batcher(Generic[T, R]):
             (result,) = self._call([value], (0.0,))
         finally:
             self._pending -= 1
-            self.observer.depth(self._pending)
         if isinstance(result, BaseException):
             raise result
         return result
@@ -259,7 +259,7 @@ class Batcher(Generic[T, R]):
                         else lone + LONE_DECAY * (seconds - lone))
 
     def _call(self, values: list[T], waits: Sequence[float]) -> Sequence[R | BaseException]:
-        self.observer.batch(len(values), waits)
+        self._record_batch((len(values), waits))
         start = time.perf_counter()
         results = self.fn(values)
         if len(values) == 1:
@@ -308,7 +308,6 @@ class Batcher(Generic[T, R]):
                 batch.append(item)
         if dropped:
             self._pending -= dropped
-            self.observer.depth(self._pending)
         return batch
 
     async def _execute(self, batch: list[_Item[T, R]]) -> None:
@@ -335,4 +334,3 @@ class Batcher(Generic[T, R]):
                     item.future.set_result(result)
         finally:
             self._pending -= len(batch)
-            self.observer.depth(self._pending)

@@ -199,3 +199,34 @@ def test_a_flush_that_finds_nothing_waits_for_the_writes_of_one_in_progress(
     scrape.join(10.0)
     assert scrape_done.is_set()
     assert _value("mon-lock", "conceptguard_concept_score_count", concept="k0") == 10
+
+
+def test_queue_metrics_are_written_at_a_flush_not_per_batch() -> None:
+    # the batcher only appends (size, waits) and is read for its pending count; a flush
+    # (every FLUSH_S, and before every scrape) observes the batches and sets the depth
+    from service.batch_metrics import QueueObserver
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    q = QueueObserver()
+    pending = [5]
+    q.watch(lambda: pending[0])
+    before = {n: sample(n) for n in ("conceptguard_batch_size_count",
+                                     "conceptguard_batch_size_sum",
+                                     "conceptguard_queue_wait_seconds_count")}
+    q.batch((3, [0.001, 0.002, 0.003]))
+    q.batch((1, (0.0,)))
+    assert sample("conceptguard_batch_size_count") == before["conceptguard_batch_size_count"]
+    q.flush()
+    assert sample("conceptguard_batch_size_count") == before[
+        "conceptguard_batch_size_count"] + 2
+    assert sample("conceptguard_batch_size_sum") == before["conceptguard_batch_size_sum"] + 4
+    assert sample("conceptguard_queue_wait_seconds_count") == before[
+        "conceptguard_queue_wait_seconds_count"] + 4
+    assert sample("conceptguard_queue_depth") == 5
+    pending[0] = 0
+    q.flush()  # nothing new: only the depth moves
+    assert sample("conceptguard_batch_size_count") == before[
+        "conceptguard_batch_size_count"] + 2
+    assert sample("conceptguard_queue_depth") == 0
