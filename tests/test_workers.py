@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.batch_metrics import FLUSH_S
 from tests.conftest import (
     ADMIN_TOKEN,
     REPO,
@@ -180,7 +181,13 @@ def test_queue_depth_forgets_a_killed_worker(tmp_path: Path) -> None:
         # the supervisor restarts the worker; the dead one's gauge must not linger
         wait_ready(srv)
         assert victim not in _workers(srv.process.pid)
+        # the other worker writes its depth at its next metrics flush (within FLUSH_S)
+        deadline = time.monotonic() + 3 * FLUSH_S + 2.0
         text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+        while metric_sum(text, "conceptguard_queue_depth") != 0 \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+            text = httpx.get(f"{srv.url}/metrics", timeout=30).text
         assert metric_sum(text, "conceptguard_queue_depth") == 0, text
         assert not glob.glob(str(mp / f"gauge_live*_{victim}.db"))
     finally:
