@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conceptguard.atomic import atomic_write_text
-from service.shared_state import state_folder
+from service.shared_state import process_alive, state_folder
 
 if TYPE_CHECKING:
     from service.runtime_state import RuntimeState
@@ -110,16 +110,6 @@ def _adopt_operating_point(state: RuntimeState, pointer: dict[str, Any]) -> None
     state.operating_target = None if text is None else OperatingTarget.parse(str(text))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _safe_name(host: str) -> str:
     """A host name usable in a file name."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in host)[:64] or "host"
@@ -192,7 +182,7 @@ class SharedBank:
 
     def _alive(self, data: dict[str, Any], pid: int) -> bool:
         if data.get("host", self.host) == self.host:
-            return _pid_alive(pid)
+            return process_alive(pid)
         try:
             return time.time() - float(data["time"]) < STALE_S
         except (KeyError, TypeError, ValueError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -34,6 +33,7 @@ from service.metrics import (
     SINK_PAIRS,
     SINK_RESULTS,
 )
+from service.shared_state import process_alive
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -87,21 +87,6 @@ def _forget_dead_workers(folder: str) -> None:
         if not process_alive(pid):
             multiprocess.mark_process_dead(pid, folder)
 
-
-def process_alive(pid: int) -> bool:
-    """False for a process that is gone, and for one that has exited and waits to be reaped
-    (a zombie: a worker killed a moment ago, before the supervisor noticed)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:  # no procfs here, or it went meanwhile: the signal's answer stands
-        return True
-    return stat.rpartition(b")")[2].split()[:1] != [b"Z"]
 
 
 class _WorkerFilesCollector(multiprocess.MultiProcessCollector):

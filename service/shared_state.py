@@ -4,6 +4,7 @@ The folder is ``CONCEPTGUARD_STATE_DIR``, else ``PROMETHEUS_MULTIPROC_DIR`` (set
 workers). The bank pointer (:mod:`service.lifecycle`), the feedback key and the labels
 already counted (:mod:`service.feedback`) and the inference-logger halves waiting for their
 pair (:mod:`service.sink`) live there; without a folder each worker keeps its own, in memory.
+Whether a worker process is still alive (:func:`process_alive`) is asked of the same host.
 """
 
 from __future__ import annotations
@@ -63,3 +64,19 @@ def _execute_when_free(db: sqlite3.Connection, sql: str, deadline: float) -> Non
                 raise
         time.sleep(pause * (1.0 + random.random()))  # jitter: the racers do not collide again
         pause = min(pause * 2.0, 0.1)
+
+
+def process_alive(pid: int) -> bool:
+    """False for a process that is gone, and for one that has exited and waits to be reaped
+    (a zombie: a worker killed a moment ago, before its supervisor noticed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:  # no procfs here, or it went meanwhile: the signal's answer stands
+        return True
+    return stat.rpartition(b")")[2].split()[:1] != [b"Z"]

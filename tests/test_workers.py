@@ -197,7 +197,7 @@ def test_queue_depth_forgets_a_killed_worker(tmp_path: Path) -> None:
 def test_an_exited_process_not_yet_reaped_counts_as_dead() -> None:
     # a worker killed a moment ago is a zombie until its supervisor reaps it: its live
     # gauges (queue depth, bank info) must go at once, not after the reaping
-    from service.metrics_export import process_alive
+    from service.shared_state import process_alive
 
     child = subprocess.Popen(["true"])
     try:
