@@ -88,7 +88,6 @@ def _forget_dead_workers(folder: str) -> None:
             multiprocess.mark_process_dead(pid, folder)
 
 
-
 class _WorkerFilesCollector(multiprocess.MultiProcessCollector):
     """prometheus_client's collector over the workers' files, less the empty ones: a worker
     creates a file empty and sizes it a moment later, and read in that moment it fails the
