@@ -207,6 +207,20 @@ def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT_S) -> Serve
     raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{server.log_tail()}")
 
 
+@contextlib.contextmanager
+def ready_app_client(app: Any, timeout: float = 120.0) -> Iterator[Any]:
+    """A Starlette ``TestClient`` on ``app`` (its lifespan run), once ``/v2/health/ready``
+    answers 200 (the bank loads in the background)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        deadline = time.monotonic() + timeout
+        while client.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the in-process app never became ready"
+            time.sleep(0.05)
+        yield client
+
+
 def start_server(log_dir: Path, **kwargs: Any) -> ServerProcess:
     server = launch_server(log_dir, **kwargs)
     try:

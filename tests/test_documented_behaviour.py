@@ -20,7 +20,15 @@ import pytest
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import DEMO_BANK, REPO, ServerProcess, free_port, server_env, wait_ready
+from tests.conftest import (
+    DEMO_BANK,
+    REPO,
+    ServerProcess,
+    free_port,
+    ready_app_client,
+    server_env,
+    wait_ready,
+)
 
 
 @pytest.mark.slow
@@ -96,11 +104,7 @@ def served() -> TestClient:
     from service.settings import Settings
 
     app = create_app(Settings(bank=DEMO_BANK, grpc_port=0))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline, "not ready"
-            time.sleep(0.05)
+    with ready_app_client(app) as client:
         yield client
 
 

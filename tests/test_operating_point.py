@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from conceptguard.operating_point import (
 )
 from conceptguard.trust import IDENTITY
 from service.settings import Settings, SettingsError, load_settings
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, ready_app_client
 from tests.fixtures_bank import as_schema2
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -59,11 +58,7 @@ def _serve(bank: Path, **settings) -> Iterator[TestClient]:
     from service.app import create_app
 
     app = create_app(Settings(bank=bank, grpc_port=0, admin_token=ADMIN_TOKEN, **settings))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline, "not ready"
-            time.sleep(0.05)
+    with ready_app_client(app) as client:
         yield client
 
 

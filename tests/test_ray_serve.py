@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from service.ray_serve import REPLICA_HEADER
-from tests.conftest import ADMIN_TOKEN, DEMO_BANK, REPO, free_port
+from tests.conftest import ADMIN_TOKEN, DEMO_BANK, REPO, free_port, ready_app_client
 
 pytestmark = pytest.mark.slow  # starts a local Ray and Ray Serve replicas
 
@@ -161,17 +161,11 @@ def ray_client(ray_env: dict[str, Path]) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def local_client() -> Iterator[Any]:
-    from fastapi.testclient import TestClient
-
     from service.app import create_app
     from service.settings import load_settings
 
     app = create_app(load_settings(bank=Path(DEMO_BANK), grpc_port=0))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + READY_S
-        while client.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the in-process app never became ready"
-            time.sleep(0.1)
+    with ready_app_client(app, timeout=READY_S) as client:
         yield client
 
 

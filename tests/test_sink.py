@@ -17,7 +17,7 @@ from cloudevents.v1.http import CloudEvent
 
 from service.errors import ServiceError
 from service.sink import Pairs, read_head, request_as_v2, served_predictions
-from tests.conftest import ServerProcess, encode_png, metric_sum
+from tests.conftest import ServerProcess, encode_png, metric_sum, ready_app_client
 
 REQ = "org.kubeflow.serving.inference.request"
 RESP = "org.kubeflow.serving.inference.response"
@@ -386,8 +386,6 @@ def test_the_pairing_table_is_opened_off_the_event_loop(
     # opening it may wait (up to seconds) for another worker's lock on a new database
     import asyncio
 
-    from fastapi.testclient import TestClient
-
     from service import routes_sink
     from service.app import create_app
     from service.settings import Settings
@@ -405,11 +403,7 @@ def test_the_pairing_table_is_opened_off_the_event_loop(
 
     monkeypatch.setattr(routes_sink, "Sink", recording_sink)
     app = create_app(Settings(bank=demo_bank_dir, grpc_port=0))
-    with TestClient(app) as c:
-        deadline = time.monotonic() + 120
-        while c.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline, "not ready"
-            time.sleep(0.05)
+    with ready_app_client(app) as c:
         for k in range(2):
             h, b = event("response", f"r-{k}", {"predictions": [1]})
             assert c.post("/v1/events", headers=h, content=b).status_code == 202
