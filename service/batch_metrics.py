@@ -25,7 +25,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -52,6 +52,8 @@ from service.metrics import (
     TRUST,
     TRUST_SUM,
 )
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------- per-batch observations
 
@@ -157,6 +159,17 @@ def _none_pending() -> int:
     return 0
 
 
+def _take_all(queue: collections.deque[T]) -> list[T]:
+    """Everything in ``queue`` now, oldest first, taken out of it (``popleft`` is atomic:
+    the request path may append meanwhile, never losing an entry)."""
+    taken: list[T] = []
+    while True:
+        try:
+            taken.append(queue.popleft())
+        except IndexError:
+            return taken
+
+
 class QueueObserver:
     """Batcher hooks -> queue depth, queue wait, batch size, queue-full counter.
 
@@ -184,17 +197,10 @@ class QueueObserver:
     def flush(self) -> None:
         """Observe the batches run since the last flush; the queue depth now."""
         with self._lock:
-            sizes: list[int] = []
-            waits: list[float] = []
-            queued = self._batches
-            while True:
-                try:
-                    size, batch_waits = queued.popleft()
-                except IndexError:
-                    break
-                sizes.append(size)
-                waits.extend(batch_waits)
-            if sizes:
+            batches = _take_all(self._batches)
+            if batches:
+                sizes = [size for size, _ in batches]
+                waits = [w for _, batch_waits in batches for w in batch_waits]
                 observe_many(BATCH_SIZE, np.asarray(sizes, dtype=np.float64))
                 observe_many(QUEUE_WAIT, np.asarray(waits, dtype=np.float64))
             QUEUE_DEPTH.set(self._pending())
@@ -280,14 +286,7 @@ class ModelMetrics:
 
     def _drain(self) -> tuple[Scores, np.ndarray] | None:
         """Everything queued so far, in order, as one batch (None: nothing queued)."""
-        parts: list[tuple[Scores, np.ndarray]] = []
-        queued = self._queued
-        while True:
-            try:
-                parts.append(queued.popleft())
-            except IndexError:
-                break
-        parts = [p for p in parts if len(p[0])]
+        parts = [p for p in _take_all(self._queued) if len(p[0])]
         if not parts:
             return None
         if len(parts) == 1:
