@@ -23,16 +23,8 @@ from conceptguard.heads import fit_head, never_head
 from conceptguard.heatmaps import Heatmaps
 from conceptguard.metrics import auroc
 from conceptguard.operating_point import operating_curve
-from conceptguard.scoring import Monitor
-from conceptguard.trust import (
-    HEADS,
-    TrustMap,
-    TrustModel,
-    design,
-    evaluate_trust,
-    hinge_knots,
-    misclassification_columns,
-)
+from conceptguard.scoring import Monitor, TrustMap, evaluate_trust
+from conceptguard.trust import HEADS, TrustModel, design, hinge_knots, misclassification_columns
 from conceptguard.trust_map import expected_calibration_error, fit_trust_map
 
 GROUPS: tuple[str, ...] = ("clean", "corruption", "attack", "foreign")

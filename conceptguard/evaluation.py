@@ -23,8 +23,7 @@ from conceptguard.metrics import (
     weighted_aurc,
     weighted_auroc,
 )
-from conceptguard.scoring import OUR_METHODS, Scores, method_risks
-from conceptguard.trust import REASON_KINDS
+from conceptguard.scoring import OUR_METHODS, REASON_KINDS, Scores, method_risks
 
 
 def _r(x: float) -> float:

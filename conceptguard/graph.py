@@ -5,7 +5,7 @@ read them.
 ``classifier.onnx``: ``images -> OUTPUT_NAMES``. ``monitor.onnx`` (the fused graph, when the
 bank has one): ``images -> FUSED_OUTPUTS``, the classifier's outputs followed by every
 output of :func:`conceptguard.scoring.score` (``risks`` is ``(N, len(DETECTORS))`` in
-registry order; ``reason`` indexes :data:`conceptguard.trust.REASON_KINDS`).
+registry order; ``reason`` indexes :data:`conceptguard.scoring.REASON_KINDS`).
 """
 
 INPUT_NAME = "images"

@@ -19,7 +19,7 @@ rearranged where float32 would lose what float64 keeps:
   accurate for very negative inputs).
 
 Outputs (:data:`MONITOR_OUTPUTS`): ``risks`` is ``(N, len(DETECTORS))`` in registry order
-(:data:`RISK_NAMES`); ``reason`` indexes :data:`conceptguard.trust.REASON_KINDS`.
+(:data:`RISK_NAMES`); ``reason`` indexes :data:`conceptguard.scoring.REASON_KINDS`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from conceptguard.detectors import (
 )
 from conceptguard.export import MonitoredClassifier, onnx_export
 from conceptguard.graph import FUSED_OUTPUTS, INPUT_NAME, MONITOR_OUTPUTS, OUTPUT_NAMES
-from conceptguard.scoring import Monitor
-from conceptguard.trust import CONFIDENCE, HEADS, HINGED, REASON_KINDS
+from conceptguard.scoring import REASON_KINDS, Monitor
+from conceptguard.trust import CONFIDENCE, HEADS, HINGED
 
 RISK_NAMES: tuple[str, ...] = tuple(DETECTORS)  # at import; a graph reads the registry
 # when it is built (MonitorGraph.risk_names), so a detector registered later is covered
@@ -301,7 +301,7 @@ class MonitorGraph(nn.Module):
         float32 keeps trust within ~1e-6 of float64 on the demo bank). Its columns: the four heads'
         logits ``a``, then ``-a_mis``, ``-a_anom`` (their sigmoids are the factors of
         trust), ``a_anom - a_mis``, ``a_unf - a_adv`` and a constant 1: the signs of the
-        last three, weighted 3, 1, 4, index the reason table (:func:`conceptguard.trust.
+        last three, weighted 3, 1, 4, index the reason table (:func:`conceptguard.scoring.
         reasons`: the head carrying the evidence names the reason)."""
         design_order = list(self.risk_names)  # fused_forms checked: the trust model's
         tm = monitor.trust_model

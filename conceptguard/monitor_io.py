@@ -9,16 +9,8 @@ import numpy as np
 
 from conceptguard.detectors import detectors_from_state, detectors_state
 from conceptguard.heads import LogisticHead
-from conceptguard.scoring import Monitor
-from conceptguard.trust import (
-    HEADS,
-    HINGE_QUANTILES,
-    HINGED,
-    IDENTITY,
-    TrustMap,
-    TrustModel,
-    feature_names,
-)
+from conceptguard.scoring import IDENTITY, Monitor, TrustMap
+from conceptguard.trust import HEADS, HINGE_QUANTILES, HINGED, TrustModel, feature_names
 from conceptguard.trust_map import check_knots
 
 CALIBRATION_KEYS = ("trust.calibration.x", "trust.calibration.y")

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from conceptguard.trust import TrustMap
+from conceptguard.scoring import TrustMap
 
 CURVE_POINTS = 256
 COLUMNS: tuple[str, ...] = ("threshold_raw", "threshold", "accept_correct", "weighted_risk",

@@ -4,6 +4,12 @@ Input: the classifier's logits, features and standardised concept scores for a b
 Output: prediction, every detector's risk, the trust model's heads, ``trust`` (an estimate
 of P(prediction is right)), the reject decision and its reason kind, the paper's rule, and
 the concepts behind the decision.
+
+The decision is made here too: the calibration map of trust (:class:`TrustMap`, fitted by
+:mod:`conceptguard.trust_map`), ``reject = raw trust < threshold``, and the reject's reason,
+named by the head that carries the evidence (:func:`reasons`): ``misclassification-like``
+where ``p_misclassification >= p_anomaly``, else the larger kind head's kind. The trust
+model's features and heads are defined in :mod:`conceptguard.trust`.
 """
 
 from __future__ import annotations
@@ -11,13 +17,68 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from conceptguard.detectors import DETECTORS, Detector, Outputs, PaperRule, detector_risks
-from conceptguard.trust import IDENTITY, ReasonKind, TrustMap, TrustModel, evaluate_trust, reasons
+from conceptguard.heads import sigmoid
+from conceptguard.trust import TrustModel, design
 
+
+@dataclass(frozen=True)
+class TrustMap:
+    """The calibration map of trust, raw score -> P(right) (fitted by
+    :mod:`conceptguard.trust_map`): ``x``: strictly increasing knots on the raw scale from 0
+    to 1; ``y``: the calibrated values there, strictly increasing."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __call__(self, raw: np.ndarray | float) -> np.ndarray:
+        return np.interp(np.asarray(raw, np.float64), self.x, self.y)
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(np.array_equal(self.x, self.y))
+
+
+IDENTITY = TrustMap(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
+
+ReasonKind = Literal["accepted", "misclassification-like", "adversarial-like", "unfamiliar"]
+REASON_KINDS: tuple[ReasonKind, ...] = ("accepted", "misclassification-like",
+                                        "adversarial-like", "unfamiliar")
 RejectReason = ReasonKind  # the name the service has used since v1
+
+
+@dataclass(frozen=True)
+class TrustResult:
+    p: dict[str, np.ndarray]  # per head
+    trust: np.ndarray
+    reject: np.ndarray
+    reason: list[ReasonKind]
+
+
+def reasons(reject: np.ndarray, p_misclassification: np.ndarray, p_anomaly: np.ndarray,
+            p_adversarial: np.ndarray, p_unfamiliar: np.ndarray) -> list[ReasonKind]:
+    """The reject reason, named by the head that carries the evidence: trust's two factors
+    are ``1 - p_misclassification`` and ``1 - p_anomaly``; where the anomaly head is the
+    larger (its factor pulled trust down more), the kind heads say which anomaly
+    (``adversarial-like`` when ``p_adversarial >= p_unfamiliar``, else ``unfamiliar``);
+    otherwise the input is ``misclassification-like``."""
+    kind = np.where(np.asarray(p_anomaly) <= p_misclassification, 1,
+                    np.where(np.asarray(p_adversarial) >= p_unfamiliar, 2, 3))
+    return [REASON_KINDS[i] for i in np.where(reject, kind, 0).tolist()]
+
+
+def evaluate_trust(model: TrustModel, risks: dict[str, np.ndarray], threshold: float
+                   ) -> TrustResult:
+    logits = model.head_logits(design(risks, model.knots))
+    p = {h: sigmoid(v) for h, v in logits.items()}
+    trust = (1.0 - p["misclassification"]) * (1.0 - p["anomaly"])
+    reject = trust < threshold
+    return TrustResult(p, trust, reject, reasons(reject, p["misclassification"], p["anomaly"],
+                                                 p["adversarial"], p["unfamiliar"]))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The trust model: detector risks -> P(prediction is right), and the reason for a reject.
+"""The trust model: detector risks -> P(prediction is right), as fitted offline.
 
 ``trust = (1 - p_misclassification) * (1 - p_anomaly)``:
 
@@ -15,46 +15,20 @@ Which variant a bank uses is chosen on the calibration stream by leave-one-famil
 (:func:`conceptguard.calibration.select_variant`).
 
 Two kind heads on the same features explain a reject: ``p_adversarial`` (a successful
-attack) and ``p_unfamiliar`` (a corrupted/shifted or foreign input). The reason is named by
-the head that carries the evidence (:func:`reasons`): ``misclassification-like`` where
-``p_misclassification >= p_anomaly``, else the larger kind head's kind.
+attack) and ``p_unfamiliar`` (a corrupted/shifted or foreign input). Applying the model, the
+calibration map of trust, the reject decision and its reason happen at scoring time, in
+:mod:`conceptguard.scoring` (the module the service runs per batch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from conceptguard.detectors import DETECTORS
-from conceptguard.heads import LogisticHead, sigmoid
+from conceptguard.heads import LogisticHead
 
-SLOPE = 1e-3  # the identity's share: the least slope of the map anywhere on [0, 1]
-
-
-@dataclass(frozen=True)
-class TrustMap:
-    """The calibration map of trust, raw score -> P(right) (fitted by
-    :mod:`conceptguard.trust_map`): ``x``: strictly increasing knots on the raw scale from 0
-    to 1; ``y``: the calibrated values there, strictly increasing."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __call__(self, raw: np.ndarray | float) -> np.ndarray:
-        return np.interp(np.asarray(raw, np.float64), self.x, self.y)
-
-    @property
-    def is_identity(self) -> bool:
-        return bool(np.array_equal(self.x, self.y))
-
-
-IDENTITY = TrustMap(np.array([0.0, 1.0]), np.array([0.0, 1.0]))
-
-ReasonKind = Literal["accepted", "misclassification-like", "adversarial-like", "unfamiliar"]
-REASON_KINDS: tuple[ReasonKind, ...] = ("accepted", "misclassification-like",
-                                        "adversarial-like", "unfamiliar")
 HEADS: tuple[str, ...] = ("misclassification", "anomaly", "adversarial", "unfamiliar")
 HINGE_QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.99)
 
@@ -107,33 +81,3 @@ class TrustModel:
     def head_logits(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return {h: self.heads[h].logit(x[:, self.mis_columns] if h == "misclassification"
                                        else x) for h in HEADS}
-
-
-@dataclass(frozen=True)
-class TrustResult:
-    p: dict[str, np.ndarray]  # per head
-    trust: np.ndarray
-    reject: np.ndarray
-    reason: list[ReasonKind]
-
-
-def reasons(reject: np.ndarray, p_misclassification: np.ndarray, p_anomaly: np.ndarray,
-            p_adversarial: np.ndarray, p_unfamiliar: np.ndarray) -> list[ReasonKind]:
-    """The reject reason, named by the head that carries the evidence: trust's two factors
-    are ``1 - p_misclassification`` and ``1 - p_anomaly``; where the anomaly head is the
-    larger (its factor pulled trust down more), the kind heads say which anomaly
-    (``adversarial-like`` when ``p_adversarial >= p_unfamiliar``, else ``unfamiliar``);
-    otherwise the input is ``misclassification-like``."""
-    kind = np.where(np.asarray(p_anomaly) <= p_misclassification, 1,
-                    np.where(np.asarray(p_adversarial) >= p_unfamiliar, 2, 3))
-    return [REASON_KINDS[i] for i in np.where(reject, kind, 0).tolist()]
-
-
-def evaluate_trust(model: TrustModel, risks: dict[str, np.ndarray], threshold: float
-                   ) -> TrustResult:
-    logits = model.head_logits(design(risks, model.knots))
-    p = {h: sigmoid(v) for h, v in logits.items()}
-    trust = (1.0 - p["misclassification"]) * (1.0 - p["anomaly"])
-    reject = trust < threshold
-    return TrustResult(p, trust, reject, reasons(reject, p["misclassification"], p["anomaly"],
-                                                 p["adversarial"], p["unfamiliar"]))

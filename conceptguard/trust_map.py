@@ -1,4 +1,4 @@
-"""Fitting the calibration map of ``trust`` (:class:`conceptguard.trust.TrustMap`, applied
+"""Fitting the calibration map of ``trust`` (:class:`conceptguard.scoring.TrustMap`, applied
 by the one scoring function): a strictly increasing piecewise-linear function of the trust
 model's raw score, fitted after the ranking so that ``trust`` reads as P(right).
 
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from conceptguard.trust import IDENTITY, SLOPE, TrustMap
+from conceptguard.scoring import IDENTITY, TrustMap
+
+SLOPE = 1e-3  # the identity's share: the least slope of the map anywhere on [0, 1]
 
 
 def check_knots(x: np.ndarray, y: np.ndarray) -> str | None:

@@ -14,8 +14,7 @@ from conceptguard.bank import load_bank
 from conceptguard.calibration import MAP_CLEAN_SHARES, CalibrationSpec
 from conceptguard.metrics import auroc
 from conceptguard.operating_point import COLUMNS, curve_array
-from conceptguard.scoring import score
-from conceptguard.trust import IDENTITY
+from conceptguard.scoring import IDENTITY, score
 from conceptguard.trust_map import check_knots
 from tests.fixtures_bank import TinyBuild
 

@@ -134,12 +134,12 @@ def test_every_offline_config_key_is_in_the_readme_table() -> None:
 
 
 def test_the_reason_rule_in_docs_is_the_code_s() -> None:
-    """docs/trust.md's table of reasons states the rule ``trust.reasons`` applies: the
+    """docs/trust.md's table of reasons states the rule ``scoring.reasons`` applies: the
     larger of the misclassification and anomaly heads carries the reject; a tie of the kind
     heads is adversarial-like."""
     import numpy as np
 
-    from conceptguard.trust import reasons
+    from conceptguard.scoring import reasons
 
     def one(m: float, n: float, a: float, u: float) -> str:
         return reasons(*(np.array([v]) for v in (True, m, n, a, u)))[0]

@@ -31,8 +31,7 @@ from conceptguard.monitor_graph import (
     export_monitor_onnx,
 )
 from conceptguard.runtime import OnnxRuntime
-from conceptguard.scoring import Scores, score
-from conceptguard.trust import REASON_KINDS
+from conceptguard.scoring import REASON_KINDS, Scores, score
 from tests.tolerance import assert_f32_close
 
 ort = pytest.importorskip("onnxruntime")

@@ -21,7 +21,7 @@ from conceptguard.operating_point import (
     operating_curve,
     pick,
 )
-from conceptguard.trust import IDENTITY
+from conceptguard.scoring import IDENTITY
 from service.settings import Settings, SettingsError, load_settings
 from tests.conftest import ADMIN_TOKEN, ready_app_client
 from tests.fixtures_bank import as_schema2

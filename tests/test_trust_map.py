@@ -29,9 +29,9 @@ from conceptguard.operating_point import (
     operating_curve,
     pick,
 )
-from conceptguard.scoring import score
-from conceptguard.trust import IDENTITY, SLOPE, TrustMap
+from conceptguard.scoring import IDENTITY, TrustMap, score
 from conceptguard.trust_map import (
+    SLOPE,
     check_knots,
     expected_calibration_error,
     fit_trust_map,

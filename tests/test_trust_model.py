@@ -14,7 +14,8 @@ from conceptguard.calibration import (
 )
 from conceptguard.detectors import DETECTORS
 from conceptguard.metrics import auroc
-from conceptguard.trust import HEADS, REASON_KINDS, design, evaluate_trust, feature_names, reasons
+from conceptguard.scoring import REASON_KINDS, evaluate_trust, reasons
+from conceptguard.trust import HEADS, design, feature_names
 
 
 def _risks(rng: np.random.Generator, n: int, conf: np.ndarray, dist: np.ndarray) -> dict:
