@@ -15,7 +15,8 @@ data plane (:mod:`service.dataplane`) runs what they decode. Inputs:
 
 Outputs: :func:`v1_body` (the v1 JSON objects) and :func:`output_array` with
 :func:`json_values` / :func:`raw_bytes` (a v2 output tensor as JSON values or the
-protocol's binary form); :func:`json_bytes` encodes an answer (orjson).
+protocol's binary form); :func:`json_bytes` encodes an answer (orjson); receipts:
+:func:`issue_receipts` signs one per scored input, :func:`read_receipt` checks one.
 
 Where an image is decoded depends on its size, so that a request takes one thread hop:
 bodies up to ``CONCEPTGUARD_INLINE_DECODE_BYTES`` are decoded by the batch worker itself
@@ -30,12 +31,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import logging
 import math
 import re
+import secrets
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -433,7 +438,7 @@ def v1_body(loaded: Loaded, scores: Scores, settings: Settings, *, single: bool,
             receipts: Sequence[str] | None = None) -> dict[str, Any]:
     """The v1 response body: one object (``single``) or ``{"results": [...]}``, with the
     bank reference and the latency so far (422 when a score is not finite); with
-    ``receipts`` (one per input, :meth:`service.feedback.FeedbackBook.issue`) each result
+    ``receipts`` (one per input, :func:`issue_receipts`) each result
     (or the single answer) carries its ``receipt``, and the body its ``request_id``."""
     for name in ("trust", "p_misclassification", "p_adversarial", "probabilities"):
         check_finite(name, getattr(scores, name))
@@ -452,6 +457,105 @@ def v1_body(loaded: Loaded, scores: Scores, settings: Settings, *, single: bool,
     if request_id is not None:
         body["request_id"] = request_id
     return body
+
+
+# ---------------------------------------------------------------- receipts
+# ``cg1.<payload>.<signature>``: the signed token each scored input's answer carries and
+# ``POST /v1/feedback`` takes back (what it certifies, the key: :mod:`service.feedback`)
+
+RECEIPT_PREFIX = "cg1"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a receipt certifies about one scored input."""
+
+    request_id: str
+    index: int
+    class_index: int
+    reject: bool
+    reason: str  # accepted / misclassification-like / adversarial-like / unfamiliar
+    issued_at: int  # Unix seconds
+    bank_id: str
+    nonce: str = ""  # random per request: clients may reuse request ids
+
+    @property
+    def input_id(self) -> str:
+        """The id of the input (one request may hold several; two requests may share a
+        client-supplied request id, never a nonce)."""
+        return f"{self.request_id}#{self.index}#{self.nonce}"
+
+    def payload(self) -> list[Any]:
+        """The signed fields, in this order (a JSON array)."""
+        return [self.request_id, self.index, self.class_index, self.reject, self.reason,
+                self.issued_at, self.bank_id, self.nonce]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign_receipt(receipt: Receipt, key: bytes) -> str:
+    return _signed(json.dumps(receipt.payload(), separators=(",", ":")), key)
+
+
+def _signed(payload_json: str, key: bytes) -> str:
+    head = f"{RECEIPT_PREFIX}.{_b64(payload_json.encode())}"
+    mac = hmac.new(key, head.encode("ascii"), hashlib.sha256).digest()
+    return f"{head}.{_b64(mac)}"
+
+
+def sign_receipts(request_id: str, bank_id: str, issued_at: int, classes: list[int],
+                  rejects: list[bool], reasons: list[str], key: bytes, nonce: str = ""
+                  ) -> list[str]:
+    """:func:`sign_receipt` for every input of a request: the same receipts, with the request's
+    strings JSON-encoded once (a receipt per input costs one HMAC and some formatting)."""
+    rid, bank, tail = json.dumps(request_id), json.dumps(bank_id), json.dumps(nonce)
+    why = {r: json.dumps(r) for r in set(reasons)}
+    return [_signed(f"[{rid},{i},{c},{'true' if r else 'false'},{why[w]},{issued_at},{bank},"
+                    f"{tail}]", key)
+            for i, (c, r, w) in enumerate(zip(classes, rejects, reasons, strict=True))]
+
+
+def read_receipt(token: str, key: bytes) -> Receipt:
+    """The receipt a token certifies: 422 when it is not a receipt at all, 403 when its
+    signature is not the service's (forged, altered, or signed under another key)."""
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != RECEIPT_PREFIX:
+        raise ServiceError("receipt: not a conceptguard receipt (cg1.<payload>.<signature>)",
+                           422, "invalid_request")
+    head = f"{parts[0]}.{parts[1]}"
+    try:
+        mac = _unb64(parts[2])
+    except (binascii.Error, ValueError):
+        mac = b""
+    want = hmac.new(key, head.encode("utf-8", "replace"), hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, want):
+        raise ServiceError("receipt: the signature does not match (forged, altered, or "
+                           "issued under another feedback key)", 403, "forbidden")
+    try:
+        rid, index, cls, rej, why, ts, bank, nonce = json.loads(_unb64(parts[1]))
+        return Receipt(request_id=str(rid), index=int(index), class_index=int(cls),
+                       reject=bool(rej), reason=str(why), issued_at=int(ts), bank_id=str(bank),
+                       nonce=str(nonce))
+    except (binascii.Error, ValueError, KeyError, TypeError) as exc:  # signed by us: only
+        # a change of format makes it unreadable
+        raise ServiceError("receipt: unreadable payload", 422, "invalid_request") from exc
+
+
+def issue_receipts(key: bytes, request_id: str, bank_id: str, scores: Scores,
+                   now: float | None = None) -> list[str]:
+    """One receipt per scored input of a request, in order, issued ``now`` (default: the
+    clock) under ``key`` (the feedback book's, :class:`service.feedback.FeedbackBook`), with
+    a fresh nonce per request."""
+    issued_at = int(time.time() if now is None else now)
+    return sign_receipts(request_id, bank_id, issued_at, scores.predictions.tolist(),
+                         scores.reject.tolist(), list(scores.reason), key,
+                         secrets.token_hex(8))
 
 
 # ---------------------------------------------------------------- v2 outputs

@@ -4,9 +4,10 @@ Every scored input gets a *receipt*: ``cg1.<payload>.<signature>``, where the pa
 base64url JSON array of the request id, the input's index in the request, the predicted class
 index, the decision, the reason kind, the issue time (Unix seconds), the bank id and a random
 nonce per request (so two requests that reuse a client's request id stay apart), and the
-signature is HMAC-SHA256 of ``cg1.<payload>`` under the feedback key. ``POST /v1/feedback``
-takes a receipt and the true label: any worker or replica holding the same key checks it
-without having seen the request.
+signature is HMAC-SHA256 of ``cg1.<payload>`` under the feedback key (the token's format:
+:func:`service.codecs.issue_receipts` and :func:`service.codecs.read_receipt`).
+``POST /v1/feedback`` takes a receipt and the true label: any worker or replica holding the
+same key checks it without having seen the request.
 
 The key: ``CONCEPTGUARD_FEEDBACK_KEY`` (at least 16 characters) when set; otherwise a random
 key made by the first worker and written to the shared state folder
@@ -24,109 +25,21 @@ hosts with separate folders each count a duplicate once.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import json
 import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from service.codecs import Receipt, read_receipt
 from service.errors import ServiceError
 from service.shared_state import connect, state_folder
 
-if TYPE_CHECKING:
-    from conceptguard.scoring import Scores
-
-PREFIX = "cg1"
 KEY_FILE = "conceptguard-feedback.key"
 SEEN_FILE = "conceptguard-feedback.sqlite"
 PURGE_EVERY_S = 60.0
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """What a receipt certifies about one scored input."""
-
-    request_id: str
-    index: int
-    class_index: int
-    reject: bool
-    reason: str  # accepted / misclassification-like / adversarial-like / unfamiliar
-    issued_at: int  # Unix seconds
-    bank_id: str
-    nonce: str = ""  # random per request: clients may reuse request ids
-
-    @property
-    def input_id(self) -> str:
-        """The id of the input (one request may hold several; two requests may share a
-        client-supplied request id, never a nonce)."""
-        return f"{self.request_id}#{self.index}#{self.nonce}"
-
-    def payload(self) -> list[Any]:
-        """The signed fields, in this order (a JSON array)."""
-        return [self.request_id, self.index, self.class_index, self.reject, self.reason,
-                self.issued_at, self.bank_id, self.nonce]
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def sign(receipt: Receipt, key: bytes) -> str:
-    return _signed(json.dumps(receipt.payload(), separators=(",", ":")), key)
-
-
-def _signed(payload_json: str, key: bytes) -> str:
-    head = f"{PREFIX}.{_b64(payload_json.encode())}"
-    mac = hmac.new(key, head.encode("ascii"), hashlib.sha256).digest()
-    return f"{head}.{_b64(mac)}"
-
-
-def sign_many(request_id: str, bank_id: str, issued_at: int, classes: list[int],
-              rejects: list[bool], reasons: list[str], key: bytes, nonce: str = "") -> list[str]:
-    """:func:`sign` for every input of a request: the same receipts, with the request's
-    strings JSON-encoded once (a receipt per input costs one HMAC and some formatting)."""
-    rid, bank, tail = json.dumps(request_id), json.dumps(bank_id), json.dumps(nonce)
-    why = {r: json.dumps(r) for r in set(reasons)}
-    return [_signed(f"[{rid},{i},{c},{'true' if r else 'false'},{why[w]},{issued_at},{bank},"
-                    f"{tail}]", key)
-            for i, (c, r, w) in enumerate(zip(classes, rejects, reasons, strict=True))]
-
-
-def verify(token: str, key: bytes) -> Receipt:
-    """The receipt a token certifies: 422 when it is not a receipt at all, 403 when its
-    signature is not the service's (forged, altered, or signed under another key)."""
-    parts = token.split(".")
-    if len(parts) != 3 or parts[0] != PREFIX:
-        raise ServiceError("receipt: not a conceptguard receipt (cg1.<payload>.<signature>)",
-                           422, "invalid_request")
-    head = f"{parts[0]}.{parts[1]}"
-    try:
-        mac = _unb64(parts[2])
-    except (binascii.Error, ValueError):
-        mac = b""
-    want = hmac.new(key, head.encode("utf-8", "replace"), hashlib.sha256).digest()
-    if not hmac.compare_digest(mac, want):
-        raise ServiceError("receipt: the signature does not match (forged, altered, or "
-                           "issued under another feedback key)", 403, "forbidden")
-    try:
-        rid, index, cls, rej, why, ts, bank, nonce = json.loads(_unb64(parts[1]))
-        return Receipt(request_id=str(rid), index=int(index), class_index=int(cls),
-                       reject=bool(rej), reason=str(why), issued_at=int(ts), bank_id=str(bank),
-                       nonce=str(nonce))
-    except (binascii.Error, ValueError, KeyError, TypeError) as exc:  # signed by us: only
-        # a change of format makes it unreadable
-        raise ServiceError("receipt: unreadable payload", 422, "invalid_request") from exc
 
 
 # ---------------------------------------------------------------- the key
@@ -218,30 +131,20 @@ class Outcome:
 
 
 class FeedbackBook:
-    """Issues receipts and takes labels (one per process; see the module docstring)."""
+    """Holds the receipts' key (the codecs sign with it: :func:`service.codecs.
+    issue_receipts`) and takes labels (one per process; see the module docstring)."""
 
     def __init__(self, key: bytes, seen: SeenStore, ttl_s: int):
         self.key = key
         self.seen = seen
         self.ttl_s = ttl_s
 
-    def issue(self, request_id: str, bank_id: str, predictions: list[int],
-              rejects: list[bool], reasons: list[str], now: float | None = None) -> list[str]:
-        ts = int(time.time() if now is None else now)
-        return sign_many(request_id, bank_id, ts, predictions, rejects, reasons, self.key,
-                         secrets.token_hex(8))
-
-    def issue_for(self, request_id: str, bank_id: str, scores: Scores) -> list[str]:
-        """One receipt per scored input of a request, in order."""
-        return self.issue(request_id, bank_id, scores.predictions.tolist(),
-                          scores.reject.tolist(), list(scores.reason))
-
     def take(self, token: str, label_index: int, bank_id: str, request_id: str | None = None,
              now: float | None = None) -> Outcome:
         """Check a receipt (403 forged; 404 expired, of a bank no longer served, or not of
         ``request_id`` when given) and count its label once."""
         now = time.time() if now is None else now
-        receipt = verify(token, self.key)
+        receipt = read_receipt(token, self.key)
         if request_id is not None and request_id != receipt.request_id:
             raise ServiceError(f"request {request_id} is not the request of this receipt",
                                404, "not_found")

@@ -18,19 +18,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from conceptguard.bank import BankError
+from conceptguard.scoring import Scores
 from service import metrics
 from service.admin_auth import authorize as _authorize
 from service.codecs import (
     as_float_array,
     check_count,
     decode_base64,
+    issue_receipts,
     json_bytes,
     parse_json,
     v1_body,
 )
 from service.dataplane import DataPlane
 from service.errors import ServiceError
-from service.feedback import app_book
 from service.lifecycle import SharedBank
 from service.middleware import (
     JSON_CHECKED_KEY,
@@ -39,7 +40,7 @@ from service.middleware import (
     request_id,
     send_json,
 )
-from service.runtime_state import RuntimeState
+from service.runtime_state import Loaded, RuntimeState
 from service.schemas import (
     BankSummary,
     BatchResponse,
@@ -185,6 +186,17 @@ def _first_error(exc: ValidationError) -> str:
 # ---------------------------------------------------------------- routes
 
 
+def _v1_answer(request: Request, loaded: Loaded, scores: Scores, settings: Settings, *,
+               single: bool) -> bytes:
+    """The v1 answer as JSON bytes, with the request id and a receipt per input (signed
+    under the feedback book's key, opened at startup)."""
+    rid = request_id(request.scope)
+    receipts = issue_receipts(request.app.state.feedback_book.key, rid, loaded.bank_id, scores)
+    return json_bytes(v1_body(loaded, scores, settings, single=single,
+                              latency_ms=latency_ms(request.scope), request_id=rid,
+                              receipts=receipts))
+
+
 async def classify_answer(request: Request) -> bytes:
     """``POST /v1/classify``: read the images, score them through the data plane, and the
     v1 answer (with the request id and a receipt per input) as JSON bytes."""
@@ -192,11 +204,7 @@ async def classify_answer(request: Request) -> bytes:
     loaded = dp.state.serving or dp.state.require()  # not ready: 503 before the body is read
     blobs, single = await read_images(request, dp.settings)  # admitted by the middleware
     scores = await dp.classify_images(loaded, blobs)  # decode, batch run (runtime + scores)
-    rid = request_id(request.scope)
-    body = v1_body(loaded, scores, dp.settings, single=single,
-                   latency_ms=latency_ms(request.scope), request_id=rid,
-                   receipts=app_book(request.app).issue_for(rid, loaded.bank_id, scores))
-    return json_bytes(body)
+    return _v1_answer(request, loaded, scores, dp.settings, single=single)
 
 
 async def classify_asgi(scope: Scope, receive: Receive, send: Send,
@@ -229,11 +237,8 @@ async def monitor(request: Request, body: MonitorRequest) -> Response:
     features = as_float_array(body.features, "features")
     logits = None if body.logits is None else as_float_array(body.logits, "logits")
     scores = await dp.monitor(loaded, features, logits)
-    rid = request_id(request.scope)
-    answer = v1_body(loaded, scores, dp.settings, single=False,
-                     latency_ms=latency_ms(request.scope), request_id=rid,
-                     receipts=app_book(request.app).issue_for(rid, loaded.bank_id, scores))
-    return Response(json_bytes(answer), media_type="application/json")
+    return Response(_v1_answer(request, loaded, scores, dp.settings, single=False),
+                    media_type="application/json")
 
 
 @router.get("/v1/bank", response_model=BankSummary, summary="The bank being served")

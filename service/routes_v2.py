@@ -18,9 +18,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from service import __version__, v2_binary
-from service.codecs import IMAGE_INPUT, OUTPUTS, TENSOR_INPUT, requested_outputs
+from service.codecs import (
+    IMAGE_INPUT,
+    OUTPUTS,
+    TENSOR_INPUT,
+    issue_receipts,
+    requested_outputs,
+)
 from service.dataplane import DataPlane
-from service.feedback import app_book
 from service.middleware import HotRoute, request_id
 from service.oip import EXTENSIONS, ModelStats, model_metadata, platform, resolve_model
 from service.oip import infer as infer_tensors
@@ -185,7 +190,7 @@ async def infer_response(request: Request, name: str, version: str | None = None
     settings = getattr(request.app.state, "settings", None)
     k = settings.reason_concepts if settings is not None else 3
     rid = request_id(request.scope)
-    receipts = app_book(request.app).issue_for(rid, loaded.bank_id, scores)
+    receipts = issue_receipts(request.app.state.feedback_book.key, rid, loaded.bank_id, scores)
     return v2_binary.rest_response(req, plan, loaded, scores, k,
                                    parameters={"request_id": rid,
                                                "receipts": ",".join(receipts)})

@@ -12,24 +12,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
+from service.codecs import Receipt, issue_receipts, read_receipt, sign_receipt, sign_receipts
 from service.errors import ServiceError
-from service.feedback import (
-    KEY_FILE,
-    SEEN_FILE,
-    FeedbackBook,
-    Receipt,
-    SeenStore,
-    resolve_key,
-    sign,
-    sign_many,
-    verify,
-)
+from service.feedback import KEY_FILE, SEEN_FILE, FeedbackBook, SeenStore, resolve_key
 from service.middleware import pick_request_id
 from tests.conftest import ServerProcess, encode_png, metric_sum
 from tests.test_prometheus_scrape import _per_pid_requests
@@ -43,6 +35,14 @@ def _book(tmp_path: Path | None = None, ttl: int = 3600, cap: int = 1000) -> Fee
     return FeedbackBook(KEY, SeenStore(path, ttl, cap), ttl)
 
 
+def _issue(request_id: str, bank_id: str, classes: list[int], rejects: list[bool],
+           reasons: list[str], now: float) -> list[str]:
+    """The receipts the service issues under ``KEY`` for a request scored so."""
+    scored = SimpleNamespace(predictions=np.array(classes, np.int64),
+                             reject=np.array(rejects, bool), reason=reasons)
+    return issue_receipts(KEY, request_id, bank_id, scored, now=now)  # type: ignore[arg-type]
+
+
 def _status(fn: Callable[[], Any]) -> int:
     with pytest.raises(ServiceError) as err:
         fn()
@@ -54,24 +54,24 @@ def _status(fn: Callable[[], Any]) -> int:
 
 def test_receipt_round_trip_and_what_it_certifies() -> None:
     r = Receipt("req-1", 2, 7, True, "unfamiliar", 1_800_000_000, "bank-a")
-    token = sign(r, KEY)
+    token = sign_receipt(r, KEY)
     assert token.startswith("cg1.") and token.count(".") == 2
-    assert verify(token, KEY) == r
+    assert read_receipt(token, KEY) == r
     assert r.input_id == "req-1#2#"
     # the batch signer makes the very same receipts
-    many = sign_many('odd "id"', "bank-a", 1_800_000_000, [0, 7], [False, True],
+    many = sign_receipts('odd "id"', "bank-a", 1_800_000_000, [0, 7], [False, True],
                      ["accepted", "unfamiliar"], KEY, "n1")
-    assert many == [sign(Receipt('odd "id"', 0, 0, False, "accepted", 1_800_000_000,
+    assert many == [sign_receipt(Receipt('odd "id"', 0, 0, False, "accepted", 1_800_000_000,
                                  "bank-a", "n1"), KEY),
-                    sign(Receipt('odd "id"', 1, 7, True, "unfamiliar", 1_800_000_000,
+                    sign_receipt(Receipt('odd "id"', 1, 7, True, "unfamiliar", 1_800_000_000,
                                  "bank-a", "n1"), KEY)]
 
 
 def test_two_requests_with_one_client_id_are_counted_apart() -> None:
     book = _book()
-    first = book.issue("client-7", "bank-a", [1], [False], ["accepted"], now=NOW)
-    second = book.issue("client-7", "bank-a", [2], [False], ["accepted"], now=NOW)
-    assert verify(first[0], KEY).nonce != verify(second[0], KEY).nonce
+    first = _issue("client-7", "bank-a", [1], [False], ["accepted"], now=NOW)
+    second = _issue("client-7", "bank-a", [2], [False], ["accepted"], now=NOW)
+    assert read_receipt(first[0], KEY).nonce != read_receipt(second[0], KEY).nonce
     assert book.take(first[0], 1, "bank-a", now=NOW).counted
     assert book.take(second[0], 2, "bank-a", now=NOW).counted  # not a duplicate
     assert not book.take(second[0], 2, "bank-a", now=NOW).counted
@@ -79,34 +79,34 @@ def test_two_requests_with_one_client_id_are_counted_apart() -> None:
 
 def test_forged_altered_or_foreign_receipts_are_refused() -> None:
     r = Receipt("req-1", 0, 3, False, "accepted", 1_800_000_000, "bank-a")
-    token = sign(r, KEY)
+    token = sign_receipt(r, KEY)
     head, payload, mac = token.split(".")
     # the payload changed to claim another class: the signature no longer matches
     forged = json.loads(base64.urlsafe_b64decode(payload + "=="))
     forged[2] = 4  # the class index
     forged_payload = base64.urlsafe_b64encode(
         json.dumps(forged, separators=(",", ":")).encode()).rstrip(b"=").decode()
-    assert _status(lambda: verify(f"{head}.{forged_payload}.{mac}", KEY)) == 403
-    assert _status(lambda: verify(token, b"another key of 32 bytes........")) == 403
-    assert _status(lambda: verify(sign(r, b"x" * 32), KEY)) == 403
+    assert _status(lambda: read_receipt(f"{head}.{forged_payload}.{mac}", KEY)) == 403
+    assert _status(lambda: read_receipt(token, b"another key of 32 bytes........")) == 403
+    assert _status(lambda: read_receipt(sign_receipt(r, b"x" * 32), KEY)) == 403
     # a signature part that is not even base64url: altered too
-    assert _status(lambda: verify(f"{head}.{payload}.!!!", KEY)) == 403
-    assert _status(lambda: verify(f"{head}.{payload}x.{mac}", KEY)) == 403
+    assert _status(lambda: read_receipt(f"{head}.{payload}.!!!", KEY)) == 403
+    assert _status(lambda: read_receipt(f"{head}.{payload}x.{mac}", KEY)) == 403
     for junk in ("", "cg1", "cg1.a", "xx.a.b", "a.b.c.d"):  # not a receipt at all
-        assert _status(lambda junk=junk: verify(junk, KEY)) == 422, junk
+        assert _status(lambda junk=junk: read_receipt(junk, KEY)) == 422, junk
 
 
 def test_take_counts_once_and_refuses_expired_other_bank_other_request() -> None:
     book = _book()
-    tokens = book.issue("req-9", "bank-a", [1, 2], [False, True],
-                        ["accepted", "adversarial-like"], now=NOW)
+    tokens = _issue("req-9", "bank-a", [1, 2], [False, True],
+                    ["accepted", "adversarial-like"], now=NOW)
     first = book.take(tokens[0], 1, "bank-a", now=NOW + 5)
     assert first.counted and first.correct and first.receipt.class_index == 1
     again = book.take(tokens[0], 1, "bank-a", now=NOW + 6)
     assert not again.counted  # a duplicate counts once
     second = book.take(tokens[1], 0, "bank-a", now=NOW + 7)
     assert second.counted and not second.correct and second.receipt.reject
-    late = book.issue("req-10", "bank-a", [0], [False], ["accepted"], now=NOW)
+    late = _issue("req-10", "bank-a", [0], [False], ["accepted"], now=NOW)
     assert _status(lambda: book.take(late[0], 0, "bank-a", now=NOW + 3601)) == 404
     assert _status(lambda: book.take(late[0], 0, "bank-b", now=NOW + 1)) == 404
     assert _status(lambda: book.take(late[0], 0, "bank-a", "req-11", now=NOW + 1)) == 404
