@@ -166,3 +166,24 @@ def test_every_service_setting_is_in_both_settings_tables() -> None:
     grpc_host = Settings.model_fields["grpc_host"].default
     assert f"| `grpc_host` | `CONCEPTGUARD_GRPC_HOST` | `{grpc_host}` |" in (
         REPO / "README.md").read_text()
+
+
+def test_a_check_takes_a_last_digit_flip_and_nothing_more() -> None:
+    """The docs checks accept a float32 value that printed one unit off in its last decimal
+    on another CPU, and refuse every other difference: two units, an integer, a word, a
+    number more or less, an exponent."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from printed_numbers import same_to_last_digit
+
+    doc = '"trust": 0.9473, "n": 512, accuracy 91.2%, "p": 0.1'
+    assert same_to_last_digit(doc, doc)
+    assert same_to_last_digit(doc, doc.replace("0.9473", "0.9474"))
+    assert same_to_last_digit(doc, doc.replace("91.2%", "91.1%"))
+    assert same_to_last_digit(doc, doc.replace("0.1", "0.0999"))  # 0.10005 rounded either way
+    for changed in (doc.replace("0.9473", "0.9475"), doc.replace("512", "513"),
+                    doc.replace("trust", "trusts"), doc + " 1", doc.replace("0.1", "0.3")):
+        assert not same_to_last_digit(doc, changed), changed
+    assert not same_to_last_digit("x 1e-05", "x 2e-05")
+    # the docs script skips such a flip in --check: the rendered doc equals itself
+    docs = _docs_script()
+    assert docs.same_to_last_digit is same_to_last_digit
