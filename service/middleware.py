@@ -251,13 +251,14 @@ class ServiceMiddleware:
                 f"Content-Encoding {encoding!r} is not supported (send the body uncompressed)",
                 415, "unsupported_media_type"))
             return None
-        if _is_json(head.get(b"content-type")):
-            try:
+        v2_infer = _V2_INFER.match(route_path(scope)) is not None
+        if v2_infer or _is_json(head.get(b"content-type")):  # a v2 body starts with JSON
+            try:  # whatever its content type says (octet-stream: the binary extension)
                 body = await _read_all(receive)
             except ServiceError as exc:  # BodyTooLarge, BodyTimeout
                 await send_error(scope, send, exc, s.retry_after_s)
                 return None
-            declared = (head.get(HEADER_LENGTH) if _V2_INFER.match(route_path(scope))
+            declared = (head.get(HEADER_LENGTH) if v2_infer
                         else None)  # the binary extension exists on v2 infer only
             checked = _json_part(body, declared)
             if checked is not None:

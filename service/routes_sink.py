@@ -25,9 +25,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service import metrics, v2_binary
-from service.codecs import IMAGE_INPUT, TENSOR_INPUT, InputTensor, image_blobs, image_tensor
+from service.codecs import (
+    IMAGE_INPUT,
+    TENSOR_INPUT,
+    InputTensor,
+    image_blobs,
+    image_tensor,
+    parse_json,
+)
 from service.dataplane import DataPlane
 from service.errors import ServiceError
+from service.middleware import JSON_CHECKED_KEY
 from service.oip import infer as infer_tensors
 from service.runtime_state import Loaded, RuntimeState
 from service.schemas import ErrorResponse
@@ -36,7 +44,6 @@ from service.sink import (
     EventHead,
     PairResult,
     Pairs,
-    parse_json,
     read_head,
     request_as_v2,
     served_predictions,
@@ -126,7 +133,8 @@ async def _drain(sink: Sink, dp: DataPlane) -> None:
 def _checked_tensors(body: dict[str, Any], loaded: Loaded, dp: DataPlane
                      ) -> list[InputTensor]:
     """The v2 inputs of a request event, checked as the v2 route checks them."""
-    _, tensors = v2_binary.parse_request(json.dumps(body).encode(), {})
+    _, tensors = v2_binary.parse_request(json.dumps(body).encode(), {},
+                                         dp.settings.max_json_depth, guarded=True)  # parsed
     if len(tensors) != 1 or tensors[0].name not in (IMAGE_INPUT, TENSOR_INPUT):
         raise ServiceError(f"request payload: expected one input, '{IMAGE_INPUT}' (BYTES) or "
                            f"'{TENSOR_INPUT}' (FP32)", 422, "invalid_request")
@@ -160,7 +168,8 @@ async def events(request: Request) -> JSONResponse:
         kind = head.kind
         state: RuntimeState = request.app.state.runtime_state
         loaded = state.require()
-        payload = parse_json(await request.body())
+        payload = parse_json(await request.body(), request.app.state.settings.max_json_depth,
+                             guarded=bool(request.scope.get(JSON_CHECKED_KEY)))
         sink = await _sink(request)
         if head.kind == "response":
             served = served_predictions(payload, list(loaded.classes))

@@ -26,7 +26,7 @@ from service.codecs import (
     requested_outputs,
 )
 from service.dataplane import DataPlane
-from service.middleware import HotRoute, request_id
+from service.middleware import JSON_CHECKED_KEY, HotRoute, request_id
 from service.oip import EXTENSIONS, ModelStats, model_metadata, platform, resolve_model
 from service.oip import infer as infer_tensors
 from service.runtime_state import Loaded, RuntimeState
@@ -183,12 +183,14 @@ async def infer_response(request: Request, name: str, version: str | None = None
     """Resolve the model from the path -> read body -> decode, batch run (runtime +
     scores) -> encode (admitted by the middleware)."""
     loaded = _model(request, name, version)
-    req, tensors = v2_binary.parse_request(await request.body(), request.headers)
+    settings = request.app.state.settings
+    req, tensors = v2_binary.parse_request(await request.body(), request.headers,
+                                           settings.max_json_depth,
+                                           guarded=bool(request.scope.get(JSON_CHECKED_KEY)))
     plan = v2_binary.output_plan(req)
     requested_outputs([name for name, _ in plan])
     scores = await infer_tensors(_dataplane(request), loaded, tensors, model_stats(request))
-    settings = getattr(request.app.state, "settings", None)
-    k = settings.reason_concepts if settings is not None else 3
+    k = settings.reason_concepts
     rid = request_id(request.scope)
     receipts = issue_receipts(request.app.state.feedback_book.key, rid, loaded.bank_id, scores)
     return v2_binary.rest_response(req, plan, loaded, scores, k,

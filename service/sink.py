@@ -27,7 +27,6 @@ are compared with the bank classifier's once both halves of a ``ce-id`` have arr
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from service.codecs import decode_base64
 from service.errors import ServiceError
 from service.shared_state import connect
 
@@ -89,15 +89,6 @@ def read_head(headers: Mapping[str, str]) -> EventHead:
     return EventHead(event_id, kind, etype, headers["ce-source"].strip())
 
 
-def parse_json(body: bytes) -> Any:
-    if not body:
-        raise ServiceError("the event has no payload", 400, "empty")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ServiceError(f"the payload is not valid JSON: {exc}", 400, "invalid_json") from exc
-
-
 # ---------------------------------------------------------------- requests
 
 
@@ -125,11 +116,7 @@ def request_as_v2(payload: Any, channels: int) -> dict[str, Any]:
     b64 = [_b64_of(x) for x in instances]
     if all(s is not None for s in b64):
         for i, s in enumerate(b64):
-            try:
-                base64.b64decode(s or "", validate=True)
-            except ValueError as exc:
-                raise ServiceError(f"instances[{i}] is not valid base64: {exc}", 400,
-                                   "invalid_base64") from exc
+            decode_base64(s or "", f"instances[{i}]")  # checked as the v2 route checks it
         return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(b64)],
                             "data": b64}]}
     try:

@@ -14,7 +14,6 @@ for that one); it then has the same header and ``Content-Type: application/octet
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ from service.codecs import (
     json_bytes,
     json_values,
     output_array,
+    parse_json,
     raw_bytes,
 )
 from service.errors import ServiceError, invalid_request
@@ -40,8 +40,12 @@ HEADER_LENGTH = "inference-header-content-length"
 _BODY_TYPES = frozenset({"application/json", "application/octet-stream"})
 
 
-def parse_request(body: bytes, headers: Mapping[str, str]
-                  ) -> tuple[InferenceRequest, list[InputTensor]]:
+def parse_request(body: bytes, headers: Mapping[str, str], max_depth: int, *,
+                  guarded: bool = False) -> tuple[InferenceRequest, list[InputTensor]]:
+    """The request and its input tensors from a v2 body: JSON, or a JSON header followed by
+    binary tensor data (``Inference-Header-Content-Length``). The JSON part goes through
+    :func:`service.codecs.parse_json` (its guard skipped when ``guarded``: the middleware
+    ran it on this part)."""
     json_part, binary = body, b""
     declared = headers.get(HEADER_LENGTH)
     if declared is not None:
@@ -54,14 +58,7 @@ def parse_request(body: bytes, headers: Mapping[str, str]
                                f"count within the {len(body)}-byte body", 400,
                                "invalid_request")
         json_part, binary = body[:n], body[n:]
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ServiceError(f"Content-Encoding {encoding!r} is not supported (send the body "
-                           "uncompressed)", 415, "unsupported_media_type")
-    try:
-        obj = json.loads(json_part)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ServiceError("the request body is not valid JSON", 400, "invalid_json") from exc
+    obj = parse_json(json_part, max_depth, guarded=guarded)  # Content-Encoding: the middleware
     try:
         req = InferenceRequest.model_validate(obj)
     except ValidationError as exc:

@@ -224,3 +224,22 @@ def test_binary_tensor_data_with_any_body_type_is_answered(
     assert resp.status_code == 200 and plain.status_code == 200, resp.text
     assert outputs_by_name(resp.json())["trust"]["data"] == \
         outputs_by_name(plain.json())["trust"]["data"]
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "text/plain", None])
+@pytest.mark.parametrize("binary", [False, True])
+def test_the_json_guard_checks_a_v2_body_whatever_its_content_type(
+        client: httpx.Client, model: str, content_type: str | None, binary: bool) -> None:
+    """A v2 infer body (or its binary-extension header) nested past the depth limit is a
+    400 naming the limit with any content type: the guard runs on every v2 body, not only
+    on one declared JSON."""
+    deep = b'{"inputs": ' + b"[" * 200 + b"]" * 200 + b"}"
+    body, headers = deep, {}
+    if binary:
+        body = deep + b"\x00\x01\x02\x03"
+        headers["Inference-Header-Content-Length"] = str(len(deep))
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    resp = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+    assert resp.status_code == 400, resp.text
+    assert "CONCEPTGUARD_MAX_JSON_DEPTH" in resp.json()["error"], resp.text  # v2: a string
