@@ -111,13 +111,15 @@ def json_bytes(value: Any) -> bytes:
 # ---------------------------------------------------------------- counts and bytes
 
 
-def check_count(n: int, limit: int, what: str = "images") -> None:
-    """400 for none, 413 for more than ``limit`` (CONCEPTGUARD_MAX_IMAGES_PER_REQUEST)."""
+def check_count(n: int, limit: int, what: str = "images", *, at_least: bool = False) -> None:
+    """400 for none, 413 for more than ``limit`` (CONCEPTGUARD_MAX_IMAGES_PER_REQUEST);
+    ``at_least``: the parser stopped counting at ``n``, so there may be more."""
     if n == 0:
         raise ServiceError(f"no {what} in the request", 400, "empty")
     if n > limit:
-        raise ServiceError(f"{n} {what} in one request; the limit is {limit} "
-                           f"(CONCEPTGUARD_MAX_IMAGES_PER_REQUEST)", 413, "too_many_images")
+        raise ServiceError(f"{'at least ' if at_least else ''}{n} {what} in one request; the "
+                           f"limit is {limit} (CONCEPTGUARD_MAX_IMAGES_PER_REQUEST)", 413,
+                           "too_many_images")
 
 
 def decode_base64(text: str, where: str) -> bytes:

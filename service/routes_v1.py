@@ -127,10 +127,8 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
     try:
         form = await request.form(max_files=limit + 1, max_fields=limit + 16)
     except StarletteHTTPException as exc:
-        if "too many files" in str(exc.detail).lower():
-            raise ServiceError(f"more than {limit} files in one request "
-                               "(CONCEPTGUARD_MAX_IMAGES_PER_REQUEST)", 413,
-                               "too_many_images") from exc
+        if "too many files" in str(exc.detail).lower():  # the parser stops past max_files
+            check_count(limit + 2, limit, at_least=True)
         if exc.status_code in (408, 413):
             raise
         raise ServiceError(f"invalid multipart body: {exc.detail}", 400,
