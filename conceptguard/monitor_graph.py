@@ -39,6 +39,7 @@ from conceptguard.detectors import (
     GaussianBlock,
     HeatmapBlock,
     NearestBlock,
+    PaperRule,
     ResidualBlock,
 )
 from conceptguard.export import MonitoredClassifier, onnx_export
@@ -151,7 +152,7 @@ class MonitorGraph(nn.Module):
         super().__init__()
         forms = fused_forms(monitor)
         self.risk_names = tuple(forms)  # the registry's order: the columns of ``risks``
-        self.paper_rule_column = self.risk_names.index("paper_rule")
+        self.paper_rule_column = self.risk_names.index(PaperRule.name)  # its own output
         buf = self.register_buffer
         c = monitor.num_classes
         self.num_classes, self.num_concepts = c, monitor.num_concepts

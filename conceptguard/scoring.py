@@ -98,7 +98,7 @@ class Monitor:
 
     @property
     def heatmaps(self) -> PaperRule:
-        rule = self.detectors["paper_rule"]
+        rule = self.detectors[PaperRule.name]
         assert isinstance(rule, PaperRule)
         return rule
 
@@ -221,7 +221,7 @@ def score(monitor: Monitor, logits: np.ndarray, features: np.ndarray,
         trust=monitor.calibration(t.trust),
         reject=t.reject,
         reason=t.reason,
-        paper_rule_reject=risks["paper_rule"] > 0,
+        paper_rule_reject=risks[PaperRule.name] > 0,
         contributions=concept_contributions(out, monitor.heatmaps),
         raw_trust=t.trust,
     )
