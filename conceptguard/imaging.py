@@ -214,8 +214,9 @@ def to_model_array(img: Image.Image, input_size: int, channels: int) -> np.ndarr
 
 def to_model_input(arrays: np.ndarray) -> np.ndarray:
     """uint8 ``(N, H, W, C)`` -> float32 ``(N, C, H, W)`` in [0, 1]: the one image-layout
-    conversion (service, offline stages, report evidence). A correctly rounded float32
-    division, so the same bits as the torch path ``classifier.inference.to_tensor``."""
+    conversion (service, offline stages, report evidence; as a torch tensor:
+    ``classifier.inference.to_tensor``, also used by training), a correctly rounded float32
+    division."""
     return np.ascontiguousarray(arrays.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
 
 

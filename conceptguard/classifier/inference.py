@@ -7,15 +7,14 @@ import torch
 from tqdm.auto import tqdm
 
 from conceptguard.classifier.split import SplitClassifier
+from conceptguard.imaging import to_model_input
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W, C)`` -> float32 ``(N, C, H, W)`` in ``[0, 1]``."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 (N,H,W,C) images, got {images.dtype} {images.shape}")
-    images = np.ascontiguousarray(images)
-    tensor = torch.from_numpy(images if images.flags.writeable else images.copy())
-    return tensor.permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.from_numpy(to_model_input(images))  # the one conversion (imaging)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from conceptguard.classifier.inference import model_device
+from conceptguard.classifier.inference import model_device, to_tensor
 from conceptguard.classifier.split import SplitClassifier
 
 DEFAULT_LR = 0.1
@@ -68,7 +68,7 @@ def train_classifier(model: SplitClassifier, images: np.ndarray, labels: np.ndar
 
 
 def _validate(model: SplitClassifier, images: np.ndarray, labels: np.ndarray, epochs: int,
-              batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+              batch_size: int) -> tuple[np.ndarray, torch.Tensor]:
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 (N,H,W,C) images, got {images.dtype} {images.shape}")
     if images.shape[-1] != model.input_shape[0]:
@@ -82,14 +82,7 @@ def _validate(model: SplitClassifier, images: np.ndarray, labels: np.ndarray, ep
         raise ValueError("need at least 2 training images")
     if labels.min() < 0 or labels.max() >= model.num_classes:
         raise ValueError(f"labels outside 0..{model.num_classes - 1}")
-    x_all = torch.from_numpy(_writable(images)).permute(0, 3, 1, 2)  # uint8 NCHW view
-    return x_all, torch.from_numpy(labels.astype(np.int64))
-
-
-def _writable(images: np.ndarray) -> np.ndarray:
-    """A C-contiguous, writable array (torch warns on read-only numpy memory)."""
-    images = np.ascontiguousarray(images)
-    return images if images.flags.writeable else images.copy()
+    return images, torch.from_numpy(labels.astype(np.int64))  # uint8 NHWC, as given
 
 
 def _steps_per_epoch(n: int, batch_size: int) -> int:
@@ -98,13 +91,13 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
     return full + (1 if rest >= 2 else 0)
 
 
-def _run_epoch(model: SplitClassifier, batches: tqdm, x_all: torch.Tensor, y_all: torch.Tensor,
+def _run_epoch(model: SplitClassifier, batches: tqdm, x_all: np.ndarray, y_all: torch.Tensor,
                optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
                loss_fn: nn.Module, generator: torch.Generator | None,
                device: torch.device) -> tuple[float, float]:
     loss_sum, correct, seen = 0.0, 0, 0
     for idx in batches:
-        x = x_all[idx].float().div_(255.0)
+        x = to_tensor(x_all[idx.numpy()])  # the batch only: the set stays uint8
         if generator is not None:
             x = augment_batch(x, generator)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
