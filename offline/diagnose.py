@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from conceptguard import bank as bankio
+from conceptguard.atomic import atomic_path
 from conceptguard.classifier.io import ClassifierSpec, load_classifier, save_classifier
 from conceptguard.data import DataMismatch, check_same_data, load_source, make_splits
 from conceptguard.diagnosis import (
@@ -344,7 +345,8 @@ def figure_png(result: dict, path: Path) -> None:
     for i, p in enumerate(pairs):
         axes[0].text(i, 1.0, p["limit"], ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path, suffix=".png") as tmp:  # a reader never sees half a picture
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
