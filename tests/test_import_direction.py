@@ -12,7 +12,10 @@ at module level or inside a function (a lazy import is still a dependency).
 - no route module (``service/routes_*.py``, ``service/*_route.py``,
   ``service/grpc_server.py``) imports another one;
 - only the app (``service/app.py``, and ``service/ray_serve.py``, which wraps it) imports a
-  route module: the codecs, the data plane and the rest never do.
+  route module: the codecs, the data plane and the rest never do;
+- inside ``service/``, imports point down its layers (:data:`SERVICE_LAYERS`, the table of
+  docs/design.md: app, transports, transport helpers, data plane, codecs, the served bank,
+  metrics, base), never up; every service module has its layer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ APP_MODULES = frozenset({"service.app", "service.ray_serve"})
 COMMANDS = {f"offline.{m}": frozenset({"offline.cli"}) for m in (
     "pipeline", "inject_faults", "diagnose", "import_classifier", "folder_config")}
 COMMANDS["offline.concept_check"] = frozenset({"offline.cli", "offline.pipeline"})
+# top to bottom; a module imports its own layer or one below it (routes: is_route)
+SERVICE_LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("app", frozenset({"app", "ray_serve"})),
+    ("transports", frozenset()),
+    ("transport helpers", frozenset({"middleware", "v2_binary", "oip", "feedback", "sink",
+                                     "openapi", "schemas", "admin_auth"})),
+    ("data plane", frozenset({"dataplane", "batching"})),
+    ("codecs", frozenset({"codecs"})),
+    ("the served bank", frozenset({"runtime_state", "bank_loader", "bank_summary",
+                                   "bank_paths", "sidecar_head", "operating", "lifecycle"})),
+    ("metrics", frozenset({"batch_metrics", "metrics_export"})),
+    ("base", frozenset({"errors", "settings", "shared_state", "logs", "protocol",
+                        "admission_hold", "metrics"})),
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,22 @@ def is_route(module: str) -> bool:
                                 or leaf == "grpc_server")
 
 
+def service_layer(module: str) -> int | None:
+    """The index in :data:`SERVICE_LAYERS` of a ``service.`` module; None when it has none
+    (the package itself and the generated gRPC stubs are outside the layers)."""
+    if is_route(module):
+        return 1
+    leaf = module.removeprefix("service.")
+    for i, (_, members) in enumerate(SERVICE_LAYERS):
+        if leaf in members:
+            return i
+    return None
+
+
+def _layered(module: str) -> bool:
+    return module.startswith("service.") and not module.startswith("service.proto")
+
+
 def in_package(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
@@ -116,6 +149,16 @@ def violations(root: Path) -> list[str]:
             why = ("a route module imports another" if is_route(imp.module)
                    else "only the app imports route modules")
             bad.append(f"{where} ({why})")
+        elif _layered(imp.module) and _layered(imp.target):
+            up, down = service_layer(imp.module), service_layer(imp.target)
+            if up is not None and down is not None and down < up:
+                bad.append(f"{where} (service imports point down its layers: "
+                           f"{SERVICE_LAYERS[up][0]} imports {SERVICE_LAYERS[down][0]})")
+    for path in sorted((root / "service").glob("*.py")):
+        module = module_name(root, path)
+        if module != "service" and service_layer(module) is None:
+            bad.append(f"{module} (a service module without a layer: SERVICE_LAYERS and "
+                       "docs/design.md)")
     return bad
 
 
@@ -160,6 +203,9 @@ def test_each_kind_of_violation_is_caught(tmp_path: Path) -> None:
         "service/routes_v2.py": "",
         "service/settings.py": "",
         "service/app.py": "from service.routes_v1 import router\n",
+        "service/dataplane.py": "from service import middleware, codecs\n",
+        "service/middleware.py": "from service.dataplane import DataPlane\n",
+        "service/newcomer.py": "",
     })
     found = violations(root)
     assert found == [
@@ -170,5 +216,9 @@ def test_each_kind_of_violation_is_caught(tmp_path: Path) -> None:
         "only)",
         "offline.job -> service.codecs (offline imports service only lazily, in offline.cli)",
         "service.codecs -> service.routes_v1 (only the app imports route modules)",
+        "service.dataplane -> service.middleware (service imports point down its layers: "
+        "data plane imports transport helpers)",
         "service.routes_v1 -> service.routes_v2 (a route module imports another)",
+        "service.newcomer (a service module without a layer: SERVICE_LAYERS and "
+        "docs/design.md)",
     ], found
