@@ -59,7 +59,7 @@ from conceptguard.diagnosis import (  # noqa: E402
     swap_shares,
 )
 from conceptguard.faults import encoder_erase, encoder_merge  # noqa: E402
-from conceptguard.repair import fit_head, fit_logistic, linear_head  # noqa: E402
+from conceptguard.repair import fit_class_head, fit_multinomial, head_weights  # noqa: E402
 from offline.config import config_from_bank  # noqa: E402
 
 T_SHIRT, TROUSER, PULLOVER, DRESS, COAT, SANDAL, SHIRT, SNEAKER, BAG, BOOT = range(10)
@@ -135,7 +135,7 @@ def variants(model: nn.Module, cal_x: torch.Tensor, cal_y: torch.Tensor,
         idx = np.flatnonzero(labels == SNEAKER)
         labels[np.random.default_rng(0).choice(idx, int(frac * len(idx)), replace=False)] = \
             SANDAL
-        W, b = fit_logistic(zc, labels, 10)
+        W, b = fit_multinomial(zc, labels, 10)
         m = c(model)
         with torch.no_grad():
             m.head.weight.copy_(torch.as_tensor(W, dtype=torch.float32))
@@ -231,17 +231,17 @@ def main() -> None:
     merge_x = to_tensor(cal.images[:2000])
     merge_y = torch.as_tensor(cal.labels[:2000].astype(np.int64))
     y_ref, y = ref.labels.astype(np.int64), tst.labels.astype(np.int64)
-    head0 = linear_head(model)
+    head0 = head_weights(model)
     z_t0, z_r0 = predict(model, tst.images)[1], predict(model, ref.images)[1]
     rows, pairs_all = [], []
     reference_probes: dict = {}  # each pair's probe on the bank's features, fitted once
     for name, component, m in variants(model, cal_x, cal_y, merge_x, merge_y):
         z_t1, z_r1 = predict(m, tst.images)[1], predict(m, ref.images)[1]
-        head1 = linear_head(m)
+        head1 = head_weights(m)
         swap = swap_predictions(z_t0, z_t1, head0, head1)
         shares = swap_shares(y, swap, np.ones(len(y), bool))
         changed = changed_verdict(shares, 5)
-        W_r, b_r = fit_head(z_r1, y_ref, len(head0[1]))
+        W_r, b_r = fit_class_head(z_r1, y_ref, len(head0[1]))
         pred_r = head_logits(z_t1, W_r, b_r).argmax(1)
         new = new_errors(y, swap)
         pairs = []

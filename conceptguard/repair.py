@@ -30,7 +30,7 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def fit_logistic(x: np.ndarray, labels: np.ndarray, num_classes: int, l2: float = 1e-3,
+def fit_multinomial(x: np.ndarray, labels: np.ndarray, num_classes: int, l2: float = 1e-3,
                  max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """A class-balanced multinomial logistic model ``(W (C, d), b (C,))`` on rows ``x``:
     mean cross-entropy with each class weighted by ``n / (C n_c)`` plus ``l2 |W|^2`` on
@@ -69,15 +69,15 @@ def fit_logistic(x: np.ndarray, labels: np.ndarray, num_classes: int, l2: float 
     return Wn, bn
 
 
-def fit_head(z: np.ndarray, labels: np.ndarray, num_classes: int, l2: float = 1e-3,
+def fit_class_head(z: np.ndarray, labels: np.ndarray, num_classes: int, l2: float = 1e-3,
              max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """The repaired head: :func:`fit_logistic` on features ``z`` over all classes, as
+    """The repaired head: :func:`fit_multinomial` on features ``z`` over all classes, as
     float32 ``(W (C, d), b (C,))``. Every class must have at least one row."""
     if len(np.unique(labels)) < num_classes:
         missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
         raise ValueError(f"head repair needs reference inputs of every class; none of "
                          f"class(es) {missing}")
-    W, b = fit_logistic(z, labels, num_classes, l2, max_iter)
+    W, b = fit_multinomial(z, labels, num_classes, l2, max_iter)
     return W.astype(np.float32), b.astype(np.float32)
 
 
@@ -96,7 +96,7 @@ def with_head(model: nn.Module, W: np.ndarray, b: np.ndarray) -> nn.Module:
     return out
 
 
-def linear_head(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+def head_weights(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """``(W, b)`` of a split classifier's ``nn.Linear`` head as float32 arrays."""
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear):

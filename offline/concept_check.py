@@ -27,7 +27,7 @@ from conceptguard.concept_check import (
 from conceptguard.concepts import ConceptSet, load_concept_set
 from conceptguard.data import load_source, make_splits
 from conceptguard.projection import project_features
-from conceptguard.repair import linear_head
+from conceptguard.repair import head_weights
 from conceptguard.threads import single_threaded_blas
 from offline.build_context import Context, torch_features, vlm_embeddings
 from offline.cache import ArrayCache
@@ -148,7 +148,7 @@ def check_concepts(cfg: JobConfig, bank_dir: Path, *, threshold: float = THRESHO
     s_ref = project_features(z_ref, bank.projection())
     with ctx.stage("concept_check"):
         comp, metrics = concept_check(o_ref, s_ref, ref.labels.astype(np.int64), z_cal,
-                                      cal.labels.astype(np.int64), linear_head(model),
+                                      cal.labels.astype(np.int64), head_weights(model),
                                       t["aligner.W"], t["concepts.T"], m.classes, cs,
                                       threshold, cfg.seed)
     store(bank_dir, comp, metrics)

@@ -47,7 +47,7 @@ from conceptguard.diagnosis import (
     swap_predictions,
     swap_shares,
 )
-from conceptguard.repair import fit_head, linear_head, with_head
+from conceptguard.repair import fit_class_head, head_weights, with_head
 from conceptguard.threads import single_threaded_blas
 from offline.build_context import Context, torch_features
 from offline.cache import ArrayCache
@@ -164,7 +164,7 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
     cand_path = opts.classifier or bank.classifier_path
     cand_model, cand_spec, cand_hash = _load_model(cand_path)
     check_candidate(cand_spec, m, cand_model.feature_dim, cand_path)
-    ref_head, cand_head = linear_head(ref_model), linear_head(cand_model)
+    ref_head, cand_head = head_weights(ref_model), head_weights(cand_model)
     with ctx.stage("data"):
         train, test = load_source(cfg.data)
         if list(train.classes) != list(m.classes):
@@ -193,7 +193,7 @@ def diagnose(cfg: JobConfig, bank_dir: Path, out_dir: Path, opts: DiagnoseOption
                                        "reference")
     swap = swap_predictions(z_t0, z_t1, ref_head, cand_head)
     with ctx.stage("repair"):
-        W_r, b_r = fit_head(z_r1, y_ref, len(m.classes))
+        W_r, b_r = fit_class_head(z_r1, y_ref, len(m.classes))
         pred_r = head_logits(z_t1, W_r, b_r).argmax(1)
         if opts.repair_out is not None:
             save_classifier(with_head(cand_model, W_r, b_r), cand_spec, Path(opts.repair_out))

@@ -62,7 +62,7 @@ from conceptguard.faults import (
     simulated_oracle,
     zero_shot_labels,
 )
-from conceptguard.repair import fit_head, linear_head
+from conceptguard.repair import fit_class_head, head_weights
 from conceptguard.threads import single_threaded_blas
 from offline.build_context import Context, torch_features, vlm_embeddings
 from offline.cache import ArrayCache
@@ -241,7 +241,7 @@ def score_variant(variant, fault: Fault, d: FaultData, ref_head, whiten: np.ndar
     against the injected component, ``limit`` of each faulty pair (the variant's new errors
     between two classes, at least ``min_pair_errors``) against the measured effect of the
     head-only repair, and the paper's per-input rule on the fault's new errors."""
-    cand_head = linear_head(variant)
+    cand_head = head_weights(variant)
     if same_encoder:
         z_ref1, z_test1 = d.z_ref0, d.z_test0
     else:
@@ -252,7 +252,7 @@ def score_variant(variant, fault: Fault, d: FaultData, ref_head, whiten: np.ndar
     swap = swap_predictions(d.z_test0, z_test1, ref_head, cand_head)
     shares = swap_shares(y, swap, np.ones(len(y), bool))
     changed = changed_verdict(shares, min_new_errors)
-    W_r, b_r = fit_head(z_ref1, d.y_ref, len(ref_head[1]))
+    W_r, b_r = fit_class_head(z_ref1, d.y_ref, len(ref_head[1]))
     pred_r = head_logits(z_test1, W_r, b_r).argmax(1)
     new = new_errors(y, swap)
     pairs = []
@@ -379,7 +379,7 @@ def inject_faults(cfg: JobConfig, bank: Path, *, kinds: list[str] | None = None,
     d = FaultData(ref.images, ref.labels.astype(np.int64), tst.images,
                   tst.labels.astype(np.int64), z_ref0, z_test0, zero_shot_labels(v, class_T),
                   calib.images[:n_train], calib.labels[:n_train])
-    ref_head = linear_head(model)
+    ref_head = head_weights(model)
     whiten = b.tensors["detector.mahalanobis.whiten"]
     aligner = (b.tensors["aligner.W"], b.tensors["aligner.b"])
     specs = fault_grid(len(b.manifest.classes), kinds, seeds)

@@ -475,12 +475,12 @@ def fault_localisation_stage(ctx: Context, state: BuildState) -> dict:
 def concept_check_stage(ctx: Context, state: BuildState) -> tuple[dict, dict]:
     """Where the VLM and aligner separate classes (the manifest's ``concept_competence``)
     and what the concepts named there are worth (metrics.json's ``concepts``)."""
-    from conceptguard.repair import linear_head
+    from conceptguard.repair import head_weights
     from offline.concept_check import concept_check
 
     r, c = state.served_outputs.outs["reference"], state.served_outputs.outs["calibration"]
     return concept_check(state.projection.o_ref, r.concepts, r.labels, c.features, c.labels,
-                         linear_head(state.classifier.model), state.aligner.aligner.W,
+                         head_weights(state.classifier.model), state.aligner.aligner.W,
                          state.vlm.T, state.data.classes, state.vlm.concept_set,
                          seed=ctx.cfg.seed)
 

@@ -30,7 +30,7 @@ PER_IMAGE_STAGES = ("served", "classifier", "vlm", "attack", "scoring")  # build
 ATTACK_SEED, ATTACK_ROWS = "attack_seed", "attack_rows"  # the attack stage's batch columns
 
 
-def as_nhwc(images: np.ndarray) -> np.ndarray:
+def column_nhwc(images: np.ndarray) -> np.ndarray:
     """uint8 ``(N, H, W)`` (grey, as image readers give) or ``(N, H, W, C)`` -> NHWC."""
     images = np.asarray(images)
     if images.dtype == object:  # a column of per-row arrays
@@ -46,7 +46,7 @@ def _passthrough(batch: Columns) -> Columns:
 
 def served_outputs(rt: OnnxRuntime, batch: Columns) -> Columns:
     """The exported serving graph on a batch: logits, features, concepts (float32)."""
-    o = rt.run(to_model_input(as_nhwc(batch[IMAGE])))
+    o = rt.run(to_model_input(column_nhwc(batch[IMAGE])))
     return {**_passthrough(batch), "logits": o.logits, "features": o.features,
             "concepts": o.concepts}
 
@@ -55,7 +55,7 @@ def classifier_features(model: Any, batch: Columns) -> Columns:
     """Penultimate features (and logits) of the torch classifier on a batch."""
     from conceptguard.classifier.inference import predict
 
-    logits, features = predict(model, as_nhwc(batch[IMAGE]), batch_size=len(batch[IMAGE]) or 1)
+    logits, features = predict(model, column_nhwc(batch[IMAGE]), batch_size=len(batch[IMAGE]) or 1)
     return {**_passthrough(batch), "logits": logits, "features": features}
 
 
@@ -91,7 +91,7 @@ def scores_from_columns(b: Columns) -> Scores:
 
 def vlm_image_embeddings(vlm: Any, batch: Columns) -> Columns:
     """The VLM's image embeddings (float32, unit rows) of a batch."""
-    return {**_passthrough(batch), "embedding": vlm.encode_images(as_nhwc(batch[IMAGE]))}
+    return {**_passthrough(batch), "embedding": vlm.encode_images(column_nhwc(batch[IMAGE]))}
 
 
 def attack_columns(n: int, seed: int, batch_size: int = 256) -> Columns:
@@ -117,7 +117,7 @@ def attack_images(model: Any, attack: Any, batch: Columns) -> Columns:
     from conceptguard.attacks import attack_batch
     from conceptguard.classifier.inference import to_tensor
 
-    images = as_nhwc(batch[IMAGE])
+    images = column_nhwc(batch[IMAGE])
     seeds, rows = np.asarray(batch[ATTACK_SEED]), np.asarray(batch[ATTACK_ROWS])
     labels = torch.as_tensor(np.asarray(batch["label"]), dtype=torch.long)
     out = np.empty_like(images)

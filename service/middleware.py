@@ -258,7 +258,7 @@ class ServiceMiddleware:
             except ServiceError as exc:  # BodyTooLarge, BodyTimeout
                 await send_error(scope, send, exc, s.retry_after_s)
                 return None
-            declared = (head.get(HEADER_LENGTH) if v2_infer
+            declared = (head.get(HEADER_LENGTH_RAW) if v2_infer
                         else None)  # the binary extension exists on v2 infer only
             checked = _json_part(body, declared)
             if checked is not None:
@@ -272,10 +272,10 @@ class ServiceMiddleware:
 
 
 # the binary tensor data extension's header: the body's first L bytes are its JSON
-HEADER_LENGTH = b"inference-header-content-length"
+HEADER_LENGTH_RAW = b"inference-header-content-length"
 # the request headers the middleware reads, found in one pass (the first of each)
 _WANTED = frozenset({b"content-length", b"content-type", b"content-encoding",
-                     REQUEST_ID_HEADER, HEADER_LENGTH})
+                     REQUEST_ID_HEADER, HEADER_LENGTH_RAW})
 
 
 def _json_part(body: bytes, declared: bytes | None) -> bytes | None:

@@ -35,7 +35,7 @@ from service.batch_metrics import ModelMetrics
 from service.errors import NotReady
 from service.operating import publish_threshold, retire_model, with_operating_point
 from service.settings import Settings
-from service.sidecar_head import classifier_module, linear_head
+from service.sidecar_head import classifier_module, onnx_head_weights
 
 if TYPE_CHECKING:  # the runtimes import torch / onnxruntime: load them at startup only
     from conceptguard.runtime import Runtime
@@ -116,9 +116,9 @@ class Loaded:
         A linear head (the usual case) runs in numpy from the classifier file's
         ``head.weight``/``head.bias``, so the ONNX backend needs no torch for it."""
         with self._head_lock:
-            if "linear_head" not in self._cache:
-                self._cache["linear_head"] = linear_head(self)
-        linear = self._cache["linear_head"]
+            if "onnx_head_weights" not in self._cache:
+                self._cache["onnx_head_weights"] = onnx_head_weights(self)
+        linear = self._cache["onnx_head_weights"]
         if linear is not None:
             weight, bias = linear
             return np.ascontiguousarray(features, dtype=np.float32) @ weight.T + bias

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from service.runtime_state import Loaded
 
 
-def linear_head(loaded: Loaded) -> tuple[np.ndarray, np.ndarray] | None:
+def onnx_head_weights(loaded: Loaded) -> tuple[np.ndarray, np.ndarray] | None:
     """``(weight K x D, bias K)`` when the head is one linear layer, on the ONNX backend
     (the torch backend keeps using its own module)."""
     if loaded.runtime.name.startswith("torch"):

@@ -33,7 +33,7 @@ from conceptguard.diagnosis import (
     swap_shares,
     tuned_pair_probe,
 )
-from conceptguard.repair import fit_head
+from conceptguard.repair import fit_class_head
 
 
 def gaussian_classes(n_per: int, means: np.ndarray, seed: int = 0, noise: float = 1.0
@@ -51,7 +51,7 @@ def three_classes():
     means[0, 0], means[1, 1], means[2, 2] = 4.0, 4.0, 4.0
     z, y = gaussian_classes(300, means, seed=0)
     zt, yt = gaussian_classes(300, means, seed=1)
-    W, b = fit_head(z, y, 3)
+    W, b = fit_class_head(z, y, 3)
     return z, y, zt, yt, (W, b)
 
 
@@ -60,11 +60,11 @@ def test_fit_head_separates_and_balances_classes(three_classes) -> None:
     assert (head_logits(zt, W, b).argmax(1) == yt).mean() > 0.97
     # 20x imbalance: class-balanced weights keep the rare class's recall
     keep = np.concatenate([np.flatnonzero(y != 2), np.flatnonzero(y == 2)[:15]])
-    Wi, bi = fit_head(z[keep], y[keep], 3)
+    Wi, bi = fit_class_head(z[keep], y[keep], 3)
     pred = head_logits(zt, Wi, bi).argmax(1)
     assert (pred[yt == 2] == 2).mean() > 0.9
     with pytest.raises(ValueError, match="every class"):
-        fit_head(z[y != 1], y[y != 1], 3)
+        fit_class_head(z[y != 1], y[y != 1], 3)
 
 
 def test_swapping_components_attributes_new_errors(three_classes) -> None:
@@ -135,7 +135,7 @@ def test_limit_encoder_when_the_pair_overlaps() -> None:
     means = np.zeros((2, 6))
     means[0, 0] = 0.6  # classes barely apart: no linear rule reads them well
     z, y = gaussian_classes(400, means, seed=3)
-    W, b = fit_head(z, y, 2)
+    W, b = fit_class_head(z, y, 2)
     g = pair_geometry(z, y, 0, 1, W, b, seed=0)
     assert g["probe_accuracy"] < 0.75 and abs(g["gap"]) < 0.02
     assert limit_verdict(g) == "encoder"
@@ -207,7 +207,7 @@ def test_limit_against_a_reference(three_classes) -> None:
     # the encoder blurred the pair: class 0 moved halfway onto class 1, head refitted
     blurred = z.copy()
     blurred[y == 0] = 0.5 * z[y == 0] + 0.5 * z[y == 1][: int((y == 0).sum())]
-    Wb, bb = fit_head(blurred, y, 3)
+    Wb, bb = fit_class_head(blurred, y, 3)
     g = pair_geometry(blurred, y, 0, 1, Wb, bb, seed=0, reference_head=(W, b),
                       reference_z=z)
     assert g["separation_loss"] > 0.02 and limit_verdict(g) == "encoder"

@@ -68,15 +68,15 @@ def test_numpy_linear_head_equals_the_torch_head(demo_bank) -> None:
     import torch
 
     from conceptguard.classifier.io import load_classifier
-    from service.sidecar_head import linear_head
+    from service.sidecar_head import onnx_head_weights
 
-    class _Stub:  # the fields linear_head reads
+    class _Stub:  # the fields onnx_head_weights reads
         runtime = type("R", (), {"name": "onnx"})()
         bank = demo_bank
         num_classes = demo_bank.manifest.dims.classes
         feature_dim = demo_bank.manifest.dims.features
 
-    weight, bias = linear_head(_Stub())  # type: ignore[arg-type, misc]
+    weight, bias = onnx_head_weights(_Stub())  # type: ignore[arg-type, misc]
     z = np.random.default_rng(0).normal(size=(5, _Stub.feature_dim)).astype(np.float32)
     model = load_classifier(demo_bank.classifier_path)[0]
     with torch.inference_mode():

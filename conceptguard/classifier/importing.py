@@ -25,7 +25,7 @@ from torch import nn
 
 from conceptguard.classifier import onnx_graph as og
 from conceptguard.classifier.io import build_backbone, split_backbone
-from conceptguard.classifier.onnx_module import OnnxHead, OnnxModule, linear_head
+from conceptguard.classifier.onnx_module import OnnxHead, OnnxModule, as_linear
 from conceptguard.classifier.spec import ONNX_ARCH, ClassifierSpec
 from conceptguard.classifier.split import SplitClassifier
 
@@ -207,7 +207,7 @@ def import_onnx(path: Path, classes: list[str], input_size: int, channels: int,
     encoder = OnnxModule(og.subgraph(model, [inp.name], [feat]))
     head: nn.Module
     if linear is not None:
-        head = linear_head(linear.weight, linear.bias)
+        head = as_linear(linear.weight, linear.bias)
     else:
         shape = og.feature_shape(model, feat)[1:]
         if not shape or any(d is None for d in shape):

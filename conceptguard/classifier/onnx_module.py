@@ -212,7 +212,7 @@ def onnx_split_classifier(spec: ClassifierSpec, tensors: Mapping[str, torch.Tens
     return SplitClassifier(encoder, head, spec.mean, spec.std, spec.input_shape)
 
 
-def linear_head(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
+def as_linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
     """``nn.Linear`` holding ``weight`` (C, d) and ``bias`` (C,)."""
     layer = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():

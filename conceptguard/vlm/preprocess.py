@@ -16,7 +16,7 @@ INCEPTION_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 INCEPTION_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
-def as_nhwc(images: np.ndarray) -> np.ndarray:
+def checked_nhwc(images: np.ndarray) -> np.ndarray:
     """Validate a uint8 batch; ``(N,H,W)`` is read as grayscale ``(N,H,W,1)``."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
@@ -43,7 +43,7 @@ def preprocess_images(
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    arr = np.ascontiguousarray(as_nhwc(images))
+    arr = np.ascontiguousarray(checked_nhwc(images))
     if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays
         arr = arr.copy()
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
@@ -68,9 +68,9 @@ def l2_normalise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 def embed_in_batches(images: np.ndarray, embed_batch: Callable[[np.ndarray], torch.Tensor],
                      dim: int, batch_size: int, desc: str, progress: bool = False
                      ) -> np.ndarray:
-    """Run ``embed_batch`` over ``images`` (any layout :func:`as_nhwc` accepts) in slices of
+    """Run ``embed_batch`` over ``images`` (any layout :func:`checked_nhwc` accepts) in slices of
     ``batch_size``; float32 ``(N, dim)``, with a progress bar when ``progress``."""
-    images = as_nhwc(images)
+    images = checked_nhwc(images)
     out = np.zeros((len(images), dim), dtype=np.float32)
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
