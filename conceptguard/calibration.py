@@ -5,10 +5,10 @@ the reject threshold for a stated target, chosen on out-of-fold trust scores."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from conceptguard.detectors import (
     BASELINES,
@@ -18,6 +18,7 @@ from conceptguard.detectors import (
     Outputs,
     detector_risks,
     fit_detectors,
+    settings_fields,
 )
 from conceptguard.heads import fit_head, never_head
 from conceptguard.heatmaps import Heatmaps
@@ -42,26 +43,25 @@ class StreamShares(BaseModel):
     foreign: float = Field(0.1, ge=0)
 
 
-class DetectorConfig(BaseModel):
-    """``knn_reference``: the size of KNN's reference set, a class-stratified subset of the
-    reference split drawn with ``knn_seed`` (None, the default: the whole split, the
-    standard detector). ``knn_k`` names the neighbour on the whole split; a subset scales
-    it to (at least) the same share of its rows (:func:`~conceptguard.detectors.
-    scaled_k`). A subset makes the fused graph's KNN cheaper (a cosine product and a top-k
-    over fewer columns) at a measured detection cost; see docs/trust.md."""
-
+class _DetectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    knn_k: int = Field(10, ge=1)
-    knn_reference: int | None = Field(None, ge=1)
-    knn_seed: int = 0
-    vim_dim: int | None = Field(None, ge=1)
-    react_percentile: float = Field(0.9, gt=0, lt=1)
-
-    def settings(self, shrinkage: float) -> DetectorSettings:
-        """The detectors' settings, field by field by name (each field here is one of
-        :class:`~conceptguard.detectors.DetectorSettings`)."""
+    def settings(self, shrinkage: float) -> Any:
+        """The detectors' settings (:data:`~conceptguard.detectors.DetectorSettings`): these
+        fields by name, and the spec's covariance ``shrinkage``."""
         return DetectorSettings(shrinkage=shrinkage, **self.model_dump())
+
+
+DetectorConfig: type[Any] = create_model(
+    "DetectorConfig", __base__=_DetectorConfig, __module__=__name__,
+    __doc__="The build config's ``calibration.detectors``: every detector's own settings, "
+            "from the registry (:attr:`~conceptguard.detectors.Detector.own_settings`). "
+            "``knn_reference``: the size of KNN's reference set, a class-stratified subset "
+            "of the reference split drawn with ``knn_seed`` (None, the default: the whole "
+            "split, the standard detector); ``knn_k`` names the neighbour on the whole "
+            "split, and a subset scales it (:func:`~conceptguard.detectors.scaled_k`); see "
+            "docs/trust.md.",
+    **settings_fields())
 
 
 class TrustVariant(BaseModel):

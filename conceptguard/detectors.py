@@ -10,12 +10,14 @@ the metrics-key checks all iterate :data:`DETECTORS`; adding a detector is one c
 Every formula is stated in its class's docstring. ``p`` is the softmax of the logits ``l``,
 ``z`` the penultimate features, ``s`` the standardised concept scores.
 
-Besides its numpy risk, a detector declares the settings it reads (``settings_used``: fields
-of :class:`DetectorSettings`), whether the trust model puts hinges on it (``hinged``), and
-optionally its form in the fused ONNX graph (:meth:`Detector.fused`: a :class:`Fused`, a
-weighted sum of per-input quantities that :mod:`conceptguard.monitor_graph` computes in a
-few wide operations). A detector whose ``fused()`` is None makes build-bank fall back to the
-classifier graph plus numpy scoring, and say why.
+Besides its numpy risk, a detector declares its own settings (``own_settings``: name, type,
+default; :data:`DetectorSettings` and the build config's ``calibration.detectors`` are built
+from them), the shared settings it reads (``settings_used``), whether the trust model puts
+hinges on it (``hinged``), and optionally its form in the fused ONNX graph
+(:meth:`Detector.fused`: a :class:`Fused`, a weighted sum of per-input quantities that
+:mod:`conceptguard.monitor_graph` computes in a few wide operations). A detector whose
+``fused()`` is None makes build-bank fall back to the classifier graph plus numpy scoring,
+and say why.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from conceptguard.gaussian import ClassGaussians, fit_class_gaussians
 from conceptguard.projection import unit_rows
@@ -89,16 +92,12 @@ class FitData:
         return theta[:-1].T.copy(), theta[-1].copy()  # W (C, d), b (C,)
 
 
-@dataclass(frozen=True)
-class DetectorSettings:
-    knn_k: int = 10
-    vim_dim: int | None = None  # principal subspace size; None: half the feature size
-    react_percentile: float = 0.9
-    shrinkage: float = 1e-3
-    # KNN's reference set: a seeded, class-stratified subset of this many reference
-    # features (None: all of them); see KNN
-    knn_reference: int | None = None
-    knn_seed: int = 0
+SHARED_SETTINGS: dict[str, tuple[Any, Any]] = {
+    "shrinkage": (float, Field(1e-3, ge=0, description="covariance shrinkage of the "
+                               "Gaussian detectors (the calibration spec's shrinkage)")),
+}
+"""Settings more than one detector reads, with their defaults; a detector's own settings
+are declared on its class (:attr:`Detector.own_settings`)."""
 
 
 # ------------------------------------------------------------ the fused graph's view
@@ -214,8 +213,16 @@ class Detector(ABC):
     name: ClassVar[str]
     group: ClassVar[Group]
     summary: ClassVar[str]  # one line for docs and the report
-    settings_used: ClassVar[tuple[str, ...]] = ()  # DetectorSettings fields fit() reads
+    # the settings this detector adds, name -> (type, default or pydantic Field): fields of
+    # DetectorSettings and of the build config's calibration.detectors section
+    own_settings: ClassVar[dict[str, tuple[Any, Any]]] = {}
+    # every DetectorSettings field fit() reads: its own settings and any SHARED_SETTINGS
+    settings_used: ClassVar[tuple[str, ...]] = ()
     hinged: ClassVar[bool] = False  # the trust model adds hinges at its quantiles
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.settings_used = tuple(dict.fromkeys((*cls.settings_used, *cls.own_settings)))
 
     def fused(self) -> Fused | None:
         """This detector in the fused graph, or None: build-bank then falls back to the
@@ -424,7 +431,12 @@ class KNN(Detector):
     name, group, summary = "knn", "density", "k-th nearest-neighbour distance (features)"
     bank: np.ndarray  # (n, d) unit reference features
     k: int
-    settings_used = ("knn_k", "knn_reference", "knn_seed")
+    own_settings: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "knn_k": (int, Field(10, ge=1, description="the neighbour on the whole split")),
+        "knn_reference": (int | None, Field(None, ge=1, description="size of the reference "
+                                            "subset (None: the whole split)")),
+        "knn_seed": (int, Field(0, description="seed of the reference subset")),
+    }
     hinged = True
 
     def fused(self) -> Fused:  # sqrt(max(2 - 2 cos_k, 0))
@@ -472,7 +484,9 @@ class ViM(Detector):
     origin: np.ndarray  # (d,)
     residual_basis: np.ndarray  # (d, d - D)
     alpha: float
-    settings_used = ("vim_dim",)
+    own_settings: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "vim_dim": (int | None, Field(None, ge=1, description="principal subspace size "
+                                      "(None: half the features)"))}
     hinged = True
 
     def fused(self) -> Fused:  # alpha |(z - u) R| - (l_max + log(1 + r))
@@ -520,7 +534,9 @@ class ReActEnergy(Detector):
     weight: np.ndarray  # (C, d)
     bias: np.ndarray  # (C,)
     clip: float
-    settings_used = ("react_percentile",)
+    own_settings: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "react_percentile": (float, Field(0.9, gt=0, lt=1, description="the activation "
+                                          "clip's quantile"))}
     hinged = True
 
     def fused(self) -> Fused:
@@ -632,6 +648,29 @@ the statistics."""
 
 BASELINES: tuple[str, ...] = tuple(n for n, c in DETECTORS.items()
                                    if c.group not in ("concept", "statistic"))
+
+
+def settings_fields() -> dict[str, tuple[Any, Any]]:
+    """Every detector's own settings, from the registry (a name declared twice, or shadowing
+    a shared setting, is refused)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for cls in DETECTORS.values():
+        for name, spec in cls.own_settings.items():
+            if name in out or name in SHARED_SETTINGS:
+                raise TypeError(f"detector {cls.name}: setting {name!r} is declared twice")
+            out[name] = spec
+    return out
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+DetectorSettings: type[Any] = create_model(
+    "DetectorSettings", __base__=_Settings, __module__=__name__,
+    __doc__="What the detectors' fits read: :data:`SHARED_SETTINGS` and every detector's "
+            "own settings (built from :data:`DETECTORS`).",
+    **SHARED_SETTINGS, **settings_fields())
 
 
 def fit_detectors(data: FitData) -> dict[str, Detector]:

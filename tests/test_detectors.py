@@ -224,14 +224,16 @@ def test_shipped_bank_knn_holds_its_stratified_subset(demo) -> None:
 
 
 def test_each_detector_declares_settings_that_exist_and_config_maps_by_name() -> None:
-    """``settings_used`` names fields of DetectorSettings, every config field is read by a
-    detector, and DetectorConfig fills DetectorSettings field by field by name."""
-    from dataclasses import fields
+    """``settings_used`` names fields of DetectorSettings, every config field is a detector's
+    own setting (and read by it), and DetectorConfig fills DetectorSettings by name."""
+    from conceptguard.detectors import SHARED_SETTINGS
 
-    settings = {f.name for f in fields(DetectorSettings)}
+    settings = set(DetectorSettings.model_fields)
     used = {s for cls in DETECTORS.values() for s in cls.settings_used}
     assert used <= settings, used - settings
-    assert set(DetectorConfig.model_fields) <= used
+    own = {s for cls in DETECTORS.values() for s in cls.own_settings}
+    assert set(DetectorConfig.model_fields) == own <= used
+    assert settings == own | set(SHARED_SETTINGS)
     cfg = DetectorConfig(knn_k=3, knn_reference=70, knn_seed=5, vim_dim=4,
                          react_percentile=0.8)
     got = cfg.settings(shrinkage=0.02)
@@ -270,3 +272,34 @@ def test_fused_feature_forms_equal_the_numpy_features(demo) -> None:
         eps64 = float(np.finfo(np.float64).eps)
         np.testing.assert_allclose(got, want, rtol=64 * eps64,
                                    atol=64 * eps64 * float(np.abs(want).max()), err_msg=name)
+
+
+def test_a_detector_s_own_settings_come_from_its_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A detector added to the registry brings its settings with it (no other edit): they
+    join the settings the config and DetectorSettings are built from; a name two detectors
+    declare is refused."""
+    from typing import Any, ClassVar
+
+    from pydantic import Field
+
+    from conceptguard import detectors as mod
+
+    class Margin(mod.Detector):
+        name, group, summary = "margin_test", "confidence", "a test detector"
+        own_settings: ClassVar[dict[str, tuple[Any, Any]]] = {
+            "margin_floor": (float, Field(0.5, ge=0))}
+
+        def risk(self, out: mod.Outputs) -> np.ndarray:
+            return np.zeros(len(out.logits))
+
+    assert Margin.settings_used == ("margin_floor",)
+    monkeypatch.setitem(mod.DETECTORS, Margin.name, Margin)
+    fields = mod.settings_fields()
+    assert fields["margin_floor"][1].default == 0.5 and "knn_k" in fields
+
+    class Twin(Margin):
+        name = "twin_test"
+
+    monkeypatch.setitem(mod.DETECTORS, Twin.name, Twin)
+    with pytest.raises(TypeError, match="margin_floor"):
+        mod.settings_fields()
