@@ -43,7 +43,7 @@ from PIL import Image
 
 from conceptguard.calibration import Batch
 from conceptguard.data import Dataset
-from conceptguard.data.image_folder import MODES, list_images
+from conceptguard.data.image_folder import list_images, load_image
 from conceptguard.data.lazy import LazyImages
 from conceptguard.data.splits import Splits
 from conceptguard.runtime import OnnxRuntime
@@ -232,14 +232,14 @@ def image_files(root: Path) -> list[Path]:
     return files
 
 
-def decode_row(data: bytes | np.ndarray, channels: int) -> np.ndarray:
-    """Encoded bytes (or an already decoded array) -> uint8 ``(H, W, C)``, size unchanged."""
+def decode_row(data: bytes | np.ndarray, channels: int, name: str = "in the stream"
+               ) -> np.ndarray:
+    """Encoded bytes (or an already decoded array) -> uint8 ``(H, W, C)``, size unchanged,
+    by the data sources' decoder (:func:`conceptguard.data.image_folder.load_image`: the
+    same modes refused, with the same message)."""
     if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim >= 2:
-        arr = data
-    else:
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            arr = np.asarray(img.convert(MODES[channels]))
-    return arr[..., None] if arr.ndim == 2 else arr
+        return data[..., None] if data.ndim == 2 else data
+    return load_image(io.BytesIO(bytes(data)), None, channels, name=name)
 
 
 def decode_columns(columns: Columns, channels: int) -> Columns:
@@ -267,7 +267,7 @@ def iter_folder(root: Path, channels: int, batch_size: int = 256,
         chunk = files[start:start + batch_size]
         yield {"id": np.arange(start, start + len(chunk), dtype=np.int64),
                "label": np.array([folder_label(p, root, classes) for p in chunk], np.int64),
-               IMAGE: np.stack([decode_row(p.read_bytes(), channels) for p in chunk])}
+               IMAGE: np.stack([decode_row(p.read_bytes(), channels, str(p)) for p in chunk])}
 
 
 def iter_parquet(path: Path, channels: int, batch_size: int = 256) -> Iterator[Columns]:
@@ -286,7 +286,8 @@ def iter_parquet(path: Path, channels: int, batch_size: int = 256) -> Iterator[C
         ids = (np.asarray(rb.column("id").to_numpy(zero_copy_only=False), np.int64)
                if "id" in names else np.arange(start, start + n, dtype=np.int64))
         yield {"id": ids, "label": labels,
-               IMAGE: np.stack([decode_row(x, channels) for x in raw])}
+               IMAGE: np.stack([decode_row(x, channels, f"{path} row {int(i)}")
+                                for x, i in zip(raw, ids, strict=True)])}
         start += n
 
 

@@ -69,3 +69,15 @@ def test_a_16_bit_image_is_refused_naming_it_not_clipped(tmp_path: Path) -> None
     ok = tmp_path / "ok.png"
     Image.fromarray((np.arange(64 * 64) % 256).astype(np.uint8).reshape(64, 64)).save(ok)
     assert load_image(ok, 32, channels=3).shape == (32, 32, 3)
+
+
+def test_a_stream_refuses_what_the_data_sources_refuse(tmp_path: Path) -> None:
+    """A 16-bit image in a streamed folder is refused with the data sources' message,
+    naming the file (an 8-bit conversion would clip it silently)."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(root / "a" / "deep.png")
+    with pytest.raises(ValueError, match=r"deep\.png.*mode"):
+        list(iter_folder(root, channels=1, classes=["a"]))

@@ -159,13 +159,16 @@ def holdout_split(files: Sequence[tuple[Path, int]], seed: int,
     return [files[i] for i in train], [files[i] for i in test]
 
 
-def load_image(path: Path | str | bytes, size: int, channels: int = 3) -> np.ndarray:
-    """One image as uint8 ``(size, size, channels)``; ``ValueError`` naming the file if
+def load_image(path: Path | str | bytes, size: int | None, channels: int = 3,
+               name: str | None = None) -> np.ndarray:
+    """One image (a file path, or an open binary file with ``name`` to call it by) as uint8
+    ``(size, size, channels)`` (``size`` None: as stored); ``ValueError`` naming the file if
     unreadable, or in a mode the service refuses too (16-bit or float pixels, which an
-    8-bit conversion would clip: :data:`conceptguard.imaging.SUPPORTED_MODES`)."""
+    8-bit conversion would clip: :data:`conceptguard.imaging.SUPPORTED_MODES`). The one
+    decoder of image files for the data sources and the offline streams."""
     from conceptguard.imaging import SUPPORTED_MODES
 
-    shown = os.fsdecode(path) if isinstance(path, bytes) else path
+    shown = name or (os.fsdecode(path) if isinstance(path, bytes) else path)
     try:
         with Image.open(path) as image:
             mode = image.mode
@@ -177,7 +180,7 @@ def load_image(path: Path | str | bytes, size: int, channels: int = 3) -> np.nda
         raise ValueError(f"cannot read image {shown}: its mode {mode!r} (e.g. 16-bit or "
                          f"float pixels) is not supported, here or by the service; convert "
                          f"the images to 8 bits per channel")
-    if converted.size != (size, size):
+    if size is not None and converted.size != (size, size):
         converted = converted.resize((size, size), Image.Resampling.BILINEAR)
     array = np.asarray(converted, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
