@@ -3,7 +3,8 @@
 Everything that writes a result file goes through :func:`atomic_path`: the content is
 written to a temporary file in the same folder, which then replaces the target in one
 ``os.replace`` (atomic on POSIX within one file system); on any error the temporary file
-is removed and the target is left as it was.
+is removed and the target is left as it was. A folder (a bank, a report) is built in
+:func:`staging_dir` and swapped in whole by :func:`replace_folder`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def staging_dir(target: Path, kind: str = "staging") -> Path:
+    """A fresh folder beside ``target`` (same file system) to build a folder in, published
+    (mode 0o755) for :func:`replace_folder` to swap in; ``kind`` names it
+    (``.<target>.<kind>-XXXX``)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{kind}-"))
+    folder.chmod(0o755)
+    return folder
 
 
 def replace_folder(staging: Path, target: Path) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -318,14 +317,6 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
                       for name in (*CHECKED_FILES, *OPTIONAL_FILES)
                       if (folder / name).is_file()}
     atomic_write_text(folder / MANIFEST, manifest.model_dump_json(indent=2))
-
-
-def staging_dir(target: Path) -> Path:
-    """A fresh folder beside ``target`` to build the bank in."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
-    folder.chmod(0o755)
-    return folder
 
 
 def replaceable(target: Path) -> str | None:

@@ -483,13 +483,14 @@ def add_fused_graph(path: Path | str, opset: int = 17) -> Path:
     import shutil
 
     from conceptguard import bank as bankio
+    from conceptguard.atomic import staging_dir
 
     path = Path(path)
     bank = bankio.load_bank(path)
     reason = fusable(bank.monitor)
     if reason is not None:
         raise NotFusable(f"{path}: no fused graph for this bank: {reason}")
-    staging = bankio.staging_dir(path)
+    staging = staging_dir(path)
     try:
         shutil.copytree(path, staging, dirs_exist_ok=True)
         export_bank_fused_onnx(bank, staging / bankio.FUSED_ONNX, opset)

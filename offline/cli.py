@@ -300,9 +300,8 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
     and example thumbnails regenerated from the bank's own graph. ``redraw=False`` keeps
     the figures the build drew (``write_report``)."""
     import shutil
-    import tempfile
 
-    from conceptguard.atomic import replace_folder
+    from conceptguard.atomic import replace_folder, staging_dir
     from conceptguard.bank import load_bank
     from offline.report import write_report
 
@@ -324,9 +323,8 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
     target = Path(out or bank.path / "report").resolve()
     if Path.cwd().resolve().is_relative_to(target):
         raise ValueError(f"{target} holds the current folder; give --out another folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
     # rendered beside the target and swapped in: a failed rendering leaves it as it was
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.render-"))
+    staging = staging_dir(target, "render")
     try:
         if target.is_dir():
             shutil.copytree(target, staging, dirs_exist_ok=True)
@@ -336,7 +334,6 @@ def render_report(bank_dir: Path, out: Path | None = None, *, evidence: bool = T
         except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"{source} lacks what the report needs ({exc!r}); re-run "
                              f"build-bank, or restore the file") from exc
-        staging.chmod(0o755)
         replace_folder(staging, target)
     finally:
         if staging.exists():

@@ -36,6 +36,7 @@ import torch
 
 from conceptguard import bank as bankio
 from conceptguard.aligner import Aligner, fit_aligner, mean_cosine, r2_score
+from conceptguard.atomic import staging_dir
 from conceptguard.attacks import AttackSpec
 from conceptguard.calibration import Batch, FittedMonitor, fit_monitor
 from conceptguard.classifier.inference import predict, to_tensor
@@ -591,7 +592,7 @@ def build_bank(cfg: JobConfig, out: Path, *, progress: bool = True, use_cache: b
     problem = bankio.replaceable(out)
     if problem is not None:
         raise bankio.BankError(problem)
-    staging = bankio.staging_dir(out)
+    staging = staging_dir(out)
     try:
         _build(cfg, staging, progress=progress, use_cache=use_cache,
                engine=engine or LocalEngine())

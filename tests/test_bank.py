@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conceptguard.bank import BankError, load_bank, probe_images, publish, staging_dir
+from conceptguard.atomic import staging_dir
+from conceptguard.bank import BankError, load_bank, probe_images, publish
 from conceptguard.classifier.inference import to_tensor
 from conceptguard.data import DataSpec, load_source
 from conceptguard.projection import project_features
