@@ -93,7 +93,7 @@ class FitData:
 
 
 SHARED_SETTINGS: dict[str, tuple[Any, Any]] = {
-    "shrinkage": (float, Field(1e-3, ge=0, description="covariance shrinkage of the "
+    "shrinkage": (float, Field(1e-3, description="covariance shrinkage of the "
                                "Gaussian detectors (the calibration spec's shrinkage)")),
 }
 """Settings more than one detector reads, with their defaults; a detector's own settings
